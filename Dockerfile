@@ -1,0 +1,18 @@
+# vmnic node image: the CNI shim and the node daemon, for the DaemonSet.
+# Build: docker build -t vmnic:dev .
+FROM golang:1.26-bookworm AS build
+WORKDIR /src
+COPY go.mod go.sum ./
+RUN go mod download
+COPY . .
+ARG VERSION=dev
+RUN CGO_ENABLED=0 go build -trimpath \
+      -ldflags "-s -w -X github.com/vmnic/vmnic/pkg/shim.Version=${VERSION} -X github.com/vmnic/vmnic/daemon.Version=${VERSION}" \
+      -o /out/ ./cmd/vmnic ./cmd/vmnicd
+
+# The daemon needs no shell and no userland tools: it programs netlink,
+# nftables and (later) OVSDB directly.
+FROM gcr.io/distroless/static-debian12:nonroot AS runtime
+COPY --from=build /out/vmnic /out/vmnicd /usr/local/bin/
+USER 0:0
+ENTRYPOINT ["/usr/local/bin/vmnicd"]

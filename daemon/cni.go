@@ -1,0 +1,344 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+
+	"github.com/vmnic/vmnic/pkg/kubevirt"
+	"github.com/vmnic/vmnic/pkg/netconf"
+	"github.com/vmnic/vmnic/pkg/proto"
+	"github.com/vmnic/vmnic/pkg/spool"
+	"github.com/vmnic/vmnic/pkg/state"
+	"github.com/vmnic/vmnic/plugins/masquerade"
+)
+
+func errResponse(err error) *proto.Response {
+	var te *types.Error
+	if errors.As(err, &te) {
+		return &proto.Response{Error: te}
+	}
+	return &proto.Response{Error: types.NewError(types.ErrInternal, err.Error(), "")}
+}
+
+func badRequest(err error) error {
+	return types.NewError(types.ErrDecodingFailure, "vmnic request: "+err.Error(), "")
+}
+
+func encode(w io.Writer, resp *proto.Response) error {
+	return json.NewEncoder(w).Encode(resp)
+}
+
+// Handle serves one forwarded CNI request.
+func (d *Daemon) Handle(ctx context.Context, req *proto.Request) *proto.Response {
+	if !d.ready.Load() && !req.Spooled {
+		return errResponse(types.NewError(types.ErrTryAgainLater, "vmnic daemon is starting or stopping", ""))
+	}
+	start := time.Now()
+	log := d.log.With("command", req.Command, "container", req.ContainerID, "ifname", req.IfName)
+	result, err := d.dispatch(ctx, req)
+	if err != nil {
+		log.Error("request failed", "err", err, "elapsed", time.Since(start))
+		return errResponse(err)
+	}
+	log.Debug("request done", "elapsed", time.Since(start))
+	return &proto.Response{Result: result}
+}
+
+func (d *Daemon) dispatch(ctx context.Context, req *proto.Request) (json.RawMessage, error) {
+	conf, cerr := netconf.Parse(req.Config)
+	if cerr != nil {
+		return nil, cerr
+	}
+	switch req.Command {
+	case "ADD":
+		return d.add(ctx, req, conf)
+	case "DEL":
+		return nil, d.del(ctx, req, conf)
+	case "CHECK":
+		return nil, d.check(ctx, req, conf)
+	case "STATUS":
+		return nil, nil
+	case "GC":
+		return nil, d.gcNetwork(ctx, conf, req.Config)
+	default:
+		return nil, types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_COMMAND: unknown command %q", req.Command), "")
+	}
+}
+
+func marshalResult(r types.Result, cniVersion string) (json.RawMessage, error) {
+	vr, err := r.GetAsVersion(cniVersion)
+	if err != nil {
+		return nil, types.NewError(types.ErrIncompatibleCNIVersion, fmt.Sprintf("cniVersion: convert result to %s: %v", cniVersion, err), "")
+	}
+	return json.Marshal(vr)
+}
+
+func (d *Daemon) add(ctx context.Context, req *proto.Request, conf *netconf.Conf) (json.RawMessage, error) {
+	if cerr := conf.RequirePrevResult(); cerr != nil {
+		return nil, cerr
+	}
+	if req.Netns == "" {
+		return nil, types.NewError(types.ErrInvalidEnvironmentVariables, "CNI_NETNS: required for ADD", "")
+	}
+	pod, cerr := netconf.ParseArgs(req.Args)
+	if cerr != nil {
+		return nil, cerr
+	}
+	facts, err := d.opts.Facts.Lookup(ctx, kubevirt.Query{Pod: pod, IfName: req.IfName, Conf: conf})
+	if err != nil {
+		return nil, types.NewError(types.ErrTryAgainLater, fmt.Sprintf("look up VM of pod %s/%s: %v", pod.Namespace, pod.Name, err), "")
+	}
+	if !facts.Serve {
+		return marshalResult(conf.PrevResult, conf.CNIVersion)
+	}
+	prev, err := current.NewResultFromResult(conf.PrevResult)
+	if err != nil {
+		return nil, types.NewError(types.ErrDecodingFailure, "prevResult: "+err.Error(), "")
+	}
+	spec, err := masquerade.NewSpec(masquerade.Input{
+		ContainerID: req.ContainerID, Netns: req.Netns, IfName: req.IfName,
+		Conf: conf, Facts: facts, Prev: prev,
+	})
+	if err != nil {
+		return nil, err
+	}
+
+	d.gc.RLock()
+	defer d.gc.RUnlock()
+	key := state.Key(req.ContainerID, req.IfName)
+	defer d.locks.Lock(key)()
+
+	rec := &state.Record{
+		ContainerID: req.ContainerID, IfName: req.IfName, Network: conf.Name,
+		Netns: req.Netns, Mode: conf.Mode, CNIVersion: conf.CNIVersion,
+		Pod:    state.Pod{Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID},
+		VMName: facts.VMName, Created: time.Now().UTC(),
+	}
+	// The record is written before anything is created, so that a daemon
+	// killed half-way leaves DEL and GC what they need to clean up.
+	if err := d.putRecord(rec, spec, nil); err != nil {
+		return nil, err
+	}
+	if err := d.masq.Add(ctx, key, spec); err != nil {
+		d.dropRecord(key)
+		return nil, err
+	}
+	result := spec.Result(prev)
+	out, err := marshalResult(result, conf.CNIVersion)
+	if err == nil {
+		err = d.putRecord(rec, spec, out)
+	}
+	if err != nil {
+		if uerr := d.masq.Del(ctx, key, spec); uerr != nil {
+			d.log.Error("undo after failed record write", "key", key, "err", uerr)
+		}
+		d.dropRecord(key)
+		return nil, err
+	}
+	d.log.Info("VM NIC wired", "key", key, "mode", conf.Mode, "pod", pod.Namespace+"/"+pod.Name, "vm", facts.VMName, "bridge", spec.Bridge, "tap", spec.Tap)
+	return out, nil
+}
+
+func (d *Daemon) putRecord(rec *state.Record, spec *masquerade.Spec, result json.RawMessage) error {
+	raw, err := json.Marshal(spec)
+	if err != nil {
+		return fmt.Errorf("encode spec: %w", err)
+	}
+	rec.Spec = raw
+	rec.Result = result
+	if err := d.store.Put(rec); err != nil {
+		return types.NewError(types.ErrIOFailure, err.Error(), "")
+	}
+	return nil
+}
+
+func (d *Daemon) dropRecord(key string) {
+	if err := d.store.Delete(key); err != nil {
+		d.log.Error("remove record", "key", key, "err", err)
+	}
+}
+
+func specOf(rec *state.Record) (*masquerade.Spec, error) {
+	s := &masquerade.Spec{}
+	if err := json.Unmarshal(rec.Spec, s); err != nil {
+		return nil, fmt.Errorf("decode spec of %s: %w", state.Key(rec.ContainerID, rec.IfName), err)
+	}
+	return s, nil
+}
+
+// del removes an attachment. Without a record (a daemon killed before it
+// wrote one, or a DEL for something never added) it still removes whatever
+// carries this attachment's owner mark, and succeeds when nothing is there.
+func (d *Daemon) del(ctx context.Context, req *proto.Request, conf *netconf.Conf) error {
+	d.gc.RLock()
+	defer d.gc.RUnlock()
+	key := state.Key(req.ContainerID, req.IfName)
+	defer d.locks.Lock(key)()
+	return d.removeLocked(ctx, key, req.ContainerID, req.IfName, req.Netns)
+}
+
+func (d *Daemon) removeLocked(ctx context.Context, key, containerID, ifName, netnsPath string) error {
+	rec, err := d.store.Get(key)
+	var spec *masquerade.Spec
+	switch {
+	case errors.Is(err, state.ErrNotFound):
+		if netnsPath == "" || len(ifName) <= 3 {
+			return nil
+		}
+		spec = &masquerade.Spec{
+			Netns: netnsPath, PodIf: ifName,
+			Bridge: kubevirt.BridgeName(ifName), Tap: kubevirt.TapName(ifName),
+			Owner: masquerade.Alias(containerID, ifName),
+		}
+	case err != nil:
+		return types.NewError(types.ErrIOFailure, err.Error(), "")
+	default:
+		if spec, err = specOf(rec); err != nil {
+			return err
+		}
+		if netnsPath != "" && netnsPath != spec.Netns {
+			d.log.Warn("DEL netns differs from ADD's; using ADD's", "key", key, "add", spec.Netns, "del", netnsPath)
+		}
+	}
+	if err := d.masq.Del(ctx, key, spec); err != nil {
+		return fmt.Errorf("remove VM NIC %s: %w", key, err)
+	}
+	if rec != nil {
+		d.dropRecord(key)
+		d.log.Info("VM NIC removed", "key", key)
+	}
+	return nil
+}
+
+func (d *Daemon) check(ctx context.Context, req *proto.Request, conf *netconf.Conf) error {
+	pod, cerr := netconf.ParseArgs(req.Args)
+	if cerr != nil {
+		return cerr
+	}
+	facts, err := d.opts.Facts.Lookup(ctx, kubevirt.Query{Pod: pod, IfName: req.IfName, Conf: conf})
+	if err != nil {
+		return types.NewError(types.ErrTryAgainLater, fmt.Sprintf("look up VM of pod %s/%s: %v", pod.Namespace, pod.Name, err), "")
+	}
+	if !facts.Serve {
+		return nil
+	}
+	key := state.Key(req.ContainerID, req.IfName)
+	defer d.locks.Lock(key)()
+	rec, err := d.store.Get(key)
+	if errors.Is(err, state.ErrNotFound) {
+		return types.NewError(types.ErrUnknownContainer, fmt.Sprintf("CHECK: vmnic has no attachment for container %s interface %s", req.ContainerID, req.IfName), "")
+	}
+	if err != nil {
+		return types.NewError(types.ErrIOFailure, err.Error(), "")
+	}
+	if len(rec.Result) == 0 {
+		return fmt.Errorf("CHECK: attachment %s was never completed", key)
+	}
+	spec, err := specOf(rec)
+	if err != nil {
+		return err
+	}
+	return d.masq.Check(ctx, key, spec)
+}
+
+// gcNetwork removes the attachments of one network that the runtime no
+// longer lists as valid. It runs exclusive of ADD and DEL and keeps going
+// past errors.
+func (d *Daemon) gcNetwork(ctx context.Context, conf *netconf.Conf, raw []byte) error {
+	valid := map[string]bool{}
+	for _, a := range conf.ValidAttachments {
+		valid[state.Key(a.ContainerID, a.IfName)] = true
+	}
+	// libcni also sends the older, misspelled key.
+	var legacy struct {
+		Attachments []types.GCAttachment `json:"cni.dev/attachments"`
+	}
+	if err := json.Unmarshal(raw, &legacy); err == nil {
+		for _, a := range legacy.Attachments {
+			valid[state.Key(a.ContainerID, a.IfName)] = true
+		}
+	}
+	d.gc.Lock()
+	defer d.gc.Unlock()
+	recs, _, err := d.store.List()
+	if err != nil {
+		return types.NewError(types.ErrIOFailure, err.Error(), "")
+	}
+	var errs []error
+	for _, rec := range recs {
+		key := state.Key(rec.ContainerID, rec.IfName)
+		if rec.Network != conf.Name || valid[key] {
+			continue
+		}
+		if err := d.removeLocked(ctx, key, rec.ContainerID, rec.IfName, ""); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		d.log.Info("GC removed stale attachment", "key", key, "network", conf.Name)
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("GC of network %q: %w", conf.Name, errors.Join(errs...))
+	}
+	return nil
+}
+
+// restore brings back the DHCP servers of the attachments on record.
+func (d *Daemon) restore(ctx context.Context) {
+	recs, bad, err := d.store.List()
+	if err != nil {
+		d.log.Error("list attachment records", "err", err)
+		return
+	}
+	for _, p := range bad {
+		d.log.Error("unreadable attachment record left in place", "path", p)
+	}
+	for _, rec := range recs {
+		if len(rec.Result) == 0 {
+			continue // an ADD that never finished; DEL or GC removes it
+		}
+		key := state.Key(rec.ContainerID, rec.IfName)
+		spec, err := specOf(rec)
+		if err != nil {
+			d.log.Error("restore", "key", key, "err", err)
+			continue
+		}
+		unlock := d.locks.Lock(key)
+		if err := d.masq.Restore(ctx, key, spec); err != nil {
+			d.log.Warn("attachment not restored", "key", key, "err", err)
+		}
+		unlock()
+	}
+}
+
+// replaySpool runs the DELs the shim spooled while the daemon was away.
+func (d *Daemon) replaySpool(ctx context.Context) {
+	entries, bad, err := spool.List(d.opts.SpoolDir)
+	if err != nil {
+		d.log.Error("read spool", "err", err)
+		return
+	}
+	for _, p := range bad {
+		d.log.Error("dropping unreadable spool entry", "path", p)
+		_ = spool.Remove(p)
+	}
+	for _, e := range entries {
+		req := e.Request
+		req.Spooled = true
+		resp := d.Handle(ctx, &req)
+		if resp.Error != nil {
+			d.log.Error("spooled DEL failed; kept for the next resync", "container", req.ContainerID, "ifname", req.IfName, "err", resp.Error)
+			continue
+		}
+		if err := spool.Remove(e.Path); err != nil {
+			d.log.Error("remove spool entry", "err", err)
+		}
+		d.log.Info("spooled DEL replayed", "container", req.ContainerID, "ifname", req.IfName)
+	}
+}

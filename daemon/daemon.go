@@ -1,0 +1,277 @@
+// Package daemon is vmnicd, the node daemon behind the vmnic shim: it serves
+// CNI requests for VM NICs on a root-only unix socket with warm state, keeps
+// attachment records, runs the guests' DHCP servers, and replays the DELs
+// the shim spooled while it was away.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/vmnic/vmnic/pkg/kubevirt"
+	"github.com/vmnic/vmnic/pkg/netconf"
+	"github.com/vmnic/vmnic/pkg/proto"
+	"github.com/vmnic/vmnic/pkg/state"
+	"github.com/vmnic/vmnic/plugins/masquerade"
+)
+
+// Defaults.
+const (
+	DefaultStateDir       = "/var/lib/vmnic"
+	DefaultResyncInterval = 5 * time.Minute
+	DefaultDrainTimeout   = 20 * time.Second
+	// requestTimeout bounds one request's work inside the daemon.
+	requestTimeout = 2 * time.Minute
+)
+
+// Options configure a Daemon.
+type Options struct {
+	Socket   string
+	StateDir string
+	SpoolDir string
+	// Facts tells which pods are VMs and what their NICs need.
+	Facts          kubevirt.Source
+	Logger         *slog.Logger
+	ResyncInterval time.Duration
+	DrainTimeout   time.Duration
+	// Ready, if set, is closed once the daemon serves requests.
+	Ready chan<- struct{}
+}
+
+// Daemon is vmnicd.
+type Daemon struct {
+	opts    Options
+	log     *slog.Logger
+	store   *state.Store
+	servers *Servers
+	masq    *masquerade.Plugin
+	locks   keyedMutex
+	// gc excludes GC from ADD/DEL, as the CNI spec asks.
+	gc       sync.RWMutex
+	ready    atomic.Bool
+	inflight sync.WaitGroup
+}
+
+// Servers gives access to the DHCP servers of the attachments.
+func (d *Daemon) Servers() *Servers { return d.servers }
+
+// New checks opts and prepares the daemon; Run starts it.
+func New(opts Options) (*Daemon, error) {
+	if opts.Socket == "" {
+		opts.Socket = netconf.DefaultSocket
+	}
+	if opts.StateDir == "" {
+		opts.StateDir = DefaultStateDir
+	}
+	if opts.SpoolDir == "" {
+		opts.SpoolDir = netconf.DefaultSpoolDir
+	}
+	if opts.Facts == nil {
+		opts.Facts = kubevirt.Standalone{}
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.ResyncInterval == 0 {
+		opts.ResyncInterval = DefaultResyncInterval
+	}
+	if opts.DrainTimeout == 0 {
+		opts.DrainTimeout = DefaultDrainTimeout
+	}
+	store, err := state.Open(filepath.Join(opts.StateDir, "attachments"))
+	if err != nil {
+		return nil, err
+	}
+	servers := NewServers(opts.Logger)
+	return &Daemon{
+		opts:    opts,
+		log:     opts.Logger,
+		store:   store,
+		servers: servers,
+		masq:    &masquerade.Plugin{Servers: servers, Log: opts.Logger},
+	}, nil
+}
+
+// Run serves until ctx ends, then drains in-flight requests and stops.
+func (d *Daemon) Run(ctx context.Context) error {
+	ln, ino, err := listen(d.opts.Socket)
+	if err != nil {
+		return err
+	}
+	d.log.Info("listening", "socket", d.opts.Socket, "stateDir", d.opts.StateDir, "spoolDir", d.opts.SpoolDir)
+
+	serveDone := make(chan struct{})
+	go func() {
+		defer close(serveDone)
+		d.serve(ln)
+	}()
+
+	// Until ready, requests get "try again later" and the shim retries.
+	d.restore(ctx)
+	d.replaySpool(ctx)
+	d.ready.Store(true)
+	if d.opts.Ready != nil {
+		close(d.opts.Ready)
+	}
+	d.log.Info("ready")
+
+	ticker := time.NewTicker(d.opts.ResyncInterval)
+	defer ticker.Stop()
+	for running := true; running; {
+		select {
+		case <-ctx.Done():
+			running = false
+		case <-ticker.C:
+			d.replaySpool(ctx)
+			d.restore(ctx)
+		}
+	}
+
+	d.log.Info("stopping: draining requests")
+	d.ready.Store(false)
+	_ = ln.Close()
+	<-serveDone
+	drained := make(chan struct{})
+	go func() { d.inflight.Wait(); close(drained) }()
+	select {
+	case <-drained:
+	case <-time.After(d.opts.DrainTimeout):
+		d.log.Warn("drain timed out; requests still running", "timeout", d.opts.DrainTimeout)
+	}
+	d.servers.StopAll()
+	removeSocket(d.opts.Socket, ino)
+	d.log.Info("stopped")
+	return nil
+}
+
+// listen creates the socket directory 0700 and the socket 0600. A stale
+// socket from a previous daemon is replaced; anything else at the path is an
+// error.
+func listen(path string) (net.Listener, uint64, error) {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, 0, fmt.Errorf("create socket dir %q: %w", dir, err)
+	}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return nil, 0, fmt.Errorf("chmod socket dir %q: %w", dir, err)
+	}
+	if st, err := os.Lstat(path); err == nil {
+		if st.Mode().Type() != os.ModeSocket {
+			return nil, 0, fmt.Errorf("socket path %q exists and is not a socket", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, 0, fmt.Errorf("remove stale socket %q: %w", path, err)
+		}
+	}
+	// The umask closes the window between bind and chmod.
+	old := syscall.Umask(0o177)
+	ln, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return nil, 0, fmt.Errorf("listen on %q: %w", path, err)
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	if err := os.Chmod(path, 0o600); err != nil {
+		_ = ln.Close()
+		return nil, 0, fmt.Errorf("chmod socket %q: %w", path, err)
+	}
+	st, err := os.Stat(path)
+	if err != nil {
+		_ = ln.Close()
+		return nil, 0, fmt.Errorf("stat socket %q: %w", path, err)
+	}
+	return ln, st.Sys().(*syscall.Stat_t).Ino, nil
+}
+
+// removeSocket removes the socket only if it is still ours: during a
+// rollout the next daemon may already listen on the same path.
+func removeSocket(path string, ino uint64) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok && sys.Ino == ino {
+		_ = os.Remove(path)
+	}
+}
+
+func (d *Daemon) serve(ln net.Listener) {
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			d.log.Error("accept", "err", err)
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		d.inflight.Add(1)
+		go func() {
+			defer d.inflight.Done()
+			d.serveConn(conn)
+		}()
+	}
+}
+
+func (d *Daemon) serveConn(conn net.Conn) {
+	defer conn.Close()
+	_ = conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+	req := &proto.Request{}
+	var resp *proto.Response
+	if err := proto.Decode(conn, req); err != nil {
+		resp = errResponse(badRequest(err))
+	} else {
+		ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
+		resp = d.Handle(ctx, req)
+		cancel()
+	}
+	_ = conn.SetWriteDeadline(time.Now().Add(30 * time.Second))
+	if err := encode(conn, resp); err != nil {
+		d.log.Warn("write response", "command", req.Command, "container", req.ContainerID, "err", err)
+	}
+}
+
+// keyedMutex serialises work on one attachment while others run in parallel.
+type keyedMutex struct {
+	mu    sync.Mutex
+	locks map[string]*keyLock
+}
+
+type keyLock struct {
+	sync.Mutex
+	refs int
+}
+
+func (k *keyedMutex) Lock(key string) func() {
+	k.mu.Lock()
+	if k.locks == nil {
+		k.locks = map[string]*keyLock{}
+	}
+	l := k.locks[key]
+	if l == nil {
+		l = &keyLock{}
+		k.locks[key] = l
+	}
+	l.refs++
+	k.mu.Unlock()
+	l.Lock()
+	return func() {
+		l.Unlock()
+		k.mu.Lock()
+		l.refs--
+		if l.refs == 0 {
+			delete(k.locks, key)
+		}
+		k.mu.Unlock()
+	}
+}

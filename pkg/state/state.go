@@ -1,0 +1,127 @@
+// Package state keeps one record per VM NIC that vmnic wired (an
+// attachment), on disk under the daemon's state directory. DEL, CHECK, GC and
+// a restarted daemon work from these records rather than from guesses about
+// the kernel, and every write is atomic.
+package state
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/vmnic/vmnic/pkg/fsutil"
+)
+
+// RecordVersion is the schema version written into records.
+const RecordVersion = 1
+
+// Record is one attachment: a container's interface on one network.
+type Record struct {
+	Version     int             `json:"version"`
+	ContainerID string          `json:"containerID"`
+	IfName      string          `json:"ifName"`
+	Network     string          `json:"network"`
+	Netns       string          `json:"netns"`
+	Mode        string          `json:"mode"`
+	CNIVersion  string          `json:"cniVersion"`
+	Pod         Pod             `json:"pod"`
+	VMName      string          `json:"vmName,omitempty"`
+	Spec        json.RawMessage `json:"spec"`
+	Result      json.RawMessage `json:"result,omitempty"`
+	Created     time.Time       `json:"created"`
+}
+
+// Pod identifies the pod of an attachment.
+type Pod struct {
+	Namespace string `json:"namespace,omitempty"`
+	Name      string `json:"name,omitempty"`
+	UID       string `json:"uid,omitempty"`
+}
+
+// Key names an attachment.
+func Key(containerID, ifName string) string { return containerID + "_" + ifName }
+
+// Store is a directory of records.
+type Store struct{ dir string }
+
+// Open creates dir (0700) if needed.
+func Open(dir string) (*Store, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create state dir %q: %w", dir, err)
+	}
+	return &Store{dir: dir}, nil
+}
+
+// Dir is the store's directory.
+func (s *Store) Dir() string { return s.dir }
+
+func (s *Store) path(key string) string { return filepath.Join(s.dir, key+".json") }
+
+// Put writes r atomically.
+func (s *Store) Put(r *Record) error {
+	r.Version = RecordVersion
+	data, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode record %s: %w", Key(r.ContainerID, r.IfName), err)
+	}
+	return fsutil.WriteFileAtomic(s.path(Key(r.ContainerID, r.IfName)), data, 0o600)
+}
+
+// ErrNotFound is returned by Get for a missing record.
+var ErrNotFound = errors.New("attachment record not found")
+
+// Get reads the record of key.
+func (s *Store) Get(key string) (*Record, error) {
+	data, err := os.ReadFile(s.path(key))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%s: %w", key, ErrNotFound)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read record %s: %w", key, err)
+	}
+	r := &Record{}
+	if err := json.Unmarshal(data, r); err != nil {
+		return nil, fmt.Errorf("decode record %s: %w", key, err)
+	}
+	return r, nil
+}
+
+// Delete removes the record of key; a missing one is fine.
+func (s *Store) Delete(key string) error {
+	if err := os.Remove(s.path(key)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove record %s: %w", key, err)
+	}
+	return nil
+}
+
+// List returns every readable record, sorted by key, and the paths of
+// records that could not be read.
+func (s *Store) List() ([]*Record, []string, error) {
+	des, err := os.ReadDir(s.dir)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read state dir %q: %w", s.dir, err)
+	}
+	var out []*Record
+	var bad []string
+	for _, de := range des {
+		n := de.Name()
+		if de.IsDir() || strings.HasPrefix(n, ".") || !strings.HasSuffix(n, ".json") {
+			continue
+		}
+		r, err := s.Get(strings.TrimSuffix(n, ".json"))
+		if err != nil {
+			bad = append(bad, filepath.Join(s.dir, n))
+			continue
+		}
+		out = append(out, r)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		return Key(out[i].ContainerID, out[i].IfName) < Key(out[j].ContainerID, out[j].IfName)
+	})
+	return out, bad, nil
+}

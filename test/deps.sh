@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what vmnic's demo and test suite need on a Debian machine, as root:
+# Debian packages (only those missing) and the tool binaries built from
+# test/tools/go.mod into the git-ignored .tools/ folder. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+pkgs=(
+  nftables        # nft, to read rulesets back in tests
+  iproute2 iputils-ping
+  qemu-system-x86 # the real guest (TCG, no KVM needed)
+  linux-image-amd64 busybox-static xz-utils # guest kernel, its modules, the guest userland
+  procps
+)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "deps: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v go >/dev/null; then
+  echo "deps: Go is required (go 1.26); put it on PATH" >&2
+  exit 1
+fi
+
+mkdir -p .tools/bin .tools/cni-bin
+( cd test/tools && CGO_ENABLED=0 go build -o ../../.tools/cni-bin/ \
+    github.com/containernetworking/plugins/plugins/main/ptp \
+    github.com/containernetworking/plugins/plugins/main/bridge \
+    github.com/containernetworking/plugins/plugins/main/loopback \
+    github.com/containernetworking/plugins/plugins/ipam/host-local \
+  && CGO_ENABLED=0 go build -o ../../.tools/bin/ github.com/containernetworking/cni/cnitool )
+echo "deps: ready"

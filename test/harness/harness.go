@@ -1,0 +1,364 @@
+// Package harness runs vmnic the way a node does, without a cluster: the
+// shim and the reference plugins executed by libcni (the library containerd
+// uses) from inside a sandbox "node" network namespace, the daemon in
+// process, and pods as fresh network namespaces. Integration tests, the
+// benchmarks and `make demo` all stand on it.
+//
+// Test address plan: pod networks use 198.18.0.0/15 and fd00:198:18::/48
+// (benchmarking ranges, never routed outside the namespaces made here); the
+// guest side is KubeVirt's fixed 10.0.2.0/24 and fd10:0:2::/120.
+package harness
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/containernetworking/plugins/pkg/testutils"
+
+	"github.com/vmnic/vmnic/daemon"
+)
+
+// RepoRoot finds the repository root from the working directory.
+func RepoRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		data, err := os.ReadFile(filepath.Join(dir, "go.mod"))
+		if err == nil && strings.HasPrefix(string(data), "module github.com/vmnic/vmnic\n") {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("repository root (go.mod of github.com/vmnic/vmnic) not found above the working directory")
+		}
+		dir = parent
+	}
+}
+
+// Reference plugins built from test/tools.
+var referencePlugins = []string{
+	"github.com/containernetworking/plugins/plugins/main/ptp",
+	"github.com/containernetworking/plugins/plugins/main/bridge",
+	"github.com/containernetworking/plugins/plugins/main/loopback",
+	"github.com/containernetworking/plugins/plugins/ipam/host-local",
+}
+
+var (
+	buildOnce sync.Once
+	buildDir  string
+	buildErr  error
+)
+
+// BinDir builds, once per process, the vmnic shim and the reference plugins
+// into the repository's git-ignored .tools/cni-bin and returns that
+// directory. Go's build cache makes this cheap after the first time.
+func BinDir() (string, error) {
+	buildOnce.Do(func() {
+		root, err := RepoRoot()
+		if err != nil {
+			buildErr = err
+			return
+		}
+		dir := filepath.Join(root, ".tools", "cni-bin")
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			buildErr = err
+			return
+		}
+		if err := goBuild(filepath.Join(root, "test", "tools"), dir, referencePlugins...); err != nil {
+			buildErr = err
+			return
+		}
+		if err := goBuild(root, filepath.Join(dir, "vmnic"), "./cmd/vmnic"); err != nil {
+			buildErr = err
+			return
+		}
+		buildDir = dir
+	})
+	return buildDir, buildErr
+}
+
+func goBuild(moduleDir, out string, pkgs ...string) error {
+	args := append([]string{"build", "-o", out}, pkgs...)
+	cmd := exec.Command("go", args...)
+	cmd.Dir = moduleDir
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build %s: %w\n%s", strings.Join(pkgs, " "), err, b)
+	}
+	return nil
+}
+
+// Node is a sandbox node: a network namespace in which the plugins run, and
+// a directory for the daemon's socket, state and spool and libcni's cache.
+type Node struct {
+	NS     ns.NetNS
+	Dir    string
+	BinDir string
+	CNI    *libcni.CNIConfig
+}
+
+// NewNode makes the node namespace and directories under dir.
+func NewNode(dir string) (*Node, error) {
+	bin, err := BinDir()
+	if err != nil {
+		return nil, err
+	}
+	nodeNS, err := testutils.NewNS()
+	if err != nil {
+		return nil, fmt.Errorf("create node netns: %w", err)
+	}
+	n := &Node{NS: nodeNS, Dir: dir, BinDir: bin}
+	n.CNI = libcni.NewCNIConfigWithCacheDir([]string{bin}, filepath.Join(dir, "cni-cache"), nil)
+	return n, nil
+}
+
+// Close removes the node namespace.
+func (n *Node) Close() {
+	if n.NS != nil {
+		_ = n.NS.Close()
+		_ = testutils.UnmountNS(n.NS)
+	}
+}
+
+// Socket, StateDir and SpoolDir are the daemon's paths on this node.
+func (n *Node) Socket() string   { return filepath.Join(n.Dir, "run", "vmnic.sock") }
+func (n *Node) StateDir() string { return filepath.Join(n.Dir, "state") }
+func (n *Node) SpoolDir() string { return filepath.Join(n.Dir, "state", "spool") }
+
+// Daemon is an in-process vmnicd.
+type Daemon struct {
+	*daemon.Daemon
+	cancel context.CancelFunc
+	done   chan error
+}
+
+// StartDaemon runs vmnicd for this node and waits until it is ready.
+func (n *Node) StartDaemon(log *slog.Logger) (*Daemon, error) {
+	ready := make(chan struct{})
+	d, err := daemon.New(daemon.Options{
+		Socket: n.Socket(), StateDir: n.StateDir(), SpoolDir: n.SpoolDir(),
+		Logger: log, Ready: ready, DrainTimeout: 5 * time.Second,
+	})
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	dd := &Daemon{Daemon: d, cancel: cancel, done: make(chan error, 1)}
+	go func() { dd.done <- d.Run(ctx) }()
+	select {
+	case <-ready:
+		return dd, nil
+	case err := <-dd.done:
+		cancel()
+		return nil, fmt.Errorf("daemon exited before ready: %w", err)
+	case <-time.After(30 * time.Second):
+		cancel()
+		return nil, errors.New("daemon not ready after 30s")
+	}
+}
+
+// Stop stops the daemon (as on SIGTERM) and waits for it.
+func (d *Daemon) Stop() error {
+	if d == nil || d.cancel == nil {
+		return nil
+	}
+	d.cancel()
+	d.cancel = nil
+	return <-d.done
+}
+
+// Pod is a pod sandbox: its network namespace and CNI identity.
+type Pod struct {
+	NS          ns.NetNS
+	ContainerID string
+	Namespace   string
+	Name        string
+	IfName      string
+}
+
+// NewPod makes a pod netns. Names starting with "virt-launcher-" are VM pods.
+func NewPod(name string) (*Pod, error) {
+	podNS, err := testutils.NewNS()
+	if err != nil {
+		return nil, fmt.Errorf("create pod netns: %w", err)
+	}
+	id := strings.ReplaceAll(filepath.Base(podNS.Path()), "cni-", "")
+	id = strings.ReplaceAll(id, "-", "")
+	return &Pod{NS: podNS, ContainerID: "c" + id, Namespace: "default", Name: name, IfName: "eth0"}, nil
+}
+
+// Close removes the pod netns (what the runtime does after DEL).
+func (p *Pod) Close() {
+	if p.NS != nil {
+		_ = p.NS.Close()
+		_ = testutils.UnmountNS(p.NS)
+		p.NS = nil
+	}
+}
+
+// Runtime is the libcni runtime config of the pod, as containerd builds it.
+func (p *Pod) Runtime() *libcni.RuntimeConf {
+	rt := &libcni.RuntimeConf{
+		ContainerID: p.ContainerID,
+		IfName:      p.IfName,
+		Args: [][2]string{
+			{"IgnoreUnknown", "1"},
+			{"K8S_POD_NAMESPACE", p.Namespace},
+			{"K8S_POD_NAME", p.Name},
+			{"K8S_POD_INFRA_CONTAINER_ID", p.ContainerID},
+			{"K8S_POD_UID", "uid-" + p.ContainerID},
+		},
+	}
+	if p.NS != nil {
+		rt.NetNS = p.NS.Path()
+	} else {
+		rt.NetNS = ""
+	}
+	return rt
+}
+
+// in runs f with the calling thread in the node namespace, so the plugins
+// libcni executes inherit it (host-side veths land in the node, not on the
+// machine running the tests).
+func (n *Node) in(f func() error) error {
+	return n.NS.Do(func(ns.NetNS) error { return f() })
+}
+
+// Add runs ADD of the list for pod.
+func (n *Node) Add(ctx context.Context, list *libcni.NetworkConfigList, p *Pod) (types.Result, error) {
+	var res types.Result
+	err := n.in(func() error {
+		var err error
+		res, err = n.CNI.AddNetworkList(ctx, list, p.Runtime())
+		return err
+	})
+	return res, err
+}
+
+// Del runs DEL of the list for pod.
+func (n *Node) Del(ctx context.Context, list *libcni.NetworkConfigList, p *Pod) error {
+	return n.in(func() error { return n.CNI.DelNetworkList(ctx, list, p.Runtime()) })
+}
+
+// Check runs CHECK of the list for pod.
+func (n *Node) Check(ctx context.Context, list *libcni.NetworkConfigList, p *Pod) error {
+	return n.in(func() error { return n.CNI.CheckNetworkList(ctx, list, p.Runtime()) })
+}
+
+// Status runs STATUS of the list.
+func (n *Node) Status(ctx context.Context, list *libcni.NetworkConfigList) error {
+	return n.in(func() error { return n.CNI.GetStatusNetworkList(ctx, list) })
+}
+
+// GC runs GC of the list with the given valid attachments.
+func (n *Node) GC(ctx context.Context, list *libcni.NetworkConfigList, valid []types.GCAttachment) error {
+	return n.in(func() error {
+		return n.CNI.GCNetworkList(ctx, list, &libcni.GCArgs{ValidAttachments: valid})
+	})
+}
+
+// NetOptions shape a pod network conflist.
+type NetOptions struct {
+	CNIVersion string
+	Name       string
+	// Primary is "ptp" (default) or "bridge".
+	Primary string
+	Subnet4 string // default 198.18.0.0/24; "-" for none
+	Subnet6 string // default fd00:198:18::/64; "-" for none
+	// Vmnic chains vmnic after the primary plugin.
+	Vmnic bool
+	// VM is the standalone VM facts object (args.cni.vmnic).
+	VM           map[string]any
+	ReadyTimeout string
+	// Extra keys merged into vmnic's entry.
+	Extra map[string]any
+}
+
+// ConfList builds the conflist JSON the node's runtime would read.
+func (n *Node) ConfList(o NetOptions) ([]byte, error) {
+	if o.CNIVersion == "" {
+		o.CNIVersion = "1.1.0"
+	}
+	if o.Name == "" {
+		o.Name = "podnet"
+	}
+	if o.Primary == "" {
+		o.Primary = "ptp"
+	}
+	if o.Subnet4 == "" {
+		o.Subnet4 = "198.18.0.0/24"
+	}
+	if o.Subnet6 == "" {
+		o.Subnet6 = "fd00:198:18::/64"
+	}
+	var ranges []any
+	for _, s := range []string{o.Subnet4, o.Subnet6} {
+		if s != "-" {
+			ranges = append(ranges, []any{map[string]any{"subnet": s}})
+		}
+	}
+	primary := map[string]any{
+		"type": o.Primary,
+		"mtu":  1480,
+		"ipam": map[string]any{
+			"type":    "host-local",
+			"ranges":  ranges,
+			"dataDir": filepath.Join(n.Dir, "host-local"),
+			"routes":  defaultRoutes(o),
+		},
+	}
+	if o.Primary == "bridge" {
+		primary["bridge"] = "cni0"
+		primary["isGateway"] = true
+	}
+	plugins := []any{primary}
+	if o.Vmnic {
+		v := map[string]any{
+			"type":     "vmnic",
+			"mode":     "masquerade",
+			"socket":   n.Socket(),
+			"spoolDir": n.SpoolDir(),
+		}
+		if o.ReadyTimeout != "" {
+			v["readyTimeout"] = o.ReadyTimeout
+		}
+		if o.VM != nil {
+			v["args"] = map[string]any{"cni": map[string]any{"vmnic": o.VM}}
+		}
+		for k, val := range o.Extra {
+			v[k] = val
+		}
+		plugins = append(plugins, v)
+	}
+	return json.Marshal(map[string]any{"cniVersion": o.CNIVersion, "name": o.Name, "plugins": plugins})
+}
+
+func defaultRoutes(o NetOptions) []any {
+	var r []any
+	if o.Subnet4 != "-" {
+		r = append(r, map[string]any{"dst": "0.0.0.0/0"})
+	}
+	if o.Subnet6 != "-" {
+		r = append(r, map[string]any{"dst": "::/0"})
+	}
+	return r
+}
+
+// List parses conflist JSON.
+func List(data []byte) (*libcni.NetworkConfigList, error) {
+	return libcni.ConfListFromBytes(data)
+}
