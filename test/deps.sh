@@ -11,6 +11,7 @@ pkgs=(
   qemu-system-x86 # the real guest (TCG, no KVM needed)
   linux-image-amd64 busybox-static xz-utils # guest kernel, its modules, the guest userland
   procps
+  isc-dhcp-client # a second real DHCP client for pkg/dhcp tests
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -13,8 +13,22 @@
 // namespace. Every socket is bound to the interface with SO_BINDTODEVICE, so
 // nothing is answered on other interfaces of the pod.
 //
+// The DHCP sockets do not set SO_REUSEADDR: a second DHCP server on the same
+// interface (another Server, or virt-launcher's own) makes Start fail with
+// "address already in use" instead of racing it for the guest's requests.
+//
+// Router Advertisements must leave from the interface's link-local address,
+// which is tentative while duplicate address detection runs and stays so
+// while the interface has no carrier (a bridge whose only port is a tap the
+// VM has not opened yet). Start does not wait for it: the advertiser polls
+// for it, every 100ms for 10s and every second after that, and sends its first
+// advertisement (and answers solicitations that came meanwhile) as soon as it
+// is usable.
+//
 // The servers hold a reference on the namespace through their sockets: call
 // Stop when the pod goes away, or the namespace and its devices stay alive.
+// They are bound to the interface's index: if the interface is deleted and
+// created again, Stop them and Start new ones.
 package dhcp
 
 import (
@@ -48,7 +62,9 @@ type V4 struct {
 	// Address is the guest's address and mask, e.g. 10.0.2.2/24.
 	Address net.IPNet
 	// ServerID is the address of the served interface, e.g. 10.0.2.1. It is
-	// the server identifier (option 54) and the source of the replies.
+	// the server identifier (option 54) and the source of the replies (if it
+	// is no address of the interface, replies leave from the address the
+	// kernel picks, and a warning is logged).
 	ServerID net.IP
 	// Router is the default gateway (option 3); nil means none.
 	Router net.IP

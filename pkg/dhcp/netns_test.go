@@ -14,6 +14,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
+	"github.com/vmnic/vmnic/test/need"
 	"golang.org/x/sys/unix"
 )
 
@@ -48,9 +49,7 @@ type netOpts struct {
 
 func requireRoot(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to create network namespaces")
-	}
+	need.Root(t)
 }
 
 func newTestNet(t *testing.T, o netOpts) *testNet {

@@ -68,8 +68,16 @@ type Conf struct {
 	// RuntimeConfig is filled by the runtime for the capabilities the config
 	// declares; "dns" carries the pod's DNS settings.
 	RuntimeConfig struct {
-		DNS *types.DNS `json:"dns,omitempty"`
+		DNS *RuntimeDNS `json:"dns,omitempty"`
 	} `json:"runtimeConfig,omitempty"`
+}
+
+// RuntimeDNS is the "dns" capability as containerd and CRI-O pass it: the
+// pod's resolv.conf settings from kubelet.
+type RuntimeDNS struct {
+	Servers  []string `json:"servers,omitempty"`
+	Searches []string `json:"searches,omitempty"`
+	Options  []string `json:"options,omitempty"`
 }
 
 // VMArgs are the VM facts of a standalone setup.

@@ -12,20 +12,17 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
+	"github.com/vmnic/vmnic/test/need"
 )
 
 // requireRoot skips tests that need CAP_NET_ADMIN (and, if needNft, the nft
 // and nsenter binaries, which only the tests use to look and tamper).
 func requireRoot(t *testing.T, needNft bool) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (network namespaces, nftables)")
-	}
+	need.Root(t)
 	if needNft {
 		for _, bin := range []string{"nft", "nsenter"} {
-			if _, err := exec.LookPath(bin); err != nil {
-				t.Skipf("needs the %s binary: %v", bin, err)
-			}
+			need.Binary(t, bin)
 		}
 	}
 }

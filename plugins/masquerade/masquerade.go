@@ -120,14 +120,18 @@ func NewSpec(in Input) (*Spec, error) {
 		return nil, types.NewError(types.ErrInvalidNetworkConfig,
 			"prevResult.ips: the primary CNI gave the pod no address; masquerade needs at least one", "")
 	}
-	dns := in.Prev.DNS
-	if rc := in.Conf.RuntimeConfig.DNS; rc != nil && len(rc.Nameservers) > 0 {
-		dns = *rc
-	} else if len(dns.Nameservers) == 0 {
-		dns = in.Conf.DNS
+	// The pod's own DNS (runtime "dns" capability) first, as the guest
+	// should resolve like the pod; then the primary's result, then the
+	// config's dns block.
+	switch dns := in.Prev.DNS; {
+	case in.Conf.RuntimeConfig.DNS != nil && len(in.Conf.RuntimeConfig.DNS.Servers) > 0:
+		s.DNS = in.Conf.RuntimeConfig.DNS.Servers
+		s.Search = in.Conf.RuntimeConfig.DNS.Searches
+	case len(dns.Nameservers) > 0:
+		s.DNS, s.Search = dns.Nameservers, dns.Search
+	default:
+		s.DNS, s.Search = in.Conf.DNS.Nameservers, in.Conf.DNS.Search
 	}
-	s.DNS = dns.Nameservers
-	s.Search = dns.Search
 	return s, nil
 }
 

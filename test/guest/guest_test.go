@@ -3,7 +3,6 @@ package guest
 import (
 	"context"
 	"net"
-	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -18,6 +17,7 @@ import (
 	"github.com/insomniacslk/dhcp/dhcpv6/server6"
 	"github.com/insomniacslk/dhcp/iana"
 	"github.com/vishvananda/netlink"
+	"github.com/vmnic/vmnic/test/need"
 )
 
 // TestBoot boots one guest on a tap in a fresh network namespace and checks,
@@ -25,12 +25,8 @@ import (
 // (address, MTU, classless static routes, DNS), the udhcpc6 replacement and
 // its script, QMP, and a clean power-off.
 func TestBoot(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("SKIPPING guest boot test: needs root (network namespaces, tap devices)")
-	}
-	if err := Check(); err != nil {
-		t.Skipf("SKIPPING guest boot test: %v", err)
-	}
+	need.Root(t)
+	need.NoError(t, Check())
 
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()

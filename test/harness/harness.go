@@ -15,11 +15,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/containernetworking/cni/libcni"
@@ -223,6 +225,11 @@ func (p *Pod) Runtime() *libcni.RuntimeConf {
 			{"K8S_POD_UID", "uid-" + p.ContainerID},
 		},
 	}
+	// What containerd passes for the "dns" capability: the pod's DNS.
+	rt.CapabilityArgs = map[string]any{"dns": map[string]any{
+		"servers":  []string{"198.18.0.53"},
+		"searches": []string{p.Namespace + ".svc.cluster.local", "svc.cluster.local"},
+	}}
 	if p.NS != nil {
 		rt.NetNS = p.NS.Path()
 	} else {
@@ -332,6 +339,8 @@ func (n *Node) ConfList(o NetOptions) ([]byte, error) {
 			"mode":     "masquerade",
 			"socket":   n.Socket(),
 			"spoolDir": n.SpoolDir(),
+			// As in a real conflist: the runtime then passes the pod's DNS.
+			"capabilities": map[string]any{"dns": true},
 		}
 		if o.ReadyTimeout != "" {
 			v["readyTimeout"] = o.ReadyTimeout
@@ -361,4 +370,53 @@ func defaultRoutes(o NetOptions) []any {
 // List parses conflist JSON.
 func List(data []byte) (*libcni.NetworkConfigList, error) {
 	return libcni.ConfListFromBytes(data)
+}
+
+// DaemonProcess is vmnicd running as its own process in the node netns.
+type DaemonProcess struct {
+	Cmd *exec.Cmd
+	Log string
+}
+
+// StartDaemonProcess builds vmnicd and runs it inside the node namespace,
+// standalone, logging to Dir/vmnicd.log; it returns once the socket answers.
+func (n *Node) StartDaemonProcess() (*DaemonProcess, error) {
+	root, err := RepoRoot()
+	if err != nil {
+		return nil, err
+	}
+	bin := filepath.Join(n.Dir, "vmnicd")
+	if err := goBuild(root, bin, "./cmd/vmnicd"); err != nil {
+		return nil, err
+	}
+	logPath := filepath.Join(n.Dir, "vmnicd.log")
+	logf, err := os.Create(logPath)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(bin, "--socket", n.Socket(), "--state-dir", n.StateDir(), "--spool-dir", n.SpoolDir())
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+	// Started from a thread inside the node netns, the daemon lives there.
+	if err := n.in(cmd.Start); err != nil {
+		_ = logf.Close()
+		return nil, fmt.Errorf("start vmnicd: %w", err)
+	}
+	_ = logf.Close()
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if c, err := net.Dial("unix", n.Socket()); err == nil {
+			_ = c.Close()
+			return &DaemonProcess{Cmd: cmd, Log: logPath}, nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	_ = cmd.Process.Kill()
+	return nil, fmt.Errorf("vmnicd did not listen on %s within 30s (log: %s)", n.Socket(), logPath)
+}
+
+// Stop sends SIGTERM and waits.
+func (p *DaemonProcess) Stop() error {
+	_ = p.Cmd.Process.Signal(syscall.SIGTERM)
+	return p.Cmd.Wait()
 }

@@ -1,0 +1,49 @@
+package state
+
+import (
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+func TestStore(t *testing.T) {
+	s, err := Open(filepath.Join(t.TempDir(), "attachments"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := os.Stat(s.Dir()); st.Mode().Perm() != 0o700 {
+		t.Errorf("state dir mode %v", st.Mode().Perm())
+	}
+	r := &Record{ContainerID: "c1", IfName: "eth0", Network: "podnet", Mode: "masquerade", Spec: json.RawMessage(`{"a":1}`)}
+	if err := s.Put(r); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.Get(Key("c1", "eth0"))
+	var spec map[string]int
+	if err == nil {
+		err = json.Unmarshal(got.Spec, &spec)
+	}
+	if err != nil || got.Network != "podnet" || got.Version != RecordVersion || spec["a"] != 1 {
+		t.Fatalf("Get = %+v, %v", got, err)
+	}
+	// A corrupt record is reported, not fatal to the listing.
+	if err := os.WriteFile(filepath.Join(s.Dir(), "bad_eth0.json"), []byte("{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// A temp file of an interrupted write is ignored.
+	_ = os.WriteFile(filepath.Join(s.Dir(), ".c2_eth0.json.tmp-1"), []byte("{"), 0o600)
+	recs, bad, err := s.List()
+	if err != nil || len(recs) != 1 || len(bad) != 1 {
+		t.Fatalf("List = %d records, bad %v, %v", len(recs), bad, err)
+	}
+	for i := 0; i < 2; i++ {
+		if err := s.Delete(Key("c1", "eth0")); err != nil {
+			t.Fatalf("Delete #%d: %v", i+1, err)
+		}
+	}
+	if _, err := s.Get(Key("c1", "eth0")); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Get after Delete: %v", err)
+	}
+}
