@@ -22,12 +22,15 @@ const (
 	Forwarded4Port   = 8080
 	Forwarded6Port   = 8081
 	NotForwardedPort = 9090
+	// ScenarioQueues makes the tap multiqueue, so QEMU really opens it
+	// with several queues.
+	ScenarioQueues = 2
 )
 
 // ScenarioVM is the standalone VM object for the scenario's pod.
 func ScenarioVM(name, mac string) map[string]any {
 	return map[string]any{
-		"name": name, "mac": mac,
+		"name": name, "mac": mac, "queues": ScenarioQueues,
 		"ports": []any{
 			map[string]any{"port": Forwarded4Port, "protocol": "TCP"},
 			map[string]any{"port": Forwarded6Port, "protocol": "TCP"},
@@ -132,7 +135,7 @@ func RunGuest(ctx context.Context, n *Node, p *Pod, img *guest.Image, mac string
 	}
 
 	g, err := guest.Start(ctx, img, guest.Options{
-		NetnsPath: p.NS.Path(), Tap: "tap0", MAC: mac,
+		NetnsPath: p.NS.Path(), Tap: "tap0", MAC: mac, Queues: ScenarioQueues,
 		Script: guestScript(peer4, peer6), Timeout: 4 * time.Minute, Log: log,
 	})
 	if err != nil {

@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 
@@ -61,6 +62,9 @@ func TestGuestMasquerade(t *testing.T) {
 	}
 	if !strings.Contains(rep.DHCP6, "ipv6=fd10:0:2::2") {
 		t.Errorf("DHCPv6 lease %q lacks fd10:0:2::2", rep.DHCP6)
+	}
+	if !strings.Contains(rep.Console, fmt.Sprintf("queues=%d", harness.ScenarioQueues)) {
+		t.Errorf("guest NIC does not have %d queues on the multiqueue tap", harness.ScenarioQueues)
 	}
 	if rep.Addr4 != "10.0.2.2/24" {
 		t.Errorf("guest IPv4 %q, want 10.0.2.2/24", rep.Addr4)

@@ -219,3 +219,29 @@ func TestSocketPermissions(t *testing.T) {
 		t.Errorf("socket dir mode %v, want 0700", dst.Mode().Perm())
 	}
 }
+
+// TestDaemonProcessSIGTERM runs the real vmnicd binary: it serves, and on
+// SIGTERM exits cleanly and removes its socket.
+func TestDaemonProcessSIGTERM(t *testing.T) {
+	ctx := ctxT(t)
+	node, _ := newNode(t, false)
+	d, err := node.StartDaemonProcess()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := list(t, node, harness.NetOptions{Vmnic: true, VM: vm1})
+	pod := newPod(t, "virt-launcher-vm1-proc")
+	if _, err := node.Add(ctx, l, pod); err != nil {
+		t.Fatalf("ADD via the vmnicd process: %v", err)
+	}
+	if err := node.Del(ctx, l, pod); err != nil {
+		t.Fatalf("DEL: %v", err)
+	}
+	if err := d.Stop(); err != nil {
+		log, _ := os.ReadFile(d.Log)
+		t.Fatalf("vmnicd exit after SIGTERM: %v\n%s", err, log)
+	}
+	if _, err := os.Stat(node.Socket()); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("socket left after SIGTERM: %v", err)
+	}
+}
