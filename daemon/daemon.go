@@ -45,6 +45,9 @@ type Options struct {
 	DrainTimeout   time.Duration
 	// Ready, if set, is closed once the daemon serves requests.
 	Ready chan<- struct{}
+	// Prepare, if set, runs after the socket listens and before the daemon
+	// is ready (informer sync): requests meanwhile get "try again later".
+	Prepare func(ctx context.Context) error
 }
 
 // Daemon is vmnicd.
@@ -116,6 +119,14 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}()
 
 	// Until ready, requests get "try again later" and the shim retries.
+	if d.opts.Prepare != nil {
+		if err := d.opts.Prepare(ctx); err != nil {
+			_ = ln.Close()
+			<-serveDone
+			removeSocket(d.opts.Socket, ino)
+			return fmt.Errorf("prepare: %w", err)
+		}
+	}
 	d.restore(ctx)
 	d.replaySpool(ctx)
 	d.ready.Store(true)

@@ -1,0 +1,229 @@
+package kubevirt
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/serializer"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
+	kubevirtv1 "kubevirt.io/api/core/v1"
+)
+
+// ClusterOptions configure the API-server-backed Source.
+type ClusterOptions struct {
+	Config   *rest.Config
+	NodeName string
+	// Bindings are the KubeVirt binding names vmnic serves (default vmnic).
+	Bindings []string
+	// LiveReadTimeout bounds the direct read made on a cache miss.
+	LiveReadTimeout time.Duration
+	Resync          time.Duration
+	Logger          *slog.Logger
+}
+
+// Cluster answers Lookup from informers: the pods of this node only
+// (field selector, trimmed objects) and the VMIs, with a bounded live read
+// when the cache has not seen an object yet (a pod created a moment ago).
+type Cluster struct {
+	opts    ClusterOptions
+	kube    kubernetes.Interface
+	kv      rest.Interface
+	pods    cache.SharedIndexInformer
+	vmis    cache.SharedIndexInformer
+	factory informers.SharedInformerFactory
+}
+
+// Scheme knows the KubeVirt types vmnic reads.
+var Scheme = func() *runtime.Scheme {
+	s := runtime.NewScheme()
+	if err := kubevirtv1.AddToScheme(s); err != nil {
+		panic(err)
+	}
+	metav1.AddToGroupVersion(s, kubevirtv1.SchemeGroupVersion)
+	return s
+}()
+
+// KubeVirtClient is a REST client for kubevirt.io/v1.
+func KubeVirtClient(cfg *rest.Config) (rest.Interface, error) {
+	c := rest.CopyConfig(cfg)
+	c.GroupVersion = &kubevirtv1.SchemeGroupVersion
+	c.APIPath = "/apis"
+	c.NegotiatedSerializer = serializer.NewCodecFactory(Scheme).WithoutConversion()
+	if c.UserAgent == "" {
+		c.UserAgent = "vmnicd"
+	}
+	return rest.RESTClientFor(c)
+}
+
+// NewCluster builds the source; Start runs its informers.
+func NewCluster(opts ClusterOptions) (*Cluster, error) {
+	if opts.NodeName == "" {
+		return nil, errors.New("node name is required (--node-name or NODE_NAME)")
+	}
+	if len(opts.Bindings) == 0 {
+		opts.Bindings = []string{DefaultBinding}
+	}
+	if opts.LiveReadTimeout == 0 {
+		opts.LiveReadTimeout = 3 * time.Second
+	}
+	if opts.Resync == 0 {
+		opts.Resync = 10 * time.Minute
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	kube, err := kubernetes.NewForConfig(opts.Config)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes client: %w", err)
+	}
+	kv, err := KubeVirtClient(opts.Config)
+	if err != nil {
+		return nil, fmt.Errorf("kubevirt client: %w", err)
+	}
+	c := &Cluster{opts: opts, kube: kube, kv: kv}
+	c.factory = informers.NewSharedInformerFactoryWithOptions(kube, opts.Resync,
+		informers.WithTweakListOptions(func(lo *metav1.ListOptions) {
+			lo.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", opts.NodeName).String()
+		}))
+	c.pods = c.factory.Core().V1().Pods().Informer()
+	if err := c.pods.SetTransform(trimPod); err != nil {
+		return nil, err
+	}
+	lw := cache.NewListWatchFromClient(kv, "virtualmachineinstances", metav1.NamespaceAll, fields.Everything())
+	c.vmis = cache.NewSharedIndexInformer(lw, &kubevirtv1.VirtualMachineInstance{}, opts.Resync,
+		cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
+	if err := c.vmis.SetTransform(trimVMI); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// Start runs the informers and waits for their first sync.
+func (c *Cluster) Start(ctx context.Context) error {
+	c.factory.Start(ctx.Done())
+	go c.vmis.Run(ctx.Done())
+	if !cache.WaitForCacheSync(ctx.Done(), c.pods.HasSynced, c.vmis.HasSynced) {
+		return fmt.Errorf("informers did not sync: %w", ctx.Err())
+	}
+	return nil
+}
+
+// Lookup implements Source.
+func (c *Cluster) Lookup(ctx context.Context, q Query) (*Facts, error) {
+	if !q.Pod.IsLauncherPod() {
+		return &Facts{}, nil
+	}
+	pod, err := c.pod(ctx, q.Pod.Namespace, q.Pod.Name)
+	if err != nil {
+		return nil, err
+	}
+	vmiName := LauncherVMI(pod)
+	if vmiName == "" {
+		return &Facts{}, nil
+	}
+	vmi, err := c.vmi(ctx, pod.Namespace, vmiName)
+	if err != nil {
+		return nil, err
+	}
+	f, err := Resolve(pod, vmi, q.IfName, c.opts.Bindings)
+	if err != nil {
+		// An interface KubeVirt did not ask for is not vmnic's to wire.
+		c.opts.Logger.Info("pod interface not mapped to a VMI interface; passing through", "pod", q.Pod.Namespace+"/"+q.Pod.Name, "ifname", q.IfName, "reason", err)
+		return &Facts{}, nil
+	}
+	return f, nil
+}
+
+func (c *Cluster) pod(ctx context.Context, ns, name string) (*corev1.Pod, error) {
+	if obj, ok, err := c.pods.GetIndexer().GetByKey(ns + "/" + name); err == nil && ok {
+		return obj.(*corev1.Pod), nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.opts.LiveReadTimeout)
+	defer cancel()
+	pod, err := c.kube.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("read pod %s/%s: %w", ns, name, err)
+	}
+	return pod, nil
+}
+
+func (c *Cluster) vmi(ctx context.Context, ns, name string) (*kubevirtv1.VirtualMachineInstance, error) {
+	if obj, ok, err := c.vmis.GetIndexer().GetByKey(ns + "/" + name); err == nil && ok {
+		return obj.(*kubevirtv1.VirtualMachineInstance), nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.opts.LiveReadTimeout)
+	defer cancel()
+	vmi := &kubevirtv1.VirtualMachineInstance{}
+	err := c.kv.Get().Namespace(ns).Resource("virtualmachineinstances").Name(name).Do(ctx).Into(vmi)
+	if apierrors.IsNotFound(err) {
+		return nil, fmt.Errorf("VMI %s/%s of the launcher pod does not exist: %w", ns, name, err)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read VMI %s/%s: %w", ns, name, err)
+	}
+	return vmi, nil
+}
+
+// trimPod keeps what vmnic reads, so that the cache of a node's pods stays
+// small.
+func trimPod(obj any) (any, error) {
+	pod, ok := obj.(*corev1.Pod)
+	if !ok {
+		return obj, nil
+	}
+	ann := map[string]string{}
+	for k, v := range pod.Annotations {
+		if strings.HasPrefix(k, "kubevirt.io/") || strings.HasPrefix(k, "k8s.v1.cni.cncf.io/") || strings.HasPrefix(k, "v1.multus-cni.io/") || strings.HasPrefix(k, "ipam.spidernet.io/") {
+			ann[k] = v
+		}
+	}
+	lbl := map[string]string{}
+	for k, v := range pod.Labels {
+		if strings.HasPrefix(k, "kubevirt.io") || strings.HasPrefix(k, "vm.kubevirt.io/") {
+			lbl[k] = v
+		}
+	}
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{
+			Name: pod.Name, Namespace: pod.Namespace, UID: pod.UID, ResourceVersion: pod.ResourceVersion,
+			Labels: lbl, Annotations: ann, OwnerReferences: pod.OwnerReferences,
+		},
+		Spec:   corev1.PodSpec{NodeName: pod.Spec.NodeName},
+		Status: corev1.PodStatus{Phase: pod.Status.Phase, PodIPs: pod.Status.PodIPs},
+	}, nil
+}
+
+// trimVMI keeps the interfaces, networks, CPU and migration state.
+func trimVMI(obj any) (any, error) {
+	vmi, ok := obj.(*kubevirtv1.VirtualMachineInstance)
+	if !ok {
+		return obj, nil
+	}
+	out := &kubevirtv1.VirtualMachineInstance{
+		ObjectMeta: metav1.ObjectMeta{
+			Name: vmi.Name, Namespace: vmi.Namespace, UID: vmi.UID, ResourceVersion: vmi.ResourceVersion,
+			Labels: vmi.Labels,
+		},
+	}
+	out.Spec.Networks = vmi.Spec.Networks
+	out.Spec.Domain.CPU = vmi.Spec.Domain.CPU
+	out.Spec.Domain.Devices.Interfaces = vmi.Spec.Domain.Devices.Interfaces
+	out.Spec.Domain.Devices.NetworkInterfaceMultiQueue = vmi.Spec.Domain.Devices.NetworkInterfaceMultiQueue
+	out.Status.NodeName = vmi.Status.NodeName
+	out.Status.Phase = vmi.Status.Phase
+	out.Status.MigrationState = vmi.Status.MigrationState
+	out.Status.Interfaces = vmi.Status.Interfaces
+	return out, nil
+}
