@@ -14,9 +14,26 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/vmnic/vmnic/daemon/install"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/netconf"
+	"github.com/vmnic/vmnic/pkg/shim"
 )
+
+// installOnce installs the shim (when a source is given) and chains vmnic.
+func installOnce(o install.Options, chain bool) error {
+	if o.SourceBinary != "" {
+		if _, err := install.InstallBinary(o); err != nil {
+			return err
+		}
+	}
+	if chain {
+		if _, err := install.Chain(o); err != nil {
+			return err
+		}
+	}
+	return nil
+}
 
 // restConfig returns the API server config: the kubeconfig if given, the
 // in-cluster config inside a pod, nil (standalone) otherwise.
@@ -34,7 +51,15 @@ func restConfig(kubeconfig string) (*rest.Config, error) {
 var Version = "dev"
 
 // Main is vmnicd's command line; it returns the exit code.
+//
+//	vmnicd [flags]            serve (installing the shim and chaining first when --install-from is set)
+//	vmnicd install [flags]    the DaemonSet's init step: install the shim, chain, exit
+//	vmnicd uninstall [flags]  unchain vmnic from the CNI configs and exit
 func Main(args []string) int {
+	cmd := "serve"
+	if len(args) > 0 && (args[0] == "install" || args[0] == "uninstall") {
+		cmd, args = args[0], args[1:]
+	}
 	fs := flag.NewFlagSet("vmnicd", flag.ContinueOnError)
 	socket := fs.String("socket", netconf.DefaultSocket, "unix socket the shim talks to")
 	stateDir := fs.String("state-dir", DefaultStateDir, "directory of attachment records")
@@ -43,6 +68,10 @@ func Main(args []string) int {
 	kubeconfig := fs.String("kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig of the cluster (empty: standalone, VM facts from the network config)")
 	nodeName := fs.String("node-name", os.Getenv("NODE_NAME"), "this node's name (with an API server)")
 	bindings := fs.String("bindings", kubevirt.DefaultBinding, "comma-separated KubeVirt binding names vmnic serves")
+	installFrom := fs.String("install-from", "", "shim binary to install into --cni-bin-dir (empty: do not install)")
+	binDir := fs.String("cni-bin-dir", install.DefaultBinDir, "the host's CNI bin dir as this process sees it")
+	confDir := fs.String("cni-conf-dir", install.DefaultConfDir, "the host's CNI config dir as this process sees it")
+	chain := fs.Bool("chain", true, "chain vmnic's masquerade entry into the primary CNI's conflist and keep it chained")
 	version := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -58,6 +87,25 @@ func Main(args []string) int {
 	}
 	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
 	slog.SetDefault(log)
+	iopts := install.Options{
+		BinDir: *binDir, ConfDir: *confDir, SourceBinary: *installFrom, Logger: log,
+		CNIVersions: shim.Supported.SupportedVersions(),
+	}
+	switch cmd {
+	case "install":
+		if err := installOnce(iopts, *chain); err != nil {
+			log.Error("install", "err", err)
+			return 1
+		}
+		return 0
+	case "uninstall":
+		if _, err := install.Unchain(iopts); err != nil {
+			log.Error("uninstall", "err", err)
+			return 1
+		}
+		return 0
+	}
+
 	opts := Options{Socket: *socket, StateDir: *stateDir, SpoolDir: *spoolDir, Logger: log}
 	mode := "standalone"
 	cfg, err := restConfig(*kubeconfig)
@@ -79,6 +127,26 @@ func Main(args []string) int {
 			ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 			defer cancel()
 			return src.Start(ctx)
+		}
+	}
+	if *installFrom != "" {
+		// Ready only once the shim and the chain are in place.
+		prev := opts.Prepare
+		opts.Prepare = func(ctx context.Context) error {
+			if err := installOnce(iopts, *chain); err != nil {
+				return err
+			}
+			if *chain {
+				go func() {
+					if err := install.Watch(ctx, iopts); err != nil {
+						log.Error("config watch stopped", "err", err)
+					}
+				}()
+			}
+			if prev != nil {
+				return prev(ctx)
+			}
+			return nil
 		}
 	}
 	d, err := New(opts)

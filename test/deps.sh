@@ -12,6 +12,7 @@ pkgs=(
   linux-image-amd64 busybox-static xz-utils # guest kernel, its modules, the guest userland
   procps
   isc-dhcp-client # a second real DHCP client for pkg/dhcp tests
+  openvswitch-switch # private userspace-datapath OVS instances in tests (no kernel module needed)
 )
 missing=()
 for p in "${pkgs[@]}"; do
@@ -28,11 +29,7 @@ if ! command -v go >/dev/null; then
   exit 1
 fi
 
-mkdir -p .tools/bin .tools/cni-bin
-( cd test/tools && CGO_ENABLED=0 go build -o ../../.tools/cni-bin/ \
-    github.com/containernetworking/plugins/plugins/main/ptp \
-    github.com/containernetworking/plugins/plugins/main/bridge \
-    github.com/containernetworking/plugins/plugins/main/loopback \
-    github.com/containernetworking/plugins/plugins/ipam/host-local \
-  && CGO_ENABLED=0 go build -o ../../.tools/bin/ github.com/containernetworking/cni/cnitool )
+# Tool binaries from test/tools/go.mod into .tools/bin, rebuilt only when
+# that module changes (kube-apiserver takes ~10 min cold on 2 cores).
+bash test/tools/build.sh cnitool etcd kube-apiserver >/dev/null
 echo "deps: ready"

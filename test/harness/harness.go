@@ -380,7 +380,7 @@ type DaemonProcess struct {
 
 // StartDaemonProcess builds vmnicd and runs it inside the node namespace,
 // standalone, logging to Dir/vmnicd.log; it returns once the socket answers.
-func (n *Node) StartDaemonProcess() (*DaemonProcess, error) {
+func (n *Node) StartDaemonProcess(extraArgs ...string) (*DaemonProcess, error) {
 	root, err := RepoRoot()
 	if err != nil {
 		return nil, err
@@ -394,7 +394,8 @@ func (n *Node) StartDaemonProcess() (*DaemonProcess, error) {
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(bin, "--socket", n.Socket(), "--state-dir", n.StateDir(), "--spool-dir", n.SpoolDir())
+	args := append([]string{"--socket", n.Socket(), "--state-dir", n.StateDir(), "--spool-dir", n.SpoolDir()}, extraArgs...)
+	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
 	// Started from a thread inside the node netns, the daemon lives there.

@@ -245,3 +245,61 @@ func TestDaemonProcessSIGTERM(t *testing.T) {
 		t.Errorf("socket left after SIGTERM: %v", err)
 	}
 }
+
+// TestDaemonInstallsAndChains: vmnicd started as the DaemonSet starts it
+// installs the shim and chains vmnic into the primary's conflist before it
+// is ready, and re-chains when the primary rewrites its file.
+func TestDaemonInstallsAndChains(t *testing.T) {
+	node, _ := newNode(t, false)
+	binDir, confDir := t.TempDir(), t.TempDir()
+	calico := `{"cniVersion":"1.0.0","name":"k8s-pod-network","plugins":[{"type":"calico","ipam":{"type":"calico-ipam"}},{"type":"portmap","capabilities":{"portMappings":true}}]}`
+	primary := filepath.Join(confDir, "10-calico.conflist")
+	if err := os.WriteFile(primary, []byte(calico), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d, err := node.StartDaemonProcess("--install-from", filepath.Join(node.BinDir, "vmnic"), "--cni-bin-dir", binDir, "--cni-conf-dir", confDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = d.Stop() })
+	chainedTypes := func() []string {
+		var l struct {
+			Plugins []struct {
+				Type string `json:"type"`
+			} `json:"plugins"`
+		}
+		b, _ := os.ReadFile(primary)
+		_ = json.Unmarshal(b, &l)
+		var ts []string
+		for _, p := range l.Plugins {
+			ts = append(ts, p.Type)
+		}
+		return ts
+	}
+	// Ready (socket answering) implies the install finished; give the
+	// readiness a moment since the socket listens before Prepare ends.
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) && len(chainedTypes()) != 3 {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if got := chainedTypes(); !reflect.DeepEqual(got, []string{"calico", "portmap", "vmnic"}) {
+		t.Fatalf("conflist plugins %v, want calico, portmap, vmnic", got)
+	}
+	if st, err := os.Stat(filepath.Join(binDir, "vmnic")); err != nil || st.Mode().Perm() != 0o755 {
+		t.Fatalf("shim not installed: %v", err)
+	}
+	// The primary CNI rewrites its file without vmnic: re-chained.
+	if err := os.WriteFile(primary+".tmp", []byte(calico), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(primary+".tmp", primary); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) && len(chainedTypes()) != 3 {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if got := chainedTypes(); !reflect.DeepEqual(got, []string{"calico", "portmap", "vmnic"}) {
+		t.Errorf("after the primary's rewrite: plugins %v", got)
+	}
+}
