@@ -150,11 +150,21 @@ type Daemon struct {
 
 // StartDaemon runs vmnicd for this node and waits until it is ready.
 func (n *Node) StartDaemon(log *slog.Logger) (*Daemon, error) {
+	return n.StartDaemonWith(log, nil)
+}
+
+// StartDaemonWith is StartDaemon with a hook to adjust the options (a VM
+// facts source backed by an API server, say).
+func (n *Node) StartDaemonWith(log *slog.Logger, adjust func(*daemon.Options)) (*Daemon, error) {
 	ready := make(chan struct{})
-	d, err := daemon.New(daemon.Options{
+	opts := daemon.Options{
 		Socket: n.Socket(), StateDir: n.StateDir(), SpoolDir: n.SpoolDir(),
 		Logger: log, Ready: ready, DrainTimeout: 5 * time.Second,
-	})
+	}
+	if adjust != nil {
+		adjust(&opts)
+	}
+	d, err := daemon.New(opts)
 	if err != nil {
 		return nil, err
 	}

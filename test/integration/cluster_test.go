@@ -1,0 +1,168 @@
+package integration
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	kubevirtv1 "kubevirt.io/api/core/v1"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/vmnic/vmnic/daemon"
+	"github.com/vmnic/vmnic/pkg/kubevirt"
+	"github.com/vmnic/vmnic/test/cluster"
+	"github.com/vmnic/vmnic/test/harness"
+)
+
+const testNode = "node-a"
+
+// vmiWith creates a VMI whose pod-network interface uses the given binding
+// (a plugin binding name, or "masquerade" for KubeVirt's core one).
+func createVMI(ctx context.Context, t *testing.T, c *cluster.Cluster, name, binding string) *kubevirtv1.VirtualMachineInstance {
+	t.Helper()
+	kv, err := kubevirt.KubeVirtClient(c.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mq := true
+	vmi := &kubevirtv1.VirtualMachineInstance{
+		TypeMeta:   metav1.TypeMeta{APIVersion: "kubevirt.io/v1", Kind: "VirtualMachineInstance"},
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default"},
+	}
+	vmi.Spec.Networks = []kubevirtv1.Network{{Name: "default", NetworkSource: kubevirtv1.NetworkSource{Pod: &kubevirtv1.PodNetwork{}}}}
+	iface := kubevirtv1.Interface{Name: "default", MacAddress: "02:00:00:aa:00:01", Ports: []kubevirtv1.Port{{Name: "ssh", Port: 22}}}
+	if binding == "masquerade" {
+		iface.Masquerade = &kubevirtv1.InterfaceMasquerade{}
+	} else {
+		iface.Binding = &kubevirtv1.PluginBinding{Name: binding}
+	}
+	vmi.Spec.Domain.Devices.Interfaces = []kubevirtv1.Interface{iface}
+	vmi.Spec.Domain.Devices.NetworkInterfaceMultiQueue = &mq
+	vmi.Spec.Domain.CPU = &kubevirtv1.CPU{Cores: 3}
+	out := &kubevirtv1.VirtualMachineInstance{}
+	if err := kv.Post().Namespace("default").Resource("virtualmachineinstances").Body(vmi).Do(ctx).Into(out); err != nil {
+		t.Fatalf("create VMI %s: %v", name, err)
+	}
+	return out
+}
+
+// createLauncherPod creates the virt-launcher pod object of vmi on testNode.
+func createLauncherPod(ctx context.Context, t *testing.T, kube kubernetes.Interface, vmi *kubevirtv1.VirtualMachineInstance, name string) {
+	t.Helper()
+	yes := true
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{
+			Name: name, Namespace: "default",
+			Labels:      map[string]string{"kubevirt.io": "virt-launcher", "kubevirt.io/created-by": string(vmi.UID)},
+			Annotations: map[string]string{"kubevirt.io/domain": vmi.Name},
+			OwnerReferences: []metav1.OwnerReference{{
+				APIVersion: "kubevirt.io/v1", Kind: "VirtualMachineInstance", Name: vmi.Name, UID: vmi.UID, Controller: &yes,
+			}},
+		},
+		Spec: corev1.PodSpec{NodeName: testNode, Containers: []corev1.Container{{Name: "compute", Image: "virt-launcher"}}},
+	}
+	if _, err := kube.CoreV1().Pods("default").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		t.Fatalf("create pod %s: %v", name, err)
+	}
+}
+
+// TestClusterModeDecision runs the daemon against a real API server: the
+// VMI's binding decides. A vmnic binding is wired with the VMI's MAC, ports
+// and queues; KubeVirt's core masquerade passes through untouched; a pod
+// created after the informers synced is found by the live read.
+func TestClusterModeDecision(t *testing.T) {
+	ctx := ctxT(t)
+	c := cluster.StartT(t)
+	if err := c.InstallKubeVirtCRDs(ctx); err != nil {
+		t.Fatal(err)
+	}
+	kube, err := kubernetes.NewForConfig(c.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vmA := createVMI(ctx, t, c, "vm-a", kubevirt.DefaultBinding)
+	vmB := createVMI(ctx, t, c, "vm-b", "masquerade")
+	createLauncherPod(ctx, t, kube, vmA, "virt-launcher-vm-a-11111")
+	createLauncherPod(ctx, t, kube, vmB, "virt-launcher-vm-b-22222")
+
+	node, err := harness.NewNode(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(node.Close)
+	src, err := kubevirt.NewCluster(kubevirt.ClusterOptions{Config: c.Config, NodeName: testNode, Logger: logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	d, err := node.StartDaemonWith(logger(t), func(o *daemon.Options) {
+		o.Facts = src
+		o.Prepare = func(context.Context) error { return src.Start(dctx) }
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = d.Stop() })
+
+	l := list(t, node, harness.NetOptions{Vmnic: true})
+	podA := newPod(t, "virt-launcher-vm-a-11111")
+	if _, err := node.Add(ctx, l, podA); err != nil {
+		t.Fatalf("ADD vm-a: %v", err)
+	}
+	links := podLinks(t, podA)
+	if links["k6t-eth0"] == nil || links["tap0"] == nil {
+		t.Fatalf("vm-a (binding vmnic) not wired: links %v", keys(links))
+	}
+	if tap, ok := links["tap0"].(*netlink.Tuntap); !ok || tap.Flags&netlink.TUNTAP_MULTI_QUEUE == 0 {
+		t.Errorf("vm-a asks networkInterfaceMultiqueue with 3 vCPUs: tap0 must be multiqueue")
+	}
+	rules, err := nftList(t, podA, "ip")
+	if err != nil || !strings.Contains(rules, "tcp dport 22 dnat to 10.0.2.2") {
+		t.Errorf("vm-a NAT does not forward the VMI's port 22 (%v):\n%s", err, rules)
+	}
+	if err := node.Check(ctx, l, podA); err != nil {
+		t.Errorf("CHECK vm-a: %v", err)
+	}
+
+	podB := newPod(t, "virt-launcher-vm-b-22222")
+	if _, err := node.Add(ctx, l, podB); err != nil {
+		t.Fatalf("ADD vm-b: %v", err)
+	}
+	if links := podLinks(t, podB); links["k6t-eth0"] != nil || links["tap0"] != nil {
+		t.Errorf("vm-b uses KubeVirt's core masquerade and must pass through; links %v", keys(links))
+	}
+
+	// Created after the informers synced: the cache may not have it yet.
+	vmC := createVMI(ctx, t, c, "vm-c", kubevirt.DefaultBinding)
+	createLauncherPod(ctx, t, kube, vmC, "virt-launcher-vm-c-33333")
+	podC := newPod(t, "virt-launcher-vm-c-33333")
+	start := time.Now()
+	if _, err := node.Add(ctx, l, podC); err != nil {
+		t.Fatalf("ADD vm-c: %v", err)
+	}
+	if podLinks(t, podC)["tap0"] == nil {
+		t.Error("vm-c not wired")
+	}
+	t.Logf("ADD of a just-created VM pod took %s", time.Since(start).Round(time.Millisecond))
+
+	for _, p := range []*harness.Pod{podA, podB, podC} {
+		if err := node.Del(ctx, l, p); err != nil {
+			t.Errorf("DEL %s: %v", p.Name, err)
+		}
+	}
+	assertClean(t, podA, node.StateDir())
+}
+
+func keys[V any](m map[string]V) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	return out
+}
