@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -19,6 +20,21 @@ import (
 	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/pkg/shim"
 )
+
+// chainEntry is the entry chained into the primary's conflist; it names the
+// socket and spool dir when they are not the defaults, so the shim finds
+// this daemon.
+func chainEntry(socket, spoolDir string) json.RawMessage {
+	e := map[string]any{"type": "vmnic", "mode": netconf.ModeMasquerade, "capabilities": map[string]bool{"dns": true}}
+	if socket != netconf.DefaultSocket {
+		e["socket"] = socket
+	}
+	if spoolDir != netconf.DefaultSpoolDir {
+		e["spoolDir"] = spoolDir
+	}
+	b, _ := json.Marshal(e)
+	return b
+}
 
 // installOnce installs the shim (when a source is given) and chains vmnic.
 func installOnce(o install.Options, chain bool) error {
@@ -90,6 +106,7 @@ func Main(args []string) int {
 	iopts := install.Options{
 		BinDir: *binDir, ConfDir: *confDir, SourceBinary: *installFrom, Logger: log,
 		CNIVersions: shim.Supported.SupportedVersions(),
+		Entry:       chainEntry(*socket, *spoolDir),
 	}
 	switch cmd {
 	case "install":

@@ -382,6 +382,26 @@ func List(data []byte) (*libcni.NetworkConfigList, error) {
 	return libcni.ConfListFromBytes(data)
 }
 
+// BuildVersion builds the shim and vmnicd stamped with version into dir,
+// as two releases of vmnic would be (their bytes differ).
+func BuildVersion(dir, version string) (shimBin, daemonBin string, err error) {
+	root, err := RepoRoot()
+	if err != nil {
+		return "", "", err
+	}
+	ld := "-X github.com/vmnic/vmnic/pkg/shim.Version=" + version + " -X github.com/vmnic/vmnic/daemon.Version=" + version
+	shimBin, daemonBin = filepath.Join(dir, "vmnic"), filepath.Join(dir, "vmnicd")
+	for out, pkg := range map[string]string{shimBin: "./cmd/vmnic", daemonBin: "./cmd/vmnicd"} {
+		cmd := exec.Command("go", "build", "-ldflags", ld, "-o", out, pkg)
+		cmd.Dir = root
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if b, err := cmd.CombinedOutput(); err != nil {
+			return "", "", fmt.Errorf("go build %s: %w\n%s", pkg, err, b)
+		}
+	}
+	return shimBin, daemonBin, nil
+}
+
 // DaemonProcess is vmnicd running as its own process in the node netns.
 type DaemonProcess struct {
 	Cmd *exec.Cmd
@@ -399,7 +419,13 @@ func (n *Node) StartDaemonProcess(extraArgs ...string) (*DaemonProcess, error) {
 	if err := goBuild(root, bin, "./cmd/vmnicd"); err != nil {
 		return nil, err
 	}
-	logPath := filepath.Join(n.Dir, "vmnicd.log")
+	return n.StartDaemonBinary(bin, "vmnicd.log", extraArgs...)
+}
+
+// StartDaemonBinary runs the given vmnicd binary like StartDaemonProcess,
+// logging to Dir/logName.
+func (n *Node) StartDaemonBinary(bin, logName string, extraArgs ...string) (*DaemonProcess, error) {
+	logPath := filepath.Join(n.Dir, logName)
 	logf, err := os.Create(logPath)
 	if err != nil {
 		return nil, err
