@@ -123,12 +123,12 @@ func (d *Daemon) add(ctx context.Context, req *proto.Request, conf *netconf.Conf
 	}
 	// The record is written before anything is created, so that a daemon
 	// killed half-way leaves DEL and GC what they need to clean up.
-	if err := d.putRecord(rec, spec, nil); err != nil {
-		return nil, err
+	if perr := d.putRecord(rec, spec, nil); perr != nil {
+		return nil, perr
 	}
-	if err := d.masq.Add(ctx, key, spec); err != nil {
+	if aerr := d.masq.Add(ctx, key, spec); aerr != nil {
 		d.dropRecord(key)
-		return nil, err
+		return nil, aerr
 	}
 	result := spec.Result(prev)
 	out, err := marshalResult(result, conf.CNIVersion)

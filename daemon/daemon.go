@@ -191,9 +191,9 @@ func listen(path string) (net.Listener, uint64, error) {
 		return nil, 0, fmt.Errorf("listen on %q: %w", path, err)
 	}
 	ln.(*net.UnixListener).SetUnlinkOnClose(false)
-	if err := os.Chmod(path, 0o600); err != nil {
+	if cerr := os.Chmod(path, 0o600); cerr != nil {
 		_ = ln.Close()
-		return nil, 0, fmt.Errorf("chmod socket %q: %w", path, err)
+		return nil, 0, fmt.Errorf("chmod socket %q: %w", path, cerr)
 	}
 	st, err := os.Stat(path)
 	if err != nil {
@@ -235,7 +235,7 @@ func (d *Daemon) serve(ln net.Listener) {
 }
 
 func (d *Daemon) serveConn(conn net.Conn) {
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	_ = conn.SetReadDeadline(time.Now().Add(30 * time.Second))
 	req := &proto.Request{}
 	var resp *proto.Response

@@ -132,11 +132,11 @@ func Main(args []string) int {
 	}
 	if cfg != nil {
 		mode = "cluster"
-		src, err := kubevirt.NewCluster(kubevirt.ClusterOptions{
+		src, serr := kubevirt.NewCluster(kubevirt.ClusterOptions{
 			Config: cfg, NodeName: *nodeName, Bindings: strings.Split(*bindings, ","), Logger: log,
 		})
-		if err != nil {
-			log.Error("cluster source", "err", err)
+		if serr != nil {
+			log.Error("cluster source", "err", serr)
 			return 2
 		}
 		opts.Facts = src
@@ -150,13 +150,13 @@ func Main(args []string) int {
 		// Ready only once the shim and the chain are in place.
 		prev := opts.Prepare
 		opts.Prepare = func(ctx context.Context) error {
-			if err := installOnce(iopts, *chain); err != nil {
-				return err
+			if ierr := installOnce(iopts, *chain); ierr != nil {
+				return ierr
 			}
 			if *chain {
 				go func() {
-					if err := install.Watch(ctx, iopts); err != nil {
-						log.Error("config watch stopped", "err", err)
+					if werr := install.Watch(ctx, iopts); werr != nil {
+						log.Error("config watch stopped", "err", werr)
 					}
 				}()
 			}

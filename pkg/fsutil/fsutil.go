@@ -46,7 +46,7 @@ func SyncDir(dir string) error {
 	if err != nil {
 		return fmt.Errorf("open dir %q: %w", dir, err)
 	}
-	defer d.Close()
+	defer func() { _ = d.Close() }()
 	if err := d.Sync(); err != nil {
 		return fmt.Errorf("sync dir %q: %w", dir, err)
 	}

@@ -30,8 +30,10 @@ func testVMI() *kubevirtv1.VirtualMachineInstance {
 		{Name: "red", NetworkSource: kubevirtv1.NetworkSource{Multus: &kubevirtv1.MultusNetwork{NetworkName: "other/red-nad"}}},
 	}
 	vmi.Spec.Domain.Devices.Interfaces = []kubevirtv1.Interface{
-		{Name: "default", Binding: &kubevirtv1.PluginBinding{Name: "vmnic"}, MacAddress: "02:00:00:00:00:01",
-			Ports: []kubevirtv1.Port{{Name: "http", Port: 80}, {Port: 53, Protocol: "UDP"}}},
+		{
+			Name: "default", Binding: &kubevirtv1.PluginBinding{Name: "vmnic"}, MacAddress: "02:00:00:00:00:01",
+			Ports: []kubevirtv1.Port{{Name: "http", Port: 80}, {Port: 53, Protocol: "UDP"}},
+		},
 		{Name: "blue", InterfaceBindingMethod: kubevirtv1.InterfaceBindingMethod{Bridge: &kubevirtv1.InterfaceBridge{}}},
 		{Name: "red", Binding: &kubevirtv1.PluginBinding{Name: "vmnic"}},
 	}
@@ -52,24 +54,32 @@ func TestResolve(t *testing.T) {
 		err     bool
 	}{
 		{name: "pod network with vmnic binding", ifName: "eth0", serve: true, binding: "vmnic", queues: 4},
-		{name: "core masquerade passes through", ifName: "eth0", binding: "core:masquerade", queues: 4,
+		{
+			name: "core masquerade passes through", ifName: "eth0", binding: "core:masquerade", queues: 4,
 			mutate: func(v *kubevirtv1.VirtualMachineInstance) {
 				v.Spec.Domain.Devices.Interfaces[0].Binding = nil
 				v.Spec.Domain.Devices.Interfaces[0].Masquerade = &kubevirtv1.InterfaceMasquerade{}
-			}},
-		{name: "no multiqueue", ifName: "eth0", serve: true, binding: "vmnic",
-			mutate: func(v *kubevirtv1.VirtualMachineInstance) { v.Spec.Domain.Devices.NetworkInterfaceMultiQueue = nil }},
+			},
+		},
+		{
+			name: "no multiqueue", ifName: "eth0", serve: true, binding: "vmnic",
+			mutate: func(v *kubevirtv1.VirtualMachineInstance) { v.Spec.Domain.Devices.NetworkInterfaceMultiQueue = nil },
+		},
 		{name: "hashed name, core bridge", ifName: HashedIfName("blue"), binding: "core:bridge", queues: 4},
 		{name: "hashed name, vmnic", ifName: HashedIfName("red"), serve: true, binding: "vmnic", queues: 4},
 		{name: "legacy ordinal", ifName: "net2", serve: true, binding: "vmnic", queues: 4},
-		{name: "annotation wins", ifName: "net7", serve: true, binding: "vmnic", queues: 4,
-			ann: `[{"name":"blue-nad","interface":"net9"},{"name":"red-nad","namespace":"other","interface":"net7"}]`},
+		{
+			name: "annotation wins", ifName: "net7", serve: true, binding: "vmnic", queues: 4,
+			ann: `[{"name":"blue-nad","interface":"net9"},{"name":"red-nad","namespace":"other","interface":"net7"}]`,
+		},
 		{name: "unknown interface", ifName: "net5", err: true},
-		{name: "multus default network is eth0", ifName: "eth0", serve: true, binding: "vmnic", queues: 4,
+		{
+			name: "multus default network is eth0", ifName: "eth0", serve: true, binding: "vmnic", queues: 4,
 			mutate: func(v *kubevirtv1.VirtualMachineInstance) {
 				v.Spec.Networks[0].Pod = nil
 				v.Spec.Networks[0].Multus = &kubevirtv1.MultusNetwork{NetworkName: "cilium", Default: true}
-			}},
+			},
+		},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -77,7 +77,7 @@ func Call(ctx context.Context, socket string, req *Request) (*Response, error) {
 	if err != nil {
 		return nil, fmt.Errorf("connect to %q: %w", socket, err)
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	if dl, ok := ctx.Deadline(); ok {
 		_ = conn.SetDeadline(dl)
 	}

@@ -302,15 +302,15 @@ func openHandle(path string) (netlinksafe.Handle, func(), error) {
 	}
 	// A path whose namespace was unmounted still exists as a plain file.
 	if ok, _ := isNetns(path); !ok {
-		nsh.Close()
+		_ = nsh.Close()
 		return netlinksafe.Handle{}, nil, fmt.Errorf("%s: %w", path, errNetnsGone)
 	}
 	h, err := netlinksafe.NewHandleAt(nsh)
 	if err != nil {
-		nsh.Close()
+		_ = nsh.Close()
 		return netlinksafe.Handle{}, nil, fmt.Errorf("netlink handle in %q: %w", path, err)
 	}
-	return h, func() { h.Close(); nsh.Close() }, nil
+	return h, func() { h.Close(); _ = nsh.Close() }, nil
 }
 
 func isNetns(path string) (bool, error) {

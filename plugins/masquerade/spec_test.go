@@ -46,15 +46,23 @@ func TestNewSpec(t *testing.T) {
 		tap, bridg string
 		errCode    uint
 	}{
-		{name: "dual stack, dns from runtime", conf: base + `,"runtimeConfig":{"dns":{"servers":["198.18.0.53","fd00::53"],"searches":["ns.svc.cluster.local"]}}}`,
+		{
+			name: "dual stack, dns from runtime", conf: base + `,"runtimeConfig":{"dns":{"servers":["198.18.0.53","fd00::53"],"searches":["ns.svc.cluster.local"]}}}`,
 			ifName: "eth0", prev: prevResult("198.18.0.2/24", "fd00:198:18::2/64"), v4: true, v6: true,
-			dns: "198.18.0.53,fd00::53", search: "ns.svc.cluster.local", tap: "tap0", bridg: "k6t-eth0"},
-		{name: "v4 only, dns from prevResult", conf: base + `}`, ifName: "eth0", prev: prevResult("198.18.0.2/24"),
-			v4: true, dns: "198.18.0.10", search: "prev.local", tap: "tap0", bridg: "k6t-eth0"},
-		{name: "v6 only, hashed interface name", conf: base + `}`, ifName: "pod16477688c0e", prev: prevResult("fd00:198:18::2/64"),
-			v6: true, dns: "198.18.0.10", search: "prev.local", tap: "tap16477688c0e", bridg: "k6t-16477688c0e"},
-		{name: "dns from config when nothing else", conf: base + `,"dns":{"nameservers":["198.18.0.99"]}}`, ifName: "eth0",
-			prev: &current.Result{IPs: prevResult("198.18.0.2/24").IPs}, v4: true, dns: "198.18.0.99", tap: "tap0", bridg: "k6t-eth0"},
+			dns: "198.18.0.53,fd00::53", search: "ns.svc.cluster.local", tap: "tap0", bridg: "k6t-eth0",
+		},
+		{
+			name: "v4 only, dns from prevResult", conf: base + `}`, ifName: "eth0", prev: prevResult("198.18.0.2/24"),
+			v4: true, dns: "198.18.0.10", search: "prev.local", tap: "tap0", bridg: "k6t-eth0",
+		},
+		{
+			name: "v6 only, hashed interface name", conf: base + `}`, ifName: "pod16477688c0e", prev: prevResult("fd00:198:18::2/64"),
+			v6: true, dns: "198.18.0.10", search: "prev.local", tap: "tap16477688c0e", bridg: "k6t-16477688c0e",
+		},
+		{
+			name: "dns from config when nothing else", conf: base + `,"dns":{"nameservers":["198.18.0.99"]}}`, ifName: "eth0",
+			prev: &current.Result{IPs: prevResult("198.18.0.2/24").IPs}, v4: true, dns: "198.18.0.99", tap: "tap0", bridg: "k6t-eth0",
+		},
 		{name: "no addresses", conf: base + `}`, ifName: "eth0", prev: &current.Result{}, errCode: types.ErrInvalidNetworkConfig},
 		{name: "interface name too short", conf: base + `}`, ifName: "e0", prev: prevResult("198.18.0.2/24"), errCode: types.ErrInvalidEnvironmentVariables},
 	}
@@ -88,8 +96,10 @@ func TestNewSpec(t *testing.T) {
 }
 
 func TestDHCPConfigSplitsFamilies(t *testing.T) {
-	s := &Spec{Netns: "/p", Bridge: "k6t-eth0", IPv4: true, IPv6: true, MTU: 1450, Hostname: "vm1",
-		GuestMAC: "02:00:00:00:00:09", DNS: []string{"198.18.0.53", "fd00::53", "bogus"}, Search: []string{"a.local"}}
+	s := &Spec{
+		Netns: "/p", Bridge: "k6t-eth0", IPv4: true, IPv6: true, MTU: 1450, Hostname: "vm1",
+		GuestMAC: "02:00:00:00:00:09", DNS: []string{"198.18.0.53", "fd00::53", "bogus"}, Search: []string{"a.local"},
+	}
 	c := s.dhcpConfig(slog.Default())
 	if c.V4 == nil || c.V6 == nil || c.RA == nil {
 		t.Fatalf("servers missing: %+v", c)

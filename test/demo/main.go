@@ -50,7 +50,7 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
+	defer func() { _ = os.RemoveAll(dir) }()
 
 	step("building the vmnic shim, vmnicd and the reference plugins (ptp, host-local)")
 	node, err := harness.NewNode(dir)
@@ -111,8 +111,8 @@ func run() error {
 	step("inside the pod: links, addresses and vmnic's NAT table")
 	show(pod.NS.Path(), "ip -br link; ip -br addr; nft list table ip vmnic")
 
-	if err := node.Check(ctx, list, pod); err != nil {
-		return fmt.Errorf("CHECK: %w", err)
+	if cerr := node.Check(ctx, list, pod); cerr != nil {
+		return fmt.Errorf("CHECK: %w", cerr)
 	}
 	step("CNI CHECK passed")
 

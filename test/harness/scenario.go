@@ -177,7 +177,7 @@ func RunGuest(ctx context.Context, n *Node, p *Pod, img *guest.Image, mac string
 			if err != nil {
 				return err
 			}
-			defer c.Close()
+			defer func() { _ = c.Close() }()
 			_, err = c.Write([]byte(msg + "\n"))
 			return err
 		})

@@ -110,8 +110,10 @@ func TestShimOutputIsPrevResult(t *testing.T) {
 		t.Run(v, func(t *testing.T) {
 			conf := `{"cniVersion":"` + v + `","name":"podnet","type":"vmnic","mode":"masquerade","socket":"/nonexistent/vmnic.sock","prevResult":` + prev + `}`
 			cmd := exec.Command(filepath.Join(bin, "vmnic"))
-			cmd.Env = []string{"CNI_COMMAND=ADD", "CNI_CONTAINERID=c1", "CNI_NETNS=/proc/1/ns/net", "CNI_IFNAME=eth0",
-				"CNI_PATH=" + bin, "CNI_ARGS=IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"}
+			cmd.Env = []string{
+				"CNI_COMMAND=ADD", "CNI_CONTAINERID=c1", "CNI_NETNS=/proc/1/ns/net", "CNI_IFNAME=eth0",
+				"CNI_PATH=" + bin, "CNI_ARGS=IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0",
+			}
 			cmd.Stdin = bytes.NewBufferString(conf)
 			out, err := cmd.Output()
 			if err != nil {
