@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -240,6 +241,9 @@ func (d *Daemon) serveConn(conn net.Conn) {
 	req := &proto.Request{}
 	var resp *proto.Response
 	if err := proto.Decode(conn, req); err != nil {
+		if errors.Is(err, io.EOF) {
+			return // a connection check (the shim's readiness probe, a test): nothing asked
+		}
 		resp = errResponse(badRequest(err))
 	} else {
 		ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)

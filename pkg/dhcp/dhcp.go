@@ -217,7 +217,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open netns %s: %w", cfg.NetnsPath, err)
 	}
-	defer netns.Close()
+	defer func() { _ = netns.Close() }()
 	err = netns.Do(func(ns.NetNS) error { return s.open(ctx) })
 	if err == nil {
 		err = ctx.Err()
@@ -303,13 +303,13 @@ func (s *Server) Stop() {
 // closeAll closes the sockets, which ends the goroutines blocked reading them.
 func (s *Server) closeAll() {
 	if s.v4conn != nil {
-		s.v4conn.Close()
+		_ = s.v4conn.Close()
 	}
 	if s.v6conn != nil {
-		s.v6conn.Close()
+		_ = s.v6conn.Close()
 	}
 	if s.raConn != nil {
-		s.raConn.Close()
+		_ = s.raConn.Close()
 	}
 }
 

@@ -30,7 +30,6 @@ var (
 
 	serverV4 = net.ParseIP("10.0.2.1").To4()
 	guestV4  = net.ParseIP("10.0.2.2").To4()
-	serverV6 = net.ParseIP("fd10:0:2::1")
 	guestV6  = net.ParseIP("fd10:0:2::2")
 )
 

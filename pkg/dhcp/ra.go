@@ -75,7 +75,7 @@ func listenRA(ctx context.Context, ifi *net.Interface) (*ipv6.PacketConn, error)
 	}
 	for _, st := range steps {
 		if err := st.do(); err != nil {
-			p.Close()
+			_ = p.Close()
 			return nil, fmt.Errorf("%s on icmpv6 socket for %s: %w", st.what, ifi.Name, err)
 		}
 	}

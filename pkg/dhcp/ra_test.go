@@ -160,12 +160,16 @@ func TestRASolicited(t *testing.T) {
 		ra   RA
 		want parsedRA
 	}{
-		{"default router with /120 on-link prefix",
+		{
+			"default router with /120 on-link prefix",
 			RA{Prefix: podPrefix, MTU: 1400, RouterLifetime: 30 * time.Minute},
-			parsedRA{lifetime: 30 * time.Minute, mtu: 1400, prefix: "fd10:0:2::/120", prefixFlags: 0x80}},
-		{"managed, other, /64 prefix autoconfigures",
+			parsedRA{lifetime: 30 * time.Minute, mtu: 1400, prefix: "fd10:0:2::/120", prefixFlags: 0x80},
+		},
+		{
+			"managed, other, /64 prefix autoconfigures",
 			RA{Prefix: prefix64, RouterLifetime: 9000 * time.Second, Managed: true, Other: true},
-			parsedRA{flags: 0xc0, lifetime: 9000 * time.Second, prefix: "fd10:0:2::/64", prefixFlags: 0xc0}},
+			parsedRA{flags: 0xc0, lifetime: 9000 * time.Second, prefix: "fd10:0:2::/64", prefixFlags: 0xc0},
+		},
 		{"not a default router, no prefix", RA{}, parsedRA{}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -98,10 +98,14 @@ func TestDHCPv4Options(t *testing.T) {
 		routes []string
 	}{
 		{"all options", v4Config(), nil},
-		{"classless routes add the default route", routed,
-			[]string{"10.1.0.0/16 via 10.0.2.1", "192.168.7.0/24 via 0.0.0.0", "0.0.0.0/0 via 10.0.2.1"}},
-		{"classless routes without router", noRouter,
-			[]string{"10.1.0.0/16 via 10.0.2.1", "192.168.7.0/24 via 0.0.0.0"}},
+		{
+			"classless routes add the default route", routed,
+			[]string{"10.1.0.0/16 via 10.0.2.1", "192.168.7.0/24 via 0.0.0.0", "0.0.0.0/0 via 10.0.2.1"},
+		},
+		{
+			"classless routes without router", noRouter,
+			[]string{"10.1.0.0/16 via 10.0.2.1", "192.168.7.0/24 via 0.0.0.0"},
+		},
 		{"minimal with infinite lease", minimal, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

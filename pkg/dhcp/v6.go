@@ -30,11 +30,11 @@ func listenV6(ctx context.Context, ifi *net.Interface) (*ipv6.PacketConn, error)
 	}
 	p := ipv6.NewPacketConn(pc)
 	if err := p.JoinGroup(ifi, &net.UDPAddr{IP: dhcpv6.AllDHCPRelayAgentsAndServers}); err != nil {
-		p.Close()
+		_ = p.Close()
 		return nil, fmt.Errorf("join %s on %s: %w", dhcpv6.AllDHCPRelayAgentsAndServers, ifi.Name, err)
 	}
 	if err := p.SetControlMessage(ipv6.FlagInterface, true); err != nil {
-		p.Close()
+		_ = p.Close()
 		return nil, fmt.Errorf("ask for packet info on dhcpv6 socket for %s: %w", ifi.Name, err)
 	}
 	return p, nil

@@ -139,7 +139,7 @@ func Apply(netnsPath string, m Masquerade) error {
 	if err != nil {
 		return err
 	}
-	err = withConn(netnsPath, func(c *nftables.Conn) error {
+	if err := withConn(netnsPath, func(c *nftables.Conn) error {
 		live, err := ownTables(c)
 		if err != nil {
 			return err
@@ -174,8 +174,7 @@ func Apply(netnsPath string, m Masquerade) error {
 			return fmt.Errorf("commit nftables batch: %w", err)
 		}
 		return nil
-	})
-	if err != nil {
+	}); err != nil {
 		return fmt.Errorf("nft apply in %s: %w", netnsPath, err)
 	}
 	return nil
@@ -230,7 +229,7 @@ func Check(netnsPath string, m Masquerade) error {
 		return err
 	}
 	var problems []string
-	err = withConn(netnsPath, func(c *nftables.Conn) error {
+	if err := withConn(netnsPath, func(c *nftables.Conn) error {
 		live, err := ownTables(c)
 		if err != nil {
 			return err
@@ -250,8 +249,7 @@ func Check(netnsPath string, m Masquerade) error {
 			problems = append(problems, p...)
 		}
 		return nil
-	})
-	if err != nil {
+	}); err != nil {
 		return fmt.Errorf("nft check in %s: %w", netnsPath, err)
 	}
 	if len(problems) > 0 {
@@ -297,9 +295,9 @@ func withConn(path string, fn func(c *nftables.Conn) error) error {
 		}
 		return err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }()
 	var st unix.Statfs_t
-	if err := unix.Fstatfs(int(f.Fd()), &st); err != nil {
+	if err = unix.Fstatfs(int(f.Fd()), &st); err != nil {
 		return fmt.Errorf("statfs %s: %w", path, err)
 	}
 	// A netns bind mount or /proc/<pid>/ns/net resolves to an nsfs inode; an
@@ -311,7 +309,7 @@ func withConn(path string, fn func(c *nftables.Conn) error) error {
 	if err != nil {
 		return fmt.Errorf("netlink to netns %s: %w", path, err)
 	}
-	defer c.CloseLasting()
+	defer func() { _ = c.CloseLasting() }()
 	return fn(c)
 }
 

@@ -138,8 +138,8 @@ func Start(ctx context.Context, img *Image, o Options) (*Guest, error) {
 		return nil, fmt.Errorf("creating guest dir: %w", err)
 	}
 	initrd := filepath.Join(tmp, "initrd.cpio")
-	if err := writeInitrd(initrd, img.Initrd, o.Script); err != nil {
-		os.RemoveAll(tmp)
+	if err = writeInitrd(initrd, img.Initrd, o.Script); err != nil {
+		_ = os.RemoveAll(tmp)
 		return nil, err
 	}
 
@@ -154,12 +154,12 @@ func Start(ctx context.Context, img *Image, o Options) (*Guest, error) {
 	}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
-		os.RemoveAll(tmp)
+		_ = os.RemoveAll(tmp)
 		return nil, fmt.Errorf("qemu stdout: %w", err)
 	}
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
-		os.RemoveAll(tmp)
+		_ = os.RemoveAll(tmp)
 		return nil, fmt.Errorf("qemu stderr: %w", err)
 	}
 	start := cmd.Start
@@ -172,7 +172,7 @@ func Start(ctx context.Context, img *Image, o Options) (*Guest, error) {
 		}
 	}
 	if err := start(); err != nil {
-		os.RemoveAll(tmp)
+		_ = os.RemoveAll(tmp)
 		return nil, fmt.Errorf("starting %s: %w", qemu, err)
 	}
 
@@ -193,7 +193,7 @@ func Start(ctx context.Context, img *Image, o Options) (*Guest, error) {
 		}
 		g.mu.Unlock()
 		g.exitErr = err
-		os.RemoveAll(tmp)
+		_ = os.RemoveAll(tmp)
 		close(g.done)
 	}()
 	go func() {
@@ -331,7 +331,7 @@ func (g *Guest) readStderr(r io.Reader) {
 			g.log("qemu: " + s.Text())
 		}
 	}
-	io.Copy(io.Discard, r)
+	_, _ = io.Copy(io.Discard, r)
 }
 
 // WaitFor waits for a console line matching re and returns its submatches
@@ -422,6 +422,6 @@ func (g *Guest) kill(reason error) {
 		g.mu.Lock()
 		g.reason = reason
 		g.mu.Unlock()
-		g.cmd.Process.Kill()
+		_ = g.cmd.Process.Kill()
 	})
 }

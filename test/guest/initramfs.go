@@ -111,7 +111,7 @@ func Build(dir string) (*Image, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: busybox (Debian: busybox-static): %w", ErrUnavailable, err)
 	}
-	if err := checkStatic(Busybox); err != nil {
+	if err = checkStatic(Busybox); err != nil {
 		return nil, err
 	}
 	applets, err := busyboxApplets()
@@ -137,8 +137,10 @@ func Build(dir string) (*Image, error) {
 	}
 
 	var w cpioWriter
-	for _, d := range []string{".", "bin", "dev", "etc", "etc/udhcpc", "lib", "lib/modules",
-		"proc", "root", "run", "sys", "tmp", "usr", "usr/share", "usr/share/udhcpc", "var"} {
+	for _, d := range []string{
+		".", "bin", "dev", "etc", "etc/udhcpc", "lib", "lib/modules",
+		"proc", "root", "run", "sys", "tmp", "usr", "usr/share", "usr/share/udhcpc", "var",
+	} {
 		w.Dir(d, 0o755)
 	}
 	w.CharDev("dev/console", 0o600, 5, 1)
@@ -189,7 +191,7 @@ func findKernel() (path, version string, err error) {
 			if err != nil {
 				return "", "", fmt.Errorf("%w: kernel %s not readable: %w", ErrUnavailable, m, err)
 			}
-			f.Close()
+			_ = f.Close()
 			return m, v, nil
 		}
 	}
@@ -202,7 +204,7 @@ func checkStatic(path string) error {
 	if err != nil {
 		return fmt.Errorf("reading %s: %w", path, err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }()
 	for _, p := range f.Progs {
 		if p.Type == elf.PT_INTERP {
 			return fmt.Errorf("%w: %s is dynamically linked; install busybox-static", ErrUnavailable, path)
@@ -260,10 +262,10 @@ func resolveModules(moddir string, roots []string) ([]module, error) {
 	state := map[string]int{} // 1 visiting, 2 done
 	var visit func(name string) error
 	visit = func(name string) error {
-		switch {
-		case state[name] == 2:
+		switch state[name] {
+		case 2:
 			return nil
-		case state[name] == 1:
+		case 1:
 			return fmt.Errorf("module dependency cycle at %s", name)
 		}
 		state[name] = 1
@@ -319,7 +321,7 @@ func readModule(path string) ([]byte, error) {
 	case strings.HasSuffix(path, ".ko.gz"):
 		var f *os.File
 		if f, err = os.Open(path); err == nil {
-			defer f.Close()
+			defer func() { _ = f.Close() }()
 			var zr *gzip.Reader
 			if zr, err = gzip.NewReader(f); err == nil {
 				data, err = io.ReadAll(zr)
@@ -380,12 +382,13 @@ func buildUdhcpc6() ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("building udhcpc6: %w", err)
 	}
-	defer os.RemoveAll(tmp)
+	defer func() { _ = os.RemoveAll(tmp) }()
 	out := filepath.Join(tmp, "udhcpc6")
 	cmd := exec.Command(gotool, "build", "-trimpath", "-ldflags=-s -w", "-o", out, "./internal/udhcpc6")
 	cmd.Dir = filepath.Dir(self)
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
-	if msg, err := cmd.CombinedOutput(); err != nil {
+	msg, err := cmd.CombinedOutput()
+	if err != nil {
 		return nil, fmt.Errorf("building udhcpc6: %w\n%s", err, msg)
 	}
 	data, err := os.ReadFile(out)
@@ -399,11 +402,17 @@ func goTool() (string, error) {
 	if p, err := exec.LookPath("go"); err == nil {
 		return p, nil
 	}
-	p := filepath.Join(runtime.GOROOT(), "bin", "go")
-	if _, err := os.Stat(p); err != nil {
-		return "", fmt.Errorf("%w: the go tool (needed to build the guest's udhcpc6) is not in PATH", ErrUnavailable)
+	// go test puts $GOROOT/bin first in PATH, so this is reached only by a
+	// test binary run by hand; fall back to $GOROOT/bin/go if GOROOT is set.
+	// (runtime.GOROOT, the toolchain the binary was built with, is
+	// deprecated: it need not exist where the binary runs.)
+	if root := os.Getenv("GOROOT"); root != "" {
+		p := filepath.Join(root, "bin", "go")
+		if _, err := os.Stat(p); err == nil {
+			return p, nil
+		}
 	}
-	return p, nil
+	return "", fmt.Errorf("%w: the go tool (needed to build the guest's udhcpc6) is not in PATH or $GOROOT/bin", ErrUnavailable)
 }
 
 func writeFileAtomic(path string, data []byte) error {
@@ -422,7 +431,7 @@ func writeFileAtomic(path string, data []byte) error {
 		err = os.Rename(f.Name(), path)
 	}
 	if err != nil {
-		os.Remove(f.Name())
+		_ = os.Remove(f.Name())
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
 	return nil

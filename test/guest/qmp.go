@@ -34,8 +34,8 @@ func (g *Guest) QMP(ctx context.Context, command string, args any) (json.RawMess
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
-	defer conn.Close()
-	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+	defer func() { _ = conn.Close() }()
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 
 	dec := json.NewDecoder(conn)

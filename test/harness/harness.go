@@ -107,7 +107,11 @@ func goBuild(moduleDir, out string, pkgs ...string) error {
 // Node is a sandbox node: a network namespace in which the plugins run, and
 // a directory for the daemon's socket, state and spool and libcni's cache.
 type Node struct {
-	NS     ns.NetNS
+	// DaemonInHostNetns starts daemon processes in the test's own network
+	// namespace instead of the node's (to reach an API server on loopback,
+	// as a hostNetwork DaemonSet pod does).
+	DaemonInHostNetns bool
+	NS                ns.NetNS
 	Dir    string
 	BinDir string
 	CNI    *libcni.CNIConfig
@@ -435,7 +439,11 @@ func (n *Node) StartDaemonBinary(bin, logName string, extraArgs ...string) (*Dae
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
 	// Started from a thread inside the node netns, the daemon lives there.
-	if err := n.in(cmd.Start); err != nil {
+	start := func() error { return n.in(cmd.Start) }
+	if n.DaemonInHostNetns {
+		start = cmd.Start
+	}
+	if err := start(); err != nil {
 		_ = logf.Close()
 		return nil, fmt.Errorf("start vmnicd: %w", err)
 	}

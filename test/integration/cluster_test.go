@@ -23,7 +23,7 @@ const testNode = "node-a"
 
 // vmiWith creates a VMI whose pod-network interface uses the given binding
 // (a plugin binding name, or "masquerade" for KubeVirt's core one).
-func createVMI(ctx context.Context, t *testing.T, c *cluster.Cluster, name, binding string) *kubevirtv1.VirtualMachineInstance {
+func createVMI(ctx context.Context, t testing.TB, c *cluster.Cluster, name, binding string) *kubevirtv1.VirtualMachineInstance {
 	t.Helper()
 	kv, err := kubevirt.KubeVirtClient(c.Config)
 	if err != nil {
@@ -52,7 +52,13 @@ func createVMI(ctx context.Context, t *testing.T, c *cluster.Cluster, name, bind
 }
 
 // createLauncherPod creates the virt-launcher pod object of vmi on testNode.
-func createLauncherPod(ctx context.Context, t *testing.T, kube kubernetes.Interface, vmi *kubevirtv1.VirtualMachineInstance, name string) {
+func createLauncherPod(ctx context.Context, t testing.TB, kube kubernetes.Interface, vmi *kubevirtv1.VirtualMachineInstance, name string) {
+	t.Helper()
+	createLauncherPodOn(ctx, t, kube, vmi, name, testNode)
+}
+
+// createLauncherPodOn creates the virt-launcher pod object of vmi on node.
+func createLauncherPodOn(ctx context.Context, t testing.TB, kube kubernetes.Interface, vmi *kubevirtv1.VirtualMachineInstance, name, node string) {
 	t.Helper()
 	yes := true
 	pod := &corev1.Pod{
@@ -64,7 +70,7 @@ func createLauncherPod(ctx context.Context, t *testing.T, kube kubernetes.Interf
 				APIVersion: "kubevirt.io/v1", Kind: "VirtualMachineInstance", Name: vmi.Name, UID: vmi.UID, Controller: &yes,
 			}},
 		},
-		Spec: corev1.PodSpec{NodeName: testNode, Containers: []corev1.Container{{Name: "compute", Image: "virt-launcher"}}},
+		Spec: corev1.PodSpec{NodeName: node, Containers: []corev1.Container{{Name: "compute", Image: "virt-launcher"}}},
 	}
 	if _, err := kube.CoreV1().Pods("default").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
 		t.Fatalf("create pod %s: %v", name, err)

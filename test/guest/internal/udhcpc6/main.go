@@ -160,7 +160,7 @@ func run(cfg *config) error {
 	if err != nil {
 		return err
 	}
-	defer client.Close()
+	defer func() { _ = client.Close() }()
 
 	for {
 		l, err := acquire(cfg, client, duid, iaid)
