@@ -12,9 +12,11 @@ import (
 	"syscall"
 	"time"
 
+	"k8s.io/client-go/discovery"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/vmnic/vmnic/daemon/capabilities"
 	"github.com/vmnic/vmnic/daemon/install"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/netconf"
@@ -34,6 +36,26 @@ func chainEntry(socket, spoolDir string) json.RawMessage {
 	}
 	b, _ := json.Marshal(e)
 	return b
+}
+
+// capabilityRunner probes the node and publishes its NodeNetworkCapability,
+// labels and OVS bridge resources.
+func capabilityRunner(cfg *rest.Config, node, ovsdbEndpoint, spiderSock, confDir string, log *slog.Logger) (*capabilities.Runner, error) {
+	pub, err := capabilities.NewPublisherForConfig(cfg, node, log)
+	if err != nil {
+		return nil, err
+	}
+	disc, err := discovery.NewDiscoveryClientForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("discovery client: %w", err)
+	}
+	probe := capabilities.ProbeOptions{
+		Discovery: disc, SpiderpoolSocket: spiderSock, CNIConfDir: confDir, Log: log,
+	}
+	if o := capabilities.NewOVS(ovsdbEndpoint, log); o != nil {
+		probe.OVS = o
+	}
+	return capabilities.NewRunner(capabilities.RunOptions{Probe: probe, Sink: pub}), nil
 }
 
 // installOnce installs the shim (when a source is given) and chains vmnic.
@@ -88,6 +110,9 @@ func Main(args []string) int {
 	binDir := fs.String("cni-bin-dir", install.DefaultBinDir, "the host's CNI bin dir as this process sees it")
 	confDir := fs.String("cni-conf-dir", install.DefaultConfDir, "the host's CNI config dir as this process sees it")
 	chain := fs.Bool("chain", true, "chain vmnic's masquerade entry into the primary CNI's conflist and keep it chained")
+	ovsdbEndpoint := fs.String("ovsdb", "unix:/var/run/openvswitch/db.sock", "OVSDB endpoint probed for the bridge mode (empty: no OVS)")
+	spiderSock := fs.String("spiderpool-socket", capabilities.DefaultSpiderpoolSocket, "Spiderpool agent socket probed for passt and bridge modes")
+	probe := fs.Bool("capabilities", true, "probe the node and publish a NodeNetworkCapability (with an API server)")
 	version := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -173,6 +198,18 @@ func Main(args []string) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	if cfg != nil && *probe {
+		run, cerr := capabilityRunner(cfg, *nodeName, *ovsdbEndpoint, *spiderSock, *confDir, log)
+		if cerr != nil {
+			log.Error("capabilities", "err", cerr)
+			return 2
+		}
+		go func() {
+			if rerr := run.Run(ctx); rerr != nil {
+				log.Error("capability publisher stopped", "err", rerr)
+			}
+		}()
+	}
 	log.Info("vmnicd starting", "version", Version, "mode", mode, "node", *nodeName)
 	if err := d.Run(ctx); err != nil {
 		log.Error("run", "err", err)

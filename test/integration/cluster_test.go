@@ -2,18 +2,23 @@ package integration
 
 import (
 	"context"
+	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/kubernetes"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/vishvananda/netlink"
 
 	"github.com/vmnic/vmnic/daemon"
+	"github.com/vmnic/vmnic/pkg/apis/v1alpha1"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/test/cluster"
 	"github.com/vmnic/vmnic/test/harness"
@@ -169,6 +174,80 @@ func keys[V any](m map[string]V) []string {
 	var out []string
 	for k := range m {
 		out = append(out, k)
+	}
+	return out
+}
+
+// TestDaemonPublishesCapabilities runs the vmnicd binary against a real API
+// server: it publishes its node's NodeNetworkCapability (masquerade ready on
+// this kernel, passt-ipvlan not, with the kernel's reason) and labels.
+func TestDaemonPublishesCapabilities(t *testing.T) {
+	ctx := ctxT(t)
+	c := cluster.StartT(t)
+	root, err := harness.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.InstallCRDs(ctx, filepath.Join(root, "deploy/crds/vmnic.io_nodenetworkcapabilities.yaml")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.InstallKubeVirtCRDs(ctx); err != nil {
+		t.Fatal(err)
+	}
+	kube, err := kubernetes.NewForConfig(c.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kube.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: testNode}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	node, _ := newNode(t, false)
+	node.DaemonInHostNetns = true
+	d, err := node.StartDaemonProcess("--kubeconfig", c.Kubeconfig, "--node-name", testNode, "--ovsdb", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = d.Stop() })
+
+	var nnc *unstructured.Unstructured
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		nnc, err = c.Dynamic.Resource(v1alpha1.NodeNetworkCapabilitiesResource).Get(ctx, testNode, metav1.GetOptions{})
+		if err == nil && len(conditions(nnc)) == 4 {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if err != nil {
+		log, _ := os.ReadFile(d.Log)
+		t.Fatalf("NodeNetworkCapability %s: %v\n%s", testNode, err, log)
+	}
+	conds := conditions(nnc)
+	if conds["MasqueradeReady"]["status"] != "True" {
+		t.Errorf("MasqueradeReady = %v", conds["MasqueradeReady"])
+	}
+	if cond := conds["PasstIpvlanReady"]; cond["status"] != "False" || cond["reason"] != "KernelFeatureMissing" {
+		t.Errorf("PasstIpvlanReady = %v, want False/KernelFeatureMissing on this kernel", cond)
+	}
+	if cond := conds["BridgeOVSReady"]; cond["status"] != "False" {
+		t.Errorf("BridgeOVSReady = %v, want False without OVS", cond)
+	}
+	n, err := kube.CoreV1().Nodes().Get(ctx, testNode, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n.Labels["vmnic.io/masquerade"] != "true" || n.Labels["vmnic.io/passt-ipvlan"] != "false" {
+		t.Errorf("node labels %v", n.Labels)
+	}
+}
+
+func conditions(u *unstructured.Unstructured) map[string]map[string]any {
+	out := map[string]map[string]any{}
+	list, _, _ := unstructured.NestedSlice(u.Object, "status", "conditions")
+	for _, c := range list {
+		if m, ok := c.(map[string]any); ok {
+			out[fmt.Sprint(m["type"])] = m
+		}
 	}
 	return out
 }
