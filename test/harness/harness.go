@@ -112,9 +112,9 @@ type Node struct {
 	// as a hostNetwork DaemonSet pod does).
 	DaemonInHostNetns bool
 	NS                ns.NetNS
-	Dir    string
-	BinDir string
-	CNI    *libcni.CNIConfig
+	Dir               string
+	BinDir            string
+	CNI               *libcni.CNIConfig
 }
 
 // NewNode makes the node namespace and directories under dir.
