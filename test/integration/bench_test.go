@@ -1,7 +1,10 @@
 package integration
 
 import (
+	"bytes"
 	"context"
+	"os/exec"
+	"path/filepath"
 	"sort"
 	"testing"
 	"time"
@@ -84,4 +87,38 @@ func BenchmarkPassThroughOverhead(b *testing.B) {
 	b.ReportMetric(ms(median(without)), "without-ms-median")
 	b.ReportMetric(ms(median(with)), "with-vmnic-ms-median")
 	b.ReportMetric(ms(median(with)-median(without)), "overhead-ms")
+}
+
+// BenchmarkShimExec separates the pass-through's cost from the machine's
+// process start cost: one exec of the shim answering a non-VM ADD, one exec
+// of the reference loopback plugin answering VERSION, and one of /bin/true,
+// interleaved.
+func BenchmarkShimExec(b *testing.B) {
+	bin, err := harness.BinDir()
+	if err != nil {
+		b.Fatal(err)
+	}
+	conf := []byte(`{"cniVersion":"1.0.0","name":"podnet","type":"vmnic","mode":"masquerade","prevResult":{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"/var/run/netns/x"}],"ips":[{"address":"198.18.0.5/24","interface":0}]}}`)
+	env := []string{"CNI_COMMAND=ADD", "CNI_CONTAINERID=c1", "CNI_NETNS=/proc/1/ns/net", "CNI_IFNAME=eth0", "CNI_PATH=" + bin,
+		"CNI_ARGS=K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"}
+	run := func(path string, env []string, stdin []byte) time.Duration {
+		cmd := exec.Command(path)
+		cmd.Env = env
+		cmd.Stdin = bytes.NewReader(stdin)
+		t0 := time.Now()
+		if out, err := cmd.CombinedOutput(); err != nil {
+			b.Fatalf("%s: %v\n%s", path, err, out)
+		}
+		return time.Since(t0)
+	}
+	var shim, loop, truth []time.Duration
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		shim = append(shim, run(filepath.Join(bin, "vmnic"), env, conf))
+		loop = append(loop, run(filepath.Join(bin, "loopback"), []string{"CNI_COMMAND=VERSION"}, []byte(`{"cniVersion":"1.0.0"}`)))
+		truth = append(truth, run("/bin/true", nil, nil))
+	}
+	b.ReportMetric(ms(median(shim)), "shim-passthrough-ms-median")
+	b.ReportMetric(ms(median(loop)), "loopback-version-ms-median")
+	b.ReportMetric(ms(median(truth)), "bin-true-ms-median")
 }
