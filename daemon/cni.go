@@ -121,6 +121,9 @@ func (d *Daemon) add(ctx context.Context, req *proto.Request, conf *netconf.Conf
 		Pod:    state.Pod{Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID},
 		VMName: facts.VMName, Created: time.Now().UTC(),
 	}
+	if m := facts.Migration; m != nil {
+		rec.Migration = &state.Migration{Job: m.Job, UID: m.UID, Phase: m.Phase}
+	}
 	// The record is written before anything is created, so that a daemon
 	// killed half-way leaves DEL and GC what they need to clean up.
 	if perr := d.putRecord(rec, spec, nil); perr != nil {

@@ -42,6 +42,7 @@ type Cluster struct {
 	kv      rest.Interface
 	pods    cache.SharedIndexInformer
 	vmis    cache.SharedIndexInformer
+	vmims   cache.SharedIndexInformer
 	factory informers.SharedInformerFactory
 }
 
@@ -107,6 +108,12 @@ func NewCluster(opts ClusterOptions) (*Cluster, error) {
 	if err := c.vmis.SetTransform(trimVMI); err != nil {
 		return nil, err
 	}
+	mlw := cache.NewListWatchFromClient(kv, "virtualmachineinstancemigrations", metav1.NamespaceAll, fields.Everything())
+	c.vmims = cache.NewSharedIndexInformer(mlw, &kubevirtv1.VirtualMachineInstanceMigration{}, opts.Resync,
+		cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
+	if err := c.vmims.SetTransform(trimVMIM); err != nil {
+		return nil, err
+	}
 	return c, nil
 }
 
@@ -114,7 +121,8 @@ func NewCluster(opts ClusterOptions) (*Cluster, error) {
 func (c *Cluster) Start(ctx context.Context) error {
 	c.factory.Start(ctx.Done())
 	go c.vmis.Run(ctx.Done())
-	if !cache.WaitForCacheSync(ctx.Done(), c.pods.HasSynced, c.vmis.HasSynced) {
+	go c.vmims.Run(ctx.Done())
+	if !cache.WaitForCacheSync(ctx.Done(), c.pods.HasSynced, c.vmis.HasSynced, c.vmims.HasSynced) {
 		return fmt.Errorf("informers did not sync: %w", ctx.Err())
 	}
 	return nil
@@ -143,7 +151,30 @@ func (c *Cluster) Lookup(ctx context.Context, q Query) (*Facts, error) {
 		c.opts.Logger.Info("pod interface not mapped to a VMI interface; passing through", "pod", q.Pod.Namespace+"/"+q.Pod.Name, "ifname", q.IfName, "reason", err)
 		return &Facts{}, nil
 	}
+	if m := f.Migration; m != nil && m.Job != "" {
+		if vmim := c.Migration(pod.Namespace, m.Job); vmim != nil {
+			m.Phase = string(vmim.Status.Phase)
+		}
+	}
 	return f, nil
+}
+
+// Migration returns the cached VMIM ns/name, or nil.
+func (c *Cluster) Migration(ns, name string) *kubevirtv1.VirtualMachineInstanceMigration {
+	obj, ok, err := c.vmims.GetIndexer().GetByKey(ns + "/" + name)
+	if err != nil || !ok {
+		return nil
+	}
+	return obj.(*kubevirtv1.VirtualMachineInstanceMigration)
+}
+
+// VMI returns the cached VMI ns/name, or nil.
+func (c *Cluster) VMI(ns, name string) *kubevirtv1.VirtualMachineInstance {
+	obj, ok, err := c.vmis.GetIndexer().GetByKey(ns + "/" + name)
+	if err != nil || !ok {
+		return nil
+	}
+	return obj.(*kubevirtv1.VirtualMachineInstance)
 }
 
 func (c *Cluster) pod(ctx context.Context, ns, name string) (*corev1.Pod, error) {
@@ -203,6 +234,23 @@ func trimPod(obj any) (any, error) {
 		Spec:   corev1.PodSpec{NodeName: pod.Spec.NodeName},
 		Status: corev1.PodStatus{Phase: pod.Status.Phase, PodIPs: pod.Status.PodIPs},
 	}, nil
+}
+
+// trimVMIM keeps the VMI name, the phase and the migration state.
+func trimVMIM(obj any) (any, error) {
+	m, ok := obj.(*kubevirtv1.VirtualMachineInstanceMigration)
+	if !ok {
+		return obj, nil
+	}
+	out := &kubevirtv1.VirtualMachineInstanceMigration{
+		ObjectMeta: metav1.ObjectMeta{
+			Name: m.Name, Namespace: m.Namespace, UID: m.UID, ResourceVersion: m.ResourceVersion,
+		},
+	}
+	out.Spec.VMIName = m.Spec.VMIName
+	out.Status.Phase = m.Status.Phase
+	out.Status.MigrationState = m.Status.MigrationState
+	return out, nil
 }
 
 // trimVMI keeps the interfaces, networks, CPU and migration state.

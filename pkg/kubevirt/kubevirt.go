@@ -50,6 +50,18 @@ type Facts struct {
 	MAC     string
 	Ports   []netconf.Port
 	Queues  int
+	// Migration is set when the pod is the target of a live migration.
+	Migration *Migration
+}
+
+// Migration identifies the live migration a target pod belongs to.
+type Migration struct {
+	// Job is the VMIM's name (annotation kubevirt.io/migrationJobName).
+	Job string `json:"job"`
+	// UID is the VMIM's UID (label kubevirt.io/migrationJobUID).
+	UID string `json:"uid"`
+	// Phase is the VMIM's phase when the pod was wired, if known.
+	Phase string `json:"phase,omitempty"`
 }
 
 // Query is one lookup.

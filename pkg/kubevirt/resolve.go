@@ -105,6 +105,17 @@ func sameNAD(ref string, s multusSelection, vmiNS string) bool {
 	return name == s.Name && ns == sns
 }
 
+// MigrationOf returns the migration a virt-launcher pod is the target of,
+// or nil for a pod that is not a migration target.
+func MigrationOf(pod *corev1.Pod) *Migration {
+	uid := pod.Labels[kubevirtv1.MigrationJobLabel]
+	job := pod.Annotations[kubevirtv1.MigrationJobNameAnnotation]
+	if uid == "" && job == "" {
+		return nil
+	}
+	return &Migration{Job: job, UID: uid}
+}
+
 // BindingName is the binding of a VMI interface: a plugin binding's name, or
 // "core:<method>" for KubeVirt's built-in ones.
 func BindingName(iface *kubevirtv1.Interface) string {
@@ -162,5 +173,6 @@ func Resolve(pod *corev1.Pod, vmi *kubevirtv1.VirtualMachineInstance, ifName str
 	if mq := vmi.Spec.Domain.Devices.NetworkInterfaceMultiQueue; mq != nil && *mq {
 		f.Queues = VCPUs(vmi)
 	}
+	f.Migration = MigrationOf(pod)
 	return f, nil
 }

@@ -130,3 +130,15 @@ func TestHashedIfName(t *testing.T) {
 		t.Errorf("HashedIfName(blue) = %q", got)
 	}
 }
+
+func TestMigrationOf(t *testing.T) {
+	p := launcherPod("")
+	if MigrationOf(p) != nil {
+		t.Error("a source pod taken for a migration target")
+	}
+	p.Labels["kubevirt.io/migrationJobUID"] = "u-1"
+	p.Annotations = map[string]string{"kubevirt.io/migrationJobName": "mig-1"}
+	if m := MigrationOf(p); m == nil || m.Job != "mig-1" || m.UID != "u-1" {
+		t.Errorf("MigrationOf = %+v", m)
+	}
+}

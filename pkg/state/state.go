@@ -22,18 +22,20 @@ const RecordVersion = 1
 
 // Record is one attachment: a container's interface on one network.
 type Record struct {
-	Version     int             `json:"version"`
-	ContainerID string          `json:"containerID"`
-	IfName      string          `json:"ifName"`
-	Network     string          `json:"network"`
-	Netns       string          `json:"netns"`
-	Mode        string          `json:"mode"`
-	CNIVersion  string          `json:"cniVersion"`
-	Pod         Pod             `json:"pod"`
-	VMName      string          `json:"vmName,omitempty"`
-	Spec        json.RawMessage `json:"spec"`
-	Result      json.RawMessage `json:"result,omitempty"`
-	Created     time.Time       `json:"created"`
+	Version     int    `json:"version"`
+	ContainerID string `json:"containerID"`
+	IfName      string `json:"ifName"`
+	Network     string `json:"network"`
+	Netns       string `json:"netns"`
+	Mode        string `json:"mode"`
+	CNIVersion  string `json:"cniVersion"`
+	Pod         Pod    `json:"pod"`
+	VMName      string `json:"vmName,omitempty"`
+	// Migration names the live migration this pod is the target of.
+	Migration *Migration      `json:"migration,omitempty"`
+	Spec      json.RawMessage `json:"spec"`
+	Result    json.RawMessage `json:"result,omitempty"`
+	Created   time.Time       `json:"created"`
 }
 
 // Pod identifies the pod of an attachment.
@@ -41,6 +43,13 @@ type Pod struct {
 	Namespace string `json:"namespace,omitempty"`
 	Name      string `json:"name,omitempty"`
 	UID       string `json:"uid,omitempty"`
+}
+
+// Migration is the live migration a target pod belongs to.
+type Migration struct {
+	Job   string `json:"job,omitempty"`
+	UID   string `json:"uid,omitempty"`
+	Phase string `json:"phase,omitempty"`
 }
 
 // Key names an attachment.

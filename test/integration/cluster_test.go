@@ -20,6 +20,7 @@ import (
 	"github.com/vmnic/vmnic/daemon"
 	"github.com/vmnic/vmnic/pkg/apis/v1alpha1"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
+	"github.com/vmnic/vmnic/pkg/state"
 	"github.com/vmnic/vmnic/test/cluster"
 	"github.com/vmnic/vmnic/test/harness"
 )
@@ -162,7 +163,62 @@ func TestClusterModeDecision(t *testing.T) {
 	}
 	t.Logf("ADD of a just-created VM pod took %s", time.Since(start).Round(time.Millisecond))
 
-	for _, p := range []*harness.Pod{podA, podB, podC} {
+	// A migration target of vm-a: the VMIM is watched, and the attachment
+	// record says which migration the pod belongs to and in which phase it
+	// was wired.
+	kv, err := kubevirt.KubeVirtClient(c.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vmim := &kubevirtv1.VirtualMachineInstanceMigration{
+		TypeMeta:   metav1.TypeMeta{APIVersion: "kubevirt.io/v1", Kind: "VirtualMachineInstanceMigration"},
+		ObjectMeta: metav1.ObjectMeta{Name: "vm-a-mig", Namespace: "default"},
+		Spec:       kubevirtv1.VirtualMachineInstanceMigrationSpec{VMIName: "vm-a"},
+	}
+	created := &kubevirtv1.VirtualMachineInstanceMigration{}
+	if err := kv.Post().Namespace("default").Resource("virtualmachineinstancemigrations").Body(vmim).Do(ctx).Into(created); err != nil {
+		t.Fatalf("create VMIM: %v", err)
+	}
+	created.Status.Phase = kubevirtv1.MigrationPreparingTarget
+	if err := kv.Put().Namespace("default").Resource("virtualmachineinstancemigrations").Name("vm-a-mig").SubResource("status").Body(created).Do(ctx).Error(); err != nil {
+		t.Fatalf("VMIM status: %v", err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if m := src.Migration("default", "vm-a-mig"); m != nil && m.Status.Phase == kubevirtv1.MigrationPreparingTarget {
+			break
+		}
+	}
+	targetName := "virt-launcher-vm-a-target"
+	yes := true
+	target := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{
+			Name: targetName, Namespace: "default",
+			Labels:          map[string]string{"kubevirt.io": "virt-launcher", "kubevirt.io/migrationJobUID": string(created.UID)},
+			Annotations:     map[string]string{"kubevirt.io/migrationJobName": "vm-a-mig"},
+			OwnerReferences: []metav1.OwnerReference{{APIVersion: "kubevirt.io/v1", Kind: "VirtualMachineInstance", Name: "vm-a", UID: vmA.UID, Controller: &yes}},
+		},
+		Spec: corev1.PodSpec{NodeName: testNode, Containers: []corev1.Container{{Name: "compute", Image: "virt-launcher"}}},
+	}
+	if _, err := kube.CoreV1().Pods("default").Create(ctx, target, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	podT := newPod(t, targetName)
+	if _, err := node.Add(ctx, l, podT); err != nil {
+		t.Fatalf("ADD migration target: %v", err)
+	}
+	rec, err := state.Open(filepath.Join(node.StateDir(), "attachments"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := rec.Get(state.Key(podT.ContainerID, "eth0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Migration == nil || r.Migration.Job != "vm-a-mig" || r.Migration.UID != string(created.UID) || r.Migration.Phase != "PreparingTarget" {
+		t.Errorf("target's record migration = %+v, want vm-a-mig/%s in PreparingTarget", r.Migration, created.UID)
+	}
+
+	for _, p := range []*harness.Pod{podA, podB, podC, podT} {
 		if err := node.Del(ctx, l, p); err != nil {
 			t.Errorf("DEL %s: %v", p.Name, err)
 		}
