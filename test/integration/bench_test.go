@@ -99,8 +99,10 @@ func BenchmarkShimExec(b *testing.B) {
 		b.Fatal(err)
 	}
 	conf := []byte(`{"cniVersion":"1.0.0","name":"podnet","type":"vmnic","mode":"masquerade","prevResult":{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"/var/run/netns/x"}],"ips":[{"address":"198.18.0.5/24","interface":0}]}}`)
-	env := []string{"CNI_COMMAND=ADD", "CNI_CONTAINERID=c1", "CNI_NETNS=/proc/1/ns/net", "CNI_IFNAME=eth0", "CNI_PATH=" + bin,
-		"CNI_ARGS=K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"}
+	env := []string{
+		"CNI_COMMAND=ADD", "CNI_CONTAINERID=c1", "CNI_NETNS=/proc/1/ns/net", "CNI_IFNAME=eth0", "CNI_PATH=" + bin,
+		"CNI_ARGS=K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0",
+	}
 	run := func(path string, env []string, stdin []byte) time.Duration {
 		cmd := exec.Command(path)
 		cmd.Env = env
