@@ -38,8 +38,9 @@ bench: deps ## benchmarks: ADD+DEL latency, pass-through overhead (medians)
 vet: ## go vet
 	$(GO) vet ./...
 
-fmt: ## gofmt the tree
-	gofmt -w $$(git ls-files '*.go')
+fmt: ## format the tree (gofumpt, through golangci-lint)
+	@bash test/tools/build.sh golangci-lint >/dev/null
+	.tools/bin/golangci-lint fmt ./...
 
 lint: ## golangci-lint (version pinned in test/tools; errcheck, govet shadow, staticcheck, gofumpt, no os/exec in product code)
 	@bash test/tools/build.sh golangci-lint >/dev/null

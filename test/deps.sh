@@ -31,5 +31,5 @@ fi
 
 # Tool binaries from test/tools/go.mod into .tools/bin, rebuilt only when
 # that module changes (kube-apiserver takes ~10 min cold on 2 cores).
-bash test/tools/build.sh cnitool etcd kube-apiserver >/dev/null
+bash test/tools/build.sh cnitool etcd kube-apiserver helm spiderpool-agent spiderpool coordinator golangci-lint >/dev/null
 echo "deps: ready"

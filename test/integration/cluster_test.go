@@ -23,6 +23,8 @@ import (
 	"github.com/vmnic/vmnic/pkg/state"
 	"github.com/vmnic/vmnic/test/cluster"
 	"github.com/vmnic/vmnic/test/harness"
+	"github.com/vmnic/vmnic/test/need"
+	"github.com/vmnic/vmnic/test/spiderpool"
 )
 
 const testNode = "node-a"
@@ -306,4 +308,63 @@ func conditions(u *unstructured.Unstructured) map[string]map[string]any {
 		}
 	}
 	return out
+}
+
+// TestCapabilitiesFollowSpiderpool: with the real Spiderpool agent running
+// the passt-macvlan mode is ready; when the agent stops, the daemon reports
+// it unavailable with the reason, without a restart.
+func TestCapabilitiesFollowSpiderpool(t *testing.T) {
+	need.Root(t)
+	ctx := ctxT(t)
+	c := cluster.StartT(t)
+	root, err := harness.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.InstallCRDs(ctx, filepath.Join(root, "deploy/crds/vmnic.io_nodenetworkcapabilities.yaml")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.InstallKubeVirtCRDs(ctx); err != nil {
+		t.Fatal(err)
+	}
+	agent := spiderpool.StartAgentT(t, c, spiderpool.AgentOptions{NodeName: testNode})
+	kube, err := kubernetes.NewForConfig(c.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kube.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: testNode}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	node, _ := newNode(t, false)
+	node.DaemonInHostNetns = true
+	d, err := node.StartDaemonProcess("--kubeconfig", c.Kubeconfig, "--node-name", testNode, "--ovsdb", "", "--spiderpool-socket", agent.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = d.Stop() })
+	waitCond := func(typ, status string) map[string]any {
+		t.Helper()
+		var last map[string]any
+		for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+			nnc, err := c.Dynamic.Resource(v1alpha1.NodeNetworkCapabilitiesResource).Get(ctx, testNode, metav1.GetOptions{})
+			if err != nil {
+				continue
+			}
+			last = conditions(nnc)[typ]
+			if last["status"] == status {
+				return last
+			}
+		}
+		log, _ := os.ReadFile(d.Log)
+		t.Fatalf("condition %s never became %s (last %v)\n%s", typ, status, last, log)
+		return nil
+	}
+	waitCond("PasstMacvlanReady", "True")
+	start := time.Now()
+	agent.Stop()
+	cond := waitCond("PasstMacvlanReady", "False")
+	if cond["reason"] != "SpiderpoolAgentUnavailable" {
+		t.Errorf("reason %v, want SpiderpoolAgentUnavailable", cond["reason"])
+	}
+	t.Logf("agent stop reflected in the NodeNetworkCapability after %s", time.Since(start).Round(time.Millisecond))
 }

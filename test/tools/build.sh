@@ -6,8 +6,11 @@
 #   test/tools/build.sh kube-apiserver etcd
 #
 # NAME is one of the short names below or a full package path of this module.
+# Spiderpool (spiderpool-agent, spiderpool, coordinator) builds from its own
+# module, test/tools/spiderpool: its Kubernetes 0.29 libraries cannot share
+# this module's 1.36 ones.
 # A binary is rebuilt only when it is missing or its stamp file
-# (.tools/bin/.stamp/NAME) records another hash of test/tools/go.mod, go.sum,
+# (.tools/bin/.stamp/NAME) records another hash of its module's go.mod, go.sum,
 # the Go version and the build flags, so a warm machine takes well under a
 # second. Builds run one at a time (flock), also across concurrent callers:
 # kube-apiserver alone takes ~8-10 min cold on 2 cores.
@@ -19,7 +22,7 @@ out=${TOOLS_BIN:-$root/.tools/bin}
 
 if (($# == 0)); then
   echo "usage: $0 NAME..." >&2
-  echo "  names: kube-apiserver etcd cnitool golangci-lint ptp bridge loopback host-local, or a package path" >&2
+  echo "  names: kube-apiserver etcd helm cnitool golangci-lint ptp bridge loopback host-local spiderpool-agent spiderpool coordinator, or a package path" >&2
   exit 2
 fi
 
@@ -28,15 +31,25 @@ pkg_of() {
   case $1 in
     kube-apiserver) echo k8s.io/kubernetes/cmd/kube-apiserver ;;
     etcd) echo go.etcd.io/etcd/server/v3 ;;
+    helm) echo helm.sh/helm/v3/cmd/helm ;;
     cnitool) echo github.com/containernetworking/cni/cnitool ;;
     golangci-lint) echo github.com/golangci/golangci-lint/v2/cmd/golangci-lint ;;
     ptp | bridge | loopback) echo "github.com/containernetworking/plugins/plugins/main/$1" ;;
     host-local) echo "github.com/containernetworking/plugins/plugins/ipam/$1" ;;
+    spiderpool-agent | spiderpool | coordinator) echo "github.com/spidernet-io/spiderpool/cmd/$1" ;;
     */*) echo "$1" ;;
     *)
       echo "build.sh: unknown tool $1" >&2
       return 1
       ;;
+  esac
+}
+
+# moddir_of PKG prints the directory of the module that builds PKG.
+moddir_of() {
+  case $1 in
+    github.com/spidernet-io/spiderpool/*) echo "$tools_dir/spiderpool" ;;
+    *) echo "$tools_dir" ;;
   esac
 }
 
@@ -58,8 +71,19 @@ bin_of() {
 
 # ldflags_of PKG prints extra -ldflags for PKG. kube-apiserver gets its
 # release version (as the upstream build sets it), so /version reports it.
+# helm gets its version and, as its Makefile does, the Kubernetes version
+# of its client-go as the default .Capabilities.KubeVersion of
+# "helm template" (1.20 otherwise).
 ldflags_of() {
   case $1 in
+    helm.sh/helm/v3/cmd/helm)
+      local hv kv
+      hv=$(cd "$tools_dir" && go list -m -f '{{.Version}}' helm.sh/helm/v3)
+      kv=$(cd "$tools_dir" && go list -m -f '{{if .Replace}}{{.Replace.Version}}{{else}}{{.Version}}{{end}}' k8s.io/client-go)
+      kv=${kv#v0.}
+      local p=helm.sh/helm/v3
+      echo "-X $p/internal/version.version=$hv -X $p/internal/version.gitTreeState=clean -X $p/pkg/chartutil.k8sVersionMajor=1 -X $p/pkg/chartutil.k8sVersionMinor=${kv%%.*} -X $p/pkg/lint/rules.k8sVersionMajor=1 -X $p/pkg/lint/rules.k8sVersionMinor=${kv%%.*}"
+      ;;
     k8s.io/kubernetes/cmd/*)
       local v
       v=$(cd "$tools_dir" && go list -m -f '{{.Version}}' k8s.io/kubernetes)
@@ -91,12 +115,17 @@ if command -v flock >/dev/null; then
   flock 9
 fi
 
-mod_hash=$(cat "$tools_dir/go.mod" "$tools_dir/go.sum" | sha256sum | cut -d' ' -f1)
+# mod_hash_of DIR prints the hash of the module's go.mod and go.sum.
+mod_hash_of() {
+  cat "$1/go.mod" "$1/go.sum" | sha256sum | cut -d' ' -f1
+}
 go_version=$(go env GOVERSION)
 
 for name in "$@"; do
   pkg=$(pkg_of "$name")
   bin=$(bin_of "$pkg")
+  mod_dir=$(moddir_of "$pkg")
+  mod_hash=$(mod_hash_of "$mod_dir")
   target=$out/$bin
   stamp_file=$out/.stamp/$bin
   # Cheap part first: a warm check runs no go command besides "go env".
@@ -109,7 +138,9 @@ for name in "$@"; do
   echo "build.sh: building $bin ($pkg) ..." >&2
   start=$(date +%s)
   tmp=$(mktemp "$out/.$bin.XXXXXX")
-  (cd "$tools_dir" && CGO_ENABLED=0 exec go build -ldflags "$flags" -o "$tmp" "$pkg") &
+  # One spiderpool dependency (github.com/tigera) is missing from the
+  # checksum database; go.sum pins it.
+  (cd "$mod_dir" && CGO_ENABLED=0 GONOSUMDB=${GONOSUMDB:+$GONOSUMDB,}github.com/tigera exec go build -ldflags "$flags" -o "$tmp" "$pkg") &
   gopid=$!
   if ! wait "$gopid"; then
     rm -f "$tmp"
