@@ -10,9 +10,11 @@ RUN CGO_ENABLED=0 go build -trimpath \
       -ldflags "-s -w -X github.com/vmnic/vmnic/pkg/shim.Version=${VERSION} -X github.com/vmnic/vmnic/daemon.Version=${VERSION}" \
       -o /out/ ./cmd/vmnic ./cmd/vmnicd
 
-# The daemon needs no shell and no userland tools: it programs netlink,
-# nftables and (later) OVSDB directly.
-FROM gcr.io/distroless/static-debian12:nonroot AS runtime
+# The daemon needs no shell, no libc and no userland tools: it programs
+# netlink, nftables and OVSDB directly, and in a pod it reads the API
+# server's CA from the service-account mount. The image holds the two
+# static binaries and nothing else.
+FROM scratch AS runtime
 COPY --from=build /out/vmnic /out/vmnicd /usr/local/bin/
 USER 0:0
 ENTRYPOINT ["/usr/local/bin/vmnicd"]
