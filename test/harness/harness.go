@@ -112,6 +112,7 @@ type Node struct {
 	// as a hostNetwork DaemonSet pod does).
 	DaemonInHostNetns bool
 	NS                ns.NetNS
+	procs             []*DaemonProcess
 	Dir               string
 	BinDir            string
 	CNI               *libcni.CNIConfig
@@ -132,8 +133,12 @@ func NewNode(dir string) (*Node, error) {
 	return n, nil
 }
 
-// Close removes the node namespace.
+// Close kills the daemon processes still running and removes the node
+// namespace.
 func (n *Node) Close() {
+	for _, p := range n.procs {
+		p.kill()
+	}
 	if n.NS != nil {
 		_ = n.NS.Close()
 		_ = testutils.UnmountNS(n.NS)
@@ -408,8 +413,10 @@ func BuildVersion(dir, version string) (shimBin, daemonBin string, err error) {
 
 // DaemonProcess is vmnicd running as its own process in the node netns.
 type DaemonProcess struct {
-	Cmd *exec.Cmd
-	Log string
+	Cmd  *exec.Cmd
+	Log  string
+	done chan struct{}
+	err  error
 }
 
 // StartDaemonProcess builds vmnicd and runs it inside the node namespace,
@@ -452,16 +459,37 @@ func (n *Node) StartDaemonBinary(bin, logName string, extraArgs ...string) (*Dae
 	for time.Now().Before(deadline) {
 		if c, err := net.Dial("unix", n.Socket()); err == nil {
 			_ = c.Close()
-			return &DaemonProcess{Cmd: cmd, Log: logPath}, nil
+			p := &DaemonProcess{Cmd: cmd, Log: logPath, done: make(chan struct{})}
+			go func() { p.err = cmd.Wait(); close(p.done) }()
+			n.procs = append(n.procs, p)
+			return p, nil
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
 	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
 	return nil, fmt.Errorf("vmnicd did not listen on %s within 30s (log: %s)", n.Socket(), logPath)
 }
 
-// Stop sends SIGTERM and waits.
+// Stop sends SIGTERM and waits for the exit.
 func (p *DaemonProcess) Stop() error {
+	select {
+	case <-p.done:
+		return p.err
+	default:
+	}
 	_ = p.Cmd.Process.Signal(syscall.SIGTERM)
-	return p.Cmd.Wait()
+	<-p.done
+	return p.err
+}
+
+// kill ends a daemon a test left running (a test that failed before its
+// Stop), so no vmnicd outlives its node.
+func (p *DaemonProcess) kill() {
+	select {
+	case <-p.done:
+	default:
+		_ = p.Cmd.Process.Kill()
+		<-p.done
+	}
 }
