@@ -6,7 +6,8 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/vmnic/vmnic/pkg/shim.Version=$(VERSION) -X github.com/vmnic/vmnic/daemon.Version=$(VERSION)
 BIN     := bin
 # Packages whose tests need no root and no namespaces run in test-unit.
-UNIT_PKGS := ./pkg/netconf/... ./pkg/proto/... ./pkg/spool/... ./pkg/state/... ./pkg/kubevirt/... ./pkg/fsutil/...
+UNIT_PKGS := ./pkg/netconf/... ./pkg/proto/... ./pkg/spool/... ./pkg/state/... ./pkg/kubevirt/... ./pkg/fsutil/... \
+             ./pkg/apis/... ./plugins/... ./daemon/install/...
 
 .PHONY: help deps build demo test test-unit test-integration bench lint fmt vet clean
 
@@ -32,8 +33,9 @@ test-unit: ## fast tests, no root needed
 test-integration: deps ## root tests in real namespaces (nftables, DHCP, libcni, guest)
 	$(GO) test -count=1 -timeout 30m ./plugins/... ./daemon/... ./pkg/nft/... ./pkg/dhcp/... ./test/...
 
-bench: deps ## benchmarks: ADD+DEL latency, pass-through overhead (medians)
+bench: deps ## benchmarks (medians, arms interleaved): ADD+DEL, pass-through overhead, shim exec, daemon RSS, OVSDB vs ovs-vsctl
 	$(GO) test -run '^$$' -bench . -benchtime 200x -count 1 -timeout 30m ./test/integration/
+	$(GO) test -run '^$$' -bench . -benchtime 50x -count 1 -timeout 30m ./pkg/ovsdb/
 
 vet: ## go vet
 	$(GO) vet ./...
