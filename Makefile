@@ -9,7 +9,7 @@ BIN     := bin
 UNIT_PKGS := ./pkg/netconf/... ./pkg/proto/... ./pkg/spool/... ./pkg/state/... ./pkg/kubevirt/... ./pkg/fsutil/... \
              ./pkg/apis/... ./plugins/... ./daemon/install/...
 
-.PHONY: help deps build demo test test-unit test-integration bench lint fmt vet clean
+.PHONY: help deps build demo test test-unit test-integration bench fuzz lint fmt vet clean
 
 help: ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -23,9 +23,13 @@ build: ## build vmnic (shim), vmnicd (daemon) into bin/
 demo: deps ## local demo: wire a VM NIC with vmnic masquerade and boot a real guest on it
 	$(GO) run ./test/demo
 
-test: deps vet lint ## the whole suite (as root): vet, format, lint, unit, integration, guest, cluster
+test: deps vet lint ## the whole suite (as root): vet, format, lint, unit, integration, guest, cluster, bounded fuzzing
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
+	FUZZTIME=5s bash test/fuzz.sh
 	$(GO) test -count=1 -timeout 40m ./...
+
+fuzz: ## run each fuzz target (FUZZTIME, default 20s)
+	bash test/fuzz.sh
 
 test-unit: ## fast tests, no root needed
 	$(GO) test -count=1 $(UNIT_PKGS)

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/cni/pkg/utils"
 	current "github.com/containernetworking/cni/pkg/types/100"
 
 	"github.com/vmnic/vmnic/pkg/kubevirt"
@@ -51,7 +52,28 @@ func (d *Daemon) Handle(ctx context.Context, req *proto.Request) *proto.Response
 	return &proto.Response{Result: result}
 }
 
+// validateIDs applies the spec's rules to CNI_CONTAINERID and CNI_IFNAME
+// again in the daemon: they name files in the state dir, and the socket is
+// the daemon's trust boundary, not the shim.
+func validateIDs(req *proto.Request) error {
+	switch req.Command {
+	case "ADD", "DEL", "CHECK":
+	default:
+		return nil
+	}
+	if err := utils.ValidateContainerID(req.ContainerID); err != nil {
+		return types.NewError(types.ErrInvalidEnvironmentVariables, "CNI_CONTAINERID: "+err.Msg, err.Details)
+	}
+	if err := utils.ValidateInterfaceName(req.IfName); err != nil {
+		return types.NewError(types.ErrInvalidEnvironmentVariables, "CNI_IFNAME: "+err.Msg, err.Details)
+	}
+	return nil
+}
+
 func (d *Daemon) dispatch(ctx context.Context, req *proto.Request) (json.RawMessage, error) {
+	if err := validateIDs(req); err != nil {
+		return nil, err
+	}
 	conf, cerr := netconf.Parse(req.Config)
 	if cerr != nil {
 		return nil, cerr

@@ -69,7 +69,14 @@ func Open(dir string) (*Store, error) {
 // Dir is the store's directory.
 func (s *Store) Dir() string { return s.dir }
 
-func (s *Store) path(key string) string { return filepath.Join(s.dir, key+".json") }
+// path maps a key to its file; a key that could leave the directory maps to
+// a name that cannot exist, so it reads as "not found" and writes fail.
+func (s *Store) path(key string) string {
+	if key == "" || strings.ContainsAny(key, "/\x00") || strings.HasPrefix(key, ".") {
+		return filepath.Join(s.dir, ".invalid-key", "x")
+	}
+	return filepath.Join(s.dir, key+".json")
+}
 
 // Put writes r atomically.
 func (s *Store) Put(r *Record) error {

@@ -47,3 +47,27 @@ func TestStore(t *testing.T) {
 		t.Errorf("Get after Delete: %v", err)
 	}
 }
+
+func TestStoreRefusesEscapingKeys(t *testing.T) {
+	base := t.TempDir()
+	s, err := Open(filepath.Join(base, "attachments"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	victim := filepath.Join(base, "victim_eth0.json")
+	if err := os.WriteFile(victim, []byte(`{"containerID":"victim"}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, key := range []string{Key("../victim", "eth0"), Key("..", "x"), Key("a/b", "eth0"), ""} {
+		if _, err := s.Get(key); !errors.Is(err, ErrNotFound) {
+			t.Errorf("Get(%q) = %v, want not found", key, err)
+		}
+		if err := s.Put(&Record{ContainerID: key, IfName: "eth0"}); err == nil && key != "" {
+			t.Errorf("Put with container ID %q succeeded", key)
+		}
+		_ = s.Delete(key)
+	}
+	if _, err := os.Stat(victim); err != nil {
+		t.Errorf("file outside the store touched: %v", err)
+	}
+}
