@@ -34,6 +34,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmnic/vmnic/test/proc"
+
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -89,9 +91,9 @@ type Cluster struct {
 	ReadyAfter time.Duration
 
 	mapper    *restmapper.DeferredDiscoveryRESTMapper
-	launcher  *launcher
-	etcd      *proc
-	apiserver *proc
+	launcher  *proc.Launcher
+	etcd      *proc.Proc
+	apiserver *proc.Proc
 	stopOnce  sync.Once
 }
 
@@ -122,7 +124,7 @@ func Start(ctx context.Context, dir string, opts Options) (*Cluster, error) {
 		apiserverBin, etcdBin = paths[0], paths[1]
 	}
 
-	c := &Cluster{Dir: dir, Kubeconfig: filepath.Join(dir, "kubeconfig"), launcher: newLauncher()}
+	c := &Cluster{Dir: dir, Kubeconfig: filepath.Join(dir, "kubeconfig"), launcher: proc.NewLauncher()}
 	if err := c.start(ctx, apiserverBin, etcdBin, opts); err != nil {
 		c.Stop()
 		return nil, fmt.Errorf("%w\n%s", err, c.LogTail(40))
@@ -153,9 +155,9 @@ func StartT(t testing.TB) *Cluster {
 // than once.
 func (c *Cluster) Stop() {
 	c.stopOnce.Do(func() {
-		c.apiserver.kill()
-		c.etcd.kill()
-		c.launcher.close()
+		c.apiserver.Kill()
+		c.etcd.Kill()
+		c.launcher.Close()
 	})
 }
 
@@ -163,10 +165,10 @@ func (c *Cluster) Stop() {
 // started).
 func (c *Cluster) Pids() (etcd, apiserver int) {
 	if c.etcd != nil {
-		etcd = c.etcd.cmd.Process.Pid
+		etcd = c.etcd.Cmd.Process.Pid
 	}
 	if c.apiserver != nil {
-		apiserver = c.apiserver.cmd.Process.Pid
+		apiserver = c.apiserver.Cmd.Process.Pid
 	}
 	return etcd, apiserver
 }
@@ -176,7 +178,7 @@ func (c *Cluster) LogTail(n int) string {
 	var b strings.Builder
 	for _, name := range []string{"etcd", "kube-apiserver"} {
 		path := filepath.Join(c.Dir, name+".log")
-		fmt.Fprintf(&b, "--- %s (last %d lines)\n%s\n", path, n, tail(path, n))
+		fmt.Fprintf(&b, "--- %s (last %d lines)\n%s\n", path, n, proc.Tail(path, n))
 	}
 	return b.String()
 }
@@ -239,14 +241,14 @@ func (c *Cluster) start(ctx context.Context, apiserverBin, etcdBin string, opts 
 
 // retryable reports whether a process that died during startup should be
 // started again on other ports.
-func retryable(p *proc) bool {
-	return strings.Contains(tail(p.log, 50), "address already in use")
+func retryable(p *proc.Proc) bool {
+	return strings.Contains(proc.Tail(p.Log, 50), "address already in use")
 }
 
 func (c *Cluster) startEtcd(ctx context.Context, bin string, timeout time.Duration) error {
 	dataDir := filepath.Join(c.Dir, "etcd")
 	for attempt := 1; ; attempt++ {
-		ports, err := freePorts(2)
+		ports, err := proc.FreePorts(2)
 		if err != nil {
 			return err
 		}
@@ -266,7 +268,7 @@ func (c *Cluster) startEtcd(ctx context.Context, bin string, timeout time.Durati
 		if err = os.RemoveAll(dataDir); err != nil {
 			return fmt.Errorf("etcd data dir: %w", err)
 		}
-		p, err := startProc(c.launcher, "etcd", bin, filepath.Join(c.Dir, "etcd.log"), args)
+		p, err := proc.Start(c.launcher, "etcd", bin, filepath.Join(c.Dir, "etcd.log"), args)
 		if err != nil {
 			return err
 		}
@@ -277,8 +279,8 @@ func (c *Cluster) startEtcd(ctx context.Context, bin string, timeout time.Durati
 		if err == nil {
 			return nil
 		}
-		p.kill()
-		if attempt < 3 && p.hasExited() && retryable(p) {
+		p.Kill()
+		if attempt < 3 && p.HasExited() && retryable(p) {
 			continue
 		}
 		return fmt.Errorf("etcd: %w", err)
@@ -320,7 +322,7 @@ func (c *Cluster) writeCredentials() error {
 func (c *Cluster) startAPIServer(ctx context.Context, bin string, opts Options) error {
 	pki := filepath.Join(c.Dir, "pki")
 	for attempt := 1; ; attempt++ {
-		ports, err := freePorts(1)
+		ports, err := proc.FreePorts(1)
 		if err != nil {
 			return err
 		}
@@ -343,7 +345,7 @@ func (c *Cluster) startAPIServer(ctx context.Context, bin string, opts Options) 
 		}
 		args = append(args, opts.APIServerArgs...)
 		started := time.Now()
-		p, err := startProc(c.launcher, "kube-apiserver", bin, filepath.Join(c.Dir, "kube-apiserver.log"), args)
+		p, err := proc.Start(c.launcher, "kube-apiserver", bin, filepath.Join(c.Dir, "kube-apiserver.log"), args)
 		if err != nil {
 			return err
 		}
@@ -357,8 +359,8 @@ func (c *Cluster) startAPIServer(ctx context.Context, bin string, opts Options) 
 			c.ReadyAfter = time.Since(started)
 			return nil
 		}
-		p.kill()
-		if attempt < 3 && p.hasExited() && retryable(p) {
+		p.Kill()
+		if attempt < 3 && p.HasExited() && retryable(p) {
 			continue
 		}
 		return fmt.Errorf("kube-apiserver: %w", err)
@@ -367,7 +369,7 @@ func (c *Cluster) startAPIServer(ctx context.Context, bin string, opts Options) 
 
 // waitHTTP polls url until it answers 200 (and ok accepts the body), the
 // process exits, or the timeout passes.
-func waitHTTP(ctx context.Context, p *proc, timeout time.Duration, url string, tlsConfig *tls.Config, ok func(body string) bool) error {
+func waitHTTP(ctx context.Context, p *proc.Proc, timeout time.Duration, url string, tlsConfig *tls.Config, ok func(body string) bool) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	client := &http.Client{
@@ -395,8 +397,8 @@ func waitHTTP(ctx context.Context, p *proc, timeout time.Duration, url string, t
 			last = err.Error()
 		}
 		select {
-		case <-p.exited:
-			return fmt.Errorf("exited during startup (%v)", p.err)
+		case <-p.Exited():
+			return fmt.Errorf("exited during startup (%v)", p.Err())
 		case <-ctx.Done():
 			return fmt.Errorf("not ready at %s after %v (last: %s): %w", url, timeout, last, ctx.Err())
 		case <-time.After(100 * time.Millisecond):

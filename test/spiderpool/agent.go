@@ -30,6 +30,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmnic/vmnic/test/proc"
+
 	"github.com/vmnic/vmnic/test/cluster"
 )
 
@@ -86,8 +88,8 @@ type Agent struct {
 	// HealthPort is the agent's OpenAPI HTTP port (all addresses).
 	HealthPort int
 
-	launcher *launcher
-	proc     *proc
+	launcher *proc.Launcher
+	proc     *proc.Proc
 	stopOnce sync.Once
 }
 
@@ -135,7 +137,7 @@ func StartAgent(ctx context.Context, c *cluster.Cluster, dir string, opts AgentO
 		return nil, fmt.Errorf("write agent config: %w", err)
 	}
 
-	a.launcher = newLauncher()
+	a.launcher = proc.NewLauncher()
 	if err := a.start(ctx, bin, conf, c.Kubeconfig, opts); err != nil {
 		a.Stop()
 		return nil, fmt.Errorf("%w\n--- %s (last 40 lines)\n%s", err, a.Log, a.LogTail(40))
@@ -165,8 +167,8 @@ func StartAgentT(t testing.TB, c *cluster.Cluster, opts AgentOptions) *Agent {
 // is gone. It leaves Dir in place and is safe to call more than once.
 func (a *Agent) Stop() {
 	a.stopOnce.Do(func() {
-		a.proc.kill()
-		a.launcher.close()
+		a.proc.Kill()
+		a.launcher.Close()
 	})
 }
 
@@ -175,11 +177,11 @@ func (a *Agent) Pid() int {
 	if a.proc == nil {
 		return 0
 	}
-	return a.proc.cmd.Process.Pid
+	return a.proc.Cmd.Process.Pid
 }
 
 // LogTail returns the last n lines of the agent's log.
-func (a *Agent) LogTail(n int) string { return tail(a.Log, n) }
+func (a *Agent) LogTail(n int) string { return proc.Tail(a.Log, n) }
 
 // IPAMConfig returns the "ipam" object of a netconf that delegates to the
 // `spiderpool` plugin talking to this agent, with ipv4Pools as the default
@@ -351,7 +353,7 @@ func (a *Agent) start(ctx context.Context, bin, conf, kubeconfig string, opts Ag
 		return fmt.Errorf("gops dir: %w", err)
 	}
 	for attempt := 1; ; attempt++ {
-		ports, err := freePorts(3)
+		ports, err := proc.FreePorts(3)
 		if err != nil {
 			return err
 		}
@@ -366,7 +368,7 @@ func (a *Agent) start(ctx context.Context, bin, conf, kubeconfig string, opts Ag
 		cmd.Env = agentEnv(kubeconfig, gopsDir, opts, ports)
 		cmd.Stdout = f
 		cmd.Stderr = f
-		p, err := startProc(a.launcher, cmd)
+		p, err := proc.StartCmd(a.launcher, cmd)
 		// The child has its own copy of the descriptor.
 		_ = f.Close()
 		if err != nil {
@@ -377,8 +379,8 @@ func (a *Agent) start(ctx context.Context, bin, conf, kubeconfig string, opts Ag
 		if err == nil {
 			return nil
 		}
-		p.kill()
-		if attempt < 3 && p.hasExited() && strings.Contains(a.LogTail(20), "address already in use") {
+		p.Kill()
+		if attempt < 3 && p.HasExited() && strings.Contains(a.LogTail(20), "address already in use") {
 			continue
 		}
 		return fmt.Errorf("spiderpool-agent: %w", err)
@@ -400,8 +402,8 @@ func (a *Agent) waitHealthy(ctx context.Context, timeout time.Duration) error {
 		}
 		last = err.Error()
 		select {
-		case <-a.proc.exited:
-			return fmt.Errorf("exited during startup (%v)", a.proc.err)
+		case <-a.proc.Exited():
+			return fmt.Errorf("exited during startup (%v)", a.proc.Err())
 		case <-ctx.Done():
 			return fmt.Errorf("not healthy on %s after %v (last: %s): %w", a.Socket, timeout, last, ctx.Err())
 		case <-time.After(200 * time.Millisecond):
@@ -438,26 +440,4 @@ func (a *Agent) get(ctx context.Context, client *http.Client, path string) error
 		return fmt.Errorf("GET %s: %s", path, resp.Status)
 	}
 	return nil
-}
-
-// freePorts returns n distinct free TCP ports. Another process may take one
-// before the agent binds it; start retries on "address already in use".
-func freePorts(n int) ([]int, error) {
-	ports := make([]int, 0, n)
-	var ls []net.Listener
-	defer func() {
-		for _, l := range ls {
-			_ = l.Close()
-		}
-	}()
-	for range n {
-		// The health and metrics servers listen on all addresses.
-		l, err := net.Listen("tcp", ":0")
-		if err != nil {
-			return nil, fmt.Errorf("find a free port: %w", err)
-		}
-		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
-	}
-	return ports, nil
 }

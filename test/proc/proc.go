@@ -1,0 +1,186 @@
+// Package proc starts the daemons tests need (etcd, kube-apiserver, the
+// Spiderpool agent …) so that they never outlive the test: each child is
+// forked from one long-lived locked OS thread with a parent-death signal,
+// in its own process group, its output in a log file.
+package proc
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+)
+
+// Launcher starts child processes from one OS thread that stays locked, and
+// alive, until close. Pdeathsig is sent when the thread that forked a child
+// exits, not when the process does, and Go ends a thread whose goroutine
+// exits while locked to it (the netns helpers tests use do that on errors):
+// forking from an arbitrary goroutine could kill the API server mid-test.
+type Launcher struct {
+	reqs chan func()
+	done chan struct{}
+	once sync.Once
+}
+
+// NewLauncher starts the launcher's thread; Close ends it.
+func NewLauncher() *Launcher {
+	l := &Launcher{reqs: make(chan func()), done: make(chan struct{})}
+	go func() {
+		// Never unlocked: when close ends this goroutine, the thread exits
+		// too and any child still alive gets its Pdeathsig.
+		runtime.LockOSThread()
+		for {
+			select {
+			case f := <-l.reqs:
+				f()
+			case <-l.done:
+				return
+			}
+		}
+	}()
+	return l
+}
+
+// Start runs cmd.Start on the launcher's thread.
+func (l *Launcher) Start(cmd *exec.Cmd) error {
+	errc := make(chan error, 1)
+	select {
+	case l.reqs <- func() { errc <- cmd.Start() }:
+		return <-errc
+	case <-l.done:
+		return errors.New("launcher is closed")
+	}
+}
+
+// Close ends the launcher's thread; children still alive get SIGKILL.
+func (l *Launcher) Close() { l.once.Do(func() { close(l.done) }) }
+
+// Proc is one child process.
+type Proc struct {
+	Name string
+	Cmd  *exec.Cmd
+	// Log is the file holding its output ("" when the caller set it up).
+	Log    string
+	exited chan struct{} // closed once cmd.Wait returned
+	err    error         // cmd.Wait's result, valid after exited
+}
+
+// Exited is closed once the process has ended.
+func (p *Proc) Exited() <-chan struct{} { return p.exited }
+
+// Err is the process's exit error, valid once Exited is closed.
+func (p *Proc) Err() error { return p.err }
+
+// Start starts bin with args, output to logPath, in its own process group,
+// killed with SIGKILL when the launcher's thread (or the whole test process)
+// dies.
+func Start(l *Launcher, name, bin, logPath string, args []string) (*Proc, error) {
+	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("open %s log: %w", name, err)
+	}
+	// The child has its own copy of the descriptor.
+	defer func() { _ = f.Close() }()
+	_, _ = fmt.Fprintf(f, "==== %s %s\n", bin, strings.Join(args, " "))
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout = f
+	cmd.Stderr = f
+	p, err := StartCmd(l, cmd)
+	if err != nil {
+		return nil, fmt.Errorf("start %s: %w", name, err)
+	}
+	p.Name, p.Log = name, logPath
+	return p, nil
+}
+
+// StartCmd starts a command the caller prepared (output, environment) the
+// same way: own process group, SIGKILL when the launcher's thread dies.
+func StartCmd(l *Launcher, cmd *exec.Cmd) (*Proc, error) {
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	cmd.SysProcAttr.Setpgid = true
+	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	if err := l.Start(cmd); err != nil {
+		return nil, err
+	}
+	p := &Proc{Name: cmd.Path, Cmd: cmd, exited: make(chan struct{})}
+	go func() {
+		p.err = cmd.Wait()
+		close(p.exited)
+	}()
+	return p, nil
+}
+
+// Kill sends SIGKILL to the process group and waits until the process is
+// reaped. Safe to call more than once and on nil.
+func (p *Proc) Kill() {
+	if p == nil {
+		return
+	}
+	select {
+	case <-p.exited:
+		return
+	default:
+	}
+	_ = syscall.Kill(-p.Cmd.Process.Pid, syscall.SIGKILL)
+	_ = p.Cmd.Process.Kill()
+	<-p.exited
+}
+
+// HasExited reports whether the process has ended.
+func (p *Proc) HasExited() bool {
+	select {
+	case <-p.exited:
+		return true
+	default:
+		return false
+	}
+}
+
+// Tail returns the last n lines of a log file ("" when it cannot be read).
+func Tail(path string, n int) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer func() { _ = f.Close() }()
+	const max = 64 << 10
+	if st, err := f.Stat(); err == nil && st.Size() > max {
+		_, _ = f.Seek(st.Size()-max, io.SeekStart)
+	}
+	b, _ := io.ReadAll(f)
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// FreePorts returns n distinct free TCP ports on 127.0.0.1. Another process
+// may take one before the caller binds it; callers retry on "address
+// already in use".
+func FreePorts(n int) ([]int, error) {
+	ports := make([]int, 0, n)
+	var ls []net.Listener
+	defer func() {
+		for _, l := range ls {
+			_ = l.Close()
+		}
+	}()
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("find a free port: %w", err)
+		}
+		ls = append(ls, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
+}
