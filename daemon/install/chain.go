@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+
+	"github.com/vmnic/vmnic/pkg/fsutil"
 )
 
 // confExts are the extensions containerd, CRI-O and Multus load from the
@@ -144,7 +146,7 @@ func (c *config) convert(dir string, f *confFile) (ChainResult, error) {
 	if err := os.Rename(from, from+backupSuffix); err != nil {
 		return res, fmt.Errorf("convert %q: set the original aside: %w", f.path, err)
 	}
-	if err := syncDir(dir); err != nil {
+	if err := fsutil.SyncDir(dir); err != nil {
 		return res, err
 	}
 	res.Changed = true
@@ -355,7 +357,7 @@ func (c *config) restore(dir, backup, orig string) ([]string, error) {
 	default:
 		return nil, fmt.Errorf("stat %q: %w", filepath.Join(c.ConfDir, orig), err)
 	}
-	if err = syncDir(dir); err != nil {
+	if err = fsutil.SyncDir(dir); err != nil {
 		return changed, err
 	}
 	listName := convertedName(orig)
@@ -374,5 +376,5 @@ func (c *config) restore(dir, backup, orig string) ([]string, error) {
 	}
 	changed = append(changed, list.path)
 	c.Logger.Info("restored single-plugin config", "file", filepath.Join(c.ConfDir, orig), "removed", list.path)
-	return changed, syncDir(dir)
+	return changed, fsutil.SyncDir(dir)
 }

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/vmnic/vmnic/pkg/fsutil"
 )
 
 // tempMarker is in the name of every temporary file the installer creates,
@@ -148,7 +150,7 @@ func writeAtomic(path string, spec writeSpec) (err error) {
 	if err = os.Rename(tmp, path); err != nil {
 		return fmt.Errorf("rename %q to %q: %w", tmp, path, err)
 	}
-	return syncDir(dir)
+	return fsutil.SyncDir(dir)
 }
 
 // fillTemp writes, chmods, chowns, syncs and closes the temp file f.
@@ -174,19 +176,6 @@ func fillTemp(f *os.File, spec writeSpec) (err error) {
 	}
 	if err = f.Close(); err != nil {
 		return fmt.Errorf("close %q: %w", f.Name(), err)
-	}
-	return nil
-}
-
-// syncDir makes a rename or removal in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("open dir %q: %w", dir, err)
-	}
-	defer func() { _ = d.Close() }()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync dir %q: %w", dir, err)
 	}
 	return nil
 }
