@@ -10,7 +10,7 @@ pkgs=(
   iproute2 iputils-ping
   qemu-system-x86 # the real guest (TCG, no KVM needed)
   linux-image-amd64 busybox-static xz-utils # guest kernel, its modules, the guest userland
-  procps
+  procps cpio # cpio checks the guest initramfs writer
   isc-dhcp-client # a second real DHCP client for pkg/dhcp tests
   openvswitch-switch # private userspace-datapath OVS instances in tests (no kernel module needed)
 )

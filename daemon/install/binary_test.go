@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vmnic/vmnic/test/need"
 )
 
 // TestInstallBinary: a fresh install, a skipped identical one, a replaced
@@ -136,10 +138,7 @@ func TestInstallBinarySymlinks(t *testing.T) {
 // buildTiny builds a Go program printing msg.
 func buildTiny(t *testing.T, msg string) string {
 	t.Helper()
-	goBin, err := exec.LookPath("go")
-	if err != nil {
-		t.Skip("no go toolchain to build test binaries:", err)
-	}
+	goBin := need.Binary(t, "go")
 	dir := t.TempDir()
 	writeFile(t, filepath.Join(dir, "go.mod"), []byte("module tiny\n\ngo 1.22\n"), 0o644)
 	writeFile(t, filepath.Join(dir, "main.go"), fmt.Appendf(nil, "package main\n\nimport \"fmt\"\n\nfunc main() { fmt.Println(%q) }\n", msg), 0o644)

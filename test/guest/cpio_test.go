@@ -6,14 +6,14 @@ import (
 	"os/exec"
 	"path/filepath"
 	"testing"
+
+	"github.com/vmnic/vmnic/test/need"
 )
 
 // TestCPIO checks the newc writer against the cpio tool, including two
 // concatenated archives as Start produces them.
 func TestCPIO(t *testing.T) {
-	if _, err := exec.LookPath("cpio"); err != nil {
-		t.Skipf("SKIPPING: cpio tool not found: %v", err)
-	}
+	need.Binary(t, "cpio")
 	var a cpioWriter
 	a.Dir("etc", 0o755)
 	a.File("etc/hello", 0o644, []byte("hello world\n"))
