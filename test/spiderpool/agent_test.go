@@ -240,7 +240,7 @@ spec:
 
 // run executes the spiderpool IPAM plugin binary for pd as a CNI runtime
 // (or the main plugin delegating IPAM) would.
-func (pd *pod) run(t *testing.T, command string) []byte {
+func (pd *pod) try(t *testing.T, command string) ([]byte, error) {
 	t.Helper()
 	cmd := exec.CommandContext(t.Context(), filepath.Join(pd.pluginDir, spiderpool.PluginName))
 	cmd.Env = append(os.Environ(),
@@ -256,15 +256,37 @@ func (pd *pod) run(t *testing.T, command string) []byte {
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
-		t.Fatalf("spiderpool %s for %s: %v\nstdout: %s\nstderr: %s", command, pd.name, err, stdout.String(), stderr.String())
+		return stdout.Bytes(), fmt.Errorf("spiderpool %s for %s: %w\nstdout: %s\nstderr: %s", command, pd.name, err, stdout.String(), stderr.String())
 	}
-	return stdout.Bytes()
+	return stdout.Bytes(), nil
+}
+
+// run runs the IPAM plugin and fails the test on an error.
+func (pd *pod) run(t *testing.T, command string) []byte {
+	t.Helper()
+	out, err := pd.try(t, command)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
 }
 
 // add runs ADD and returns the one IPv4 address of the result.
+//
+// The agent reads the VMI's SpiderEndpoint from its informer cache: an ADD
+// that comes right after another pod of the VMI created it can find the
+// cache behind and fail with "already exists". The runtime retries a failed
+// sandbox; so does this, for a bounded time, on that error only.
 func (pd *pod) add(t *testing.T) string {
 	t.Helper()
-	out := pd.run(t, "ADD")
+	out, err := pd.try(t, "ADD")
+	for deadline := time.Now().Add(15 * time.Second); err != nil && strings.Contains(err.Error(), "already exists") && time.Now().Before(deadline); {
+		time.Sleep(250 * time.Millisecond)
+		out, err = pd.try(t, "ADD")
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
 	var res struct {
 		CNIVersion string `json:"cniVersion"`
 		IPs        []struct {
