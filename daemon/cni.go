@@ -33,7 +33,7 @@ func badRequest(err error) error {
 }
 
 func encode(w io.Writer, resp *proto.Response) error {
-	return json.NewEncoder(w).Encode(resp)
+	return proto.Encode(w, resp)
 }
 
 // Handle serves one forwarded CNI request.

@@ -41,6 +41,15 @@ type Response struct {
 	Error  *types.Error    `json:"error,omitempty"`
 }
 
+// Encode writes v as one JSON message. It does not HTML-escape, so a
+// network configuration reaches the daemon byte for byte as the runtime
+// gave it to the shim.
+func Encode(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetEscapeHTML(false)
+	return enc.Encode(v)
+}
+
 // Decode reads one bounded JSON message into v.
 func Decode(r io.Reader, v any) error {
 	dec := json.NewDecoder(io.LimitReader(r, MaxMessage))
@@ -83,7 +92,7 @@ func Call(ctx context.Context, socket string, req *Request) (*Response, error) {
 	}
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Now()) })
 	defer stop()
-	if err := json.NewEncoder(conn).Encode(req); err != nil {
+	if err := Encode(conn, req); err != nil {
 		return nil, fmt.Errorf("send %s request to %q: %w", req.Command, socket, err)
 	}
 	if uc, ok := conn.(*net.UnixConn); ok {
