@@ -16,7 +16,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"os"
 	"strings"
 	"time"
 
@@ -26,13 +25,13 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/utils/sysctl"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/vmnic/vmnic/pkg/dhcp"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/pkg/nft"
+	"github.com/vmnic/vmnic/pkg/podnet"
 )
 
 // The fixed addresses of KubeVirt's masquerade binding.
@@ -46,10 +45,8 @@ var (
 	Mask6     = net.CIDRMask(120, 128)
 )
 
-// AliasPrefix starts the owner mark vmnic writes into IFLA_IFALIAS of every
-// link it creates. Nothing without the exact mark of its attachment is
-// deleted.
-const AliasPrefix = "vmnic:"
+// AliasPrefix starts the owner mark of every link vmnic creates.
+const AliasPrefix = podnet.AliasPrefix
 
 // Spec is everything needed to wire, check, restore and remove one
 // masquerade NIC. The daemon stores it in the attachment record, so DEL and
@@ -82,13 +79,7 @@ type Input struct {
 }
 
 // Alias is the owner mark of an attachment's links.
-func Alias(containerID, ifName string) string {
-	a := AliasPrefix + containerID + "/" + ifName
-	if len(a) > 255 {
-		a = a[:255]
-	}
-	return a
-}
+func Alias(containerID, ifName string) string { return podnet.Alias(containerID, ifName) }
 
 // NewSpec decides the wiring; it touches nothing.
 func NewSpec(in Input) (*Spec, error) {
@@ -264,18 +255,8 @@ func (p *Plugin) undo(key string, s *Spec) error {
 	}
 	defer closeNS()
 	var errs []error
-	for _, name := range []string{s.Tap, s.Bridge} {
-		l, err := ownedLink(h, name, s.Owner)
-		if errors.Is(err, errLinkGone) || errors.Is(err, errNotOwned) {
-			continue
-		}
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if err := h.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
-			errs = append(errs, fmt.Errorf("delete link %q: %w", name, err))
-		}
+	if err := podnet.DeleteOwned(h, s.Owner, s.Tap, s.Bridge); err != nil {
+		errs = append(errs, err)
 	}
 	if err := nft.Delete(s.Netns); err != nil {
 		errs = append(errs, fmt.Errorf("delete NAT tables: %w", err))
@@ -284,57 +265,12 @@ func (p *Plugin) undo(key string, s *Spec) error {
 }
 
 var (
-	errNetnsGone = errors.New("network namespace is gone")
-	errLinkGone  = errors.New("link not found")
-	errNotOwned  = errors.New("link is not owned by this attachment")
+	errNetnsGone = podnet.ErrNetnsGone
+	errLinkGone  = podnet.ErrLinkGone
+	errNotOwned  = podnet.ErrNotOwned
+	openHandle   = podnet.OpenHandle
+	ownedLink    = podnet.OwnedLink
 )
-
-func openHandle(path string) (netlinksafe.Handle, func(), error) {
-	if path == "" {
-		return netlinksafe.Handle{}, nil, errNetnsGone
-	}
-	nsh, err := netns.GetFromPath(path)
-	if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ENOENT) {
-		return netlinksafe.Handle{}, nil, fmt.Errorf("%s: %w", path, errNetnsGone)
-	}
-	if err != nil {
-		return netlinksafe.Handle{}, nil, fmt.Errorf("open netns %q: %w", path, err)
-	}
-	// A path whose namespace was unmounted still exists as a plain file.
-	if ok, _ := isNetns(path); !ok {
-		_ = nsh.Close()
-		return netlinksafe.Handle{}, nil, fmt.Errorf("%s: %w", path, errNetnsGone)
-	}
-	h, err := netlinksafe.NewHandleAt(nsh)
-	if err != nil {
-		_ = nsh.Close()
-		return netlinksafe.Handle{}, nil, fmt.Errorf("netlink handle in %q: %w", path, err)
-	}
-	return h, func() { h.Close(); _ = nsh.Close() }, nil
-}
-
-func isNetns(path string) (bool, error) {
-	var st unix.Statfs_t
-	if err := unix.Statfs(path, &st); err != nil {
-		return false, err
-	}
-	return st.Type == unix.NSFS_MAGIC || st.Type == unix.PROC_SUPER_MAGIC, nil
-}
-
-func ownedLink(h netlinksafe.Handle, name, owner string) (netlink.Link, error) {
-	l, err := h.LinkByName(name)
-	if err != nil {
-		var nf netlink.LinkNotFoundError
-		if errors.As(err, &nf) || errors.Is(err, unix.ENODEV) {
-			return nil, fmt.Errorf("%s: %w", name, errLinkGone)
-		}
-		return nil, fmt.Errorf("look up link %q: %w", name, err)
-	}
-	if l.Attrs().Alias != owner {
-		return l, fmt.Errorf("%s (alias %q): %w", name, l.Attrs().Alias, errNotOwned)
-	}
-	return l, nil
-}
 
 // removeStale clears what a previous ADD of the same attachment left (a
 // retried ADD), and refuses to touch links that someone else owns.
@@ -400,49 +336,7 @@ func (s *Spec) bridgeAddrs() []*netlink.Addr {
 }
 
 func (p *Plugin) addTap(h netlinksafe.Handle, s *Spec, br netlink.Link) error {
-	tap := &netlink.Tuntap{
-		LinkAttrs: netlink.LinkAttrs{Name: s.Tap},
-		Mode:      netlink.TUNTAP_MODE_TAP,
-		Flags:     netlink.TUNTAP_NO_PI | netlink.TUNTAP_VNET_HDR,
-		Owner:     kubevirt.LauncherUID,
-		Group:     kubevirt.LauncherGID,
-	}
-	if s.Queues > 1 {
-		tap.Flags |= netlink.TUNTAP_MULTI_QUEUE
-		tap.Queues = s.Queues
-	}
-	// The tap is created through /dev/net/tun, which acts in the calling
-	// thread's netns: this one step has to run inside the pod netns.
-	err := ns.WithNetNSPath(s.Netns, func(ns.NetNS) error {
-		if err := netlink.LinkAdd(tap); err != nil {
-			return err
-		}
-		for _, f := range tap.Fds {
-			_ = f.Close()
-		}
-		return nil
-	})
-	if err != nil {
-		return fmt.Errorf("create tap %q: %w", s.Tap, err)
-	}
-	l, err := h.LinkByName(s.Tap)
-	if err != nil {
-		return fmt.Errorf("look up tap %q: %w", s.Tap, err)
-	}
-	if err := h.LinkSetAlias(l, s.Owner); err != nil {
-		_ = h.LinkDel(l)
-		return fmt.Errorf("mark tap %q: %w", s.Tap, err)
-	}
-	if err := h.LinkSetMTU(l, s.MTU); err != nil {
-		return fmt.Errorf("set MTU %d on %q: %w", s.MTU, s.Tap, err)
-	}
-	if err := h.LinkSetMaster(l, br); err != nil {
-		return fmt.Errorf("attach %q to %q: %w", s.Tap, s.Bridge, err)
-	}
-	if err := h.LinkSetUp(l); err != nil {
-		return fmt.Errorf("set %q up: %w", s.Tap, err)
-	}
-	return nil
+	return podnet.AddTap(h, podnet.Tap{Netns: s.Netns, Name: s.Tap, Owner: s.Owner, MTU: s.MTU, Queues: s.Queues}, br)
 }
 
 // sysctls returns the settings the NIC needs, as name → value.
@@ -497,7 +391,7 @@ func (s *Spec) nftSpec() nft.Masquerade {
 }
 
 func (s *Spec) dhcpConfig(log *slog.Logger) dhcp.Config {
-	cfg := dhcp.Config{NetnsPath: s.Netns, IfName: s.Bridge, Logger: log.With("bridge", s.Bridge, "netns", s.Netns)}
+	cfg := dhcp.Config{NetnsPath: s.Netns, IfName: s.Bridge, Logger: log}
 	if s.GuestMAC != "" {
 		cfg.ClientMAC, _ = net.ParseMAC(s.GuestMAC)
 	}

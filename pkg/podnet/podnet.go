@@ -1,0 +1,195 @@
+// Package podnet holds the link operations every vmnic mode shares: netlink
+// handles inside a pod's network namespace that tolerate a vanished
+// namespace, the owner mark written into each link vmnic creates, and the
+// tap QEMU opens.
+//
+// The owner mark is the link's alias (IFLA_IFALIAS), "vmnic:<container>/<if>".
+// Nothing whose alias is not the exact mark of the attachment is deleted.
+package podnet
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/vmnic/vmnic/pkg/kubevirt"
+)
+
+// AliasPrefix starts the owner mark vmnic writes into IFLA_IFALIAS of every
+// link it creates.
+const AliasPrefix = "vmnic:"
+
+// Alias is the owner mark of an attachment's links.
+func Alias(containerID, ifName string) string {
+	a := AliasPrefix + containerID + "/" + ifName
+	if len(a) > 255 {
+		a = a[:255]
+	}
+	return a
+}
+
+var (
+	// ErrNetnsGone: the namespace path is empty, missing or unmounted.
+	ErrNetnsGone = errors.New("network namespace is gone")
+	// ErrLinkGone: no link of that name.
+	ErrLinkGone = errors.New("link not found")
+	// ErrNotOwned: the link exists but carries another owner mark.
+	ErrNotOwned = errors.New("link is not owned by this attachment")
+)
+
+// OpenHandle returns a netlink handle inside the namespace at path, and a
+// function that closes it. A namespace that is gone is ErrNetnsGone.
+func OpenHandle(path string) (netlinksafe.Handle, func(), error) {
+	if path == "" {
+		return netlinksafe.Handle{}, nil, ErrNetnsGone
+	}
+	nsh, err := netns.GetFromPath(path)
+	if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ENOENT) {
+		return netlinksafe.Handle{}, nil, fmt.Errorf("%s: %w", path, ErrNetnsGone)
+	}
+	if err != nil {
+		return netlinksafe.Handle{}, nil, fmt.Errorf("open netns %q: %w", path, err)
+	}
+	// A path whose namespace was unmounted still exists as a plain file.
+	if ok, _ := IsNetns(path); !ok {
+		_ = nsh.Close()
+		return netlinksafe.Handle{}, nil, fmt.Errorf("%s: %w", path, ErrNetnsGone)
+	}
+	h, err := netlinksafe.NewHandleAt(nsh)
+	if err != nil {
+		_ = nsh.Close()
+		return netlinksafe.Handle{}, nil, fmt.Errorf("netlink handle in %q: %w", path, err)
+	}
+	return h, func() { h.Close(); _ = nsh.Close() }, nil
+}
+
+// OpenHost returns a handle in the namespace at path, or in the caller's own
+// namespace when path is empty (the daemon runs in the node's).
+func OpenHost(path string) (netlinksafe.Handle, func(), error) {
+	if path == "" {
+		h, err := netlinksafe.NewHandle()
+		if err != nil {
+			return netlinksafe.Handle{}, nil, fmt.Errorf("netlink handle: %w", err)
+		}
+		return h, h.Close, nil
+	}
+	return OpenHandle(path)
+}
+
+// IsNetns reports whether path is a mounted network namespace (nsfs) or a
+// /proc/<pid>/ns/net file.
+func IsNetns(path string) (bool, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return false, err
+	}
+	return st.Type == unix.NSFS_MAGIC || st.Type == unix.PROC_SUPER_MAGIC, nil
+}
+
+// LinkGone reports whether err means the link does not exist.
+func LinkGone(err error) bool {
+	var nf netlink.LinkNotFoundError
+	return errors.As(err, &nf) || errors.Is(err, unix.ENODEV)
+}
+
+// OwnedLink returns the link name if its alias is owner. A link with another
+// alias is returned with ErrNotOwned; a missing one is ErrLinkGone.
+func OwnedLink(h netlinksafe.Handle, name, owner string) (netlink.Link, error) {
+	l, err := h.LinkByName(name)
+	if err != nil {
+		if LinkGone(err) {
+			return nil, fmt.Errorf("%s: %w", name, ErrLinkGone)
+		}
+		return nil, fmt.Errorf("look up link %q: %w", name, err)
+	}
+	if l.Attrs().Alias != owner {
+		return l, fmt.Errorf("%s (alias %q): %w", name, l.Attrs().Alias, ErrNotOwned)
+	}
+	return l, nil
+}
+
+// DeleteOwned deletes the named links that carry owner; missing links and
+// links of other owners are skipped.
+func DeleteOwned(h netlinksafe.Handle, owner string, names ...string) error {
+	var errs []error
+	for _, name := range names {
+		l, err := OwnedLink(h, name, owner)
+		if errors.Is(err, ErrLinkGone) || errors.Is(err, ErrNotOwned) {
+			continue
+		}
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if err := h.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
+			errs = append(errs, fmt.Errorf("delete link %q: %w", name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Tap describes the tap QEMU opens in the pod.
+type Tap struct {
+	Netns  string
+	Name   string
+	Owner  string // the owner mark
+	MTU    int
+	Queues int // more than one makes it multiqueue
+}
+
+// AddTap creates the tap owned by the launcher's qemu user, marks it, sets
+// its MTU, attaches it to master and sets it up. On error the caller removes
+// it (it carries the owner mark once marked).
+func AddTap(h netlinksafe.Handle, t Tap, master netlink.Link) error {
+	tap := &netlink.Tuntap{
+		LinkAttrs: netlink.LinkAttrs{Name: t.Name},
+		Mode:      netlink.TUNTAP_MODE_TAP,
+		Flags:     netlink.TUNTAP_NO_PI | netlink.TUNTAP_VNET_HDR,
+		Owner:     kubevirt.LauncherUID,
+		Group:     kubevirt.LauncherGID,
+	}
+	if t.Queues > 1 {
+		tap.Flags |= netlink.TUNTAP_MULTI_QUEUE
+		tap.Queues = t.Queues
+	}
+	// The tap is created through /dev/net/tun, which acts in the calling
+	// thread's netns: this one step has to run inside the pod netns.
+	err := ns.WithNetNSPath(t.Netns, func(ns.NetNS) error {
+		if err := netlink.LinkAdd(tap); err != nil {
+			return err
+		}
+		for _, f := range tap.Fds {
+			_ = f.Close()
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("create tap %q: %w", t.Name, err)
+	}
+	l, err := h.LinkByName(t.Name)
+	if err != nil {
+		return fmt.Errorf("look up tap %q: %w", t.Name, err)
+	}
+	if err := h.LinkSetAlias(l, t.Owner); err != nil {
+		_ = h.LinkDel(l)
+		return fmt.Errorf("mark tap %q: %w", t.Name, err)
+	}
+	if t.MTU > 0 {
+		if err := h.LinkSetMTU(l, t.MTU); err != nil {
+			return fmt.Errorf("set MTU %d on %q: %w", t.MTU, t.Name, err)
+		}
+	}
+	if err := h.LinkSetMaster(l, master); err != nil {
+		return fmt.Errorf("attach %q to %q: %w", t.Name, master.Attrs().Name, err)
+	}
+	if err := h.LinkSetUp(l); err != nil {
+		return fmt.Errorf("set %q up: %w", t.Name, err)
+	}
+	return nil
+}
