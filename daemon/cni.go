@@ -88,7 +88,7 @@ func (d *Daemon) dispatch(ctx context.Context, req *proto.Request) (json.RawMess
 	case "STATUS":
 		return nil, nil
 	case "GC":
-		return nil, d.gcNetwork(ctx, conf, req.Config)
+		return nil, d.gcNetwork(ctx, conf, req)
 	default:
 		return nil, types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_COMMAND: unknown command %q", req.Command), "")
 	}
@@ -116,6 +116,9 @@ func (d *Daemon) add(ctx context.Context, req *proto.Request, conf *netconf.Conf
 	facts, err := d.opts.Facts.Lookup(ctx, kubevirt.Query{Pod: pod, IfName: req.IfName, Conf: conf})
 	if err != nil {
 		return nil, types.NewError(types.ErrTryAgainLater, fmt.Sprintf("look up VM of pod %s/%s: %v", pod.Namespace, pod.Name, err), "")
+	}
+	if conf.Mode == netconf.ModeBridge {
+		return d.addBridge(ctx, req, conf, pod, facts)
 	}
 	if !facts.Serve {
 		return marshalResult(conf.PrevResult, conf.CNIVersion)
@@ -171,7 +174,7 @@ func (d *Daemon) add(ctx context.Context, req *proto.Request, conf *netconf.Conf
 	return out, nil
 }
 
-func (d *Daemon) putRecord(rec *state.Record, spec *masquerade.Spec, result json.RawMessage) error {
+func (d *Daemon) putRecord(rec *state.Record, spec any, result json.RawMessage) error {
 	raw, err := json.Marshal(spec)
 	if err != nil {
 		return fmt.Errorf("encode spec: %w", err)
@@ -206,39 +209,66 @@ func (d *Daemon) del(ctx context.Context, req *proto.Request, conf *netconf.Conf
 	defer d.gc.RUnlock()
 	key := state.Key(req.ContainerID, req.IfName)
 	defer d.locks.Lock(key)()
-	return d.removeLocked(ctx, key, req.ContainerID, req.IfName, req.Netns)
-}
-
-func (d *Daemon) removeLocked(ctx context.Context, key, containerID, ifName, netnsPath string) error {
 	rec, err := d.store.Get(key)
-	var spec *masquerade.Spec
 	switch {
-	case errors.Is(err, state.ErrNotFound):
-		if netnsPath == "" || len(ifName) <= 3 {
+	case err == nil:
+		if req.Netns != "" && req.Netns != rec.Netns {
+			d.log.Warn("DEL netns differs from ADD's; using ADD's", "key", key, "add", rec.Netns, "del", req.Netns)
+		}
+		return d.removeRecorded(ctx, key, rec)
+	case !errors.Is(err, state.ErrNotFound):
+		return types.NewError(types.ErrIOFailure, err.Error(), "")
+	}
+	// No record: a daemon killed before it wrote one, or a DEL for
+	// something never added. Remove whatever carries this attachment's
+	// marks; bridge mode also releases the addresses through IPAM.
+	if conf.Mode == netconf.ModeBridge {
+		spec := d.bridgeSpecForDel(req, conf)
+		if spec == nil {
 			return nil
 		}
-		spec = &masquerade.Spec{
-			Netns: netnsPath, PodIf: ifName,
-			Bridge: kubevirt.BridgeName(ifName), Tap: kubevirt.TapName(ifName),
-			Owner: masquerade.Alias(containerID, ifName),
+		if err := d.bridge.Del(ctx, key, spec); err != nil {
+			return fmt.Errorf("remove port %s: %w", key, err)
 		}
-	case err != nil:
-		return types.NewError(types.ErrIOFailure, err.Error(), "")
-	default:
-		if spec, err = specOf(rec); err != nil {
-			return err
-		}
-		if netnsPath != "" && netnsPath != spec.Netns {
-			d.log.Warn("DEL netns differs from ADD's; using ADD's", "key", key, "add", spec.Netns, "del", netnsPath)
-		}
+		return nil
+	}
+	if req.Netns == "" || len(req.IfName) <= 3 {
+		return nil
+	}
+	spec := &masquerade.Spec{
+		Netns: req.Netns, PodIf: req.IfName,
+		Bridge: kubevirt.BridgeName(req.IfName), Tap: kubevirt.TapName(req.IfName),
+		Owner: masquerade.Alias(req.ContainerID, req.IfName),
 	}
 	if err := d.masq.Del(ctx, key, spec); err != nil {
 		return fmt.Errorf("remove VM NIC %s: %w", key, err)
 	}
-	if rec != nil {
-		d.dropRecord(key)
-		d.log.Info("VM NIC removed", "key", key)
+	return nil
+}
+
+// removeRecorded undoes what the record says was done, then drops the
+// record. The caller holds the attachment's lock.
+func (d *Daemon) removeRecorded(ctx context.Context, key string, rec *state.Record) error {
+	switch rec.Mode {
+	case netconf.ModeBridge:
+		spec, err := bridgeSpecOf(rec)
+		if err != nil {
+			return err
+		}
+		if err := d.bridge.Del(ctx, key, spec); err != nil {
+			return fmt.Errorf("remove port %s: %w", key, err)
+		}
+	default:
+		spec, err := specOf(rec)
+		if err != nil {
+			return err
+		}
+		if err := d.masq.Del(ctx, key, spec); err != nil {
+			return fmt.Errorf("remove VM NIC %s: %w", key, err)
+		}
 	}
+	d.dropRecord(key)
+	d.log.Info("attachment removed", "key", key, "mode", rec.Mode)
 	return nil
 }
 
@@ -251,7 +281,7 @@ func (d *Daemon) check(ctx context.Context, req *proto.Request, conf *netconf.Co
 	if err != nil {
 		return types.NewError(types.ErrTryAgainLater, fmt.Sprintf("look up VM of pod %s/%s: %v", pod.Namespace, pod.Name, err), "")
 	}
-	if !facts.Serve {
+	if !facts.Serve && conf.Chained() {
 		return nil
 	}
 	key := state.Key(req.ContainerID, req.IfName)
@@ -266,6 +296,13 @@ func (d *Daemon) check(ctx context.Context, req *proto.Request, conf *netconf.Co
 	if len(rec.Result) == 0 {
 		return fmt.Errorf("CHECK: attachment %s was never completed", key)
 	}
+	if rec.Mode == netconf.ModeBridge {
+		spec, serr := bridgeSpecOf(rec)
+		if serr != nil {
+			return serr
+		}
+		return d.bridge.Check(ctx, key, spec)
+	}
 	spec, err := specOf(rec)
 	if err != nil {
 		return err
@@ -276,7 +313,8 @@ func (d *Daemon) check(ctx context.Context, req *proto.Request, conf *netconf.Co
 // gcNetwork removes the attachments of one network that the runtime no
 // longer lists as valid. It runs exclusive of ADD and DEL and keeps going
 // past errors.
-func (d *Daemon) gcNetwork(ctx context.Context, conf *netconf.Conf, raw []byte) error {
+func (d *Daemon) gcNetwork(ctx context.Context, conf *netconf.Conf, req *proto.Request) error {
+	raw := req.Config
 	valid := map[string]bool{}
 	for _, a := range conf.ValidAttachments {
 		valid[state.Key(a.ContainerID, a.IfName)] = true
@@ -302,12 +340,13 @@ func (d *Daemon) gcNetwork(ctx context.Context, conf *netconf.Conf, raw []byte) 
 		if rec.Network != conf.Name || valid[key] {
 			continue
 		}
-		if err := d.removeLocked(ctx, key, rec.ContainerID, rec.IfName, ""); err != nil {
+		if err := d.removeRecorded(ctx, key, rec); err != nil {
 			errs = append(errs, err)
 			continue
 		}
 		d.log.Info("GC removed stale attachment", "key", key, "network", conf.Name)
 	}
+	d.gcPortsLocked(ctx, &gcRelease{conf: conf, req: req})
 	if len(errs) > 0 {
 		return fmt.Errorf("GC of network %q: %w", conf.Name, errors.Join(errs...))
 	}
@@ -329,17 +368,27 @@ func (d *Daemon) restore(ctx context.Context) {
 			continue // an ADD that never finished; DEL or GC removes it
 		}
 		key := state.Key(rec.ContainerID, rec.IfName)
-		spec, err := specOf(rec)
-		if err != nil {
-			d.log.Error("restore", "key", key, "err", err)
-			continue
-		}
 		unlock := d.locks.Lock(key)
-		if err := d.masq.Restore(ctx, key, spec); err != nil {
+		if err := d.restoreOne(ctx, key, rec); err != nil {
 			d.log.Warn("attachment not restored", "key", key, "err", err)
 		}
 		unlock()
 	}
+}
+
+func (d *Daemon) restoreOne(ctx context.Context, key string, rec *state.Record) error {
+	if rec.Mode == netconf.ModeBridge {
+		spec, err := bridgeSpecOf(rec)
+		if err != nil {
+			return err
+		}
+		return d.bridge.Restore(ctx, key, spec)
+	}
+	spec, err := specOf(rec)
+	if err != nil {
+		return err
+	}
+	return d.masq.Restore(ctx, key, spec)
 }
 
 // replaySpool runs the DELs the shim spooled while the daemon was away.

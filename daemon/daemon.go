@@ -22,6 +22,7 @@ import (
 	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/pkg/proto"
 	"github.com/vmnic/vmnic/pkg/state"
+	"github.com/vmnic/vmnic/plugins/bridge"
 	"github.com/vmnic/vmnic/plugins/masquerade"
 )
 
@@ -49,6 +50,13 @@ type Options struct {
 	// Prepare, if set, runs after the socket listens and before the daemon
 	// is ready (informer sync): requests meanwhile get "try again later".
 	Prepare func(ctx context.Context) error
+	// OVSDB is the default ovsdb-server endpoint of bridge mode; a network
+	// config's ovsdbSocket overrides it.
+	OVSDB string
+	// HostNetns is the node's network namespace, where bridge mode puts the
+	// node end of its veths and OVS runs; "" is the daemon's own (a
+	// DaemonSet on the host network). Tests set it.
+	HostNetns string
 }
 
 // Daemon is vmnicd.
@@ -58,6 +66,8 @@ type Daemon struct {
 	store   *state.Store
 	servers *Servers
 	masq    *masquerade.Plugin
+	bridge  *bridge.Plugin
+	ovs     ovsClients
 	locks   keyedMutex
 	// gc excludes GC from ADD/DEL, as the CNI spec asks.
 	gc       sync.RWMutex
@@ -96,13 +106,16 @@ func New(opts Options) (*Daemon, error) {
 		return nil, err
 	}
 	servers := NewServers(opts.Logger)
-	return &Daemon{
+	d := &Daemon{
 		opts:    opts,
 		log:     opts.Logger,
 		store:   store,
 		servers: servers,
 		masq:    &masquerade.Plugin{Servers: servers, Log: opts.Logger},
-	}, nil
+	}
+	d.ovs.d = d
+	d.bridge = &bridge.Plugin{OVS: d.ovs.get, Servers: servers, Log: opts.Logger}
+	return d, nil
 }
 
 // Run serves until ctx ends, then drains in-flight requests and stops.
@@ -135,6 +148,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 		close(d.opts.Ready)
 	}
 	d.log.Info("ready")
+	// Orphaned OVS ports go once the daemon serves: the sweep waits for
+	// in-flight ADDs and DELs, it does not hold up readiness.
+	d.gcPorts(ctx)
 
 	ticker := time.NewTicker(d.opts.ResyncInterval)
 	defer ticker.Stop()
@@ -145,6 +161,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		case <-ticker.C:
 			d.replaySpool(ctx)
 			d.restore(ctx)
+			d.gcPorts(ctx)
 		}
 	}
 
@@ -160,6 +177,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.log.Warn("drain timed out; requests still running", "timeout", d.opts.DrainTimeout)
 	}
 	d.servers.StopAll()
+	d.ovs.closeAll()
 	removeSocket(d.opts.Socket, ino)
 	d.log.Info("stopped")
 	return nil

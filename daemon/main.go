@@ -110,7 +110,7 @@ func Main(args []string) int {
 	binDir := fs.String("cni-bin-dir", install.DefaultBinDir, "the host's CNI bin dir as this process sees it")
 	confDir := fs.String("cni-conf-dir", install.DefaultConfDir, "the host's CNI config dir as this process sees it")
 	chain := fs.Bool("chain", true, "chain vmnic's masquerade entry into the primary CNI's conflist and keep it chained")
-	ovsdbEndpoint := fs.String("ovsdb", "unix:/var/run/openvswitch/db.sock", "OVSDB endpoint probed for the bridge mode (empty: no OVS)")
+	ovsdbEndpoint := fs.String("ovsdb", "unix:/var/run/openvswitch/db.sock", "OVSDB endpoint of bridge mode: ports are added there and it is probed for the capability report (empty: no OVS)")
 	spiderSock := fs.String("spiderpool-socket", capabilities.DefaultSpiderpoolSocket, "Spiderpool agent socket probed for passt and bridge modes")
 	probe := fs.Bool("capabilities", true, "probe the node and publish a NodeNetworkCapability (with an API server)")
 	version := fs.Bool("version", false, "print the version and exit")
@@ -148,7 +148,7 @@ func Main(args []string) int {
 		return 0
 	}
 
-	opts := Options{Socket: *socket, StateDir: *stateDir, SpoolDir: *spoolDir, Logger: log}
+	opts := Options{Socket: *socket, StateDir: *stateDir, SpoolDir: *spoolDir, Logger: log, OVSDB: *ovsdbEndpoint}
 	mode := "standalone"
 	cfg, err := restConfig(*kubeconfig)
 	if err != nil {

@@ -52,14 +52,42 @@ func FuzzParse(f *testing.F) {
 	})
 }
 
+// checkBridge asserts the bridge-mode invariants, and that the other modes
+// took none of its keys.
+func checkBridge(t *testing.T, c *Conf) {
+	t.Helper()
+	if c.Mode != ModeBridge {
+		if c.IPAM.Type != "" || c.Bridge != "" || c.VLAN != nil || len(c.Trunk) > 0 || c.MTU != 0 || c.OVSDBSocket != "" {
+			t.Errorf("mode %s accepted bridge keys or ipam: %+v ipam %q", c.Mode, c.BridgeConf, c.IPAM.Type)
+		}
+		return
+	}
+	if c.Bridge == "" || len(c.Bridge) > 15 || c.IPAM.Type == "" || strings.Contains(c.IPAM.Type, "/") {
+		t.Errorf("accepted bridge %q ipam %q", c.Bridge, c.IPAM.Type)
+	}
+	if c.VLAN != nil && (*c.VLAN < 0 || *c.VLAN > MaxVLAN || len(c.Trunk) > 0) {
+		t.Errorf("accepted vlan %d with %d trunks", *c.VLAN, len(c.Trunk))
+	}
+	vlans := c.TrunkVLANs()
+	for i, v := range vlans {
+		if v < 0 || v > MaxVLAN || (i > 0 && vlans[i-1] == v) {
+			t.Errorf("accepted trunk VLANs %v", vlans)
+			break
+		}
+	}
+	if c.MTU != 0 && (c.MTU < 68 || c.MTU > 65535) {
+		t.Errorf("accepted mtu %d", c.MTU)
+	}
+}
+
 // checkConf asserts the invariants of a Conf that Parse accepted.
 func checkConf(t *testing.T, c *Conf) {
 	t.Helper()
 	if c.Name == "" {
 		t.Error("accepted a config without name")
 	}
-	if c.Mode != ModeMasquerade {
-		t.Errorf("mode = %q, want %q", c.Mode, ModeMasquerade)
+	if c.Mode != ModeMasquerade && c.Mode != ModeBridge {
+		t.Errorf("mode = %q, want %q or %q", c.Mode, ModeMasquerade, ModeBridge)
 	}
 	if !strings.HasPrefix(c.Socket, "/") {
 		t.Errorf("socket %q is not absolute", c.Socket)
@@ -70,13 +98,11 @@ func checkConf(t *testing.T, c *Conf) {
 	if c.ReadyTimeout <= 0 || c.ReadyTimeout > MaxReadyTimeout {
 		t.Errorf("readyTimeout %s outside (0, %s]", c.ReadyTimeout, MaxReadyTimeout)
 	}
-	if c.IPAM.Type != "" {
-		t.Errorf("accepted ipam type %q", c.IPAM.Type)
-	}
+	checkBridge(t, c)
 	if c.RawPrevResult != nil && c.PrevResult == nil {
 		t.Error("prevResult present but not parsed")
 	}
-	if perr := c.RequirePrevResult(); (perr == nil) != (c.PrevResult != nil) {
+	if perr := c.RequirePrevResult(); (perr == nil) != (c.PrevResult != nil || !c.Chained()) {
 		t.Errorf("RequirePrevResult = %v with PrevResult %v", perr, c.PrevResult)
 	} else if perr != nil && perr.Code != types.ErrInvalidNetworkConfig {
 		t.Errorf("RequirePrevResult code = %d, want 7", perr.Code)

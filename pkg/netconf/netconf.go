@@ -10,9 +10,11 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/cni/pkg/version"
@@ -65,11 +67,62 @@ type Conf struct {
 		} `json:"cni,omitempty"`
 	} `json:"args,omitempty"`
 
+	// Bridge mode (the main plugin of a network; masquerade and passt reject
+	// these keys' effects: they are chained after the plugin that owns the
+	// pod interface).
+	BridgeConf
+
 	// RuntimeConfig is filled by the runtime for the capabilities the config
 	// declares; "dns" carries the pod's DNS settings.
 	RuntimeConfig struct {
 		DNS *RuntimeDNS `json:"dns,omitempty"`
 	} `json:"runtimeConfig,omitempty"`
+}
+
+// BridgeConf are the keys of bridge mode: the OVS bridge and the port's
+// VLAN settings.
+type BridgeConf struct {
+	// Bridge is the OVS bridge the pod's port goes to (required).
+	Bridge string `json:"bridge,omitempty"`
+	// VLAN makes the port an access port of that VLAN (0-4094).
+	VLAN *int `json:"vlan,omitempty"`
+	// Trunk lists the VLANs of a trunk port, as ids and ranges.
+	Trunk []Trunk `json:"trunk,omitempty"`
+	// MTU of the port and the pod interface; 0 keeps OVS's choice.
+	MTU int `json:"mtu,omitempty"`
+	// OVSDBSocket is the ovsdb-server endpoint ("unix:/path", "tcp:h:p");
+	// empty means the daemon's (--ovsdb).
+	OVSDBSocket string `json:"ovsdbSocket,omitempty"`
+}
+
+// Trunk is one entry of a trunk list: a single id, or a range minID-maxID.
+type Trunk struct {
+	ID    *int `json:"id,omitempty"`
+	MinID *int `json:"minID,omitempty"`
+	MaxID *int `json:"maxID,omitempty"`
+}
+
+// MaxVLAN is the highest usable VLAN id (4095 is reserved).
+const MaxVLAN = 4094
+
+// TrunkVLANs expands the trunk list into sorted VLAN ids.
+func (b *BridgeConf) TrunkVLANs() []int {
+	var out []int
+	for _, t := range b.Trunk {
+		lo, hi := t.bounds()
+		for v := lo; v <= hi; v++ {
+			out = append(out, v)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+func (t Trunk) bounds() (int, int) {
+	if t.ID != nil {
+		return *t.ID, *t.ID
+	}
+	return *t.MinID, *t.MaxID
 }
 
 // RuntimeDNS is the "dns" capability as containerd and CRI-O pass it: the
@@ -152,8 +205,15 @@ func Parse(data []byte) (*Conf, *types.Error) {
 	return c, nil
 }
 
+// Chained reports whether the mode follows another plugin in the conflist
+// (masquerade, passt) rather than being the network's main plugin (bridge).
+func (c *Conf) Chained() bool { return c.Mode != ModeBridge }
+
 // RequirePrevResult fails with code 7 when a chained mode has no prevResult.
 func (c *Conf) RequirePrevResult() *types.Error {
+	if !c.Chained() {
+		return nil
+	}
 	if c.PrevResult == nil {
 		return Invalid("prevResult", "required: vmnic %s is a chained plugin and must follow the primary CNI in the conflist", c.Mode)
 	}
@@ -175,9 +235,9 @@ func (c *Conf) validate() *types.Error {
 		return Invalid("name", "required")
 	}
 	switch c.Mode {
-	case ModeMasquerade:
-	case ModePasst, ModeBridge:
-		return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("mode: %q is not available in this vmnic version (supported: %s)", c.Mode, ModeMasquerade), "")
+	case ModeMasquerade, ModeBridge:
+	case ModePasst:
+		return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("mode: %q is not available in this vmnic version (supported: %s, %s)", c.Mode, ModeMasquerade, ModeBridge), "")
 	case "":
 		return Invalid("mode", "required (one of %s, %s, %s)", ModeMasquerade, ModePasst, ModeBridge)
 	default:
@@ -199,12 +259,80 @@ func (c *Conf) validate() *types.Error {
 		}
 		c.ReadyTimeout = d
 	}
-	if c.IPAM.Type != "" {
-		return types.NewError(types.ErrUnsupportedField, fmt.Sprintf("ipam: mode %s takes its addresses from the primary CNI and accepts no ipam block", c.Mode), "")
+	if c.Mode == ModeBridge {
+		if err := c.validateBridge(); err != nil {
+			return err
+		}
+	} else {
+		if c.IPAM.Type != "" {
+			return types.NewError(types.ErrUnsupportedField, fmt.Sprintf("ipam: mode %s takes its addresses from the primary CNI and accepts no ipam block", c.Mode), "")
+		}
+		if c.Bridge != "" || c.VLAN != nil || c.Trunk != nil || c.MTU != 0 || c.OVSDBSocket != "" {
+			return types.NewError(types.ErrUnsupportedField, fmt.Sprintf("bridge, vlan, trunk, mtu, ovsdbSocket: only mode %s takes them, not %s", ModeBridge, c.Mode), "")
+		}
 	}
 	if vm := c.VM(); vm != nil {
 		if err := vm.validate("args.cni.vmnic"); err != nil {
 			return err
+		}
+	}
+	return nil
+}
+
+func (c *Conf) validateBridge() *types.Error {
+	switch {
+	case c.Bridge == "":
+		return Invalid("bridge", "required in mode %s: the OVS bridge to add the port to", ModeBridge)
+	case len(c.Bridge) > 15 || strings.ContainsAny(c.Bridge, "/ \t\n") || !utf8.ValidString(c.Bridge):
+		return Invalid("bridge", "%q is not a valid bridge name (at most 15 bytes, no '/' or spaces)", c.Bridge)
+	}
+	if c.IPAM.Type == "" {
+		return Invalid("ipam", "required in mode %s: an ipam block with a type (spiderpool, host-local, ...)", ModeBridge)
+	}
+	if strings.ContainsAny(c.IPAM.Type, "/\\") || c.IPAM.Type == "." || c.IPAM.Type == ".." {
+		return Invalid("ipam.type", "%q is not a plugin name", c.IPAM.Type)
+	}
+	if c.VLAN != nil && (*c.VLAN < 0 || *c.VLAN > MaxVLAN) {
+		return Invalid("vlan", "%d is out of range (0 to %d)", *c.VLAN, MaxVLAN)
+	}
+	if c.VLAN != nil && len(c.Trunk) > 0 {
+		return Invalid("trunk", "an access port (vlan) takes no trunk list; set one of them")
+	}
+	seen := map[int]int{}
+	for i, t := range c.Trunk {
+		f := "trunk[" + strconv.Itoa(i) + "]"
+		switch {
+		case t.ID != nil && (t.MinID != nil || t.MaxID != nil):
+			return Invalid(f, "set either id or minID/maxID, not both")
+		case t.ID == nil && (t.MinID == nil || t.MaxID == nil):
+			return Invalid(f, "needs id, or both minID and maxID")
+		}
+		lo, hi := t.bounds()
+		if lo < 0 || lo > MaxVLAN || hi < 0 || hi > MaxVLAN {
+			return Invalid(f, "VLAN %d-%d is out of range (0 to %d)", lo, hi, MaxVLAN)
+		}
+		if lo > hi {
+			return Invalid(f, "minID %d is above maxID %d", lo, hi)
+		}
+		for v := lo; v <= hi; v++ {
+			if j, dup := seen[v]; dup {
+				return Invalid(f, "VLAN %d overlaps trunk[%d]", v, j)
+			}
+			seen[v] = i
+		}
+	}
+	if c.MTU != 0 && (c.MTU < 68 || c.MTU > 65535) {
+		return Invalid("mtu", "%d is out of range (68 to 65535)", c.MTU)
+	}
+	if c.OVSDBSocket != "" {
+		rest, unix := strings.CutPrefix(c.OVSDBSocket, "unix:")
+		_, tcp := strings.CutPrefix(c.OVSDBSocket, "tcp:")
+		_, ssl := strings.CutPrefix(c.OVSDBSocket, "ssl:")
+		switch {
+		case unix && !strings.HasPrefix(rest, "/"):
+			return Invalid("ovsdbSocket", "%q: a unix socket needs an absolute path", c.OVSDBSocket)
+		case !unix && !tcp && !ssl:
+			return Invalid("ovsdbSocket", "%q is not unix:/path, tcp:host:port or ssl:host:port", c.OVSDBSocket)
 		}
 	}
 	return nil

@@ -1,6 +1,7 @@
 package netconf
 
 import (
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -52,6 +53,9 @@ func TestParseErrors(t *testing.T) {
 	base := func(extra string) string {
 		return `{"cniVersion":"1.0.0","name":"podnet","mode":"masquerade"` + extra + `}`
 	}
+	brBase := func(extra string) string {
+		return `{"cniVersion":"1.0.0","name":"vlan100","mode":"bridge","ipam":{"type":"host-local"}` + extra + `}`
+	}
 	cases := []struct {
 		name  string
 		in    string
@@ -63,7 +67,27 @@ func TestParseErrors(t *testing.T) {
 		{"missing name", `{"cniVersion":"1.0.0","mode":"masquerade"}`, types.ErrInvalidNetworkConfig, "name"},
 		{"missing mode", `{"cniVersion":"1.0.0","name":"n"}`, types.ErrInvalidNetworkConfig, "mode"},
 		{"unknown mode", `{"name":"n","mode":"nat"}`, types.ErrInvalidNetworkConfig, "mode"},
-		{"mode not yet built", `{"name":"n","mode":"bridge"}`, types.ErrInvalidNetworkConfig, "mode"},
+		{"mode not yet built", `{"name":"n","mode":"passt"}`, types.ErrInvalidNetworkConfig, "mode"},
+		{"bridge key on masquerade", base(`,"bridge":"br1"`), types.ErrUnsupportedField, "bridge"},
+		{"vlan on masquerade", base(`,"vlan":100`), types.ErrUnsupportedField, "vlan"},
+		{"bridge missing", brBase(``), types.ErrInvalidNetworkConfig, "bridge"},
+		{"bridge name too long", brBase(`,"bridge":"a-very-long-bridge"`), types.ErrInvalidNetworkConfig, "bridge"},
+		{"bridge name with slash", brBase(`,"bridge":"br/1"`), types.ErrInvalidNetworkConfig, "bridge"},
+		{"bridge without ipam", `{"name":"n","mode":"bridge","bridge":"br1"}`, types.ErrInvalidNetworkConfig, "ipam"},
+		{"ipam type is a path", `{"name":"n","mode":"bridge","bridge":"br1","ipam":{"type":"../x"}}`, types.ErrInvalidNetworkConfig, "ipam.type"},
+		{"vlan 4096", brBase(`,"bridge":"br1","vlan":4096`), types.ErrInvalidNetworkConfig, "vlan"},
+		{"vlan 4095 reserved", brBase(`,"bridge":"br1","vlan":4095`), types.ErrInvalidNetworkConfig, "vlan"},
+		{"vlan negative", brBase(`,"bridge":"br1","vlan":-1`), types.ErrInvalidNetworkConfig, "vlan"},
+		{"vlan wrong type", brBase(`,"bridge":"br1","vlan":"100"`), types.ErrDecodingFailure, "vlan"},
+		{"vlan and trunk", brBase(`,"bridge":"br1","vlan":10,"trunk":[{"id":20}]`), types.ErrInvalidNetworkConfig, "trunk"},
+		{"trunk overlap", brBase(`,"bridge":"br1","trunk":[{"minID":10,"maxID":20},{"id":15}]`), types.ErrInvalidNetworkConfig, "trunk[1]"},
+		{"trunk range reversed", brBase(`,"bridge":"br1","trunk":[{"minID":20,"maxID":10}]`), types.ErrInvalidNetworkConfig, "trunk[0]"},
+		{"trunk id and range", brBase(`,"bridge":"br1","trunk":[{"id":5,"minID":1,"maxID":9}]`), types.ErrInvalidNetworkConfig, "trunk[0]"},
+		{"trunk half range", brBase(`,"bridge":"br1","trunk":[{"minID":5}]`), types.ErrInvalidNetworkConfig, "trunk[0]"},
+		{"trunk out of range", brBase(`,"bridge":"br1","trunk":[{"minID":4000,"maxID":4096}]`), types.ErrInvalidNetworkConfig, "trunk[0]"},
+		{"mtu too small", brBase(`,"bridge":"br1","mtu":60`), types.ErrInvalidNetworkConfig, "mtu"},
+		{"ovsdb relative", brBase(`,"bridge":"br1","ovsdbSocket":"unix:db.sock"`), types.ErrInvalidNetworkConfig, "ovsdbSocket"},
+		{"ovsdb scheme", brBase(`,"bridge":"br1","ovsdbSocket":"/run/db.sock"`), types.ErrInvalidNetworkConfig, "ovsdbSocket"},
 		{"relative socket", base(`,"socket":"vmnic.sock"`), types.ErrInvalidNetworkConfig, "socket"},
 		{"relative spool", base(`,"spoolDir":"spool"`), types.ErrInvalidNetworkConfig, "spoolDir"},
 		{"bad timeout", base(`,"readyTimeout":"soon"`), types.ErrInvalidNetworkConfig, "readyTimeout"},
@@ -97,6 +121,31 @@ func TestParseErrors(t *testing.T) {
 				t.Errorf("message %q does not name %q", err.Msg, tc.field)
 			}
 		})
+	}
+}
+
+func TestParseBridge(t *testing.T) {
+	c, err := Parse([]byte(`{"cniVersion":"1.0.0","name":"trunks","type":"vmnic","mode":"bridge","bridge":"br1",
+		"trunk":[{"id":7},{"minID":100,"maxID":102}],"mtu":9000,"ovsdbSocket":"unix:/run/openvswitch/db.sock",
+		"ipam":{"type":"spiderpool"}}`))
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+	if got := c.TrunkVLANs(); !slices.Equal(got, []int{7, 100, 101, 102}) {
+		t.Errorf("TrunkVLANs = %v", got)
+	}
+	if c.Chained() {
+		t.Error("bridge mode taken for a chained plugin")
+	}
+	if err := c.RequirePrevResult(); err != nil {
+		t.Errorf("bridge mode without prevResult: %v", err)
+	}
+	if c.IPAM.Type != "spiderpool" || c.MTU != 9000 || c.VLAN != nil {
+		t.Errorf("conf = %+v", c.BridgeConf)
+	}
+	access, err := Parse([]byte(`{"cniVersion":"1.0.0","name":"v","mode":"bridge","bridge":"br1","vlan":0,"ipam":{"type":"host-local"}}`))
+	if err != nil || access.VLAN == nil || *access.VLAN != 0 {
+		t.Errorf("vlan 0: %v %+v", err, access)
 	}
 }
 

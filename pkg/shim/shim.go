@@ -86,9 +86,10 @@ func cmdAdd(args *skel.CmdArgs) error {
 	if cerr := conf.RequirePrevResult(); cerr != nil {
 		return cerr
 	}
-	if !pod.IsLauncherPod() {
+	if !pod.IsLauncherPod() && conf.Chained() {
 		// Fast path: the result is the previous plugin's, byte for byte in
-		// meaning, and the daemon is not contacted.
+		// meaning, and the daemon is not contacted. Bridge mode is the
+		// network's main plugin: every pod on it needs its port.
 		return types.PrintResult(conf.PrevResult, conf.CNIVersion)
 	}
 	return forward("ADD", args, conf)
@@ -102,7 +103,7 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if cerr := conf.RequirePrevResult(); cerr != nil {
 		return cerr
 	}
-	if !pod.IsLauncherPod() {
+	if !pod.IsLauncherPod() && conf.Chained() {
 		return nil
 	}
 	return forward("CHECK", args, conf)
@@ -115,7 +116,7 @@ func cmdDel(args *skel.CmdArgs) error {
 	if err != nil {
 		return err
 	}
-	if !pod.IsLauncherPod() {
+	if !pod.IsLauncherPod() && conf.Chained() {
 		return nil
 	}
 	req := request("DEL", args)

@@ -1,0 +1,842 @@
+// Package bridge wires a pod into an Open vSwitch bridge: a veth pair whose
+// node end is an OVS port (VLAN access tag or trunk, MTU, owner marks in
+// external_ids), addresses from the network's IPAM plugin, and for a VM pod
+// the KubeVirt layout behind the pod end: bridge k6t-<if> with the pod
+// interface and the tap as ports, and vmnic's DHCP server handing the guest
+// the pod's address, gateway, routes, DNS and MTU.
+//
+// For a VM the pod's own network stack is kept off the VLAN: the pod
+// interface has no address and no IPv6, and a bridge-family nftables table
+// drops whatever the pod itself would send or receive through it (see
+// nft.Guard). The guest is the only host behind the port.
+//
+// The guest's MAC is the VMI interface's macAddress when set; otherwise it
+// follows the IP: 02:76 followed by the four bytes of the first IPv4
+// address (the last four of the IPv6 address when there is none). A VM that
+// restarts or migrates and keeps its IP therefore keeps its MAC.
+package bridge
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strconv"
+
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/containernetworking/plugins/pkg/utils/sysctl"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/vmnic/vmnic/pkg/dhcp"
+	ipamexec "github.com/vmnic/vmnic/pkg/ipam"
+	"github.com/vmnic/vmnic/pkg/kubevirt"
+	"github.com/vmnic/vmnic/pkg/netconf"
+	"github.com/vmnic/vmnic/pkg/nft"
+	"github.com/vmnic/vmnic/pkg/ovsdb"
+	"github.com/vmnic/vmnic/pkg/podnet"
+)
+
+// External IDs vmnic writes on its OVS ports and interfaces.
+const (
+	OwnerKey      = "vmnic.io/owner"
+	OwnerValue    = "vmnic"
+	AttachmentKey = "vmnic.io/attachment" // <containerID>/<ifname>
+	NetnsKey      = "vmnic.io/netns"
+	IfaceKey      = "vmnic.io/iface"
+	PodNSKey      = "vmnic.io/pod-namespace"
+	PodNameKey    = "vmnic.io/pod-name"
+	PodUIDKey     = "vmnic.io/pod-uid"
+	NetworkKey    = "vmnic.io/network"
+)
+
+// ServerAddr is the address the pod bridge holds for the DHCP server, as
+// KubeVirt's bridge binding does: link-local, /32, never routed.
+var ServerAddr = net.IPv4(169, 254, 75, 10).To4()
+
+// Spec is everything needed to wire, check, restore and remove one port.
+// The daemon stores it in the attachment record.
+type Spec struct {
+	ContainerID string `json:"containerID"`
+	Network     string `json:"network"`
+	Netns       string `json:"netns"`
+	PodIf       string `json:"podIf"`
+	// HostNetns is where the node end lives and OVS runs; "" is the
+	// daemon's own namespace.
+	HostNetns string `json:"hostNetns,omitempty"`
+	HostIf    string `json:"hostIf"`
+	Owner     string `json:"owner"`
+
+	OVSBridge string `json:"ovsBridge"`
+	OVSDB     string `json:"ovsdb,omitempty"`
+	VLAN      *int   `json:"vlan,omitempty"`
+	Trunks    []int  `json:"trunks,omitempty"`
+	MTU       int    `json:"mtu,omitempty"`
+
+	PodNamespace string `json:"podNamespace,omitempty"`
+	PodName      string `json:"podName,omitempty"`
+	PodUID       string `json:"podUID,omitempty"`
+
+	// VM is set for a VM NIC: the KubeVirt layout behind the pod interface.
+	VM          bool   `json:"vm,omitempty"`
+	LinuxBridge string `json:"linuxBridge,omitempty"`
+	Tap         string `json:"tap,omitempty"`
+	Queues      int    `json:"queues,omitempty"`
+	// GuestMAC is the VMI's MAC; empty until IPAM when it follows the IP.
+	GuestMAC string   `json:"guestMAC,omitempty"`
+	Hostname string   `json:"hostname,omitempty"`
+	DNS      []string `json:"dns,omitempty"`
+	Search   []string `json:"search,omitempty"`
+
+	IPAM ipamexec.Call `json:"ipam"`
+	// Addresses is the IPAM result, set once IPAM answered.
+	Addresses *current.Result `json:"addresses,omitempty"`
+}
+
+// Input is what NewSpec derives a Spec from.
+type Input struct {
+	ContainerID, Netns, IfName, Args, Path string
+	HostNetns                              string
+	Config                                 []byte
+	Conf                                   *netconf.Conf
+	Pod                                    netconf.PodArgs
+	// Facts is nil for a pod that is no VM (a plain port).
+	Facts *kubevirt.Facts
+	// OVSDB is the daemon's default endpoint.
+	OVSDB string
+}
+
+// HostIfName is the node end of the veth (and the OVS port's name): vmn and
+// 11 hex digits of a hash of the attachment.
+func HostIfName(containerID, ifName string) string {
+	sum := sha256.Sum256([]byte(containerID + "/" + ifName))
+	return "vmn" + hex.EncodeToString(sum[:])[:11]
+}
+
+// NewSpec decides the wiring; it touches nothing.
+func NewSpec(in Input) (*Spec, error) {
+	c := in.Conf
+	s := &Spec{
+		ContainerID: in.ContainerID, Network: c.Name,
+		Netns: in.Netns, PodIf: in.IfName, HostNetns: in.HostNetns,
+		HostIf:    HostIfName(in.ContainerID, in.IfName),
+		Owner:     podnet.Alias(in.ContainerID, in.IfName),
+		OVSBridge: c.Bridge, OVSDB: c.OVSDBSocket, VLAN: c.VLAN, Trunks: c.TrunkVLANs(), MTU: c.MTU,
+		PodNamespace: in.Pod.Namespace, PodName: in.Pod.Name, PodUID: in.Pod.UID,
+		DNS: c.DNS.Nameservers, Search: c.DNS.Search,
+		IPAM: ipamexec.Call{
+			Type: c.IPAM.Type, Config: in.Config, ContainerID: in.ContainerID,
+			Netns: in.Netns, IfName: in.IfName, Args: in.Args, Path: in.Path,
+		},
+	}
+	if s.OVSDB == "" {
+		s.OVSDB = in.OVSDB
+	}
+	if f := in.Facts; f != nil && f.Serve {
+		if len(in.IfName) <= 3 {
+			return nil, types.NewError(types.ErrInvalidEnvironmentVariables,
+				fmt.Sprintf("CNI_IFNAME: %q is too short to derive the tap name (KubeVirt's rule is tap+name[3:])", in.IfName), "")
+		}
+		s.VM = true
+		s.LinuxBridge = kubevirt.BridgeName(in.IfName)
+		s.Tap = kubevirt.TapName(in.IfName)
+		s.Queues = f.Queues
+		s.GuestMAC = f.MAC
+		s.Hostname = f.VMName
+	}
+	return s, nil
+}
+
+// GuestMACFor is the MAC rule for a guest whose VMI names none.
+func GuestMACFor(ip net.IP) net.HardwareAddr {
+	b := ip.To4()
+	if b == nil {
+		b = ip.To16()[12:]
+	}
+	return net.HardwareAddr{0x02, 0x76, b[0], b[1], b[2], b[3]}
+}
+
+// portMAC is the pod interface's own MAC for a VM: it must differ from the
+// guest's, or the bridge would take the guest's frames for its own.
+func portMAC(guest net.HardwareAddr) net.HardwareAddr {
+	m := append(net.HardwareAddr(nil), guest...)
+	m[1] ^= 0x01
+	return m
+}
+
+// OVS gives the plugin a client for an ovsdb-server endpoint.
+type OVS func(ctx context.Context, endpoint string) (*ovsdb.Client, error)
+
+// Servers runs the DHCP servers of attachments, keyed by attachment.
+type Servers interface {
+	Start(ctx context.Context, key string, cfg dhcp.Config) error
+	Stop(key string)
+	Running(key string) bool
+}
+
+// Plugin wires bridge-mode ports.
+type Plugin struct {
+	OVS     OVS
+	Servers Servers
+	Log     *slog.Logger
+}
+
+var failpoint func(step string) error
+
+// Steps of Add in order, for failure injection.
+var Steps = []string{"ipam", "veth", "ovs", "pod", "nft", "dhcp"}
+
+// SetFailpoint installs a failure hook (tests only); nil removes it.
+func SetFailpoint(f func(step string) error) { failpoint = f }
+
+func step(name string) error {
+	if failpoint != nil {
+		return failpoint(name)
+	}
+	return nil
+}
+
+func (p *Plugin) log() *slog.Logger {
+	if p.Log != nil {
+		return p.Log
+	}
+	return slog.Default()
+}
+
+// ExternalIDs are the marks of the attachment's port.
+func (s *Spec) ExternalIDs() map[string]string {
+	m := map[string]string{
+		OwnerKey:      OwnerValue,
+		AttachmentKey: s.ContainerID + "/" + s.PodIf,
+		NetnsKey:      s.Netns,
+		IfaceKey:      s.PodIf,
+		NetworkKey:    s.Network,
+	}
+	for k, v := range map[string]string{PodNSKey: s.PodNamespace, PodNameKey: s.PodName, PodUIDKey: s.PodUID} {
+		if v != "" {
+			m[k] = v
+		}
+	}
+	return m
+}
+
+// owner is what DeletePort requires of a port before deleting it.
+func (s *Spec) owner() map[string]string {
+	return map[string]string{OwnerKey: OwnerValue, AttachmentKey: s.ContainerID + "/" + s.PodIf}
+}
+
+// Add wires the port; save is called once IPAM answered so the caller can
+// record the addresses before anything else is created. On error
+// everything Add created is removed and the addresses are released.
+func (p *Plugin) Add(ctx context.Context, key string, s *Spec, save func() error) (err error) {
+	defer func() {
+		if err != nil {
+			if cerr := p.undo(context.WithoutCancel(ctx), key, s); cerr != nil {
+				p.log().Error("rollback after failed ADD left something behind", "key", key, "err", cerr)
+			}
+		}
+	}()
+	podH, closePod, err := podnet.OpenHandle(s.Netns)
+	if err != nil {
+		return types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_NETNS: %v", err), "")
+	}
+	defer closePod()
+	if _, lerr := podH.LinkByName(s.PodIf); lerr == nil {
+		return types.NewError(types.ErrInvalidEnvironmentVariables,
+			fmt.Sprintf("CNI_IFNAME: %q already exists in %s", s.PodIf, s.Netns), "")
+	}
+	client, err := p.OVS(ctx, s.OVSDB)
+	if err != nil {
+		return types.NewError(types.ErrTryAgainLater, fmt.Sprintf("ovsdbSocket: OVS database %s unreachable: %v", s.OVSDB, err), "")
+	}
+	if lerr := bridgeExists(ctx, client, s.OVSBridge); lerr != nil {
+		return lerr
+	}
+
+	res, err := s.IPAM.Add(ctx)
+	if res != nil {
+		s.Addresses = res
+	}
+	if err != nil {
+		return err
+	}
+	if s.VM && s.GuestMAC == "" {
+		s.GuestMAC = GuestMACFor(res.IPs[0].Address.IP).String()
+	}
+	if err = save(); err != nil {
+		return err
+	}
+	if err = step("ipam"); err != nil {
+		return err
+	}
+
+	hostH, closeHost, err := podnet.OpenHost(s.HostNetns)
+	if err != nil {
+		return err
+	}
+	defer closeHost()
+	if err = p.addVeth(hostH, podH, s); err != nil {
+		return err
+	}
+	if err = step("veth"); err != nil {
+		return err
+	}
+	if err = client.AddPort(ctx, ovsdb.PortSpec{
+		Bridge: s.OVSBridge, Name: s.HostIf, Tag: s.VLAN, Trunks: s.Trunks, MTU: s.MTU,
+		ExternalIDs: s.ExternalIDs(),
+	}); err != nil {
+		return portError(s, err)
+	}
+	if err = step("ovs"); err != nil {
+		return err
+	}
+	if !s.VM {
+		return p.configurePod(podH, s)
+	}
+	if err = p.wireVM(podH, s); err != nil {
+		return err
+	}
+	if err = step("pod"); err != nil {
+		return err
+	}
+	if err = nft.ApplyGuard(s.Netns, s.guard()); err != nil {
+		return fmt.Errorf("program the pod's bridge filter: %w", err)
+	}
+	if err = step("nft"); err != nil {
+		return err
+	}
+	if err = p.Servers.Start(ctx, key, s.dhcpConfig(p.log())); err != nil {
+		return fmt.Errorf("start DHCP servers on %s: %w", s.LinuxBridge, err)
+	}
+	return step("dhcp")
+}
+
+func bridgeExists(ctx context.Context, c *ovsdb.Client, name string) error {
+	brs, err := c.Bridges(ctx)
+	if err != nil {
+		return types.NewError(types.ErrTryAgainLater, fmt.Sprintf("list OVS bridges: %v", err), "")
+	}
+	for _, b := range brs {
+		if b.Name == name {
+			return nil
+		}
+	}
+	return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("bridge: OVS bridge %q does not exist on this node", name), "")
+}
+
+func portError(s *Spec, err error) error {
+	switch {
+	case errors.Is(err, ovsdb.ErrBridgeNotFound):
+		return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("bridge: OVS bridge %q does not exist on this node", s.OVSBridge), "")
+	case errors.Is(err, ovsdb.ErrInvalidSpec):
+		return types.NewError(types.ErrInvalidNetworkConfig, err.Error(), "")
+	}
+	return fmt.Errorf("OVS port: %w", err)
+}
+
+func (s *Spec) guard() nft.Guard { return nft.Guard{PodIf: s.PodIf, Tap: s.Tap} }
+
+// addVeth creates the pair from the node side, the pod end named PodIf in
+// the pod netns, both marked, and sets the node end up.
+func (p *Plugin) addVeth(hostH, podH netlinksafe.Handle, s *Spec) error {
+	podNS, err := ns.GetNS(s.Netns)
+	if err != nil {
+		return fmt.Errorf("open netns %s: %w", s.Netns, err)
+	}
+	defer func() { _ = podNS.Close() }()
+	veth := &netlink.Veth{
+		LinkAttrs:     netlink.LinkAttrs{Name: s.HostIf, MTU: s.MTU},
+		PeerName:      s.PodIf,
+		PeerNamespace: netlink.NsFd(int(podNS.Fd())),
+	}
+	if s.MTU > 0 {
+		veth.PeerMTU = uint32(s.MTU)
+	}
+	if lerr := hostH.LinkAdd(veth); lerr != nil {
+		if errors.Is(lerr, unix.EEXIST) {
+			return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("veth %q or %q already exists", s.HostIf, s.PodIf), "")
+		}
+		return fmt.Errorf("create veth %s/%s: %w", s.HostIf, s.PodIf, lerr)
+	}
+	host, err := hostH.LinkByName(s.HostIf)
+	if err != nil {
+		return fmt.Errorf("look up %q: %w", s.HostIf, err)
+	}
+	if lerr := hostH.LinkSetAlias(host, s.Owner); lerr != nil {
+		_ = hostH.LinkDel(host)
+		return fmt.Errorf("mark %q: %w", s.HostIf, lerr)
+	}
+	pod, err := podH.LinkByName(s.PodIf)
+	if err != nil {
+		return fmt.Errorf("look up %q in %s: %w", s.PodIf, s.Netns, err)
+	}
+	if err := podH.LinkSetAlias(pod, s.Owner); err != nil {
+		return fmt.Errorf("mark %q: %w", s.PodIf, err)
+	}
+	if err := hostH.LinkSetUp(host); err != nil {
+		return fmt.Errorf("set %q up: %w", s.HostIf, err)
+	}
+	return nil
+}
+
+// configurePod gives a plain pod its addresses and routes on the pod end.
+func (p *Plugin) configurePod(h netlinksafe.Handle, s *Spec) error {
+	l, err := h.LinkByName(s.PodIf)
+	if err != nil {
+		return fmt.Errorf("look up %q: %w", s.PodIf, err)
+	}
+	for _, ipc := range s.ips() {
+		a := &netlink.Addr{IPNet: &net.IPNet{IP: ipc.Address.IP, Mask: ipc.Address.Mask}}
+		if ipc.Address.IP.To4() == nil {
+			a.Flags = unix.IFA_F_NODAD
+		}
+		if err := h.AddrAdd(l, a); err != nil {
+			return fmt.Errorf("add %s to %q: %w", a.IPNet, s.PodIf, err)
+		}
+	}
+	if err := h.LinkSetUp(l); err != nil {
+		return fmt.Errorf("set %q up: %w", s.PodIf, err)
+	}
+	for _, r := range s.Addresses.Routes {
+		gw := r.GW
+		if gw == nil {
+			gw = s.gatewayFor(r.Dst.IP)
+		}
+		rt := &netlink.Route{LinkIndex: l.Attrs().Index, Dst: &r.Dst, Gw: gw, Priority: r.Priority}
+		if ones, _ := r.Dst.Mask.Size(); ones == 0 {
+			rt.Dst = nil
+			if r.Dst.IP.To4() == nil {
+				rt.Family = netlink.FAMILY_V6
+			}
+		}
+		if err := h.RouteAdd(rt); err != nil && !errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("add route %s via %v on %q: %w", r.Dst.String(), gw, s.PodIf, err)
+		}
+	}
+	return nil
+}
+
+// gatewayFor returns the IPAM gateway of dst's family.
+func (s *Spec) gatewayFor(dst net.IP) net.IP {
+	v4 := dst.To4() != nil
+	for _, ipc := range s.ips() {
+		if (ipc.Address.IP.To4() != nil) == v4 && ipc.Gateway != nil {
+			return ipc.Gateway
+		}
+	}
+	return nil
+}
+
+// wireVM builds the KubeVirt layout behind the pod end.
+func (p *Plugin) wireVM(h netlinksafe.Handle, s *Spec) error {
+	guest, err := net.ParseMAC(s.GuestMAC)
+	if err != nil {
+		return fmt.Errorf("guest MAC %q: %w", s.GuestMAC, err)
+	}
+	pod, err := h.LinkByName(s.PodIf)
+	if err != nil {
+		return fmt.Errorf("look up %q: %w", s.PodIf, err)
+	}
+	mtu := pod.Attrs().MTU
+	wantV6 := s.hasV6()
+	// The pod interface carries only the guest's frames: no address, no
+	// IPv6 of its own (no link-local, no DAD, no MLD).
+	if serr := ns.WithNetNSPath(s.Netns, func(ns.NetNS) error {
+		_, e := sysctl.Sysctl("net.ipv6.conf."+s.PodIf+".disable_ipv6", "1")
+		return e
+	}); serr != nil {
+		return fmt.Errorf("disable IPv6 on %s: %w", s.PodIf, serr)
+	}
+	if lerr := h.LinkSetHardwareAddr(pod, portMAC(guest)); lerr != nil {
+		return fmt.Errorf("set MAC of %q: %w", s.PodIf, lerr)
+	}
+	br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{
+		Name: s.LinuxBridge, MTU: mtu, HardwareAddr: portMAC(guest), TxQLen: -1,
+	}}
+	if berr := h.LinkAdd(br); berr != nil {
+		if errors.Is(berr, unix.EEXIST) {
+			return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("link %q already exists in %s", s.LinuxBridge, s.Netns), "")
+		}
+		return fmt.Errorf("create bridge %q: %w", s.LinuxBridge, berr)
+	}
+	brl, err := h.LinkByName(s.LinuxBridge)
+	if err != nil {
+		return fmt.Errorf("look up bridge %q: %w", s.LinuxBridge, err)
+	}
+	if err := h.LinkSetAlias(brl, s.Owner); err != nil {
+		_ = h.LinkDel(brl)
+		return fmt.Errorf("mark bridge %q: %w", s.LinuxBridge, err)
+	}
+	if !wantV6 {
+		if err := ns.WithNetNSPath(s.Netns, func(ns.NetNS) error {
+			_, err := sysctl.Sysctl("net.ipv6.conf."+s.LinuxBridge+".disable_ipv6", "1")
+			return err
+		}); err != nil {
+			return fmt.Errorf("disable IPv6 on %s: %w", s.LinuxBridge, err)
+		}
+	}
+	if s.hasV4() {
+		a := &netlink.Addr{IPNet: &net.IPNet{IP: ServerAddr, Mask: net.CIDRMask(32, 32)}, Scope: unix.RT_SCOPE_LINK}
+		if err := h.AddrAdd(brl, a); err != nil {
+			return fmt.Errorf("add %s to %q: %w", a.IPNet, s.LinuxBridge, err)
+		}
+	}
+	if err := h.LinkSetMaster(pod, brl); err != nil {
+		return fmt.Errorf("attach %q to %q: %w", s.PodIf, s.LinuxBridge, err)
+	}
+	if err := h.LinkSetUp(pod); err != nil {
+		return fmt.Errorf("set %q up: %w", s.PodIf, err)
+	}
+	if err := h.LinkSetUp(brl); err != nil {
+		return fmt.Errorf("set %q up: %w", s.LinuxBridge, err)
+	}
+	return podnet.AddTap(h, podnet.Tap{Netns: s.Netns, Name: s.Tap, Owner: s.Owner, MTU: mtu, Queues: s.Queues}, brl)
+}
+
+func (s *Spec) hasV4() bool {
+	for _, ip := range s.ips() {
+		if ip.Address.IP.To4() != nil {
+			return true
+		}
+	}
+	return false
+}
+
+func (s *Spec) hasV6() bool {
+	for _, ip := range s.ips() {
+		if ip.Address.IP.To4() == nil {
+			return true
+		}
+	}
+	return false
+}
+
+func (s *Spec) ips() []*current.IPConfig {
+	if s.Addresses == nil {
+		return nil
+	}
+	return s.Addresses.IPs
+}
+
+func (s *Spec) dhcpConfig(log *slog.Logger) dhcp.Config {
+	cfg := dhcp.Config{NetnsPath: s.Netns, IfName: s.LinuxBridge, Logger: log}
+	cfg.ClientMAC, _ = net.ParseMAC(s.GuestMAC)
+	mtu := s.MTU
+	var dns4, dns6 []net.IP
+	dnsNames, search := s.DNS, s.Search
+	if s.Addresses != nil && len(s.Addresses.DNS.Nameservers) > 0 {
+		dnsNames, search = s.Addresses.DNS.Nameservers, s.Addresses.DNS.Search
+	}
+	for _, d := range dnsNames {
+		if ip := net.ParseIP(d); ip != nil {
+			if ip.To4() != nil {
+				dns4 = append(dns4, ip)
+			} else {
+				dns6 = append(dns6, ip)
+			}
+		}
+	}
+	for _, ipc := range s.ips() {
+		if ipc.Address.IP.To4() != nil {
+			if cfg.V4 != nil {
+				continue // one address per family goes to the guest
+			}
+			v4 := &dhcp.V4{
+				Address:  net.IPNet{IP: ipc.Address.IP.To4(), Mask: ipc.Address.Mask},
+				ServerID: ServerAddr,
+				Router:   ipc.Gateway.To4(),
+				DNS:      dns4,
+				Search:   search,
+				MTU:      mtu,
+				Hostname: s.Hostname,
+			}
+			for _, r := range s.Addresses.Routes {
+				if r.Dst.IP.To4() == nil {
+					continue
+				}
+				if ones, _ := r.Dst.Mask.Size(); ones == 0 {
+					if v4.Router == nil && r.GW != nil {
+						v4.Router = r.GW.To4()
+					}
+					continue
+				}
+				v4.Routes = append(v4.Routes, dhcp.Route{Dst: r.Dst, Gw: r.GW})
+			}
+			cfg.V4 = v4
+			continue
+		}
+		if cfg.V6 == nil {
+			cfg.V6 = &dhcp.V6{Address: ipc.Address.IP, DNS: dns6, Search: search}
+		}
+	}
+	return cfg
+}
+
+// Result lists the node end, the pod interface (and for a VM the bridge
+// and the tap) with the IPAM addresses on the pod interface.
+func (s *Spec) Result() *current.Result {
+	r := &current.Result{CNIVersion: current.ImplementedSpecVersion}
+	r.Interfaces = []*current.Interface{{Name: s.HostIf}, {Name: s.PodIf, Sandbox: s.Netns}}
+	if s.VM {
+		r.Interfaces[1].Mac = s.GuestMAC
+		r.Interfaces = append(r.Interfaces,
+			&current.Interface{Name: s.LinuxBridge, Sandbox: s.Netns},
+			&current.Interface{Name: s.Tap, Sandbox: s.Netns})
+	}
+	if s.Addresses != nil {
+		for _, ipc := range s.Addresses.IPs {
+			c := *ipc
+			c.Interface = current.Int(1)
+			r.IPs = append(r.IPs, &c)
+		}
+		r.Routes = s.Addresses.Routes
+		r.DNS = s.Addresses.DNS
+	}
+	return r
+}
+
+// FillMACs reads the MACs of the node end and (for a plain pod) the pod
+// interface into r.
+func (s *Spec) FillMACs(r *current.Result) {
+	if h, closeH, err := podnet.OpenHost(s.HostNetns); err == nil {
+		if l, err := h.LinkByName(s.HostIf); err == nil {
+			r.Interfaces[0].Mac = l.Attrs().HardwareAddr.String()
+		}
+		closeH()
+	}
+	if s.VM {
+		return
+	}
+	if h, closeH, err := podnet.OpenHandle(s.Netns); err == nil {
+		if l, err := h.LinkByName(s.PodIf); err == nil {
+			r.Interfaces[1].Mac = l.Attrs().HardwareAddr.String()
+		}
+		closeH()
+	}
+}
+
+// Restore restarts the DHCP server of a wired VM NIC (daemon restart).
+func (p *Plugin) Restore(ctx context.Context, key string, s *Spec) error {
+	if !s.VM || p.Servers.Running(key) {
+		return nil
+	}
+	h, closeNS, err := podnet.OpenHandle(s.Netns)
+	if err != nil {
+		return err
+	}
+	defer closeNS()
+	if _, err := podnet.OwnedLink(h, s.LinuxBridge, s.Owner); err != nil {
+		return fmt.Errorf("restore %s: %w", key, err)
+	}
+	return p.Servers.Start(ctx, key, s.dhcpConfig(p.log()))
+}
+
+// Del removes the port and releases the addresses. What is already gone is
+// fine; only links and ports carrying this attachment's marks are deleted.
+func (p *Plugin) Del(ctx context.Context, key string, s *Spec) error {
+	return p.undo(ctx, key, s)
+}
+
+func (p *Plugin) undo(ctx context.Context, key string, s *Spec) error {
+	p.Servers.Stop(key)
+	var errs []error
+	if client, err := p.OVS(ctx, s.OVSDB); err != nil {
+		errs = append(errs, fmt.Errorf("OVS database %s unreachable, port %s kept: %w", s.OVSDB, s.HostIf, err))
+	} else if err := client.DeletePort(ctx, s.OVSBridge, s.HostIf, s.owner()); err != nil {
+		errs = append(errs, err)
+	}
+	if h, closeNS, err := podnet.OpenHandle(s.Netns); err == nil {
+		if lerr := podnet.DeleteOwned(h, s.Owner, s.Tap, s.LinuxBridge, s.PodIf); lerr != nil {
+			errs = append(errs, lerr)
+		}
+		closeNS()
+		if s.VM {
+			if lerr := nft.DeleteGuard(s.Netns, s.PodIf); lerr != nil {
+				errs = append(errs, lerr)
+			}
+		}
+	} else if !errors.Is(err, podnet.ErrNetnsGone) {
+		errs = append(errs, err)
+	}
+	if h, closeH, err := podnet.OpenHost(s.HostNetns); err == nil {
+		if lerr := podnet.DeleteOwned(h, s.Owner, s.HostIf); lerr != nil {
+			errs = append(errs, lerr)
+		}
+		closeH()
+	} else if !errors.Is(err, podnet.ErrNetnsGone) {
+		errs = append(errs, err)
+	}
+	if s.IPAM.Type != "" {
+		if err := s.IPAM.Del(ctx); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Check compares the attachment with what Add made and names every piece
+// that drifted.
+func (p *Plugin) Check(ctx context.Context, key string, s *Spec) error {
+	var bad []string
+	problem := func(format string, a ...any) { bad = append(bad, fmt.Sprintf(format, a...)) }
+
+	client, err := p.OVS(ctx, s.OVSDB)
+	if err != nil {
+		return types.NewError(types.ErrTryAgainLater, fmt.Sprintf("ovsdbSocket: OVS database %s unreachable: %v", s.OVSDB, err), "")
+	}
+	ports, err := client.Ports(ctx, s.owner())
+	if err != nil {
+		return fmt.Errorf("CHECK: list OVS ports: %w", err)
+	}
+	switch {
+	case len(ports) == 0:
+		problem("OVS port %s missing", s.HostIf)
+	case ports[0].Bridge != s.OVSBridge:
+		problem("OVS port %s on bridge %q, want %q", s.HostIf, ports[0].Bridge, s.OVSBridge)
+	default:
+		pt := ports[0]
+		if !equalTag(pt.Tag, s.VLAN) {
+			problem("OVS port %s tag %s, want %s", s.HostIf, tagString(pt.Tag), tagString(s.VLAN))
+		}
+		if !equalInts(pt.Trunks, s.Trunks) {
+			problem("OVS port %s trunks %v, want %v", s.HostIf, pt.Trunks, s.Trunks)
+		}
+		if s.MTU > 0 && pt.Interface.MTURequest != s.MTU {
+			problem("OVS interface %s mtu_request %d, want %d", s.HostIf, pt.Interface.MTURequest, s.MTU)
+		}
+		if pt.Interface.Error != "" {
+			problem("OVS interface %s error: %s", s.HostIf, pt.Interface.Error)
+		}
+	}
+	if h, closeH, herr := podnet.OpenHost(s.HostNetns); herr == nil {
+		checkLink(h, s.HostIf, s.Owner, "veth", problem)
+		closeH()
+	} else {
+		problem("node netns: %v", herr)
+	}
+	h, closeNS, err := podnet.OpenHandle(s.Netns)
+	if err != nil {
+		problem("pod netns: %v", err)
+		return drift(key, bad)
+	}
+	defer closeNS()
+	pod := checkLink(h, s.PodIf, s.Owner, "veth", problem)
+	if !s.VM {
+		if pod != nil {
+			checkAddrs(h, pod, s.ips(), problem)
+		}
+		return drift(key, bad)
+	}
+	br := checkLink(h, s.LinuxBridge, s.Owner, "bridge", problem)
+	tap := checkLink(h, s.Tap, s.Owner, "tuntap", problem)
+	if br != nil {
+		for _, l := range []netlink.Link{pod, tap} {
+			if l != nil && l.Attrs().MasterIndex != br.Attrs().Index {
+				problem("%s is not a port of %s", l.Attrs().Name, s.LinuxBridge)
+			}
+		}
+	}
+	if pod != nil {
+		if addrs, err := h.AddrList(pod, netlink.FAMILY_ALL); err == nil && len(addrs) > 0 {
+			problem("%s holds address %s; the pod interface of a VM must hold none", s.PodIf, addrs[0].IPNet)
+		}
+	}
+	if err := nft.CheckGuard(s.Netns, s.guard()); err != nil {
+		problem("%v", err)
+	}
+	if !p.Servers.Running(key) {
+		problem("DHCP server on %s not running", s.LinuxBridge)
+	}
+	return drift(key, bad)
+}
+
+func drift(key string, bad []string) error {
+	if len(bad) == 0 {
+		return nil
+	}
+	msg := "CHECK " + key + ": "
+	for i, b := range bad {
+		if i > 0 {
+			msg += "; "
+		}
+		msg += b
+	}
+	return types.NewError(types.ErrInternal, msg, "")
+}
+
+func checkLink(h netlinksafe.Handle, name, owner, typ string, problem func(string, ...any)) netlink.Link {
+	l, err := podnet.OwnedLink(h, name, owner)
+	switch {
+	case errors.Is(err, podnet.ErrLinkGone):
+		problem("link %s missing", name)
+		return nil
+	case errors.Is(err, podnet.ErrNotOwned):
+		problem("link %s has another owner mark (%q)", name, l.Attrs().Alias)
+		return nil
+	case err != nil:
+		problem("%v", err)
+		return nil
+	}
+	if l.Type() != typ {
+		problem("link %s is a %s, want %s", name, l.Type(), typ)
+	}
+	if l.Attrs().Flags&net.FlagUp == 0 {
+		problem("link %s is down", name)
+	}
+	return l
+}
+
+func checkAddrs(h netlinksafe.Handle, l netlink.Link, want []*current.IPConfig, problem func(string, ...any)) {
+	addrs, err := h.AddrList(l, netlink.FAMILY_ALL)
+	if err != nil {
+		problem("list addresses of %s: %v", l.Attrs().Name, err)
+		return
+	}
+	for _, w := range want {
+		found := false
+		for _, a := range addrs {
+			if a.IPNet.String() == w.Address.String() {
+				found = true
+			}
+		}
+		if !found {
+			problem("%s lacks address %s", l.Attrs().Name, w.Address.String())
+		}
+	}
+}
+
+func equalTag(a, b *int) bool {
+	if a == nil || b == nil {
+		return a == nil && b == nil
+	}
+	return *a == *b
+}
+
+func tagString(t *int) string {
+	if t == nil {
+		return "none"
+	}
+	return strconv.Itoa(*t)
+}
+
+func equalInts(a, b []int) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	seen := map[int]bool{}
+	for _, v := range a {
+		seen[v] = true
+	}
+	for _, v := range b {
+		if !seen[v] {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,518 @@
+package integration
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+
+	"github.com/vmnic/vmnic/daemon"
+	"github.com/vmnic/vmnic/pkg/state"
+	"github.com/vmnic/vmnic/plugins/bridge"
+	"github.com/vmnic/vmnic/test/guest"
+	"github.com/vmnic/vmnic/test/harness"
+	"github.com/vmnic/vmnic/test/need"
+	"github.com/vmnic/vmnic/test/ovs"
+)
+
+// ovsNode is a sandbox node with a userspace-datapath OVS switch (bridge
+// br1) and vmnicd, both in the node netns.
+type ovsNode struct {
+	*harness.Node
+	sw *ovs.OVS
+	d  *harness.Daemon
+}
+
+func newOVSNode(t *testing.T) *ovsNode {
+	t.Helper()
+	node, _ := newNode(t, false)
+	sw := ovs.StartT(t, ovs.WithNetNS(node.NS))
+	if out, err := sw.Vsctl("add-br", "br1", "--", "set", "bridge", "br1", "datapath_type=netdev"); err != nil {
+		t.Fatalf("add-br: %v\n%s", err, out)
+	}
+	n := &ovsNode{Node: node, sw: sw}
+	n.start(t)
+	return n
+}
+
+func (n *ovsNode) start(t *testing.T) {
+	t.Helper()
+	d, err := n.StartDaemonWith(logger(t), func(o *daemon.Options) {
+		o.OVSDB = n.sw.DB()
+		o.HostNetns = n.NS.Path()
+	})
+	if err != nil {
+		t.Fatalf("daemon: %v", err)
+	}
+	n.d = d
+	t.Cleanup(func() { _ = d.Stop() })
+}
+
+func (n *ovsNode) vsctl(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := n.sw.Vsctl(args...)
+	if err != nil {
+		t.Fatalf("ovs-vsctl %v: %v\n%s", args, err, out)
+	}
+	return strings.TrimSpace(out)
+}
+
+// ipamDir is where host-local keeps the node's allocations.
+func (n *ovsNode) ipamDir() string { return filepath.Join(n.Dir, "ipam") }
+
+// hostLocal is a host-local IPAM block on 10.100.0.0/24 handing out
+// first-last.
+func (n *ovsNode) hostLocal(first, last string) map[string]any {
+	return map[string]any{
+		"type": "host-local", "dataDir": n.ipamDir(),
+		"ranges": []any{[]any{map[string]any{
+			"subnet": "10.100.0.0/24", "gateway": "10.100.0.1", "rangeStart": first, "rangeEnd": last,
+		}}},
+		"routes": []any{map[string]any{"dst": "0.0.0.0/0"}, map[string]any{"dst": "192.0.2.0/24", "gw": "10.100.0.254"}},
+	}
+}
+
+// bridgeList is a network whose main plugin is vmnic in bridge mode.
+func (n *ovsNode) bridgeList(t *testing.T, name string, keys map[string]any, ipam map[string]any) *libcni.NetworkConfigList {
+	t.Helper()
+	plugin := map[string]any{
+		"type": "vmnic", "mode": "bridge", "bridge": "br1",
+		"socket": n.Socket(), "spoolDir": n.SpoolDir(),
+	}
+	if ipam != nil {
+		plugin["ipam"] = ipam
+	}
+	for k, v := range keys {
+		plugin[k] = v
+	}
+	b, err := json.Marshal(map[string]any{"cniVersion": "1.1.0", "name": name, "plugins": []any{plugin}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := harness.List(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+// addPod runs ADD for a pod on the network and returns its result.
+func (n *ovsNode) addPod(t *testing.T, l *libcni.NetworkConfigList, name string) (*harness.Pod, *current.Result) {
+	t.Helper()
+	p := newPod(t, name)
+	p.IfName = "net1"
+	res, err := n.Add(ctxT(t), l, p)
+	if err != nil {
+		t.Fatalf("ADD %s on %s: %v", name, l.Name, err)
+	}
+	r, err := current.NewResultFromResult(res)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p, r
+}
+
+func portOf(p *harness.Pod) string { return bridge.HostIfName(p.ContainerID, p.IfName) }
+
+// vmnicPorts lists the OVS ports carrying vmnic's owner mark.
+func (n *ovsNode) vmnicPorts(t *testing.T) []string {
+	t.Helper()
+	out := n.vsctl(t, "--format=csv", "--no-headings", "--columns=name", "find", "port", "external_ids:vmnic.io/owner=vmnic")
+	if out == "" {
+		return nil
+	}
+	return strings.Fields(strings.ReplaceAll(out, `"`, ""))
+}
+
+// allocated lists host-local's allocation files of a network.
+func (n *ovsNode) allocated(t *testing.T, network string) []string {
+	t.Helper()
+	ents, err := os.ReadDir(filepath.Join(n.ipamDir(), network))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ips []string
+	for _, e := range ents {
+		if strings.Count(e.Name(), ".") == 3 {
+			ips = append(ips, e.Name())
+		}
+	}
+	return ips
+}
+
+func nodeLink(t *testing.T, n *ovsNode, name string) netlink.Link {
+	t.Helper()
+	var l netlink.Link
+	_ = n.NS.Do(func(ns.NetNS) error {
+		l, _ = netlinksafe.LinkByName(name)
+		return nil
+	})
+	return l
+}
+
+func pingFrom(p *harness.Pod, ip string) error {
+	out, err := exec.Command("nsenter", "--net="+p.NS.Path(), "ping", "-c", "2", "-i", "0.2", "-W", "1", ip).CombinedOutput()
+	if err != nil {
+		return errors.New(strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+func ip4(r *current.Result) string {
+	for _, ipc := range r.IPs {
+		if ipc.Address.IP.To4() != nil {
+			return ipc.Address.IP.String()
+		}
+	}
+	return ""
+}
+
+// TestBridgePlainPods: pods that are no VMs get a plain OVS port with their
+// address, like ovs-cni: tag and MTU land in OVSDB and on the links, the
+// same VLAN connects, another VLAN does not, CHECK sees drift, DEL is
+// idempotent and works after the netns is gone, and releases the address.
+func TestBridgePlainPods(t *testing.T) {
+	n := newOVSNode(t)
+	ctx := ctxT(t)
+	vlan100 := n.bridgeList(t, "vlan100", map[string]any{"vlan": 100, "mtu": 1400}, n.hostLocal("10.100.0.10", "10.100.0.50"))
+	vlan200 := n.bridgeList(t, "vlan200", map[string]any{"vlan": 200}, n.hostLocal("10.100.0.100", "10.100.0.150"))
+	a1, r1 := n.addPod(t, vlan100, "web-a1")
+	a2, r2 := n.addPod(t, vlan100, "web-a2")
+	b1, rb := n.addPod(t, vlan200, "web-b1")
+
+	for _, c := range []struct {
+		p   *harness.Pod
+		tag string
+	}{{a1, "100"}, {a2, "100"}, {b1, "200"}} {
+		port := portOf(c.p)
+		if got := n.vsctl(t, "get", "port", port, "tag"); got != c.tag {
+			t.Errorf("port %s tag %s, want %s", port, got, c.tag)
+		}
+		ids := n.vsctl(t, "get", "port", port, "external_ids")
+		for _, w := range []string{`"vmnic.io/owner"=vmnic`, `"vmnic.io/pod-name"=` + c.p.Name, `"vmnic.io/iface"=net1`, `"vmnic.io/netns"="` + c.p.NS.Path() + `"`} {
+			if !strings.Contains(ids, w) {
+				t.Errorf("port %s external_ids %s lack %s", port, ids, w)
+			}
+		}
+	}
+	if got := n.vsctl(t, "get", "interface", portOf(a1), "mtu_request"); got != "1400" {
+		t.Errorf("mtu_request %s, want 1400", got)
+	}
+	if l := nodeLink(t, n, portOf(a1)); l == nil || l.Attrs().MTU != 1400 || !strings.HasPrefix(l.Attrs().Alias, "vmnic:") {
+		t.Errorf("node end of a1: %+v, want MTU 1400 and the owner mark", l)
+	}
+	if l := podLinks(t, a1)["net1"]; l == nil || l.Attrs().MTU != 1400 {
+		t.Errorf("pod end of a1: %v, want MTU 1400", l)
+	}
+	if len(r1.Interfaces) != 2 || r1.Interfaces[1].Name != "net1" || r1.Interfaces[1].Mac == "" || len(r1.IPs) != 1 {
+		t.Errorf("result: %+v", r1)
+	}
+
+	if err := pingFrom(a1, ip4(r2)); err != nil {
+		t.Errorf("same VLAN: a1 cannot reach a2 (%s): %v", ip4(r2), err)
+	}
+	if err := pingFrom(a1, ip4(rb)); err == nil {
+		t.Errorf("VLAN 100 reached VLAN 200 (%s)", ip4(rb))
+	}
+
+	if err := n.Check(ctx, vlan100, a1); err != nil {
+		t.Errorf("CHECK of a wired port: %v", err)
+	}
+	n.vsctl(t, "set", "port", portOf(a1), "tag=300")
+	if err := n.Check(ctx, vlan100, a1); err == nil || !strings.Contains(err.Error(), "tag 300, want 100") {
+		t.Errorf("CHECK after retagging the port: %v, want the tag named", err)
+	}
+
+	for i := range 2 {
+		if err := n.Del(ctx, vlan100, a2); err != nil {
+			t.Fatalf("DEL #%d of a2: %v", i+1, err)
+		}
+	}
+	a1.Close()
+	if err := n.Del(ctx, vlan100, a1); err != nil {
+		t.Fatalf("DEL after the netns is gone: %v", err)
+	}
+	if err := n.Del(ctx, vlan200, b1); err != nil {
+		t.Fatal(err)
+	}
+	if ports := n.vmnicPorts(t); len(ports) != 0 {
+		t.Errorf("ports left after DEL: %v", ports)
+	}
+	for _, p := range []*harness.Pod{a1, a2, b1} {
+		if l := nodeLink(t, n, portOf(p)); l != nil {
+			t.Errorf("node veth %s left", l.Attrs().Name)
+		}
+	}
+	if ips := append(n.allocated(t, "vlan100"), n.allocated(t, "vlan200")...); len(ips) != 0 {
+		t.Errorf("addresses still allocated: %v", ips)
+	}
+	recs, _, _ := stateList(t, n.Node)
+	if len(recs) != 0 {
+		t.Errorf("records left: %d", len(recs))
+	}
+}
+
+func stateList(t *testing.T, n *harness.Node) ([]*state.Record, []string, error) {
+	t.Helper()
+	st, err := state.Open(filepath.Join(n.StateDir(), "attachments"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.List()
+}
+
+// TestBridgeTrunk: trunk ids and ranges become the port's trunks.
+func TestBridgeTrunk(t *testing.T) {
+	n := newOVSNode(t)
+	l := n.bridgeList(t, "trunk", map[string]any{"trunk": []any{map[string]any{"id": 10}, map[string]any{"minID": 20, "maxID": 22}}}, n.hostLocal("10.100.0.10", "10.100.0.50"))
+	p, _ := n.addPod(t, l, "router-1")
+	if got := n.vsctl(t, "get", "port", portOf(p), "trunks"); got != "[10, 20, 21, 22]" {
+		t.Errorf("trunks %s, want [10, 20, 21, 22]", got)
+	}
+	if got := n.vsctl(t, "get", "port", portOf(p), "tag"); got != "[]" {
+		t.Errorf("trunk port has tag %s", got)
+	}
+	if err := n.Check(ctxT(t), l, p); err != nil {
+		t.Errorf("CHECK: %v", err)
+	}
+	if err := n.Del(ctxT(t), l, p); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestBridgeBadInput: each bad config fails with its code and a message
+// naming the field, and leaves no port, link, address or record.
+func TestBridgeBadInput(t *testing.T) {
+	n := newOVSNode(t)
+	ok := n.hostLocal("10.100.0.10", "10.100.0.50")
+	cases := []struct {
+		name  string
+		keys  map[string]any
+		ipam  map[string]any
+		code  uint
+		field string
+	}{
+		{"unknown bridge", map[string]any{"bridge": "nobr", "vlan": 100}, ok, types.ErrInvalidNetworkConfig, `bridge: OVS bridge "nobr"`},
+		{"vlan out of range", map[string]any{"vlan": 4096}, ok, types.ErrInvalidNetworkConfig, "vlan: 4096"},
+		{"trunk overlap", map[string]any{"trunk": []any{map[string]any{"minID": 10, "maxID": 20}, map[string]any{"id": 15}}}, ok, types.ErrInvalidNetworkConfig, "trunk[1]"},
+		{"missing ipam", map[string]any{"vlan": 100}, nil, types.ErrInvalidNetworkConfig, "ipam"},
+		{"unknown ipam plugin", map[string]any{"vlan": 100}, map[string]any{"type": "no-such-ipam"}, types.ErrInvalidNetworkConfig, "ipam.type"},
+		{"ipam exhausted", map[string]any{"vlan": 100}, n.hostLocal("10.100.0.60", "10.100.0.59"), 0, "ipam"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			l := n.bridgeList(t, "bad", c.keys, c.ipam)
+			p := newPod(t, "bad-pod")
+			p.IfName = "net1"
+			_, err := n.Add(ctxT(t), l, p)
+			var te *types.Error
+			if !errors.As(err, &te) {
+				t.Fatalf("ADD: %v, want a CNI error", err)
+			}
+			if c.code != 0 && te.Code != c.code {
+				t.Errorf("code %d, want %d (%s)", te.Code, c.code, te.Msg)
+			}
+			if !strings.Contains(te.Msg, c.field) {
+				t.Errorf("message %q does not name %q", te.Msg, c.field)
+			}
+			if ports := n.vmnicPorts(t); len(ports) != 0 {
+				t.Errorf("ports left: %v", ports)
+			}
+			if links := podLinks(t, p); len(links) != 1 {
+				t.Errorf("pod links left: %v", keys(links))
+			}
+			if l := nodeLink(t, n, portOf(p)); l != nil {
+				t.Errorf("node veth %s left", l.Attrs().Name)
+			}
+			if ips := n.allocated(t, "bad"); len(ips) != 0 {
+				t.Errorf("addresses left allocated: %v", ips)
+			}
+			if recs, _, _ := stateList(t, n.Node); len(recs) != 0 {
+				t.Errorf("records left: %d", len(recs))
+			}
+		})
+	}
+}
+
+// TestBridgeGC: ports vmnic owns whose attachment is gone are removed by
+// the CNI GC verb (addresses released) and at daemon start; a foreign port
+// and live attachments stay.
+func TestBridgeGC(t *testing.T) {
+	n := newOVSNode(t)
+	ctx := ctxT(t)
+	l := n.bridgeList(t, "gcnet", map[string]any{"vlan": 100}, n.hostLocal("10.100.0.10", "10.100.0.50"))
+	n.vsctl(t, "add-port", "br1", "foreign0", "--", "set", "interface", "foreign0", "type=internal",
+		"--", "set", "port", "foreign0", "external_ids:owner=someone-else")
+	g1, _ := n.addPod(t, l, "gc-1")
+	g2, _ := n.addPod(t, l, "gc-2")
+	g3, _ := n.addPod(t, l, "gc-3")
+
+	// g1's record is lost and its pod gone: only the port's marks remain.
+	forget := func(p *harness.Pod) {
+		st, err := state.Open(filepath.Join(n.StateDir(), "attachments"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := st.Delete(state.Key(p.ContainerID, p.IfName)); err != nil {
+			t.Fatal(err)
+		}
+		p.Close()
+	}
+	forget(g1)
+	valid := []types.GCAttachment{{ContainerID: g2.ContainerID, IfName: "net1"}, {ContainerID: g3.ContainerID, IfName: "net1"}}
+	if err := n.GC(ctx, l, valid); err != nil {
+		t.Fatalf("GC: %v", err)
+	}
+	ports := n.vmnicPorts(t)
+	if contains(ports, portOf(g1)) || !contains(ports, portOf(g2)) || !contains(ports, portOf(g3)) {
+		t.Errorf("after GC vmnic ports are %v; want g2's and g3's only", ports)
+	}
+	if got := len(n.allocated(t, "gcnet")); got != 2 {
+		t.Errorf("%d addresses allocated after GC, want 2 (g1's released)", got)
+	}
+
+	// g2 goes the same way while the daemon is down; its start cleans up.
+	if err := n.d.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	forget(g2)
+	n.start(t)
+	ports = n.vmnicPorts(t)
+	if contains(ports, portOf(g2)) || !contains(ports, portOf(g3)) {
+		t.Errorf("after restart vmnic ports are %v; want g3's only", ports)
+	}
+	if out := n.vsctl(t, "list-ports", "br1"); !strings.Contains(out, "foreign0") {
+		t.Errorf("foreign port removed: %s", out)
+	}
+	if err := n.Del(ctx, l, g3); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestBridgeVMGuest boots a real guest behind a bridge-mode VM NIC: the
+// guest takes the IPAM address by DHCP from vmnic (gateway, classless
+// routes, DNS, MTU, host name), reaches a plain pod on the same VLAN, and the
+// pod side of the NIC holds no address and no IPv6 of its own.
+func TestBridgeVMGuest(t *testing.T) {
+	need.NoError(t, guest.Check())
+	ctx := ctxT(t)
+	img, err := guest.Build(t.TempDir())
+	if err != nil {
+		t.Fatalf("guest image: %v", err)
+	}
+	n := newOVSNode(t)
+	conf := map[string]any{
+		"vlan": 100, "mtu": 1400,
+		"dns":  map[string]any{"nameservers": []string{"10.100.0.53"}, "search": []string{"vlan100.example"}},
+		"args": map[string]any{"cni": map[string]any{"vmnic": map[string]any{"name": "vm1"}}},
+	}
+	l := n.bridgeList(t, "vlan100", conf, n.hostLocal("10.100.0.10", "10.100.0.50"))
+	peer, rp := n.addPod(t, l, "peer-1")
+	vm, rv := n.addPod(t, l, "virt-launcher-vm1-x1")
+	guestIP := net.ParseIP(ip4(rv))
+	wantMAC := bridge.GuestMACFor(guestIP).String()
+	if got := rv.Interfaces[1].Mac; got != wantMAC {
+		t.Errorf("result's guest MAC %s, want %s (the rule for %s)", got, wantMAC, guestIP)
+	}
+
+	links := podLinks(t, vm)
+	br, ok := links["k6t-net1"].(*netlink.Bridge)
+	if !ok {
+		t.Fatalf("k6t-net1 missing: %v", keys(links))
+	}
+	tap, ok := links["tap1"].(*netlink.Tuntap)
+	if !ok || tap.MasterIndex != br.Index || tap.Owner != 107 {
+		t.Errorf("tap1: %+v, want a port of k6t-net1 owned by 107", links["tap1"])
+	}
+	podIf := links["net1"]
+	if podIf == nil || podIf.Attrs().MasterIndex != br.Index || podIf.Attrs().HardwareAddr.String() == wantMAC {
+		t.Errorf("net1: %+v, want a port of k6t-net1 with a MAC other than the guest's", podIf)
+	}
+	if v := sysctlIn(t, vm, "net.ipv6.conf.net1.disable_ipv6"); v != "1" {
+		t.Errorf("IPv6 on net1: disable_ipv6=%s", v)
+	}
+	var podAddrs []netlink.Addr
+	_ = vm.NS.Do(func(ns.NetNS) error {
+		podAddrs, _ = netlink.AddrList(podIf, netlink.FAMILY_ALL)
+		return nil
+	})
+	if len(podAddrs) != 0 {
+		t.Errorf("net1 holds addresses %v", podAddrs)
+	}
+	if out, err := exec.Command("nsenter", "--net="+vm.NS.Path(), "nft", "list", "table", "bridge", "vmnic_net1").CombinedOutput(); err != nil || !strings.Contains(string(out), `oifname "net1" drop`) {
+		t.Errorf("guard table: %v\n%s", err, out)
+	}
+	if err := n.Check(ctx, l, vm); err != nil {
+		t.Errorf("CHECK: %v", err)
+	}
+
+	script := fmt.Sprintf(`
+udhcpc -i eth0 -q -f -n -t 10 -T 2 -O staticroutes -O mtu -O hostname || echo DHCP4-FAILED
+echo "ADDR4 $(ip -4 -o addr show dev eth0 | awk '{print $4}' | head -1)"
+ping -c 3 -W 2 %s >/dev/null 2>&1 && echo PING-OK || echo PING-FAILED
+echo WAITING
+sleep 60
+`, ip4(rp))
+	var logf func(string)
+	if testing.Verbose() {
+		logf = func(s string) { t.Log("guest: " + s) }
+	}
+	g, err := guest.Start(ctx, img, guest.Options{NetnsPath: vm.NS.Path(), Tap: "tap1", MAC: wantMAC, Script: script, Timeout: 3 * time.Minute, Log: logf})
+	if err != nil {
+		t.Fatalf("boot guest: %v", err)
+	}
+	defer g.Kill()
+	m, err := g.WaitFor(ctx, regexp.MustCompile(`^(DHCP4 bound.*|DHCP4-FAILED)$`))
+	if err != nil {
+		t.Fatalf("guest DHCP: %v\n%s", err, g.Output())
+	}
+	lease := m[1]
+	for _, w := range []string{"ip=" + guestIP.String(), "mask=24", "router=10.100.0.1", "mtu=1400", "dns=10.100.0.53", "hostname=vm1", "search=vlan100.example", "staticroutes=192.0.2.0/24,10.100.0.254,0.0.0.0/0,10.100.0.1"} {
+		if !strings.Contains(lease, w) {
+			t.Errorf("lease %q lacks %s", lease, w)
+		}
+	}
+	if m, err = g.WaitFor(ctx, regexp.MustCompile(`^ADDR4 (.*)$`)); err != nil || m[1] != guestIP.String()+"/24" {
+		t.Errorf("guest address %v (%v), want %s/24", m, err, guestIP)
+	}
+	if m, err = g.WaitFor(ctx, regexp.MustCompile(`^PING-(OK|FAILED)$`)); err != nil || m[1] != "OK" {
+		t.Errorf("guest ping of the peer pod %s on VLAN 100: %v %v", ip4(rp), m, err)
+	}
+	if _, err := g.WaitFor(ctx, regexp.MustCompile(`^WAITING$`)); err != nil {
+		t.Fatal(err)
+	}
+	if err := pingFrom(peer, guestIP.String()); err != nil {
+		t.Errorf("peer pod cannot reach the guest: %v", err)
+	}
+	g.Kill()
+
+	if err := n.Del(ctx, l, vm); err != nil {
+		t.Fatal(err)
+	}
+	if left := podLinks(t, vm); len(left) != 1 {
+		t.Errorf("links left in the VM pod after DEL: %v", keys(left))
+	}
+	if out, err := exec.Command("nsenter", "--net="+vm.NS.Path(), "nft", "list", "tables").CombinedOutput(); err != nil || strings.Contains(string(out), "vmnic") {
+		t.Errorf("tables left after DEL: %v %s", err, out)
+	}
+	if err := n.Del(ctx, l, peer); err != nil {
+		t.Fatal(err)
+	}
+}
