@@ -78,6 +78,8 @@ type Spec struct {
 	VLAN      *int   `json:"vlan,omitempty"`
 	Trunks    []int  `json:"trunks,omitempty"`
 	MTU       int    `json:"mtu,omitempty"`
+	// LinkMTU is the pod interface's MTU once wired, handed to the guest.
+	LinkMTU int `json:"linkMTU,omitempty"`
 
 	PodNamespace string `json:"podNamespace,omitempty"`
 	PodName      string `json:"podName,omitempty"`
@@ -444,6 +446,7 @@ func (p *Plugin) wireVM(h netlinksafe.Handle, s *Spec) error {
 		return fmt.Errorf("look up %q: %w", s.PodIf, err)
 	}
 	mtu := pod.Attrs().MTU
+	s.LinkMTU = mtu
 	wantV6 := s.hasV6()
 	// The pod interface carries only the guest's frames: no address, no
 	// IPv6 of its own (no link-local, no DAD, no MLD).
@@ -527,7 +530,10 @@ func (s *Spec) ips() []*current.IPConfig {
 func (s *Spec) dhcpConfig(log *slog.Logger) dhcp.Config {
 	cfg := dhcp.Config{NetnsPath: s.Netns, IfName: s.LinuxBridge, Logger: log}
 	cfg.ClientMAC, _ = net.ParseMAC(s.GuestMAC)
-	mtu := s.MTU
+	mtu := s.LinkMTU
+	if mtu == 0 {
+		mtu = s.MTU
+	}
 	var dns4, dns6 []net.IP
 	dnsNames, search := s.DNS, s.Search
 	if s.Addresses != nil && len(s.Addresses.DNS.Nameservers) > 0 {

@@ -54,6 +54,12 @@ var ScriptExit = regexp.MustCompile(`^VMNIC-GUEST: script exit=(\d+)$`)
 // KernelArgs is the guest kernel command line, before Options.KernelArgs.
 const KernelArgs = "console=ttyS0 quiet panic=-1"
 
+// NIC is one more guest NIC on an existing tap (single queue).
+type NIC struct {
+	Tap string
+	MAC string
+}
+
 // Options configure one guest.
 type Options struct {
 	// NetnsPath, if set, is the network namespace QEMU runs in (a path
@@ -70,6 +76,9 @@ type Options struct {
 	// CPUs is the number of vCPUs; default max(1, Queues), since the
 	// guest uses min(Queues, CPUs) queue pairs.
 	CPUs int
+	// More NICs after the first, in order: eth1, eth2, ... in the guest
+	// (the script brings them up).
+	More []NIC
 	// Script is run by busybox sh as the guest's main job once eth0 is up;
 	// its output goes to the serial console. The guest powers off when it
 	// ends.
@@ -240,6 +249,14 @@ func qemuArgs(img *Image, initrd string, o *Options) []string {
 			dev += ",mq=on,vectors=" + strconv.Itoa(2*o.Queues+2)
 		}
 		args = append(args, "-netdev", netdev, "-device", dev)
+	}
+	for i, nic := range o.More {
+		id := "n" + strconv.Itoa(i+1)
+		dev := "virtio-net-pci,netdev=" + id + ",romfile="
+		if nic.MAC != "" {
+			dev += ",mac=" + nic.MAC
+		}
+		args = append(args, "-netdev", "tap,id="+id+",ifname="+nic.Tap+",script=no,downscript=no,vhost=off", "-device", dev)
 	}
 	if o.MonitorSocket != "" {
 		args = append(args, "-qmp", "unix:"+o.MonitorSocket+",server=on,wait=off")

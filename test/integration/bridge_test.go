@@ -77,12 +77,18 @@ func (n *ovsNode) ipamDir() string { return filepath.Join(n.Dir, "ipam") }
 // hostLocal is a host-local IPAM block on 10.100.0.0/24 handing out
 // first-last.
 func (n *ovsNode) hostLocal(first, last string) map[string]any {
+	ipam := n.hostLocalOn("10.100.0.0/24", "10.100.0.1", first, last)
+	ipam["routes"] = []any{map[string]any{"dst": "0.0.0.0/0"}, map[string]any{"dst": "192.0.2.0/24", "gw": "10.100.0.254"}}
+	return ipam
+}
+
+// hostLocalOn is a host-local IPAM block on subnet handing out first-last.
+func (n *ovsNode) hostLocalOn(subnet, gw, first, last string) map[string]any {
 	return map[string]any{
 		"type": "host-local", "dataDir": n.ipamDir(),
 		"ranges": []any{[]any{map[string]any{
-			"subnet": "10.100.0.0/24", "gateway": "10.100.0.1", "rangeStart": first, "rangeEnd": last,
+			"subnet": subnet, "gateway": gw, "rangeStart": first, "rangeEnd": last,
 		}}},
-		"routes": []any{map[string]any{"dst": "0.0.0.0/0"}, map[string]any{"dst": "192.0.2.0/24", "gw": "10.100.0.254"}},
 	}
 }
 
@@ -514,5 +520,125 @@ sleep 60
 	}
 	if err := n.Del(ctx, l, peer); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestBridgeMultiNIC: a VM pod with the masquerade pod network and two OVS
+// networks gets three independent NICs; a real guest with three NICs takes
+// each address by DHCP and reaches each network through the right NIC;
+// DEL of one NIC leaves the others wired.
+func TestBridgeMultiNIC(t *testing.T) {
+	need.NoError(t, guest.Check())
+	ctx := ctxT(t)
+	img, err := guest.Build(t.TempDir())
+	if err != nil {
+		t.Fatalf("guest image: %v", err)
+	}
+	n := newOVSNode(t)
+	const mac0 = "02:00:00:00:aa:01"
+	podNet := list(t, n.Node, harness.NetOptions{Vmnic: true, Subnet6: "-", VM: map[string]any{"name": "mn", "mac": mac0}})
+	blue := n.bridgeList(t, "blue", map[string]any{"vlan": 100}, n.hostLocalOn("10.100.0.0/24", "10.100.0.1", "10.100.0.10", "10.100.0.50"))
+	green := n.bridgeList(t, "green", map[string]any{"vlan": 200}, n.hostLocalOn("10.200.0.0/24", "10.200.0.1", "10.200.0.10", "10.200.0.50"))
+	_, rBlue := n.addPod(t, blue, "blue-peer")
+	_, rGreen := n.addPod(t, green, "green-peer")
+
+	vm := newPod(t, "virt-launcher-mn-x9")
+	if _, err := n.Add(ctx, podNet, vm); err != nil {
+		t.Fatalf("ADD eth0: %v", err)
+	}
+	var nics []*current.Result
+	for i, l := range []*libcni.NetworkConfigList{blue, green} {
+		vm.IfName = fmt.Sprintf("net%d", i+1)
+		res, err := n.Add(ctx, l, vm)
+		if err != nil {
+			t.Fatalf("ADD %s: %v", vm.IfName, err)
+		}
+		r, _ := current.NewResultFromResult(res)
+		nics = append(nics, r)
+	}
+	links := podLinks(t, vm)
+	for _, name := range []string{"k6t-eth0", "tap0", "k6t-net1", "tap1", "net1", "k6t-net2", "tap2", "net2"} {
+		if links[name] == nil {
+			t.Errorf("%s missing in the VM pod (links: %v)", name, keys(links))
+		}
+	}
+	mac1, mac2 := nics[0].Interfaces[1].Mac, nics[1].Interfaces[1].Mac
+	script := fmt.Sprintf(`
+ip link set eth1 up; ip link set eth2 up
+udhcpc -i eth1 -q -f -n -t 10 -T 2 -O mtu || echo DHCP4-FAILED
+udhcpc -i eth2 -q -f -n -t 10 -T 2 -O mtu || echo DHCP4-FAILED
+# eth0 last: its default route (the pod network) replaces the others'.
+udhcpc -i eth0 -q -f -n -t 10 -T 2 || echo DHCP4-FAILED
+for i in eth0 eth1 eth2; do echo "ADDR $i $(ip -4 -o addr show dev $i | awk '{print $4}' | head -1)"; done
+ping -c 2 -W 2 198.18.0.1 >/dev/null 2>&1 && echo PING0-OK || echo PING0-FAILED
+ping -c 2 -W 2 %[1]s >/dev/null 2>&1 && echo PING1-OK || echo PING1-FAILED
+ping -c 2 -W 2 %[2]s >/dev/null 2>&1 && echo PING2-OK || echo PING2-FAILED
+echo "NEIGH1 $(ip neigh show dev eth1 | awk '{print $1}' | tr '\n' ' ')"
+echo "NEIGH2 $(ip neigh show dev eth2 | awk '{print $1}' | tr '\n' ' ')"
+`, ip4(rBlue), ip4(rGreen))
+	var logf func(string)
+	if testing.Verbose() {
+		logf = func(s string) { t.Log("guest: " + s) }
+	}
+	g, err := guest.Start(ctx, img, guest.Options{
+		NetnsPath: vm.NS.Path(), Tap: "tap0", MAC: mac0,
+		More:   []guest.NIC{{Tap: "tap1", MAC: mac1}, {Tap: "tap2", MAC: mac2}},
+		Script: script, Timeout: 3 * time.Minute, Log: logf,
+	})
+	if err != nil {
+		t.Fatalf("boot guest: %v", err)
+	}
+	defer g.Kill()
+	want := map[string]string{"eth0": "10.0.2.2/24", "eth1": ip4(nics[0]) + "/24", "eth2": ip4(nics[1]) + "/24"}
+	for range 3 {
+		m, err := g.WaitFor(ctx, regexp.MustCompile(`^ADDR (eth\d) (.*)$`))
+		if err != nil {
+			t.Fatalf("guest: %v\n%s", err, g.Output())
+		}
+		if want[m[1]] != m[2] {
+			t.Errorf("guest %s has %q, want %s", m[1], m[2], want[m[1]])
+		}
+	}
+	for i, what := range []string{"the node through masquerade", "the blue peer on VLAN 100", "the green peer on VLAN 200"} {
+		m, err := g.WaitFor(ctx, regexp.MustCompile(fmt.Sprintf(`^PING%d-(OK|FAILED)$`, i)))
+		if err != nil || m[1] != "OK" {
+			t.Errorf("guest cannot reach %s: %v %v", what, m, err)
+		}
+	}
+	for i, peer := range []string{ip4(rBlue), ip4(rGreen)} {
+		m, err := g.WaitFor(ctx, regexp.MustCompile(fmt.Sprintf(`^NEIGH%d (.*)$`, i+1)))
+		if err != nil || !strings.Contains(m[1], peer) {
+			t.Errorf("eth%d neighbours %v, want %s there (the right NIC): %v", i+1, m, peer, err)
+		}
+	}
+	g.Kill()
+
+	// DEL of net1 leaves eth0 and net2 as they are.
+	vm.IfName = "net1"
+	if err := n.Del(ctx, blue, vm); err != nil {
+		t.Fatal(err)
+	}
+	links = podLinks(t, vm)
+	for _, name := range []string{"k6t-net1", "tap1", "net1"} {
+		if links[name] != nil {
+			t.Errorf("%s left after DEL of net1", name)
+		}
+	}
+	vm.IfName = "net2"
+	if err := n.Check(ctx, green, vm); err != nil {
+		t.Errorf("net2 after DEL of net1: %v", err)
+	}
+	vm.IfName = "eth0"
+	if err := n.Check(ctx, podNet, vm); err != nil {
+		t.Errorf("eth0 after DEL of net1: %v", err)
+	}
+	for _, c := range []struct {
+		l     *libcni.NetworkConfigList
+		iface string
+	}{{green, "net2"}, {podNet, "eth0"}} {
+		vm.IfName = c.iface
+		if err := n.Del(ctx, c.l, vm); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
