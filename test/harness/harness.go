@@ -209,6 +209,9 @@ type Pod struct {
 	Namespace   string
 	Name        string
 	IfName      string
+	// UID is the pod object's UID (K8S_POD_UID); empty means "uid-" and
+	// the container ID.
+	UID string
 }
 
 // NewPod makes a pod netns. Names starting with "virt-launcher-" are VM pods.
@@ -231,6 +234,13 @@ func (p *Pod) Close() {
 	}
 }
 
+func (p *Pod) uid() string {
+	if p.UID != "" {
+		return p.UID
+	}
+	return "uid-" + p.ContainerID
+}
+
 // Runtime is the libcni runtime config of the pod, as containerd builds it.
 func (p *Pod) Runtime() *libcni.RuntimeConf {
 	rt := &libcni.RuntimeConf{
@@ -241,7 +251,7 @@ func (p *Pod) Runtime() *libcni.RuntimeConf {
 			{"K8S_POD_NAMESPACE", p.Namespace},
 			{"K8S_POD_NAME", p.Name},
 			{"K8S_POD_INFRA_CONTAINER_ID", p.ContainerID},
-			{"K8S_POD_UID", "uid-" + p.ContainerID},
+			{"K8S_POD_UID", p.uid()},
 		},
 	}
 	// What containerd passes for the "dns" capability: the pod's DNS.

@@ -33,18 +33,28 @@ import (
 // br1) and vmnicd, both in the node netns.
 type ovsNode struct {
 	*harness.Node
-	sw *ovs.OVS
-	d  *harness.Daemon
+	sw     *ovs.OVS
+	d      *harness.Daemon
+	adjust func(*daemon.Options)
+	// cniVersion of the networks bridgeList builds; default 1.1.0.
+	cniVersion string
 }
 
 func newOVSNode(t *testing.T) *ovsNode {
+	t.Helper()
+	return newOVSNodeWith(t, nil)
+}
+
+// newOVSNodeWith is newOVSNode with a hook on the daemon's options (a VM
+// facts source backed by an API server, say).
+func newOVSNodeWith(t *testing.T, adjust func(*daemon.Options)) *ovsNode {
 	t.Helper()
 	node, _ := newNode(t, false)
 	sw := ovs.StartT(t, ovs.WithNetNS(node.NS))
 	if out, err := sw.Vsctl("add-br", "br1", "--", "set", "bridge", "br1", "datapath_type=netdev"); err != nil {
 		t.Fatalf("add-br: %v\n%s", err, out)
 	}
-	n := &ovsNode{Node: node, sw: sw}
+	n := &ovsNode{Node: node, sw: sw, adjust: adjust}
 	n.start(t)
 	return n
 }
@@ -54,6 +64,9 @@ func (n *ovsNode) start(t *testing.T) {
 	d, err := n.StartDaemonWith(logger(t), func(o *daemon.Options) {
 		o.OVSDB = n.sw.DB()
 		o.HostNetns = n.NS.Path()
+		if n.adjust != nil {
+			n.adjust(o)
+		}
 	})
 	if err != nil {
 		t.Fatalf("daemon: %v", err)
@@ -105,7 +118,11 @@ func (n *ovsNode) bridgeList(t *testing.T, name string, keys map[string]any, ipa
 	for k, v := range keys {
 		plugin[k] = v
 	}
-	b, err := json.Marshal(map[string]any{"cniVersion": "1.1.0", "name": name, "plugins": []any{plugin}})
+	version := n.cniVersion
+	if version == "" {
+		version = "1.1.0"
+	}
+	b, err := json.Marshal(map[string]any{"cniVersion": version, "name": name, "plugins": []any{plugin}})
 	if err != nil {
 		t.Fatal(err)
 	}
