@@ -37,8 +37,9 @@ test-unit: ## fast tests, no root needed
 test-integration: deps ## root tests in real namespaces (nftables, DHCP, libcni, guest)
 	$(GO) test -count=1 -timeout 30m ./plugins/... ./daemon/... ./pkg/nft/... ./pkg/dhcp/... ./test/...
 
-bench: deps ## benchmarks (medians, arms interleaved): ADD+DEL, pass-through overhead, shim exec, daemon RSS, OVSDB vs ovs-vsctl
-	$(GO) test -run '^$$' -bench . -benchtime 200x -count 1 -timeout 30m ./test/integration/
+bench: deps ## benchmarks (medians, arms interleaved): ADD+DEL per mode, pass-through overhead, shim exec, daemon RSS, OVSDB vs ovs-vsctl, 250 NICs on one bridge
+	$(GO) test -run '^$$' -bench . -skip Scale -benchtime 200x -count 1 -timeout 30m ./test/integration/
+	$(GO) test -run '^$$' -bench Scale -benchtime 1x -count 1 -timeout 30m ./test/integration/
 	$(GO) test -run '^$$' -bench . -benchtime 50x -count 1 -timeout 30m ./pkg/ovsdb/
 
 vet: ## go vet

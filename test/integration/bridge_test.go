@@ -40,14 +40,14 @@ type ovsNode struct {
 	cniVersion string
 }
 
-func newOVSNode(t *testing.T) *ovsNode {
+func newOVSNode(t testing.TB) *ovsNode {
 	t.Helper()
 	return newOVSNodeWith(t, nil)
 }
 
 // newOVSNodeWith is newOVSNode with a hook on the daemon's options (a VM
 // facts source backed by an API server, say).
-func newOVSNodeWith(t *testing.T, adjust func(*daemon.Options)) *ovsNode {
+func newOVSNodeWith(t testing.TB, adjust func(*daemon.Options)) *ovsNode {
 	t.Helper()
 	node, _ := newNode(t, false)
 	sw := ovs.StartT(t, ovs.WithNetNS(node.NS))
@@ -59,7 +59,7 @@ func newOVSNodeWith(t *testing.T, adjust func(*daemon.Options)) *ovsNode {
 	return n
 }
 
-func (n *ovsNode) start(t *testing.T) {
+func (n *ovsNode) start(t testing.TB) {
 	t.Helper()
 	d, err := n.StartDaemonWith(logger(t), func(o *daemon.Options) {
 		o.OVSDB = n.sw.DB()
@@ -75,7 +75,7 @@ func (n *ovsNode) start(t *testing.T) {
 	t.Cleanup(func() { _ = d.Stop() })
 }
 
-func (n *ovsNode) vsctl(t *testing.T, args ...string) string {
+func (n *ovsNode) vsctl(t testing.TB, args ...string) string {
 	t.Helper()
 	out, err := n.sw.Vsctl(args...)
 	if err != nil {
@@ -106,7 +106,7 @@ func (n *ovsNode) hostLocalOn(subnet, gw, first, last string) map[string]any {
 }
 
 // bridgeList is a network whose main plugin is vmnic in bridge mode.
-func (n *ovsNode) bridgeList(t *testing.T, name string, keys map[string]any, ipam map[string]any) *libcni.NetworkConfigList {
+func (n *ovsNode) bridgeList(t testing.TB, name string, keys map[string]any, ipam map[string]any) *libcni.NetworkConfigList {
 	t.Helper()
 	plugin := map[string]any{
 		"type": "vmnic", "mode": "bridge", "bridge": "br1",
@@ -134,7 +134,7 @@ func (n *ovsNode) bridgeList(t *testing.T, name string, keys map[string]any, ipa
 }
 
 // addPod runs ADD for a pod on the network and returns its result.
-func (n *ovsNode) addPod(t *testing.T, l *libcni.NetworkConfigList, name string) (*harness.Pod, *current.Result) {
+func (n *ovsNode) addPod(t testing.TB, l *libcni.NetworkConfigList, name string) (*harness.Pod, *current.Result) {
 	t.Helper()
 	p := newPod(t, name)
 	p.IfName = "net1"
@@ -152,7 +152,7 @@ func (n *ovsNode) addPod(t *testing.T, l *libcni.NetworkConfigList, name string)
 func portOf(p *harness.Pod) string { return bridge.HostIfName(p.ContainerID, p.IfName) }
 
 // vmnicPorts lists the OVS ports carrying vmnic's owner mark.
-func (n *ovsNode) vmnicPorts(t *testing.T) []string {
+func (n *ovsNode) vmnicPorts(t testing.TB) []string {
 	t.Helper()
 	out := n.vsctl(t, "--format=csv", "--no-headings", "--columns=name", "find", "port", "external_ids:vmnic.io/owner=vmnic")
 	if out == "" {
@@ -162,7 +162,7 @@ func (n *ovsNode) vmnicPorts(t *testing.T) []string {
 }
 
 // allocated lists host-local's allocation files of a network.
-func (n *ovsNode) allocated(t *testing.T, network string) []string {
+func (n *ovsNode) allocated(t testing.TB, network string) []string {
 	t.Helper()
 	ents, err := os.ReadDir(filepath.Join(n.ipamDir(), network))
 	if errors.Is(err, os.ErrNotExist) {
@@ -180,7 +180,7 @@ func (n *ovsNode) allocated(t *testing.T, network string) []string {
 	return ips
 }
 
-func nodeLink(t *testing.T, n *ovsNode, name string) netlink.Link {
+func nodeLink(t testing.TB, n *ovsNode, name string) netlink.Link {
 	t.Helper()
 	var l netlink.Link
 	_ = n.NS.Do(func(ns.NetNS) error {
