@@ -44,6 +44,7 @@ func (d *Daemon) Handle(ctx context.Context, req *proto.Request) *proto.Response
 	start := time.Now()
 	log := d.log.With("command", req.Command, "container", req.ContainerID, "ifname", req.IfName)
 	result, err := d.dispatch(ctx, req)
+	d.observe(req, err, time.Since(start))
 	if err != nil {
 		log.Error("request failed", "err", err, "elapsed", time.Since(start))
 		return errResponse(err)
@@ -71,6 +72,9 @@ func validateIDs(req *proto.Request) error {
 }
 
 func (d *Daemon) dispatch(ctx context.Context, req *proto.Request) (json.RawMessage, error) {
+	if isIntrospect(req.Command) {
+		return d.introspect(ctx, req)
+	}
 	if err := validateIDs(req); err != nil {
 		return nil, err
 	}

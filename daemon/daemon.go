@@ -57,6 +57,8 @@ type Options struct {
 	// node end of its veths and OVS runs; "" is the daemon's own (a
 	// DaemonSet on the host network). Tests set it.
 	HostNetns string
+	// Observe configures metrics and Kubernetes events (observe.go).
+	Observe ObserveOptions
 }
 
 // Daemon is vmnicd.
