@@ -153,6 +153,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 	// Orphaned OVS ports go once the daemon serves: the sweep waits for
 	// in-flight ADDs and DELs, it does not hold up readiness.
 	d.gcPorts(ctx)
+	migrationsDone := make(chan struct{})
+	go func() {
+		defer close(migrationsDone)
+		d.watchMigrations(ctx)
+	}()
+	defer func() { <-migrationsDone }()
 
 	ticker := time.NewTicker(d.opts.ResyncInterval)
 	defer ticker.Stop()

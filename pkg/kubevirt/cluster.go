@@ -44,6 +44,7 @@ type Cluster struct {
 	vmis    cache.SharedIndexInformer
 	vmims   cache.SharedIndexInformer
 	factory informers.SharedInformerFactory
+	changeState
 }
 
 // Scheme knows the KubeVirt types vmnic reads.
@@ -112,6 +113,9 @@ func NewCluster(opts ClusterOptions) (*Cluster, error) {
 	c.vmims = cache.NewSharedIndexInformer(mlw, &kubevirtv1.VirtualMachineInstanceMigration{}, opts.Resync,
 		cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
 	if err := c.vmims.SetTransform(trimVMIM); err != nil {
+		return nil, err
+	}
+	if err := c.watchChanges(); err != nil {
 		return nil, err
 	}
 	return c, nil

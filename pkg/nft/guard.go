@@ -25,9 +25,15 @@ const GuardPrefix = "vmnic_"
 //   - forward: the guest's DHCP requests do not leave for the underlay, and
 //     no DHCP answer from the underlay reaches the guest, so the guest takes
 //     its address from vmnic only.
+//
+// Held adds a hold in front of the forward chain: nothing passes between
+// the tap and the rest of the bridge. A live migration's target is held
+// until it takes over (the guest behind it must not be heard, nor fed stale
+// traffic, before the switchover), and its source once it has handed over.
 type Guard struct {
 	PodIf string // the pod interface, enslaved to the bridge
 	Tap   string // the guest's tap
+	Held  bool
 }
 
 // Table is the guard's table name.
@@ -50,6 +56,10 @@ func (g Guard) chains() ([]guardChain, error) {
 	udp := func(p uint16) []expr.Any { return matchPort(port{proto: unix.IPPROTO_UDP, from: p, to: p}) }
 	drop := verdict(expr.VerdictDrop, "")
 	in, out := expr.MetaKeyIIFNAME, expr.MetaKeyOIFNAME
+	var hold [][]expr.Any
+	if g.Held {
+		hold = [][]expr.Any{rule(matchIfname(in, g.Tap), drop), rule(matchIfname(out, g.Tap), drop)}
+	}
 	return []guardChain{
 		{name: "input", hook: nftables.ChainHookInput, rules: [][]expr.Any{
 			rule(matchIfname(in, g.PodIf), drop),
@@ -57,12 +67,12 @@ func (g Guard) chains() ([]guardChain, error) {
 		{name: "output", hook: nftables.ChainHookOutput, rules: [][]expr.Any{
 			rule(matchIfname(out, g.PodIf), drop),
 		}},
-		{name: "forward", hook: nftables.ChainHookForward, rules: [][]expr.Any{
+		{name: "forward", hook: nftables.ChainHookForward, rules: append(hold,
 			rule(matchIfname(in, g.Tap), matchIfname(out, g.PodIf), udp(dhcpServerPort), drop),
 			rule(matchIfname(in, g.Tap), matchIfname(out, g.PodIf), udp(dhcp6ServerPort), drop),
 			rule(matchIfname(in, g.PodIf), matchIfname(out, g.Tap), udp(dhcpClientPort), drop),
 			rule(matchIfname(in, g.PodIf), matchIfname(out, g.Tap), udp(dhcp6ClientPort), drop),
-		}},
+		)},
 	}, nil
 }
 

@@ -34,6 +34,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/vmnic/vmnic/pkg/announce"
 	"github.com/vmnic/vmnic/pkg/dhcp"
 	ipamexec "github.com/vmnic/vmnic/pkg/ipam"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
@@ -90,6 +91,10 @@ type Spec struct {
 	LinuxBridge string `json:"linuxBridge,omitempty"`
 	Tap         string `json:"tap,omitempty"`
 	Queues      int    `json:"queues,omitempty"`
+	// Held: the target of a live migration, silent until it takes over.
+	Held bool `json:"held,omitempty"`
+	// Silenced: the source of a live migration that handed over.
+	Silenced bool `json:"silenced,omitempty"`
 	// GuestMAC is the VMI's MAC; empty until IPAM when it follows the IP.
 	GuestMAC string   `json:"guestMAC,omitempty"`
 	Hostname string   `json:"hostname,omitempty"`
@@ -151,6 +156,7 @@ func NewSpec(in Input) (*Spec, error) {
 		s.Queues = f.Queues
 		s.GuestMAC = f.MAC
 		s.Hostname = f.VMName
+		s.Held = f.Migration != nil
 	}
 	return s, nil
 }
@@ -342,7 +348,41 @@ func portError(s *Spec, err error) error {
 	return fmt.Errorf("OVS port: %w", err)
 }
 
-func (s *Spec) guard() nft.Guard { return nft.Guard{PodIf: s.PodIf, Tap: s.Tap} }
+func (s *Spec) guard() nft.Guard {
+	return nft.Guard{PodIf: s.PodIf, Tap: s.Tap, Held: s.Held || s.Silenced}
+}
+
+// Release ends a migration target's hold: the guest behind the tap is
+// connected to the VLAN and its addresses are announced from here
+// (gratuitous ARP, unsolicited NA) with its MAC, so switches and peers
+// move to this port at once.
+func (p *Plugin) Release(s *Spec) error {
+	s.Held = false
+	if err := nft.ApplyGuard(s.Netns, s.guard()); err != nil {
+		s.Held = true
+		return fmt.Errorf("release hold of %s: %w", s.PodIf, err)
+	}
+	mac, err := net.ParseMAC(s.GuestMAC)
+	if err != nil {
+		return fmt.Errorf("guest MAC %q: %w", s.GuestMAC, err)
+	}
+	var ips []net.IP
+	for _, ipc := range s.ips() {
+		ips = append(ips, ipc.Address.IP)
+	}
+	return announce.Send(announce.Announcement{Netns: s.Netns, IfName: s.PodIf, MAC: mac, IPs: ips})
+}
+
+// Silence cuts a migration source's guest off the VLAN once the target
+// took over, until the source pod's DEL.
+func (p *Plugin) Silence(s *Spec) error {
+	s.Silenced = true
+	if err := nft.ApplyGuard(s.Netns, s.guard()); err != nil {
+		s.Silenced = false
+		return fmt.Errorf("silence %s: %w", s.PodIf, err)
+	}
+	return nil
+}
 
 // addVeth creates the pair from the node side, the pod end named PodIf in
 // the pod netns, both marked, and sets the node end up.

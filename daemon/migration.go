@@ -1,0 +1,104 @@
+package daemon
+
+import (
+	"context"
+	"time"
+
+	"github.com/vmnic/vmnic/pkg/kubevirt"
+	"github.com/vmnic/vmnic/pkg/netconf"
+	"github.com/vmnic/vmnic/pkg/state"
+)
+
+// migrationResync re-reads the migrations even without an informer event.
+const migrationResync = 2 * time.Second
+
+// watchMigrations drives the live-migration holds of bridge-mode VM NICs
+// from the VMIM and VMI objects: a held target is released (and announces
+// the guest's addresses) when its migration succeeded, and stays held when
+// it failed; a source whose VM moved away is silenced until its DEL. The
+// state lives in the attachment records, so a restarted daemon picks up
+// where it was.
+func (d *Daemon) watchMigrations(ctx context.Context) {
+	tr, ok := d.opts.Facts.(kubevirt.MigrationTracker)
+	if !ok {
+		return
+	}
+	for {
+		changed := tr.Changes()
+		d.reconcileMigrations(tr)
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		case <-time.After(migrationResync):
+		}
+	}
+}
+
+func (d *Daemon) reconcileMigrations(tr kubevirt.MigrationTracker) {
+	d.gc.RLock()
+	defer d.gc.RUnlock()
+	recs, _, err := d.store.List()
+	if err != nil {
+		d.log.Error("migrations: list records", "err", err)
+		return
+	}
+	for _, rec := range recs {
+		if rec.Mode != netconf.ModeBridge || len(rec.Result) == 0 || rec.VMName == "" {
+			continue
+		}
+		d.reconcileOne(tr, state.Key(rec.ContainerID, rec.IfName))
+	}
+}
+
+// reconcileOne acts on one attachment under its lock, from a fresh read of
+// its record (a DEL may have come first).
+func (d *Daemon) reconcileOne(tr kubevirt.MigrationTracker, key string) {
+	defer d.locks.Lock(key)()
+	rec, err := d.store.Get(key)
+	if err != nil || len(rec.Result) == 0 {
+		return
+	}
+	spec, err := bridgeSpecOf(rec)
+	if err != nil || !spec.VM {
+		return
+	}
+	log := d.log.With("key", key, "pod", rec.Pod.Namespace+"/"+rec.Pod.Name, "vm", rec.VMName)
+	switch {
+	case spec.Held && rec.Migration != nil:
+		out := tr.TargetOutcome(rec.Pod.Namespace, rec.VMName, rec.Migration.Job, rec.Pod.Name)
+		switch out {
+		case kubevirt.MigrationSucceeded:
+			start := time.Now()
+			if err := d.bridge.Release(spec); err != nil {
+				log.Error("migration target: release hold", "err", err)
+				if spec.Held {
+					return
+				}
+			}
+			rec.Migration.Phase = out.String()
+			if err := d.putRecord(rec, spec, rec.Result); err != nil {
+				log.Error("migration target: record release", "err", err)
+			}
+			log.Info("migration target took over: hold released, addresses announced", "job", rec.Migration.Job, "took", time.Since(start))
+		case kubevirt.MigrationFailed:
+			if rec.Migration.Phase == out.String() {
+				return
+			}
+			rec.Migration.Phase = out.String()
+			if err := d.putRecord(rec, spec, rec.Result); err != nil {
+				log.Error("migration target: record failure", "err", err)
+			}
+			log.Warn("migration failed or aborted: target stays held, source untouched", "job", rec.Migration.Job)
+		}
+	case !spec.Held && !spec.Silenced && tr.MigratedAway(rec.Pod.Namespace, rec.VMName, rec.Pod.Name):
+		if err := d.bridge.Silence(spec); err != nil {
+			log.Error("migration source: silence", "err", err)
+			return
+		}
+		if err := d.putRecord(rec, spec, rec.Result); err != nil {
+			log.Error("migration source: record silence", "err", err)
+		}
+		log.Info("migration source handed over: silenced until its DEL")
+	}
+}

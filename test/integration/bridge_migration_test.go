@@ -1,0 +1,344 @@
+package integration
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"net"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"golang.org/x/sys/unix"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	kubevirtv1 "kubevirt.io/api/core/v1"
+
+	"github.com/vmnic/vmnic/daemon"
+	"github.com/vmnic/vmnic/pkg/kubevirt"
+	"github.com/vmnic/vmnic/test/cluster"
+	"github.com/vmnic/vmnic/test/harness"
+	"github.com/vmnic/vmnic/test/spiderpool"
+)
+
+// migrationBed is one OVS node with vmnicd watching a real API server, the
+// real Spiderpool agent for VLAN 100's pool, and a peer pod on the VLAN.
+type migrationBed struct {
+	ctx   context.Context
+	c     *cluster.Cluster
+	kube  kubernetes.Interface
+	kv    rest.Interface
+	n     *ovsNode
+	l     *libcni.NetworkConfigList
+	peer  *harness.Pod
+	agent *spiderpool.Agent
+}
+
+func newMigrationBed(t *testing.T) *migrationBed {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	t.Cleanup(cancel)
+	b := &migrationBed{ctx: ctx, c: cluster.StartT(t)}
+	if err := b.c.InstallKubeVirtCRDs(ctx); err != nil {
+		t.Fatal(err)
+	}
+	b.agent = spiderpool.StartAgentT(t, b.c, spiderpool.AgentOptions{NodeName: testNode})
+	pluginDir, err := spiderpool.PluginPath()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.c.Apply(ctx, []byte(`
+apiVersion: spiderpool.spidernet.io/v2beta1
+kind: SpiderIPPool
+metadata:
+  name: vlan100-v4
+spec:
+  ipVersion: 4
+  subnet: 10.100.0.0/24
+  ips: [10.100.0.20-10.100.0.40]
+  gateway: 10.100.0.1
+`)); err != nil {
+		t.Fatal(err)
+	}
+	if b.kube, err = kubernetes.NewForConfig(b.c.Config); err != nil {
+		t.Fatal(err)
+	}
+	if b.kv, err = kubevirt.KubeVirtClient(b.c.Config); err != nil {
+		t.Fatal(err)
+	}
+	dctx, dcancel := context.WithCancel(context.Background())
+	t.Cleanup(dcancel)
+	// A fresh facts source for every daemon start, as a restarted vmnicd has.
+	b.n = newOVSNodeWith(t, func(o *daemon.Options) {
+		src, err := kubevirt.NewCluster(kubevirt.ClusterOptions{Config: b.c.Config, NodeName: testNode, Logger: logger(t)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		o.Facts = src
+		o.Prepare = func(context.Context) error { return src.Start(dctx) }
+	})
+	b.n.cniVersion = "1.0.0"
+	b.n.CNI = libcni.NewCNIConfigWithCacheDir([]string{b.n.BinDir, pluginDir}, filepath.Join(b.n.Dir, "cni-cache"), nil)
+	b.l = b.n.bridgeList(t, "vlan100", map[string]any{"vlan": 100}, b.agent.IPAMConfig("vlan100-v4"))
+	peerNet := b.n.bridgeList(t, "peer", map[string]any{"vlan": 100}, b.n.hostLocalOn("10.100.0.0/24", "10.100.0.1", "10.100.0.100", "10.100.0.150"))
+	b.peer, _ = b.n.addPod(t, peerNet, "peer-1")
+	return b
+}
+
+// createVMIM creates the migration object of vmi, as a user would.
+func (b *migrationBed) createVMIM(t *testing.T, name, vmi string) *kubevirtv1.VirtualMachineInstanceMigration {
+	t.Helper()
+	m := &kubevirtv1.VirtualMachineInstanceMigration{
+		TypeMeta:   metav1.TypeMeta{APIVersion: "kubevirt.io/v1", Kind: "VirtualMachineInstanceMigration"},
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default"},
+		Spec:       kubevirtv1.VirtualMachineInstanceMigrationSpec{VMIName: vmi},
+	}
+	out := &kubevirtv1.VirtualMachineInstanceMigration{}
+	if err := b.kv.Post().Namespace("default").Resource("virtualmachineinstancemigrations").Body(m).Do(b.ctx).Into(out); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// setStatus writes obj's status (the status subresource), as KubeVirt's
+// controllers do.
+func (b *migrationBed) setStatus(t *testing.T, resource, name string, status map[string]any) {
+	t.Helper()
+	gvr := schema.GroupVersionResource{Group: "kubevirt.io", Version: "v1", Resource: resource}
+	obj, err := b.c.Dynamic.Resource(gvr).Namespace("default").Get(b.ctx, name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unstructured.SetNestedMap(obj.Object, status, "status"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.c.Dynamic.Resource(gvr).Namespace("default").UpdateStatus(b.ctx, obj, metav1.UpdateOptions{}); err != nil {
+		t.Fatalf("update %s %s status: %v", resource, name, err)
+	}
+}
+
+// targetPod is a migration target launcher pod of vmi for VMIM m.
+func (b *migrationBed) targetPod(t *testing.T, vmi *kubevirtv1.VirtualMachineInstance, m *kubevirtv1.VirtualMachineInstanceMigration, name string) *harness.Pod {
+	t.Helper()
+	p := launcher(b.ctx, t, b.kube, vmi, name)
+	pod, err := b.kube.CoreV1().Pods("default").Get(b.ctx, name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pod.Labels["kubevirt.io/migrationJobUID"] = string(m.UID)
+	pod.Annotations["kubevirt.io/migrationJobName"] = m.Name
+	if _, err := b.kube.CoreV1().Pods("default").Update(b.ctx, pod, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func guardOf(t *testing.T, p *harness.Pod) string {
+	t.Helper()
+	out, err := exec.Command("nsenter", "--net="+p.NS.Path(), "nft", "list", "table", "bridge", "vmnic_net1").CombinedOutput()
+	if err != nil {
+		t.Fatalf("guard of %s: %v\n%s", p.Name, err, out)
+	}
+	return string(out)
+}
+
+func held(t *testing.T, p *harness.Pod) bool {
+	return strings.Contains(guardOf(t, p), `iifname "tap1" drop`)
+}
+
+// arpWatch records the ARP frames a pod receives that claim ip.
+type arpWatch struct {
+	mu     sync.Mutex
+	frames []arpSeen
+	fd     int
+}
+
+type arpSeen struct {
+	at  time.Time
+	mac string
+}
+
+func watchARP(t *testing.T, p *harness.Pod, ip net.IP) *arpWatch {
+	t.Helper()
+	w := &arpWatch{}
+	err := p.NS.Do(func(ns.NetNS) error {
+		ifi, err := net.InterfaceByName(p.IfName)
+		if err != nil {
+			return err
+		}
+		proto := int(htons(unix.ETH_P_ARP))
+		w.fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, proto)
+		if err != nil {
+			return err
+		}
+		return unix.Bind(w.fd, &unix.SockaddrLinklayer{Protocol: uint16(proto), Ifindex: ifi.Index})
+	})
+	if err != nil {
+		t.Fatalf("ARP capture on %s: %v", p.Name, err)
+	}
+	t.Cleanup(func() { _ = unix.Close(w.fd) })
+	want := ip.To4()
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, _, err := unix.Recvfrom(w.fd, buf, 0)
+			if err != nil {
+				return
+			}
+			f := buf[:n]
+			if n < 42 || binary.BigEndian.Uint16(f[12:14]) != unix.ETH_P_ARP || !net.IP(f[28:32]).Equal(want) {
+				continue
+			}
+			w.mu.Lock()
+			w.frames = append(w.frames, arpSeen{at: time.Now(), mac: net.HardwareAddr(f[22:28]).String()})
+			w.mu.Unlock()
+		}
+	}()
+	return w
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
+
+func (w *arpWatch) seen() []arpSeen {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return append([]arpSeen(nil), w.frames...)
+}
+
+// TestBridgeMigrationHold: a migration target pod gets the VMI's IP and MAC
+// and is wired held (nothing between its tap and the VLAN, nothing claims
+// the address); the hold survives a daemon restart; when the migration
+// succeeds the hold is released and the address announced from the target
+// at once, and the source is silenced; the source's DEL keeps the IP with
+// the VM.
+func TestBridgeMigrationHold(t *testing.T) {
+	b := newMigrationBed(t)
+	vmi := createBridgeVMI(b.ctx, t, b.c, "vm-m")
+	src := launcher(b.ctx, t, b.kube, vmi, "virt-launcher-vm-m-src")
+	rs := addRetry(b.ctx, t, b.n, b.l, src)
+	ip, mac := ip4(rs), rs.Interfaces[1].Mac
+	watch := watchARP(t, b.peer, net.ParseIP(ip))
+
+	m := b.createVMIM(t, "mig-1", vmi.Name)
+	dst := b.targetPod(t, vmi, m, "virt-launcher-vm-m-dst")
+	rd := addRetry(b.ctx, t, b.n, b.l, dst)
+	if ip4(rd) != ip || rd.Interfaces[1].Mac != mac {
+		t.Fatalf("target got %s %s, want the source's %s %s", ip4(rd), rd.Interfaces[1].Mac, ip, mac)
+	}
+	if !held(t, dst) || held(t, src) {
+		t.Fatalf("after the target's ADD: target held %v, source held %v; want true, false", held(t, dst), held(t, src))
+	}
+	if err := b.n.Check(b.ctx, b.l, dst); err != nil {
+		t.Errorf("CHECK of the held target: %v", err)
+	}
+
+	// The daemon restarts in the middle: the hold is on record.
+	if err := b.n.d.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	b.n.start(t)
+	time.Sleep(500 * time.Millisecond)
+	if !held(t, dst) {
+		t.Fatal("hold lost across a daemon restart")
+	}
+	b.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Running"})
+	time.Sleep(300 * time.Millisecond)
+	if !held(t, dst) {
+		t.Fatal("target released while the migration runs")
+	}
+	if s := watch.seen(); len(s) != 0 {
+		t.Fatalf("the peer heard %s claimed before the switchover: %v", ip, s)
+	}
+
+	switched := time.Now()
+	b.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Succeeded"})
+	b.setStatus(t, "virtualmachineinstances", vmi.Name, map[string]any{"migrationState": map[string]any{
+		"completed": true, "sourcePod": src.Name, "targetPod": dst.Name, "migrationUID": string(m.UID),
+	}})
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) && (len(watch.seen()) == 0 || held(t, dst) || !held(t, src)) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	seen := watch.seen()
+	if len(seen) == 0 {
+		t.Fatalf("no gratuitous ARP for %s reached the peer after the switchover", ip)
+	}
+	t.Logf("switchover: first announcement at the peer %s after the VMIM turned Succeeded (%d frames)", seen[0].at.Sub(switched).Round(time.Millisecond), len(seen))
+	if seen[0].mac != mac {
+		t.Errorf("announced from %s, want the guest's %s", seen[0].mac, mac)
+	}
+	if held(t, dst) {
+		t.Error("target still held after the migration succeeded")
+	}
+	if !held(t, src) {
+		t.Error("source not silenced after the migration succeeded")
+	}
+	if err := b.n.Check(b.ctx, b.l, dst); err != nil {
+		t.Errorf("CHECK of the released target: %v", err)
+	}
+
+	// The source pod goes: Spiderpool keeps the IP for the VM.
+	if err := b.kube.CoreV1().Pods("default").Delete(b.ctx, src.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.n.Del(b.ctx, b.l, src); err != nil {
+		t.Fatal(err)
+	}
+	pool, err := b.c.Dynamic.Resource(schema.GroupVersionResource{Group: "spiderpool.spidernet.io", Version: "v2beta1", Resource: "spiderippools"}).
+		Get(b.ctx, "vlan100-v4", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if raw, _, _ := unstructured.NestedString(pool.Object, "status", "allocatedIPs"); !strings.Contains(raw, fmt.Sprintf("%q", ip)) {
+		t.Errorf("after the source's DEL the pool lost %s: %s", ip, raw)
+	}
+	if err := b.n.Check(b.ctx, b.l, dst); err != nil {
+		t.Errorf("target after the source's DEL: %v", err)
+	}
+}
+
+// TestBridgeMigrationFailed: a failed migration leaves the target held and
+// the source untouched; the target's DEL leaves nothing of it.
+func TestBridgeMigrationFailed(t *testing.T) {
+	b := newMigrationBed(t)
+	vmi := createBridgeVMI(b.ctx, t, b.c, "vm-f")
+	src := launcher(b.ctx, t, b.kube, vmi, "virt-launcher-vm-f-src")
+	rs := addRetry(b.ctx, t, b.n, b.l, src)
+	watch := watchARP(t, b.peer, net.ParseIP(ip4(rs)))
+	m := b.createVMIM(t, "mig-f", vmi.Name)
+	dst := b.targetPod(t, vmi, m, "virt-launcher-vm-f-dst")
+	addRetry(b.ctx, t, b.n, b.l, dst)
+	b.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Failed"})
+	b.setStatus(t, "virtualmachineinstances", vmi.Name, map[string]any{"migrationState": map[string]any{
+		"completed": true, "failed": true, "sourcePod": src.Name, "targetPod": dst.Name, "migrationUID": string(m.UID),
+	}})
+	time.Sleep(3 * time.Second)
+	if !held(t, dst) || held(t, src) {
+		t.Errorf("after a failed migration: target held %v, source held %v; want true, false", held(t, dst), held(t, src))
+	}
+	if s := watch.seen(); len(s) != 0 {
+		t.Errorf("the address was announced after a failed migration: %v", s)
+	}
+	if err := b.n.Del(b.ctx, b.l, dst); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range b.n.vmnicPorts(t) {
+		if p == portOf(dst) {
+			t.Errorf("target port %s left", p)
+		}
+	}
+	if links := podLinks(t, dst); len(links) != 1 {
+		t.Errorf("target links left: %v", keys(links))
+	}
+	if err := b.n.Check(b.ctx, b.l, src); err != nil {
+		t.Errorf("source after the failed migration: %v", err)
+	}
+}
