@@ -135,6 +135,9 @@ func (d *Daemon) addBridge(ctx context.Context, req *proto.Request, conf *netcon
 		d.dropRecord(key)
 		return nil, err
 	}
+	if spec.Held {
+		d.watchTarget(key, spec)
+	}
 	d.log.Info("OVS port wired", "key", key, "vm", spec.VM, "pod", pod.Namespace+"/"+pod.Name,
 		"bridge", spec.OVSBridge, "port", spec.HostIf, "guestMAC", spec.GuestMAC)
 	return out, nil

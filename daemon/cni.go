@@ -255,6 +255,7 @@ func (d *Daemon) del(ctx context.Context, req *proto.Request, conf *netconf.Conf
 func (d *Daemon) removeRecorded(ctx context.Context, key string, rec *state.Record) error {
 	switch rec.Mode {
 	case netconf.ModeBridge:
+		d.unwatchTarget(key)
 		spec, err := bridgeSpecOf(rec)
 		if err != nil {
 			return err

@@ -70,6 +70,9 @@ type Daemon struct {
 	masq    *masquerade.Plugin
 	bridge  *bridge.Plugin
 	ovs     ovsClients
+	// runCtx is Run's context, for work that outlives a request.
+	runCtx     context.Context
+	guestWatch guestWatchers
 	locks   keyedMutex
 	// gc excludes GC from ADD/DEL, as the CNI spec asks.
 	gc       sync.RWMutex
@@ -122,6 +125,7 @@ func New(opts Options) (*Daemon, error) {
 
 // Run serves until ctx ends, then drains in-flight requests and stops.
 func (d *Daemon) Run(ctx context.Context) error {
+	d.runCtx = ctx
 	ln, ino, err := listen(d.opts.Socket)
 	if err != nil {
 		return err

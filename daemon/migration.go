@@ -2,12 +2,88 @@ package daemon
 
 import (
 	"context"
+	"sync"
 	"time"
 
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/pkg/state"
+	"github.com/vmnic/vmnic/plugins/bridge"
 )
+
+// guestWatchers are the held targets whose tap is watched for the migrated
+// guest's first frame.
+type guestWatchers struct {
+	mu sync.Mutex
+	m  map[string]context.CancelFunc
+}
+
+// watchTarget watches a held target's tap: the first frame the guest sends
+// there (QEMU announces a VM that resumed after migration) releases the
+// hold at once, ahead of the VMIM status, which can trail the resume by
+// hundreds of milliseconds. Only a guest that runs on this side sends on
+// this tap, and it runs here only once the migration has succeeded.
+func (d *Daemon) watchTarget(key string, spec *bridge.Spec) {
+	w := &d.guestWatch
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if _, ok := w.m[key]; ok || d.runCtx == nil {
+		return
+	}
+	if w.m == nil {
+		w.m = map[string]context.CancelFunc{}
+	}
+	ctx, cancel := context.WithCancel(d.runCtx)
+	w.m[key] = cancel
+	go func() {
+		defer d.unwatchTarget(key)
+		if err := bridge.WaitGuest(ctx, spec); err != nil {
+			if ctx.Err() == nil {
+				d.log.Warn("migration target: watching the tap ended", "key", key, "err", err)
+			}
+			return
+		}
+		d.targetActive(key)
+	}()
+}
+
+func (d *Daemon) unwatchTarget(key string) {
+	w := &d.guestWatch
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if cancel, ok := w.m[key]; ok {
+		cancel()
+		delete(w.m, key)
+	}
+}
+
+// targetActive releases a held target whose guest has started sending.
+func (d *Daemon) targetActive(key string) {
+	d.gc.RLock()
+	defer d.gc.RUnlock()
+	defer d.locks.Lock(key)()
+	rec, err := d.store.Get(key)
+	if err != nil || rec.Migration == nil {
+		return
+	}
+	spec, err := bridgeSpecOf(rec)
+	if err != nil || !spec.Held || rec.Migration.Phase == kubevirt.MigrationFailed.String() {
+		return
+	}
+	start := time.Now()
+	if err := d.bridge.Release(spec); err != nil {
+		d.log.Error("migration target: release hold", "key", key, "err", err)
+		if spec.Held {
+			return
+		}
+	}
+	rec.Migration.Phase = "TargetActive"
+	if err := d.putRecord(rec, spec, rec.Result); err != nil {
+		d.log.Error("migration target: record release", "key", key, "err", err)
+	}
+	d.log.Info("migration target's guest resumed: hold released, addresses announced", "key", key,
+		"pod", rec.Pod.Namespace+"/"+rec.Pod.Name, "vm", rec.VMName, "job", rec.Migration.Job, "took", time.Since(start))
+}
 
 // migrationResync re-reads the migrations even without an informer event.
 const migrationResync = 2 * time.Second
@@ -68,7 +144,10 @@ func (d *Daemon) reconcileOne(tr kubevirt.MigrationTracker, key string) {
 	case spec.Held && rec.Migration != nil:
 		out := tr.TargetOutcome(rec.Pod.Namespace, rec.VMName, rec.Migration.Job, rec.Pod.Name)
 		switch out {
+		case kubevirt.MigrationRunning:
+			d.watchTarget(key, spec)
 		case kubevirt.MigrationSucceeded:
+			d.unwatchTarget(key)
 			start := time.Now()
 			if err := d.bridge.Release(spec); err != nil {
 				log.Error("migration target: release hold", "err", err)
@@ -82,6 +161,7 @@ func (d *Daemon) reconcileOne(tr kubevirt.MigrationTracker, key string) {
 			}
 			log.Info("migration target took over: hold released, addresses announced", "job", rec.Migration.Job, "took", time.Since(start))
 		case kubevirt.MigrationFailed:
+			d.unwatchTarget(key)
 			if rec.Migration.Phase == out.String() {
 				return
 			}

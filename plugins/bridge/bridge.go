@@ -17,6 +17,7 @@
 package bridge
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -886,3 +887,58 @@ func equalInts(a, b []int) bool {
 	}
 	return true
 }
+
+// WaitGuest blocks until the guest sends a frame on the tap (QEMU's
+// self-announcement when a migrated VM resumes on this side), or ctx ends,
+// or the tap goes. It watches with a packet socket, which sees the frame
+// before the bridge (and the hold) drops it.
+func WaitGuest(ctx context.Context, s *Spec) error {
+	mac, err := net.ParseMAC(s.GuestMAC)
+	if err != nil {
+		return fmt.Errorf("guest MAC %q: %w", s.GuestMAC, err)
+	}
+	var fd int
+	err = ns.WithNetNSPath(s.Netns, func(ns.NetNS) error {
+		ifi, err := net.InterfaceByName(s.Tap)
+		if err != nil {
+			return err
+		}
+		proto := int(htons(unix.ETH_P_ALL))
+		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, proto)
+		if err != nil {
+			return err
+		}
+		if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: uint16(proto), Ifindex: ifi.Index}); err != nil {
+			_ = unix.Close(fd)
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("watch %s in %s: %w", s.Tap, s.Netns, err)
+	}
+	defer func() { _ = unix.Close(fd) }()
+	tv := unix.Timeval{Usec: 200000}
+	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+	buf := make([]byte, 2048)
+	for ctx.Err() == nil {
+		n, from, err := unix.Recvfrom(fd, buf, 0)
+		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("watch %s: %w", s.Tap, err)
+		}
+		// Frames the guest sent arrive on the tap from the host's view
+		// (PACKET_HOST/OTHERHOST...), never as PACKET_OUTGOING.
+		if ll, ok := from.(*unix.SockaddrLinklayer); ok && ll.Pkttype == unix.PACKET_OUTGOING {
+			continue
+		}
+		if n >= 12 && bytes.Equal(buf[6:12], mac) {
+			return nil
+		}
+	}
+	return ctx.Err()
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }

@@ -1,0 +1,372 @@
+package integration
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	kubevirtv1 "kubevirt.io/api/core/v1"
+
+	"github.com/vmnic/vmnic/daemon"
+	"github.com/vmnic/vmnic/pkg/kubevirt"
+	"github.com/vmnic/vmnic/test/cluster"
+	"github.com/vmnic/vmnic/test/guest"
+	"github.com/vmnic/vmnic/test/harness"
+	"github.com/vmnic/vmnic/test/need"
+	"github.com/vmnic/vmnic/test/spiderpool"
+)
+
+// clusterOVSNode is a simulated node of a cluster: its own netns, OVS
+// switch, vmnicd (facts from the API server for its node name) and
+// Spiderpool agent.
+func clusterOVSNode(t *testing.T, c *cluster.Cluster, name, pluginDir string, dctx context.Context) (*ovsNode, *libcni.NetworkConfigList) {
+	t.Helper()
+	agent := spiderpool.StartAgentT(t, c, spiderpool.AgentOptions{NodeName: name, PodName: "spiderpool-agent-" + name})
+	n := newOVSNodeWith(t, func(o *daemon.Options) {
+		src, err := kubevirt.NewCluster(kubevirt.ClusterOptions{Config: c.Config, NodeName: name, Logger: logger(t)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		o.Facts = src
+		o.Prepare = func(context.Context) error { return src.Start(dctx) }
+	})
+	n.cniVersion = "1.0.0"
+	n.CNI = libcni.NewCNIConfigWithCacheDir([]string{n.BinDir, pluginDir}, filepath.Join(n.Dir, "cni-cache"), nil)
+	return n, n.bridgeList(t, "vlan100", map[string]any{"vlan": 100}, agent.IPAMConfig("vlan100-v4"))
+}
+
+// linkNodes joins the two nodes' br1 with a veth pair, a trunk carrying
+// every VLAN: the shared L2 underlay.
+func linkNodes(t *testing.T, a, b *ovsNode) {
+	t.Helper()
+	err := a.NS.Do(func(ns.NetNS) error {
+		return netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "uplink-a"}, PeerName: "uplink-b", PeerNamespace: netlink.NsFd(int(b.NS.Fd()))})
+	})
+	if err != nil {
+		t.Fatalf("underlay link: %v", err)
+	}
+	for _, c := range []struct {
+		n    *ovsNode
+		name string
+	}{{a, "uplink-a"}, {b, "uplink-b"}} {
+		if err := c.n.NS.Do(func(ns.NetNS) error {
+			l, err := netlink.LinkByName(c.name)
+			if err != nil {
+				return err
+			}
+			return netlink.LinkSetUp(l)
+		}); err != nil {
+			t.Fatal(err)
+		}
+		c.n.vsctl(t, "add-port", "br1", c.name)
+	}
+}
+
+// launcherOn creates a launcher pod object of vmi on node; migration is the
+// VMIM it is the target of, or nil.
+func launcherOn(ctx context.Context, t *testing.T, kube kubernetes.Interface, vmi *kubevirtv1.VirtualMachineInstance, name, node string, migration *kubevirtv1.VirtualMachineInstanceMigration) *harness.Pod {
+	t.Helper()
+	yes := true
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{
+			Name: name, Namespace: "default",
+			Labels: map[string]string{"kubevirt.io": "virt-launcher", "kubevirt.io/created-by": string(vmi.UID)},
+			Annotations: map[string]string{
+				"kubevirt.io/domain":          vmi.Name,
+				"k8s.v1.cni.cncf.io/networks": `[{"interface":"net1","name":"vlan100","namespace":"default"}]`,
+			},
+			OwnerReferences: []metav1.OwnerReference{{
+				APIVersion: "kubevirt.io/v1", Kind: "VirtualMachineInstance", Name: vmi.Name, UID: vmi.UID, Controller: &yes,
+			}},
+		},
+		Spec: corev1.PodSpec{NodeName: node, Containers: []corev1.Container{{Name: "compute", Image: "virt-launcher"}}},
+	}
+	if migration != nil {
+		pod.Labels["kubevirt.io/migrationJobUID"] = string(migration.UID)
+		pod.Annotations["kubevirt.io/migrationJobName"] = migration.Name
+	}
+	obj, err := kube.CoreV1().Pods("default").Create(ctx, pod, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("create pod %s: %v", name, err)
+	}
+	p := newPod(t, name)
+	p.IfName, p.UID = "net1", string(obj.UID)
+	return p
+}
+
+// prober pings the guest every 50 ms from a peer pod and keeps the reply
+// times.
+type prober struct {
+	cmd     *exec.Cmd
+	mu      sync.Mutex
+	replies []time.Time
+	sent    int
+	done    chan struct{}
+}
+
+var (
+	pingReply   = regexp.MustCompile(`^\[(\d+\.\d+)\] \d+ bytes from .*icmp_seq=\d+`)
+	pingSummary = regexp.MustCompile(`^(\d+) packets transmitted, (\d+) (packets )?received`)
+)
+
+func startProbe(t *testing.T, peer *harness.Pod, ip string) *prober {
+	t.Helper()
+	p := &prober{done: make(chan struct{})}
+	p.cmd = exec.Command("nsenter", "--net="+peer.NS.Path(), "ping", "-D", "-n", "-i", "0.05", "-W", "1", ip)
+	out, err := p.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		defer close(p.done)
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			line := sc.Text()
+			if m := pingReply.FindStringSubmatch(line); m != nil {
+				f, _ := strconv.ParseFloat(m[1], 64)
+				p.mu.Lock()
+				p.replies = append(p.replies, time.Unix(0, int64(f*1e9)))
+				p.mu.Unlock()
+			} else if m := pingSummary.FindStringSubmatch(line); m != nil {
+				p.mu.Lock()
+				p.sent, _ = strconv.Atoi(m[1])
+				p.mu.Unlock()
+			}
+		}
+	}()
+	t.Cleanup(func() { _ = p.cmd.Process.Kill() })
+	return p
+}
+
+// stop ends the probe and returns the replies, the probes sent, and the
+// longest time without a reply.
+func (p *prober) stop() (replies, sent int, gap time.Duration, gapEnd time.Time) {
+	_ = p.cmd.Process.Signal(os.Interrupt)
+	<-p.done
+	_ = p.cmd.Wait()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	r := append([]time.Time(nil), p.replies...)
+	sort.Slice(r, func(i, j int) bool { return r[i].Before(r[j]) })
+	for i := 1; i < len(r); i++ {
+		if d := r[i].Sub(r[i-1]); d > gap {
+			gap, gapEnd = d, r[i]
+		}
+	}
+	return len(r), p.sent, gap, gapEnd
+}
+
+// TestBridgeLiveMigration live-migrates a real QEMU guest between two
+// simulated nodes (own netns, OVS, vmnicd and Spiderpool agent each, on a
+// shared L2 underlay) while a peer pings it every 50 ms: the target is
+// held until the VMIM succeeds, the guest keeps its IP and MAC, the switch
+// learns the guest behind the target port only at the switchover, and
+// after the source's DEL the IP is still allocated and answered from the
+// target. It logs the probe gap next to QEMU's own downtime.
+func TestBridgeLiveMigration(t *testing.T) {
+	need.NoError(t, guest.Check())
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	t.Cleanup(cancel)
+	img, err := guest.Build(t.TempDir())
+	if err != nil {
+		t.Fatalf("guest image: %v", err)
+	}
+	c := cluster.StartT(t)
+	if err := c.InstallKubeVirtCRDs(ctx); err != nil {
+		t.Fatal(err)
+	}
+	pluginDir, err := spiderpool.PluginPath()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dctx, dcancel := context.WithCancel(context.Background())
+	t.Cleanup(dcancel)
+	a, la := clusterOVSNode(t, c, "node-a", pluginDir, dctx)
+	b, lb := clusterOVSNode(t, c, "node-b", pluginDir, dctx)
+	linkNodes(t, a, b)
+	if err := c.Apply(ctx, []byte(`
+apiVersion: spiderpool.spidernet.io/v2beta1
+kind: SpiderIPPool
+metadata:
+  name: vlan100-v4
+spec:
+  ipVersion: 4
+  subnet: 10.100.0.0/24
+  ips: [10.100.0.20-10.100.0.40]
+  gateway: 10.100.0.1
+`)); err != nil {
+		t.Fatal(err)
+	}
+	kube, err := kubernetes.NewForConfig(c.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv, err := kubevirt.KubeVirtClient(c.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bed := &migrationBed{ctx: ctx, c: c, kube: kube, kv: kv}
+	peerNet := a.bridgeList(t, "peer", map[string]any{"vlan": 100}, a.hostLocalOn("10.100.0.0/24", "10.100.0.1", "10.100.0.100", "10.100.0.150"))
+	peer, _ := a.addPod(t, peerNet, "peer-1")
+
+	vmi := createBridgeVMI(ctx, t, c, "vm-lm")
+	src := launcherOn(ctx, t, kube, vmi, "virt-launcher-vm-lm-src", "node-a", nil)
+	rs := addRetry(ctx, t, a, la, src)
+	ip, mac := ip4(rs), rs.Interfaces[1].Mac
+	dir, err := os.MkdirTemp("", "mig")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	var logf func(string)
+	if testing.Verbose() {
+		logf = func(s string) { t.Log("guest: " + s) }
+	}
+	script := "udhcpc -i eth0 -q -f -n -t 15 -T 2 || echo DHCP4-FAILED\necho \"ADDR4 $(ip -4 -o addr show dev eth0 | awk '{print $4}' | head -1)\"\nsleep 600\n"
+	gSrc, err := guest.Start(ctx, img, guest.Options{
+		NetnsPath: src.NS.Path(), Tap: "tap1", MAC: mac, Script: script,
+		MonitorSocket: filepath.Join(dir, "src.qmp"), Timeout: 4 * time.Minute, Log: logf,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(gSrc.Kill)
+	if m, err := gSrc.WaitFor(ctx, regexp.MustCompile(`^ADDR4 (.*)$`)); err != nil || m[1] != ip+"/24" {
+		t.Fatalf("source guest address %v %v, want %s/24", m, err, ip)
+	}
+	probe := startProbe(t, peer, ip)
+	time.Sleep(2 * time.Second)
+
+	m := bed.createVMIM(t, "mig-lm", vmi.Name)
+	dst := launcherOn(ctx, t, kube, vmi, "virt-launcher-vm-lm-dst", "node-b", m)
+	rd := addRetry(ctx, t, b, lb, dst)
+	if ip4(rd) != ip || rd.Interfaces[1].Mac != mac {
+		t.Fatalf("target got %s %s, want %s %s", ip4(rd), rd.Interfaces[1].Mac, ip, mac)
+	}
+	if !held(t, dst) {
+		t.Fatal("target not held")
+	}
+	gDst, err := guest.Start(ctx, img, guest.Options{
+		NetnsPath: dst.NS.Path(), Tap: "tap1", MAC: mac, Script: script,
+		MonitorSocket: filepath.Join(dir, "dst.qmp"), Incoming: "unix:" + filepath.Join(dir, "mig.sock"), Timeout: 4 * time.Minute, Log: logf,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(gDst.Kill)
+	if _, err := gDst.QMP(ctx, "query-status", nil); err != nil {
+		t.Fatal(err)
+	}
+	targetPort := b.vsctl(t, "get", "interface", portOf(dst), "ofport")
+	if learnedOn(t, b, mac) == targetPort {
+		t.Fatal("node-b's switch learned the guest behind the held target before the migration")
+	}
+
+	bed.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Running"})
+	if _, err := gSrc.QMP(ctx, "migrate", map[string]any{"uri": "unix:" + filepath.Join(dir, "mig.sock")}); err != nil {
+		t.Fatal(err)
+	}
+	var downtime int
+	for {
+		raw, err := gSrc.QMP(ctx, "query-migrate", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var st struct {
+			Status   string `json:"status"`
+			Downtime int    `json:"downtime"`
+		}
+		_ = json.Unmarshal(raw, &st)
+		if st.Status == "completed" {
+			downtime = st.Downtime
+			break
+		}
+		if st.Status == "failed" || st.Status == "cancelled" {
+			t.Fatalf("migration %s: %s", st.Status, raw)
+		}
+		if learnedOn(t, b, mac) == targetPort && held(t, dst) {
+			t.Fatal("node-b's switch learned the guest behind the held target during the migration")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	completed := time.Now()
+	// KubeVirt's part: the VMIM and the VMI record the handover.
+	bed.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Succeeded"})
+	bed.setStatus(t, "virtualmachineinstances", vmi.Name, map[string]any{"migrationState": map[string]any{
+		"completed": true, "sourcePod": src.Name, "targetPod": dst.Name, "migrationUID": string(m.UID),
+	}})
+	for time.Since(completed) < 5*time.Second && held(t, dst) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Logf("hold released %s after QEMU reported the migration completed", time.Since(completed).Round(time.Millisecond))
+	time.Sleep(2 * time.Second)
+	if held(t, dst) || !held(t, src) {
+		t.Errorf("after the switchover: target held %v, source silenced %v", held(t, dst), held(t, src))
+	}
+	if got := learnedOn(t, b, mac); got != targetPort {
+		t.Errorf("node-b's switch has the guest MAC on port %q, want the target's %s", got, targetPort)
+	}
+
+	// The source goes (QEMU exits, the pod terminates, DEL): the IP stays.
+	gSrc.Kill()
+	if err := kube.CoreV1().Pods("default").Delete(ctx, src.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Del(ctx, la, src); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	replies, sent, gap, gapEnd := probe.stop()
+	lost := sent - replies
+	t.Logf("probe every 50 ms: %d sent, %d answered, %d lost; longest gap %s (ending %s); QEMU downtime %d ms",
+		sent, replies, lost, gap.Round(time.Millisecond), gapEnd.Format("15:04:05.000"), downtime)
+	if replies == 0 || sent < 40 {
+		t.Fatalf("probe did not run: %d sent, %d answered", sent, replies)
+	}
+	if gap > 5*time.Second {
+		t.Errorf("the guest was unreachable for %s", gap)
+	}
+	if err := pingFrom(peer, ip); err != nil {
+		t.Errorf("after the source's DEL the guest no longer answers from the target: %v", err)
+	}
+	for _, p := range []*harness.Pod{dst} {
+		if err := b.Del(ctx, lb, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// learnedOn is the OpenFlow port node n's switch learned mac on, "" if none.
+func learnedOn(t *testing.T, n *ovsNode, mac string) string {
+	t.Helper()
+	out, err := n.sw.Appctl("fdb/show", "br1")
+	if err != nil {
+		t.Fatalf("fdb/show: %v\n%s", err, out)
+	}
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 3 && f[2] == mac {
+			return f[0]
+		}
+	}
+	return ""
+}
