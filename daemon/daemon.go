@@ -73,7 +73,7 @@ type Daemon struct {
 	// runCtx is Run's context, for work that outlives a request.
 	runCtx     context.Context
 	guestWatch guestWatchers
-	locks   keyedMutex
+	locks      keyedMutex
 	// gc excludes GC from ADD/DEL, as the CNI spec asks.
 	gc       sync.RWMutex
 	ready    atomic.Bool

@@ -899,18 +899,18 @@ func WaitGuest(ctx context.Context, s *Spec) error {
 	}
 	var fd int
 	err = ns.WithNetNSPath(s.Netns, func(ns.NetNS) error {
-		ifi, err := net.InterfaceByName(s.Tap)
-		if err != nil {
-			return err
+		ifi, ierr := net.InterfaceByName(s.Tap)
+		if ierr != nil {
+			return ierr
 		}
 		proto := int(htons(unix.ETH_P_ALL))
-		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, proto)
-		if err != nil {
-			return err
+		var serr error
+		if fd, serr = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, proto); serr != nil {
+			return serr
 		}
-		if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: uint16(proto), Ifindex: ifi.Index}); err != nil {
+		if berr := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: uint16(proto), Ifindex: ifi.Index}); berr != nil {
 			_ = unix.Close(fd)
-			return err
+			return berr
 		}
 		return nil
 	})
