@@ -18,6 +18,7 @@ import (
 	"github.com/vmnic/vmnic/pkg/spool"
 	"github.com/vmnic/vmnic/pkg/state"
 	"github.com/vmnic/vmnic/plugins/masquerade"
+	"github.com/vmnic/vmnic/plugins/passt"
 )
 
 func errResponse(err error) *proto.Response {
@@ -121,8 +122,11 @@ func (d *Daemon) add(ctx context.Context, req *proto.Request, conf *netconf.Conf
 	if err != nil {
 		return nil, types.NewError(types.ErrTryAgainLater, fmt.Sprintf("look up VM of pod %s/%s: %v", pod.Namespace, pod.Name, err), "")
 	}
-	if conf.Mode == netconf.ModeBridge {
+	switch conf.Mode {
+	case netconf.ModeBridge:
 		return d.addBridge(ctx, req, conf, pod, facts)
+	case netconf.ModePasst:
+		return d.addPasst(req, conf, pod, facts)
 	}
 	if !facts.Serve {
 		return marshalResult(conf.PrevResult, conf.CNIVersion)
@@ -236,6 +240,12 @@ func (d *Daemon) del(ctx context.Context, req *proto.Request, conf *netconf.Conf
 		}
 		return nil
 	}
+	if conf.Mode == netconf.ModePasst {
+		if err := passt.Del(&passt.Spec{Netns: req.Netns, PodIf: req.IfName}); err != nil {
+			return fmt.Errorf("remove passt hold %s: %w", key, err)
+		}
+		return nil
+	}
 	if req.Netns == "" || len(req.IfName) <= 3 {
 		return nil
 	}
@@ -262,6 +272,14 @@ func (d *Daemon) removeRecorded(ctx context.Context, key string, rec *state.Reco
 		}
 		if err := d.bridge.Del(ctx, key, spec); err != nil {
 			return fmt.Errorf("remove port %s: %w", key, err)
+		}
+	case netconf.ModePasst:
+		spec, err := passtSpecOf(rec)
+		if err != nil {
+			return err
+		}
+		if err := passt.Del(spec); err != nil {
+			return fmt.Errorf("remove passt hold %s: %w", key, err)
 		}
 	default:
 		spec, err := specOf(rec)
@@ -301,12 +319,19 @@ func (d *Daemon) check(ctx context.Context, req *proto.Request, conf *netconf.Co
 	if len(rec.Result) == 0 {
 		return fmt.Errorf("CHECK: attachment %s was never completed", key)
 	}
-	if rec.Mode == netconf.ModeBridge {
+	switch rec.Mode {
+	case netconf.ModeBridge:
 		spec, serr := bridgeSpecOf(rec)
 		if serr != nil {
 			return serr
 		}
 		return d.bridge.Check(ctx, key, spec)
+	case netconf.ModePasst:
+		spec, serr := passtSpecOf(rec)
+		if serr != nil {
+			return serr
+		}
+		return passt.Check(spec)
 	}
 	spec, err := specOf(rec)
 	if err != nil {
@@ -382,6 +407,9 @@ func (d *Daemon) restore(ctx context.Context) {
 }
 
 func (d *Daemon) restoreOne(ctx context.Context, key string, rec *state.Record) error {
+	if rec.Mode == netconf.ModePasst {
+		return nil // nothing runs for it: its state is the record and the hold table
+	}
 	if rec.Mode == netconf.ModeBridge {
 		spec, err := bridgeSpecOf(rec)
 		if err != nil {

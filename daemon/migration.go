@@ -120,7 +120,7 @@ func (d *Daemon) reconcileMigrations(tr kubevirt.MigrationTracker) {
 		return
 	}
 	for _, rec := range recs {
-		if rec.Mode != netconf.ModeBridge || len(rec.Result) == 0 || rec.VMName == "" {
+		if (rec.Mode != netconf.ModeBridge && rec.Mode != netconf.ModePasst) || len(rec.Result) == 0 || rec.VMName == "" {
 			continue
 		}
 		d.reconcileOne(tr, state.Key(rec.ContainerID, rec.IfName))
@@ -133,6 +133,10 @@ func (d *Daemon) reconcileOne(tr kubevirt.MigrationTracker, key string) {
 	defer d.locks.Lock(key)()
 	rec, err := d.store.Get(key)
 	if err != nil || len(rec.Result) == 0 {
+		return
+	}
+	if rec.Mode == netconf.ModePasst {
+		d.reconcilePasst(tr, key, rec)
 		return
 	}
 	spec, err := bridgeSpecOf(rec)

@@ -23,10 +23,13 @@ type Announcement struct {
 	IfName string           // the interface the frames leave by
 	MAC    net.HardwareAddr // the owner of the addresses (the frames' source)
 	IPs    []net.IP
-	// Count frames per address (default 3), Interval apart (default 50ms).
-	Count    int
-	Interval time.Duration
+	// Delays are when each round goes out after the first (default: 50ms,
+	// 100ms, then 1.1s and 2.2s, past the 1 s locktime within which Linux
+	// peers ignore a new link-layer address for a neighbour).
+	Delays []time.Duration
 }
+
+var defaultDelays = []time.Duration{50 * time.Millisecond, 100 * time.Millisecond, 1100 * time.Millisecond, 2200 * time.Millisecond}
 
 // Send sends the announcements; it returns after the first round and sends
 // the others in the background.
@@ -34,11 +37,8 @@ func Send(a Announcement) error {
 	if len(a.MAC) != 6 {
 		return fmt.Errorf("announce: MAC %q is not an Ethernet address", a.MAC)
 	}
-	if a.Count <= 0 {
-		a.Count = 3
-	}
-	if a.Interval <= 0 {
-		a.Interval = 50 * time.Millisecond
+	if a.Delays == nil {
+		a.Delays = defaultDelays
 	}
 	var fd, ifindex int
 	err := ns.WithNetNSPath(a.Netns, func(ns.NetNS) error {
@@ -78,8 +78,9 @@ func Send(a Announcement) error {
 	}
 	go func() {
 		defer func() { _ = unix.Close(fd) }()
-		for range a.Count - 1 {
-			time.Sleep(a.Interval)
+		start := time.Now()
+		for _, d := range a.Delays {
+			time.Sleep(time.Until(start.Add(d)))
 			_ = send()
 		}
 	}()

@@ -86,8 +86,8 @@ func checkConf(t *testing.T, c *Conf) {
 	if c.Name == "" {
 		t.Error("accepted a config without name")
 	}
-	if c.Mode != ModeMasquerade && c.Mode != ModeBridge {
-		t.Errorf("mode = %q, want %q or %q", c.Mode, ModeMasquerade, ModeBridge)
+	if c.Mode != ModeMasquerade && c.Mode != ModeBridge && c.Mode != ModePasst {
+		t.Errorf("mode = %q, want %q, %q or %q", c.Mode, ModeMasquerade, ModeBridge, ModePasst)
 	}
 	if !strings.HasPrefix(c.Socket, "/") {
 		t.Errorf("socket %q is not absolute", c.Socket)

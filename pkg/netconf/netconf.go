@@ -235,9 +235,7 @@ func (c *Conf) validate() *types.Error {
 		return Invalid("name", "required")
 	}
 	switch c.Mode {
-	case ModeMasquerade, ModeBridge:
-	case ModePasst:
-		return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("mode: %q is not available in this vmnic version (supported: %s, %s)", c.Mode, ModeMasquerade, ModeBridge), "")
+	case ModeMasquerade, ModeBridge, ModePasst:
 	case "":
 		return Invalid("mode", "required (one of %s, %s, %s)", ModeMasquerade, ModePasst, ModeBridge)
 	default:

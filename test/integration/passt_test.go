@@ -1,0 +1,300 @@
+package integration
+
+import (
+	"context"
+	"encoding/json"
+	"net"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/containernetworking/plugins/pkg/testutils"
+	"github.com/vishvananda/netlink"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/vmnic/vmnic/daemon"
+	"github.com/vmnic/vmnic/pkg/kubevirt"
+	"github.com/vmnic/vmnic/test/cluster"
+	"github.com/vmnic/vmnic/test/harness"
+	"github.com/vmnic/vmnic/test/spiderpool"
+)
+
+// underlay gives node a macvlan master "uplink0" whose other end is in a
+// peer netns holding 10.50.0.1/24 (a host on the underlay).
+func underlay(t *testing.T, node *harness.Node) ns.NetNS {
+	t.Helper()
+	peer, err := testutils.NewNS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = peer.Close(); _ = testutils.UnmountNS(peer) })
+	err = node.NS.Do(func(ns.NetNS) error {
+		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "uplink0"}, PeerName: "under0", PeerNamespace: netlink.NsFd(int(peer.Fd()))}); err != nil {
+			return err
+		}
+		l, err := netlink.LinkByName("uplink0")
+		if err != nil {
+			return err
+		}
+		return netlink.LinkSetUp(l)
+	})
+	if err != nil {
+		t.Fatalf("underlay: %v", err)
+	}
+	err = peer.Do(func(ns.NetNS) error {
+		l, err := netlink.LinkByName("under0")
+		if err != nil {
+			return err
+		}
+		a, _ := netlink.ParseAddr("10.50.0.1/24")
+		if err := netlink.AddrAdd(l, a); err != nil {
+			return err
+		}
+		return netlink.LinkSetUp(l)
+	})
+	if err != nil {
+		t.Fatalf("underlay peer: %v", err)
+	}
+	return peer
+}
+
+// passtList is macvlan on uplink0 with ipam, then vmnic in passt mode.
+func passtList(t *testing.T, node *harness.Node, version string, ipam map[string]any, vm map[string]any) *libcni.NetworkConfigList {
+	t.Helper()
+	vmnic := map[string]any{"type": "vmnic", "mode": "passt", "socket": node.Socket(), "spoolDir": node.SpoolDir()}
+	if vm != nil {
+		vmnic["args"] = map[string]any{"cni": map[string]any{"vmnic": vm}}
+	}
+	b, err := json.Marshal(map[string]any{
+		"cniVersion": version, "name": "macvlan-passt",
+		"plugins": []any{map[string]any{"type": "macvlan", "master": "uplink0", "mode": "bridge", "ipam": ipam}, vmnic},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := harness.List(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+// TestPasstMacvlan: chained after macvlan, vmnic sets what passt needs in a
+// VM pod and changes nothing else; an ordinary pod passes through; CHECK
+// sees a changed sysctl; DEL is idempotent.
+func TestPasstMacvlan(t *testing.T) {
+	node, _ := newNode(t, true)
+	peer := underlay(t, node)
+	ipam := map[string]any{
+		"type": "host-local", "dataDir": filepath.Join(node.Dir, "ipam"),
+		"ranges": []any{[]any{map[string]any{"subnet": "10.50.0.0/24", "rangeStart": "10.50.0.10", "rangeEnd": "10.50.0.50"}}},
+	}
+	l := passtList(t, node, "1.1.0", ipam, nil)
+	ctx := ctxT(t)
+	vm, plain := newPod(t, "virt-launcher-p1-x"), newPod(t, "web-1")
+	for _, p := range []*harness.Pod{vm, plain} {
+		if _, err := node.Add(ctx, l, p); err != nil {
+			t.Fatalf("ADD %s: %v", p.Name, err)
+		}
+	}
+	if got := sysctlIn(t, vm, "net.ipv4.ip_unprivileged_port_start"); got != "0" {
+		t.Errorf("VM pod ip_unprivileged_port_start = %s", got)
+	}
+	if got := strings.Join(strings.Fields(sysctlIn(t, vm, "net.ipv4.ping_group_range")), " "); got != "107 107" {
+		t.Errorf("VM pod ping_group_range = %q", got)
+	}
+	if got := sysctlIn(t, plain, "net.ipv4.ip_unprivileged_port_start"); got == "0" {
+		t.Error("an ordinary pod got passt's sysctls")
+	}
+	if out, err := exec.Command("nsenter", "--net="+peer.Path(), "ping", "-c", "1", "-W", "2", "10.50.0.10").CombinedOutput(); err != nil {
+		t.Errorf("the underlay cannot reach the VM pod's macvlan: %v\n%s", err, out)
+	}
+	if err := node.Check(ctx, l, vm); err != nil {
+		t.Errorf("CHECK: %v", err)
+	}
+	writeSysctlIn(t, vm, "net.ipv4.ip_unprivileged_port_start", "1024")
+	if err := node.Check(ctx, l, vm); err == nil || !strings.Contains(err.Error(), "ip_unprivileged_port_start") {
+		t.Errorf("CHECK after the sysctl changed: %v", err)
+	}
+	for range 2 {
+		if err := node.Del(ctx, l, vm); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := node.Del(ctx, l, plain); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func neighMAC(t *testing.T, peer ns.NetNS, ip string) string {
+	t.Helper()
+	var mac string
+	_ = peer.Do(func(ns.NetNS) error {
+		ns, err := netlink.NeighList(0, netlink.FAMILY_V4)
+		if err != nil {
+			return err
+		}
+		for _, n := range ns {
+			if n.IP.String() == ip && n.HardwareAddr != nil {
+				mac = n.HardwareAddr.String()
+			}
+		}
+		return nil
+	})
+	return mac
+}
+
+// TestPasstMigrationHold: with the real API server and Spiderpool, a passt
+// migration target gets the VM's IP on its own macvlan and is held (it
+// answers no ARP, so the underlay keeps the source's MAC for the IP); at
+// the switchover the hold goes and the underlay's neighbour entry moves to
+// the target's MAC; the source is held from then on.
+func TestPasstMigrationHold(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	t.Cleanup(cancel)
+	c := cluster.StartT(t)
+	if err := c.InstallKubeVirtCRDs(ctx); err != nil {
+		t.Fatal(err)
+	}
+	agent := spiderpool.StartAgentT(t, c, spiderpool.AgentOptions{NodeName: testNode})
+	pluginDir, err := spiderpool.PluginPath()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Apply(ctx, []byte(`
+apiVersion: spiderpool.spidernet.io/v2beta1
+kind: SpiderIPPool
+metadata:
+  name: under-v4
+spec:
+  ipVersion: 4
+  subnet: 10.50.0.0/24
+  ips: [10.50.0.20-10.50.0.40]
+`)); err != nil {
+		t.Fatal(err)
+	}
+	kube, err := kubernetes.NewForConfig(c.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv, err := kubevirt.KubeVirtClient(c.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dctx, dcancel := context.WithCancel(context.Background())
+	t.Cleanup(dcancel)
+	node, _ := newNode(t, false)
+	d, err := node.StartDaemonWith(logger(t), func(o *daemon.Options) {
+		src, err := kubevirt.NewCluster(kubevirt.ClusterOptions{Config: c.Config, NodeName: testNode, Logger: logger(t)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		o.Facts = src
+		o.Prepare = func(context.Context) error { return src.Start(dctx) }
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = d.Stop() })
+	peer := underlay(t, node)
+	node.CNI = libcni.NewCNIConfigWithCacheDir([]string{node.BinDir, pluginDir}, filepath.Join(node.Dir, "cni-cache"), nil)
+	l := passtList(t, node, "1.0.0", agent.IPAMConfig("under-v4"), nil)
+	bed := &migrationBed{ctx: ctx, c: c, kube: kube, kv: kv}
+
+	vmi := createBridgeVMI(ctx, t, c, "vm-p")
+	src := launcherOn(ctx, t, kube, vmi, "virt-launcher-vm-p-src", testNode, nil)
+	addPasst := func(p *harness.Pod) string {
+		t.Helper()
+		p.IfName = "net1"
+		var lastErr error
+		for range 20 {
+			res, err := node.Add(ctx, l, p)
+			if err == nil {
+				return ip4(mustCurrent(t, res))
+			}
+			lastErr = err
+			if !strings.Contains(err.Error(), "already exists") && !strings.Contains(err.Error(), "not found") {
+				break
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+		t.Fatalf("ADD %s: %v", p.Name, lastErr)
+		return ""
+	}
+	ip := addPasst(src)
+	srcMAC := podLinks(t, src)["net1"].Attrs().HardwareAddr.String()
+	if out, err := exec.Command("nsenter", "--net="+peer.Path(), "ping", "-c", "1", "-W", "2", ip).CombinedOutput(); err != nil {
+		t.Fatalf("peer cannot reach the source %s: %v\n%s", ip, err, out)
+	}
+	if got := neighMAC(t, peer, ip); got != srcMAC {
+		t.Fatalf("peer's neighbour %s is %q, want the source's %s", ip, got, srcMAC)
+	}
+
+	m := bed.createVMIM(t, "mig-p", vmi.Name)
+	dst := launcherOn(ctx, t, kube, vmi, "virt-launcher-vm-p-dst", testNode, m)
+	if got := addPasst(dst); got != ip {
+		t.Fatalf("target got %s, want the VM's %s", got, ip)
+	}
+	dstMAC := podLinks(t, dst)["net1"].Attrs().HardwareAddr.String()
+	// The peer asks for the IP again: only the source may answer.
+	_ = peer.Do(func(ns.NetNS) error {
+		l, _ := netlink.LinkByName("under0")
+		return netlink.NeighDel(&netlink.Neigh{LinkIndex: l.Attrs().Index, IP: net.ParseIP(ip)})
+	})
+	for range 3 {
+		_ = exec.Command("nsenter", "--net="+peer.Path(), "ping", "-c", "1", "-W", "1", ip).Run()
+		if got := neighMAC(t, peer, ip); got != srcMAC {
+			t.Fatalf("while the target is held the peer resolved %s to %q, want the source's %s (target %s)", ip, got, srcMAC, dstMAC)
+		}
+	}
+	if err := node.Check(ctx, l, dst); err != nil {
+		t.Errorf("CHECK of the held target: %v", err)
+	}
+	time.Sleep(1100 * time.Millisecond) // past the peer's neighbour locktime
+	switched := time.Now()
+	bed.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Succeeded"})
+	bed.setStatus(t, "virtualmachineinstances", vmi.Name, map[string]any{"migrationState": map[string]any{
+		"completed": true, "sourcePod": src.Name, "targetPod": dst.Name, "migrationUID": string(m.UID),
+	}})
+	for time.Since(switched) < 5*time.Second && neighMAC(t, peer, ip) != dstMAC {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := neighMAC(t, peer, ip); got != dstMAC {
+		t.Fatalf("after the switchover the peer's neighbour %s is %q, want the target's %s", ip, got, dstMAC)
+	}
+	t.Logf("switchover: the peer's neighbour entry moved to the target %s after the VMIM turned Succeeded", time.Since(switched).Round(time.Millisecond))
+	if out, err := exec.Command("nsenter", "--net="+peer.Path(), "ping", "-c", "1", "-W", "2", ip).CombinedOutput(); err != nil {
+		t.Errorf("peer cannot reach the target: %v\n%s", err, out)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if err := node.Check(ctx, l, src); err != nil {
+		t.Errorf("CHECK of the silenced source: %v", err)
+	}
+	if err := node.Check(ctx, l, dst); err != nil {
+		t.Errorf("CHECK of the released target: %v", err)
+	}
+	if err := kube.CoreV1().Pods("default").Delete(ctx, src.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []*harness.Pod{src, dst} {
+		if err := node.Del(ctx, l, p); err != nil {
+			t.Fatalf("DEL %s: %v", p.Name, err)
+		}
+	}
+}
+
+func mustCurrent(t *testing.T, res types.Result) *current.Result {
+	t.Helper()
+	r, err := current.NewResultFromResult(res)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
