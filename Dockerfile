@@ -8,13 +8,14 @@ COPY . .
 ARG VERSION=dev
 RUN CGO_ENABLED=0 go build -trimpath \
       -ldflags "-s -w -X github.com/vmnic/vmnic/pkg/shim.Version=${VERSION} -X github.com/vmnic/vmnic/daemon.Version=${VERSION}" \
-      -o /out/ ./cmd/vmnic ./cmd/vmnicd
+      -o /out/ ./cmd/vmnic ./cmd/vmnicd ./cmd/vmnicctl
 
 # The daemon needs no shell, no libc and no userland tools: it programs
 # netlink, nftables and OVSDB directly, and in a pod it reads the API
-# server's CA from the service-account mount. The image holds the two
-# static binaries and nothing else.
+# server's CA from the service-account mount. The image holds the static
+# binaries and nothing else: the shim, the daemon, and vmnicctl for
+# `kubectl exec ... -- vmnicctl status|attachments`.
 FROM scratch AS runtime
-COPY --from=build /out/vmnic /out/vmnicd /usr/local/bin/
+COPY --from=build /out/vmnic /out/vmnicd /out/vmnicctl /usr/local/bin/
 USER 0:0
 ENTRYPOINT ["/usr/local/bin/vmnicd"]

@@ -17,8 +17,8 @@ help: ## show the targets
 deps: ## install Debian packages and build the test tool binaries (.tools/)
 	@bash test/deps.sh
 
-build: ## build vmnic (shim), vmnicd (daemon) into bin/
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/vmnic ./cmd/vmnicd
+build: ## build vmnic (shim), vmnicd (daemon), vmnicctl (CLI, also kubectl-vmnic) into bin/
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/vmnic ./cmd/vmnicd ./cmd/vmnicctl
 
 demo: deps ## local demo: wire a VM NIC with vmnic masquerade and boot a real guest on it
 	$(GO) run ./test/demo

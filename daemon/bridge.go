@@ -136,6 +136,7 @@ func (d *Daemon) addBridge(ctx context.Context, req *proto.Request, conf *netcon
 		return nil, err
 	}
 	if spec.Held {
+		d.Metrics().MigrationHeld()
 		d.watchTarget(key, spec)
 	}
 	d.log.Info("OVS port wired", "key", key, "vm", spec.VM, "pod", pod.Namespace+"/"+pod.Name,
@@ -227,6 +228,7 @@ func (d *Daemon) gcPortsLocked(ctx context.Context, rel *gcRelease) {
 				continue
 			}
 			d.removeHostVeth(p.Name)
+			d.Metrics().GCRemoved(GCOVSPort)
 			d.log.Info("GC removed stale OVS port", "port", p.Name, "bridge", p.Bridge, "attachment", att, "netnsGone", gone)
 			if rel != nil && p.ExternalIDs[bridge.NetworkKey] == rel.conf.Name && rel.conf.IPAM.Type != "" && !live[att] {
 				d.releaseOrphan(ctx, rel, p.ExternalIDs)

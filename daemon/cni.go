@@ -374,6 +374,7 @@ func (d *Daemon) gcNetwork(ctx context.Context, conf *netconf.Conf, req *proto.R
 			errs = append(errs, err)
 			continue
 		}
+		d.Metrics().GCRemoved(GCAttachment)
 		d.log.Info("GC removed stale attachment", "key", key, "network", conf.Name)
 	}
 	d.gcPortsLocked(ctx, &gcRelease{conf: conf, req: req})

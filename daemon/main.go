@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"strings"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"k8s.io/client-go/discovery"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
@@ -40,7 +42,7 @@ func chainEntry(socket, spoolDir string) json.RawMessage {
 
 // capabilityRunner probes the node and publishes its NodeNetworkCapability,
 // labels and OVS bridge resources.
-func capabilityRunner(cfg *rest.Config, node, ovsdbEndpoint, spiderSock, confDir string, log *slog.Logger) (*capabilities.Runner, error) {
+func capabilityRunner(cfg *rest.Config, node, ovsdbEndpoint, spiderSock, confDir string, log *slog.Logger, m *Metrics) (*capabilities.Runner, error) {
 	pub, err := capabilities.NewPublisherForConfig(cfg, node, log)
 	if err != nil {
 		return nil, err
@@ -55,7 +57,8 @@ func capabilityRunner(cfg *rest.Config, node, ovsdbEndpoint, spiderSock, confDir
 	if o := capabilities.NewOVS(ovsdbEndpoint, log); o != nil {
 		probe.OVS = o
 	}
-	return capabilities.NewRunner(capabilities.RunOptions{Probe: probe, Sink: pub}), nil
+	onReport := func(r capabilities.Report, _ bool, _ error) { m.SetCapabilities(r) }
+	return capabilities.NewRunner(capabilities.RunOptions{Probe: probe, Sink: pub, OnReport: onReport}), nil
 }
 
 // installOnce installs the shim (when a source is given) and chains vmnic.
@@ -113,6 +116,8 @@ func Main(args []string) int {
 	ovsdbEndpoint := fs.String("ovsdb", "unix:/var/run/openvswitch/db.sock", "OVSDB endpoint of bridge mode: ports are added there and it is probed for the capability report (empty: no OVS)")
 	spiderSock := fs.String("spiderpool-socket", capabilities.DefaultSpiderpoolSocket, "Spiderpool agent socket probed for passt and bridge modes")
 	probe := fs.Bool("capabilities", true, "probe the node and publish a NodeNetworkCapability (with an API server)")
+	metricsAddr := fs.String("metrics-addr", DefaultMetricsAddr, "address of the Prometheus metrics, /healthz and /readyz HTTP endpoint (empty: none)")
+	events := fs.Bool("events", true, "report failed ADDs as Kubernetes Events on the pod and its VMI (with an API server)")
 	version := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -126,6 +131,7 @@ func Main(args []string) int {
 		fmt.Fprintf(os.Stderr, "vmnicd: --log-level: %v\n", err)
 		return 2
 	}
+	metrics := NewMetrics()
 	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
 	slog.SetDefault(log)
 	iopts := install.Options{
@@ -149,14 +155,28 @@ func Main(args []string) int {
 	}
 
 	opts := Options{Socket: *socket, StateDir: *stateDir, SpoolDir: *spoolDir, Logger: log, OVSDB: *ovsdbEndpoint}
+	opts.Observe = ObserveOptions{Metrics: metrics, Node: *nodeName}
 	mode := "standalone"
 	cfg, err := restConfig(*kubeconfig)
 	if err != nil {
 		log.Error("kubeconfig", "err", err)
 		return 2
 	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
 	if cfg != nil {
 		mode = "cluster"
+		opts.Observe.Cluster = true
+		if *events {
+			kube, kerr := kubernetes.NewForConfig(cfg)
+			if kerr != nil {
+				log.Error("kubernetes client", "err", kerr)
+				return 2
+			}
+			ev := NewEvents(EventsOptions{Client: kube, Node: *nodeName, Logger: log, Metrics: metrics})
+			go ev.Run(ctx)
+			opts.Observe.Events = ev
+		}
 		src, serr := kubevirt.NewCluster(kubevirt.ClusterOptions{
 			Config: cfg, NodeName: *nodeName, Bindings: strings.Split(*bindings, ","), Logger: log,
 		})
@@ -191,15 +211,30 @@ func Main(args []string) int {
 			return nil
 		}
 	}
+	var metricsLn net.Listener
+	if *metricsAddr != "" {
+		// Metrics are for people: the daemon serves CNI without them.
+		if metricsLn, err = net.Listen("tcp", *metricsAddr); err != nil {
+			log.Error("metrics endpoint not served", "addr", *metricsAddr, "err", err)
+			metricsLn = nil
+		} else {
+			opts.Observe.MetricsAddr = metricsLn.Addr().String()
+		}
+	}
 	d, err := New(opts)
 	if err != nil {
 		log.Error("start", "err", err)
 		return 1
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
+	if metricsLn != nil {
+		go func() {
+			if serr := d.ServeMetrics(ctx, metricsLn); serr != nil {
+				log.Error("metrics endpoint stopped", "err", serr)
+			}
+		}()
+	}
 	if cfg != nil && *probe {
-		run, cerr := capabilityRunner(cfg, *nodeName, *ovsdbEndpoint, *spiderSock, *confDir, log)
+		run, cerr := capabilityRunner(cfg, *nodeName, *ovsdbEndpoint, *spiderSock, *confDir, log, metrics)
 		if cerr != nil {
 			log.Error("capabilities", "err", cerr)
 			return 2

@@ -78,6 +78,7 @@ func (d *Daemon) targetActive(key string) {
 		}
 	}
 	rec.Migration.Phase = "TargetActive"
+	d.Metrics().MigrationSwitched()
 	if err := d.putRecord(rec, spec, rec.Result); err != nil {
 		d.log.Error("migration target: record release", "key", key, "err", err)
 	}
@@ -163,6 +164,7 @@ func (d *Daemon) reconcileOne(tr kubevirt.MigrationTracker, key string) {
 			if err := d.putRecord(rec, spec, rec.Result); err != nil {
 				log.Error("migration target: record release", "err", err)
 			}
+			d.Metrics().MigrationSwitched()
 			log.Info("migration target took over: hold released, addresses announced", "job", rec.Migration.Job, "took", time.Since(start))
 		case kubevirt.MigrationFailed:
 			d.unwatchTarget(key)
@@ -173,6 +175,7 @@ func (d *Daemon) reconcileOne(tr kubevirt.MigrationTracker, key string) {
 			if err := d.putRecord(rec, spec, rec.Result); err != nil {
 				log.Error("migration target: record failure", "err", err)
 			}
+			d.Metrics().MigrationFailed()
 			log.Warn("migration failed or aborted: target stays held, source untouched", "job", rec.Migration.Job)
 		}
 	case !spec.Held && !spec.Silenced && tr.MigratedAway(rec.Pod.Namespace, rec.VMName, rec.Pod.Name):

@@ -70,6 +70,9 @@ func (d *Daemon) addPasst(req *proto.Request, conf *netconf.Conf, pod netconf.Po
 		d.dropRecord(key)
 		return nil, perr
 	}
+	if spec.Held {
+		d.Metrics().MigrationHeld()
+	}
 	d.log.Info("passt interface prepared", "key", key, "pod", pod.Namespace+"/"+pod.Name, "vm", facts.VMName, "held", spec.Held)
 	return out, nil
 }
@@ -105,6 +108,7 @@ func (d *Daemon) reconcilePasst(tr kubevirt.MigrationTracker, key string, rec *s
 			if err := d.putRecord(rec, spec, rec.Result); err != nil {
 				log.Error("migration target: record release", "err", err)
 			}
+			d.Metrics().MigrationSwitched()
 			log.Info("migration target took over: hold released, addresses announced", "job", rec.Migration.Job, "took", time.Since(start))
 		case kubevirt.MigrationFailed:
 			if rec.Migration.Phase == out.String() {
@@ -114,6 +118,7 @@ func (d *Daemon) reconcilePasst(tr kubevirt.MigrationTracker, key string, rec *s
 			if err := d.putRecord(rec, spec, rec.Result); err != nil {
 				log.Error("migration target: record failure", "err", err)
 			}
+			d.Metrics().MigrationFailed()
 			log.Warn("migration failed or aborted: target stays held, source untouched", "job", rec.Migration.Job)
 		}
 	case !spec.Held && !spec.Silenced && tr.MigratedAway(rec.Pod.Namespace, rec.VMName, rec.Pod.Name):

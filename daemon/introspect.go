@@ -1,0 +1,220 @@
+package daemon
+
+import (
+	"encoding/json"
+	"net"
+	"sort"
+
+	"github.com/vmnic/vmnic/pkg/ctl/api"
+	"github.com/vmnic/vmnic/pkg/dhcp"
+	"github.com/vmnic/vmnic/pkg/netconf"
+	"github.com/vmnic/vmnic/pkg/spool"
+	"github.com/vmnic/vmnic/pkg/state"
+)
+
+// specView is what introspection reads from a record's spec: the fields of
+// the masquerade and the bridge specs by their JSON names, so that the view
+// follows the modes without depending on their Go types.
+type specView struct {
+	PodIf       string `json:"podIf"`
+	Bridge      string `json:"bridge"` // masquerade: the Linux bridge k6t-<if>
+	Tap         string `json:"tap"`
+	GuestMAC    string `json:"guestMAC"`
+	IPv4        bool   `json:"ipv4"`
+	IPv6        bool   `json:"ipv6"`
+	HostIf      string `json:"hostIf"`
+	OVSBridge   string `json:"ovsBridge"`
+	VLAN        *int   `json:"vlan"`
+	Trunks      []int  `json:"trunks"`
+	VM          bool   `json:"vm"`
+	LinuxBridge string `json:"linuxBridge"`
+	Held        bool   `json:"held"`
+	Silenced    bool   `json:"silenced"`
+	// IPs: passt hands the guest the pod interface's addresses.
+	IPs       []string `json:"ips"`
+	Addresses *struct {
+		IPs []resultIP `json:"ips"`
+	} `json:"addresses"`
+}
+
+// resultView is the part of a CNI result (any version from 0.3.0) that
+// names the addresses and their interfaces.
+type resultView struct {
+	Interfaces []struct {
+		Name    string `json:"name"`
+		Sandbox string `json:"sandbox"`
+	} `json:"interfaces"`
+	IPs []resultIP `json:"ips"`
+}
+
+type resultIP struct {
+	Address   string `json:"address"`
+	Interface *int   `json:"interface"`
+}
+
+// Addresses masquerade hands the guest (KubeVirt's).
+const (
+	masqueradeGuest4 = "10.0.2.2"
+	masqueradeGuest6 = "fd10:0:2::2"
+)
+
+// attachmentView describes one record for vmnicctl. It reads only the
+// record; DHCP state is added by the caller.
+func attachmentView(rec *state.Record) api.Attachment {
+	a := api.Attachment{
+		ContainerID: rec.ContainerID, IfName: rec.IfName, Network: rec.Network, Mode: rec.Mode,
+		Pod:   api.Pod{Namespace: rec.Pod.Namespace, Name: rec.Pod.Name, UID: rec.Pod.UID},
+		VM:    rec.VMName,
+		Netns: rec.Netns, Created: rec.Created, Complete: len(rec.Result) > 0,
+	}
+	if m := rec.Migration; m != nil {
+		a.Migration = &api.Migration{Job: m.Job, UID: m.UID, Phase: m.Phase}
+	}
+	var s specView
+	_ = json.Unmarshal(rec.Spec, &s) // a spec that does not decode shows what the record has
+	a.Tap, a.GuestMAC, a.Held, a.Silenced = s.Tap, s.GuestMAC, s.Held, s.Silenced
+	switch rec.Mode {
+	case netconf.ModeBridge:
+		a.Bridge = s.LinuxBridge
+		if s.OVSBridge != "" {
+			a.OVS = &api.OVSPort{Bridge: s.OVSBridge, Port: s.HostIf, VLAN: s.VLAN, Trunks: s.Trunks}
+		}
+		var ips []string
+		if s.Addresses != nil {
+			for _, ip := range s.Addresses.IPs {
+				ips = append(ips, ip.Address)
+			}
+		}
+		// A VM's addresses go to the guest; the pod interface keeps none.
+		if s.VM {
+			a.GuestIPs = ips
+		} else {
+			a.PodIPs = ips
+		}
+	case netconf.ModePasst:
+		// KubeVirt's passt binding serves the guest (its own DHCP, no
+		// tap from vmnic) with the pod interface's addresses.
+		a.PodIPs = podIPs(rec.Result, rec.IfName)
+		a.GuestIPs = s.IPs
+		a.Tap, a.GuestMAC = "", ""
+	default:
+		a.Bridge = s.Bridge
+		a.PodIPs = podIPs(rec.Result, rec.IfName)
+		if s.IPv4 {
+			a.GuestIPs = append(a.GuestIPs, masqueradeGuest4)
+		}
+		if s.IPv6 {
+			a.GuestIPs = append(a.GuestIPs, masqueradeGuest6)
+		}
+	}
+	return a
+}
+
+// podIPs returns the addresses of the CNI result that belong to the pod
+// interface ifName (or to no interface in particular).
+func podIPs(result json.RawMessage, ifName string) []string {
+	if len(result) == 0 {
+		return nil
+	}
+	var r resultView
+	if json.Unmarshal(result, &r) != nil {
+		return nil
+	}
+	var out []string
+	for _, ip := range r.IPs {
+		if i := ip.Interface; i != nil && *i >= 0 && *i < len(r.Interfaces) {
+			if itf := r.Interfaces[*i]; itf.Name != ifName || itf.Sandbox == "" {
+				continue
+			}
+		}
+		out = append(out, ip.Address)
+	}
+	return out
+}
+
+// attachmentViews lists the attachments on record, sorted by pod and
+// interface, and the number of unreadable records.
+func (d *Daemon) attachmentViews() ([]api.Attachment, int) {
+	recs, bad, err := d.store.List()
+	if err != nil {
+		d.log.Warn("introspection: list attachment records", "err", err)
+		return nil, 0
+	}
+	out := make([]api.Attachment, 0, len(recs))
+	for _, rec := range recs {
+		out = append(out, attachmentView(rec))
+	}
+	sort.SliceStable(out, func(i, j int) bool {
+		a, b := out[i], out[j]
+		if a.Pod.Namespace != b.Pod.Namespace {
+			return a.Pod.Namespace < b.Pod.Namespace
+		}
+		if a.Pod.Name != b.Pod.Name {
+			return a.Pod.Name < b.Pod.Name
+		}
+		return a.IfName < b.IfName
+	})
+	return out, len(bad)
+}
+
+// attachments answers VMNIC_ATTACHMENTS.
+func (d *Daemon) attachments() api.Attachments {
+	views, _ := d.attachmentViews()
+	running := d.servers.runningServers()
+	d.Metrics().updateDHCP(running)
+	for i := range views {
+		a := &views[i]
+		srv := running[state.Key(a.ContainerID, a.IfName)]
+		if srv == nil {
+			continue
+		}
+		a.DHCP = dhcpView(srv.Stats())
+	}
+	return api.Attachments{Items: views}
+}
+
+func dhcpView(st dhcp.Stats) api.DHCP {
+	return api.DHCP{
+		Running: true,
+		V4Lease: leaseView(st.LastV4Lease), V6Lease: leaseView(st.LastV6Lease),
+		V4Acks: st.V4Acks, V4Naks: st.V4Naks, V6Replies: st.V6Replies, RAsSent: st.RAsSent,
+	}
+}
+
+func leaseView(l dhcp.Lease) *api.Lease {
+	if l.IP == nil {
+		return nil
+	}
+	out := &api.Lease{IP: l.IP.String(), Time: l.Time.UTC()}
+	if len(l.HWAddr) > 0 {
+		out.MAC = net.HardwareAddr(l.HWAddr).String()
+	}
+	return out
+}
+
+// pendingDELs counts the spooled DELs not replayed yet.
+func (d *Daemon) pendingDELs() int {
+	entries, bad, err := spool.List(d.opts.SpoolDir)
+	if err != nil {
+		return 0
+	}
+	return len(entries) + len(bad)
+}
+
+// status answers VMNIC_STATUS.
+func (d *Daemon) status() api.Status {
+	st := d.nodeState()
+	source := "standalone"
+	if d.opts.Observe.Cluster {
+		source = "cluster"
+	}
+	return api.Status{
+		Version: Version, Ready: st.ready, Node: d.opts.Observe.Node, Source: source,
+		Socket: d.opts.Socket, StateDir: d.opts.StateDir, SpoolDir: d.opts.SpoolDir,
+		Started:     processStart.UTC(),
+		Attachments: st.attachments, Incomplete: st.incomplete, Unreadable: st.unreadable,
+		DHCPServers: st.dhcpServers, PendingDELs: st.pendingDELs,
+		Requests:    d.Metrics().requestCounts(),
+		MetricsAddr: d.opts.Observe.MetricsAddr,
+	}
+}
