@@ -73,6 +73,10 @@ type Daemon struct {
 	// runCtx is Run's context, for work that outlives a request.
 	runCtx     context.Context
 	guestWatch guestWatchers
+	// reassert is the migration phase each passt source last reasserted
+	// its addresses for.
+	reassertMu sync.Mutex
+	reassert   map[string]string
 	locks      keyedMutex
 	// gc excludes GC from ADD/DEL, as the CNI spec asks.
 	gc       sync.RWMutex

@@ -3,6 +3,7 @@ package daemon
 import (
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
@@ -121,14 +122,59 @@ func (d *Daemon) reconcilePasst(tr kubevirt.MigrationTracker, key string, rec *s
 			d.Metrics().MigrationFailed()
 			log.Warn("migration failed or aborted: target stays held, source untouched", "job", rec.Migration.Job)
 		}
-	case !spec.Held && !spec.Silenced && tr.MigratedAway(rec.Pod.Namespace, rec.VMName, rec.Pod.Name):
-		if err := passt.Silence(spec); err != nil {
-			log.Error("migration source: silence", "err", err)
+	case !spec.Held && !spec.Silenced && rec.Migration == nil:
+		if tr.MigratedAway(rec.Pod.Namespace, rec.VMName, rec.Pod.Name) {
+			d.silencePasst(key, rec, spec, log)
 			return
 		}
-		if err := d.putRecord(rec, spec, rec.Result); err != nil {
-			log.Error("migration source: record silence", "err", err)
+		// The underlay plugin of a migration target announces the shared
+		// address when it sets up the target's interface (macvlan sets
+		// arp_notify), before vmnic, chained after it, can hold it. The
+		// source reasserts the address at every phase of the migration
+		// (and again past the neighbour locktime) so the underlay keeps
+		// reaching the VM where it runs.
+		job, phase, ok := tr.InFlight(rec.Pod.Namespace, rec.VMName)
+		if !ok || d.reasserted(key, job+"/"+phase) {
+			return
 		}
-		log.Info("migration source handed over: silenced until its DEL")
+		if err := passt.Announce(spec); err != nil {
+			log.Warn("migration source: reassert addresses", "err", err)
+			return
+		}
+		log.Info("migration source: addresses reasserted", "job", job, "phase", phase)
 	}
+}
+
+// silencePasst holds a source that handed over.
+func (d *Daemon) silencePasst(key string, rec *state.Record, spec *passt.Spec, log *slog.Logger) {
+	if err := passt.Silence(spec); err != nil {
+		log.Error("migration source: silence", "err", err)
+		return
+	}
+	if err := d.putRecord(rec, spec, rec.Result); err != nil {
+		log.Error("migration source: record silence", "err", err)
+	}
+	d.forgetReasserted(key)
+	log.Info("migration source handed over: silenced until its DEL", "key", key)
+}
+
+// reasserted reports whether the source key already reasserted its
+// addresses for this migration phase, and records that it has now.
+func (d *Daemon) reasserted(key, phase string) bool {
+	d.reassertMu.Lock()
+	defer d.reassertMu.Unlock()
+	if d.reassert == nil {
+		d.reassert = map[string]string{}
+	}
+	if d.reassert[key] == phase {
+		return true
+	}
+	d.reassert[key] = phase
+	return false
+}
+
+func (d *Daemon) forgetReasserted(key string) {
+	d.reassertMu.Lock()
+	defer d.reassertMu.Unlock()
+	delete(d.reassert, key)
 }

@@ -13,6 +13,7 @@ pkgs=(
   procps cpio # cpio checks the guest initramfs writer
   isc-dhcp-client # a second real DHCP client for pkg/dhcp tests
   openvswitch-switch # private userspace-datapath OVS instances in tests (no kernel module needed)
+  passt # the passt mode's live-migration test runs KubeVirt's user-mode network back end
 )
 missing=()
 for p in "${pkgs[@]}"; do

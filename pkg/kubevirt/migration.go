@@ -37,8 +37,31 @@ type MigrationTracker interface {
 	// MigratedAway reports whether the VMI ns/vmi completed a migration
 	// whose source was pod: the pod no longer runs the VM.
 	MigratedAway(ns, vmi, pod string) bool
+	// InFlight returns a migration of the VMI ns/vmi that has not ended:
+	// its VMIM name and phase.
+	InFlight(ns, vmi string) (job, phase string, ok bool)
 	// Changes is closed (and replaced) when a VMI or VMIM changes.
 	Changes() <-chan struct{}
+}
+
+// InFlight implements MigrationTracker.
+func (c *Cluster) InFlight(ns, vmi string) (job, phase string, ok bool) {
+	objs, err := c.vmims.GetIndexer().ByIndex(cache.NamespaceIndex, ns)
+	if err != nil {
+		return "", "", false
+	}
+	for _, o := range objs {
+		m, isM := o.(*kubevirtv1.VirtualMachineInstanceMigration)
+		if !isM || m.Spec.VMIName != vmi {
+			continue
+		}
+		switch m.Status.Phase {
+		case kubevirtv1.MigrationSucceeded, kubevirtv1.MigrationFailed:
+			continue
+		}
+		return m.Name, string(m.Status.Phase), true
+	}
+	return "", "", false
 }
 
 // outcome reads a migration state.

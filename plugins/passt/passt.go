@@ -137,6 +137,11 @@ func Release(s *Spec) error {
 		return err
 	}
 	s.Held = false
+	return Announce(s)
+}
+
+// Announce announces the interface's addresses from its MAC.
+func Announce(s *Spec) error {
 	mac, err := net.ParseMAC(s.MAC)
 	if err != nil {
 		return fmt.Errorf("pod interface MAC %q: %w", s.MAC, err)

@@ -76,6 +76,9 @@ type Options struct {
 	// CPUs is the number of vCPUs; default max(1, Queues), since the
 	// guest uses min(Queues, CPUs) queue pairs.
 	CPUs int
+	// Stream, instead of Tap, connects the first NIC to a unix stream
+	// socket (QEMU -netdev stream): a passt instance listening there.
+	Stream string
 	// More NICs after the first, in order: eth1, eth2, ... in the guest
 	// (the script brings them up).
 	More []NIC
@@ -249,6 +252,13 @@ func qemuArgs(img *Image, initrd string, o *Options) []string {
 			dev += ",mq=on,vectors=" + strconv.Itoa(2*o.Queues+2)
 		}
 		args = append(args, "-netdev", netdev, "-device", dev)
+	}
+	if o.Stream != "" {
+		dev := "virtio-net-pci,netdev=n0,romfile="
+		if o.MAC != "" {
+			dev += ",mac=" + o.MAC
+		}
+		args = append(args, "-netdev", "stream,id=n0,server=off,addr.type=unix,addr.path="+o.Stream, "-device", dev)
 	}
 	for i, nic := range o.More {
 		id := "n" + strconv.Itoa(i+1)
