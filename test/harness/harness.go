@@ -57,6 +57,7 @@ var referencePlugins = []string{
 	"github.com/containernetworking/plugins/plugins/main/bridge",
 	"github.com/containernetworking/plugins/plugins/main/loopback",
 	"github.com/containernetworking/plugins/plugins/main/macvlan",
+	"github.com/containernetworking/plugins/plugins/main/ipvlan",
 	"github.com/containernetworking/plugins/plugins/ipam/host-local",
 }
 

@@ -3,6 +3,7 @@ package integration
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net"
 	"os/exec"
 	"path/filepath"
@@ -20,6 +21,8 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/vmnic/vmnic/daemon"
+	"github.com/vmnic/vmnic/daemon/capabilities"
+	"github.com/vmnic/vmnic/pkg/apis/v1alpha1"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/test/cluster"
 	"github.com/vmnic/vmnic/test/harness"
@@ -67,6 +70,12 @@ func underlay(t *testing.T, node *harness.Node) ns.NetNS {
 
 // passtList is macvlan on uplink0 with ipam, then vmnic in passt mode.
 func passtList(t *testing.T, node *harness.Node, version string, ipam map[string]any, vm map[string]any) *libcni.NetworkConfigList {
+	return underlayList(t, node, "macvlan", version, ipam, vm)
+}
+
+// underlayList is the underlay plugin (macvlan or ipvlan) on uplink0 with
+// ipam, then vmnic in passt mode.
+func underlayList(t *testing.T, node *harness.Node, plugin, version string, ipam map[string]any, vm map[string]any) *libcni.NetworkConfigList {
 	t.Helper()
 	vmnic := map[string]any{"type": "vmnic", "mode": "passt", "socket": node.Socket(), "spoolDir": node.SpoolDir()}
 	if vm != nil {
@@ -74,7 +83,7 @@ func passtList(t *testing.T, node *harness.Node, version string, ipam map[string
 	}
 	b, err := json.Marshal(map[string]any{
 		"cniVersion": version, "name": "macvlan-passt",
-		"plugins": []any{map[string]any{"type": "macvlan", "master": "uplink0", "mode": "bridge", "ipam": ipam}, vmnic},
+		"plugins": []any{underlayPlugin(plugin, ipam), vmnic},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -86,17 +95,47 @@ func passtList(t *testing.T, node *harness.Node, version string, ipam map[string
 	return l
 }
 
+func underlayPlugin(plugin string, ipam map[string]any) map[string]any {
+	mode := "bridge"
+	if plugin == "ipvlan" {
+		mode = "l2"
+	}
+	return map[string]any{"type": plugin, "master": "uplink0", "mode": mode, "ipam": ipam}
+}
+
+// TestPasstIpvlan is TestPasstMacvlan over ipvlan. A kernel without ipvlan
+// (this project's test machines) skips it, naming that, after checking
+// that the capability report says the same.
+func TestPasstIpvlan(t *testing.T) {
+	rep := capabilities.Probe(ctxT(t), capabilities.ProbeOptions{})
+	if !rep.Kernel.Ipvlan {
+		var cond string
+		for _, c := range rep.Conditions {
+			if c.Type == v1alpha1.ConditionPasstIpvlanReady {
+				cond = fmt.Sprintf("%s=%s (%s: %s)", c.Type, c.Status, c.Reason, c.Message)
+			}
+		}
+		if capabilities.Ready(rep, v1alpha1.ConditionPasstIpvlanReady) || !strings.Contains(cond, "ipvlan") {
+			t.Fatalf("the kernel has no ipvlan but the capability report says %s", cond)
+		}
+		t.Skipf("the kernel has no ipvlan: passt over ipvlan cannot run here; the capability report agrees: %s", cond)
+	}
+	testPasstUnderlay(t, "ipvlan")
+}
+
 // TestPasstMacvlan: chained after macvlan, vmnic sets what passt needs in a
 // VM pod and changes nothing else; an ordinary pod passes through; CHECK
 // sees a changed sysctl; DEL is idempotent.
-func TestPasstMacvlan(t *testing.T) {
+func TestPasstMacvlan(t *testing.T) { testPasstUnderlay(t, "macvlan") }
+
+func testPasstUnderlay(t *testing.T, plugin string) {
 	node, _ := newNode(t, true)
 	peer := underlay(t, node)
 	ipam := map[string]any{
 		"type": "host-local", "dataDir": filepath.Join(node.Dir, "ipam"),
 		"ranges": []any{[]any{map[string]any{"subnet": "10.50.0.0/24", "rangeStart": "10.50.0.10", "rangeEnd": "10.50.0.50"}}},
 	}
-	l := passtList(t, node, "1.1.0", ipam, nil)
+	l := underlayList(t, node, plugin, "1.1.0", ipam, nil)
 	ctx := ctxT(t)
 	vm, plain := newPod(t, "virt-launcher-p1-x"), newPod(t, "web-1")
 	for _, p := range []*harness.Pod{vm, plain} {
@@ -114,7 +153,7 @@ func TestPasstMacvlan(t *testing.T) {
 		t.Error("an ordinary pod got passt's sysctls")
 	}
 	if out, err := exec.Command("nsenter", "--net="+peer.Path(), "ping", "-c", "1", "-W", "2", "10.50.0.10").CombinedOutput(); err != nil {
-		t.Errorf("the underlay cannot reach the VM pod's macvlan: %v\n%s", err, out)
+		t.Errorf("the underlay cannot reach the VM pod's %s: %v\n%s", plugin, err, out)
 	}
 	if err := node.Check(ctx, l, vm); err != nil {
 		t.Errorf("CHECK: %v", err)
