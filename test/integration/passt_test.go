@@ -194,7 +194,8 @@ func neighMAC(t *testing.T, peer ns.NetNS, ip string) string {
 // migration target gets the VM's IP on its own macvlan and is held (it
 // answers no ARP, so the underlay keeps the source's MAC for the IP); at
 // the switchover the hold goes and the underlay's neighbour entry moves to
-// the target's MAC; the source is held from then on.
+// the target's MAC; the source is held from then on. The daemon restarts
+// while the target is held.
 func TestPasstMigrationHold(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	t.Cleanup(cancel)
@@ -230,18 +231,22 @@ spec:
 	dctx, dcancel := context.WithCancel(context.Background())
 	t.Cleanup(dcancel)
 	node, _ := newNode(t, false)
-	d, err := node.StartDaemonWith(logger(t), func(o *daemon.Options) {
-		src, err := kubevirt.NewCluster(kubevirt.ClusterOptions{Config: c.Config, NodeName: testNode, Logger: logger(t)})
+	startD := func() *harness.Daemon {
+		d, err := node.StartDaemonWith(logger(t), func(o *daemon.Options) {
+			src, err := kubevirt.NewCluster(kubevirt.ClusterOptions{Config: c.Config, NodeName: testNode, Logger: logger(t)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			o.Facts = src
+			o.Prepare = func(context.Context) error { return src.Start(dctx) }
+		})
 		if err != nil {
 			t.Fatal(err)
 		}
-		o.Facts = src
-		o.Prepare = func(context.Context) error { return src.Start(dctx) }
-	})
-	if err != nil {
-		t.Fatal(err)
+		t.Cleanup(func() { _ = d.Stop() })
+		return d
 	}
-	t.Cleanup(func() { _ = d.Stop() })
+	d := startD()
 	peer := underlay(t, node)
 	node.CNI = libcni.NewCNIConfigWithCacheDir([]string{node.BinDir, pluginDir}, filepath.Join(node.Dir, "cni-cache"), nil)
 	l := passtList(t, node, "1.0.0", agent.IPAMConfig("under-v4"), nil)
@@ -295,6 +300,15 @@ spec:
 	}
 	if err := node.Check(ctx, l, dst); err != nil {
 		t.Errorf("CHECK of the held target: %v", err)
+	}
+	// The daemon restarts while the target is held: the hold is on record
+	// (and in the netns), and the new daemon releases it at the switchover.
+	if err := d.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	d = startD()
+	if err := node.Check(ctx, l, dst); err != nil {
+		t.Errorf("CHECK of the held target after a daemon restart: %v", err)
 	}
 	time.Sleep(1100 * time.Millisecond) // past the peer's neighbour locktime
 	switched := time.Now()
