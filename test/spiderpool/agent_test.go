@@ -107,6 +107,11 @@ spec:
 	checkAllocated(ctx, t, c, ip, source)
 	checkEndpoint(ctx, t, c, ip, source)
 
+	// The agent reads SpiderEndpoints from its informer. An ADD for the
+	// target before the informer has the source's endpoint allocates a new
+	// address for the VMI, fails on the endpoint's "already exists", and
+	// Spiderpool does not take that address back: give the informer time.
+	time.Sleep(2 * time.Second)
 	if got := target.add(t); got != ip {
 		t.Fatalf("migration target pod on %s got %s, want the VMI's %s", target.node, got, ip)
 	}
