@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -20,6 +21,8 @@ import (
 	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/vmnic/vmnic/daemon"
@@ -394,6 +397,14 @@ sleep 600
 	}
 	if gap > 5*time.Second {
 		t.Errorf("the guest was unreachable for %s", gap)
+	}
+	pool, err := c.Dynamic.Resource(schema.GroupVersionResource{Group: "spiderpool.spidernet.io", Version: "v2beta1", Resource: "spiderippools"}).
+		Get(ctx, "under-v4", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if raw, _, _ := unstructured.NestedString(pool.Object, "status", "allocatedIPs"); !strings.Contains(raw, fmt.Sprintf("%q", ip)) {
+		t.Errorf("after the source's DEL the pool lost %s: %s", ip, raw)
 	}
 	last := startTCPProbe(peer, net.JoinHostPort(ip, "8080"))
 	time.Sleep(500 * time.Millisecond)

@@ -306,7 +306,7 @@ spec:
 	if err := d.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	d = startD()
+	startD() // its Cleanup stops it
 	if err := node.Check(ctx, l, dst); err != nil {
 		t.Errorf("CHECK of the held target after a daemon restart: %v", err)
 	}
