@@ -8,6 +8,8 @@
 package podnet
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -134,6 +136,74 @@ func DeleteOwned(h netlinksafe.Handle, owner string, names ...string) error {
 	return errors.Join(errs...)
 }
 
+// TempName is the name a link of the attachment with this owner mark has
+// between its creation and its rename to its final name: "vm", kind and
+// ten hex digits of a hash of the mark. The kernel takes no alias when a
+// link is created, so a link is created under this name, marked, and only
+// then renamed; a daemon killed in between leaves a link whose name alone
+// says whose it is.
+func TempName(owner string, kind byte) string {
+	sum := sha256.Sum256([]byte(owner))
+	return "vm" + string(kind) + hex.EncodeToString(sum[:])[:10]
+}
+
+// Kinds of temporary link names.
+const (
+	TempBridge = 'b'
+	TempTap    = 't'
+	TempPeer   = 'p'
+)
+
+// MarkAndRename marks the link created under the temporary name tmp with
+// owner and renames it to name. The link must be down (a new link is).
+func MarkAndRename(h netlinksafe.Handle, tmp, name, owner string) (netlink.Link, error) {
+	l, err := h.LinkByName(tmp)
+	if err != nil {
+		return nil, fmt.Errorf("look up %q: %w", tmp, err)
+	}
+	if err := h.LinkSetAlias(l, owner); err != nil {
+		return nil, fmt.Errorf("mark %q: %w", tmp, err)
+	}
+	if tmp != name {
+		if err := h.LinkSetName(l, name); err != nil {
+			if errors.Is(err, unix.EEXIST) {
+				return nil, fmt.Errorf("rename %q to %q: %q already exists: %w", tmp, name, name, err)
+			}
+			return nil, fmt.Errorf("rename %q to %q: %w", tmp, name, err)
+		}
+	}
+	return h.LinkByName(name)
+}
+
+// DeletePrivate deletes the named links if they carry owner or no mark at
+// all: for names that only this attachment uses (temporary names, and
+// names derived from the attachment), an unmarked link is one a killed
+// daemon left between creating and marking it.
+func DeletePrivate(h netlinksafe.Handle, owner string, names ...string) error {
+	var errs []error
+	for _, name := range names {
+		l, err := h.LinkByName(name)
+		if err != nil {
+			if !LinkGone(err) {
+				errs = append(errs, fmt.Errorf("look up link %q: %w", name, err))
+			}
+			continue
+		}
+		if a := l.Attrs().Alias; a != owner && a != "" {
+			continue
+		}
+		if err := h.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
+			errs = append(errs, fmt.Errorf("delete link %q: %w", name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// TempNames are the temporary names of the attachment with owner mark.
+func TempNames(owner string) []string {
+	return []string{TempName(owner, TempBridge), TempName(owner, TempTap), TempName(owner, TempPeer)}
+}
+
 // Tap describes the tap QEMU opens in the pod.
 type Tap struct {
 	Netns  string
@@ -143,12 +213,13 @@ type Tap struct {
 	Queues int // more than one makes it multiqueue
 }
 
-// AddTap creates the tap owned by the launcher's qemu user, marks it, sets
-// its MTU, attaches it to master and sets it up. On error the caller removes
-// it (it carries the owner mark once marked).
+// AddTap creates the tap owned by the launcher's qemu user (under its
+// temporary name, marked, then renamed), sets its MTU, attaches it to
+// master and sets it up. On error the caller removes it.
 func AddTap(h netlinksafe.Handle, t Tap, master netlink.Link) error {
+	tmp := TempName(t.Owner, TempTap)
 	tap := &netlink.Tuntap{
-		LinkAttrs: netlink.LinkAttrs{Name: t.Name},
+		LinkAttrs: netlink.LinkAttrs{Name: tmp},
 		Mode:      netlink.TUNTAP_MODE_TAP,
 		Flags:     netlink.TUNTAP_NO_PI | netlink.TUNTAP_VNET_HDR,
 		Owner:     kubevirt.LauncherUID,
@@ -172,13 +243,10 @@ func AddTap(h netlinksafe.Handle, t Tap, master netlink.Link) error {
 	if err != nil {
 		return fmt.Errorf("create tap %q: %w", t.Name, err)
 	}
-	l, err := h.LinkByName(t.Name)
+	l, err := MarkAndRename(h, tmp, t.Name, t.Owner)
 	if err != nil {
-		return fmt.Errorf("look up tap %q: %w", t.Name, err)
-	}
-	if err := h.LinkSetAlias(l, t.Owner); err != nil {
-		_ = h.LinkDel(l)
-		return fmt.Errorf("mark tap %q: %w", t.Name, err)
+		_ = DeletePrivate(h, t.Owner, tmp)
+		return fmt.Errorf("tap %q: %w", t.Name, err)
 	}
 	if t.MTU > 0 {
 		if err := h.LinkSetMTU(l, t.MTU); err != nil {

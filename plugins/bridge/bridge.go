@@ -393,34 +393,33 @@ func (p *Plugin) addVeth(hostH, podH netlinksafe.Handle, s *Spec) error {
 		return fmt.Errorf("open netns %s: %w", s.Netns, err)
 	}
 	defer func() { _ = podNS.Close() }()
+	tmpPeer := podnet.TempName(s.Owner, podnet.TempPeer)
 	veth := &netlink.Veth{
 		LinkAttrs:     netlink.LinkAttrs{Name: s.HostIf, MTU: s.MTU},
-		PeerName:      s.PodIf,
+		PeerName:      tmpPeer,
 		PeerNamespace: netlink.NsFd(int(podNS.Fd())),
 	}
 	if s.MTU > 0 {
 		veth.PeerMTU = uint32(s.MTU)
 	}
-	if lerr := hostH.LinkAdd(veth); lerr != nil {
-		if errors.Is(lerr, unix.EEXIST) {
-			return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("veth %q or %q already exists", s.HostIf, s.PodIf), "")
+	if verr := hostH.LinkAdd(veth); verr != nil {
+		if errors.Is(verr, unix.EEXIST) {
+			return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("veth %q already exists", s.HostIf), "")
 		}
-		return fmt.Errorf("create veth %s/%s: %w", s.HostIf, s.PodIf, lerr)
+		return fmt.Errorf("create veth %s/%s: %w", s.HostIf, s.PodIf, verr)
 	}
+	// The node end's name is the attachment's own; the pod end is created
+	// under a temporary one and renamed once marked.
 	host, err := hostH.LinkByName(s.HostIf)
 	if err != nil {
 		return fmt.Errorf("look up %q: %w", s.HostIf, err)
 	}
-	if lerr := hostH.LinkSetAlias(host, s.Owner); lerr != nil {
+	if aerr := hostH.LinkSetAlias(host, s.Owner); aerr != nil {
 		_ = hostH.LinkDel(host)
-		return fmt.Errorf("mark %q: %w", s.HostIf, lerr)
+		return fmt.Errorf("mark %q: %w", s.HostIf, aerr)
 	}
-	pod, err := podH.LinkByName(s.PodIf)
-	if err != nil {
-		return fmt.Errorf("look up %q in %s: %w", s.PodIf, s.Netns, err)
-	}
-	if err := podH.LinkSetAlias(pod, s.Owner); err != nil {
-		return fmt.Errorf("mark %q: %w", s.PodIf, err)
+	if _, rerr := podnet.MarkAndRename(podH, tmpPeer, s.PodIf, s.Owner); rerr != nil {
+		return fmt.Errorf("pod end: %w", rerr)
 	}
 	if err := hostH.LinkSetUp(host); err != nil {
 		return fmt.Errorf("set %q up: %w", s.HostIf, err)
@@ -500,22 +499,20 @@ func (p *Plugin) wireVM(h netlinksafe.Handle, s *Spec) error {
 	if lerr := h.LinkSetHardwareAddr(pod, portMAC(guest)); lerr != nil {
 		return fmt.Errorf("set MAC of %q: %w", s.PodIf, lerr)
 	}
+	if _, lerr := h.LinkByName(s.LinuxBridge); lerr == nil {
+		return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("link %q already exists in %s", s.LinuxBridge, s.Netns), "")
+	}
+	tmp := podnet.TempName(s.Owner, podnet.TempBridge)
 	br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{
-		Name: s.LinuxBridge, MTU: mtu, HardwareAddr: portMAC(guest), TxQLen: -1,
+		Name: tmp, MTU: mtu, HardwareAddr: portMAC(guest), TxQLen: -1,
 	}}
 	if berr := h.LinkAdd(br); berr != nil {
-		if errors.Is(berr, unix.EEXIST) {
-			return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("link %q already exists in %s", s.LinuxBridge, s.Netns), "")
-		}
 		return fmt.Errorf("create bridge %q: %w", s.LinuxBridge, berr)
 	}
-	brl, err := h.LinkByName(s.LinuxBridge)
+	brl, err := podnet.MarkAndRename(h, tmp, s.LinuxBridge, s.Owner)
 	if err != nil {
-		return fmt.Errorf("look up bridge %q: %w", s.LinuxBridge, err)
-	}
-	if err := h.LinkSetAlias(brl, s.Owner); err != nil {
-		_ = h.LinkDel(brl)
-		return fmt.Errorf("mark bridge %q: %w", s.LinuxBridge, err)
+		_ = podnet.DeletePrivate(h, s.Owner, tmp)
+		return fmt.Errorf("bridge %q: %w", s.LinuxBridge, err)
 	}
 	if !wantV6 {
 		if err := ns.WithNetNSPath(s.Netns, func(ns.NetNS) error {
@@ -702,6 +699,9 @@ func (p *Plugin) undo(ctx context.Context, key string, s *Spec) error {
 		if lerr := podnet.DeleteOwned(h, s.Owner, s.Tap, s.LinuxBridge, s.PodIf); lerr != nil {
 			errs = append(errs, lerr)
 		}
+		if lerr := podnet.DeletePrivate(h, s.Owner, podnet.TempNames(s.Owner)...); lerr != nil {
+			errs = append(errs, lerr)
+		}
 		closeNS()
 		if s.VM {
 			if lerr := nft.DeleteGuard(s.Netns, s.PodIf); lerr != nil {
@@ -712,7 +712,7 @@ func (p *Plugin) undo(ctx context.Context, key string, s *Spec) error {
 		errs = append(errs, err)
 	}
 	if h, closeH, err := podnet.OpenHost(s.HostNetns); err == nil {
-		if lerr := podnet.DeleteOwned(h, s.Owner, s.HostIf); lerr != nil {
+		if lerr := podnet.DeletePrivate(h, s.Owner, s.HostIf); lerr != nil {
 			errs = append(errs, lerr)
 		}
 		closeH()

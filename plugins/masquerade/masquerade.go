@@ -258,6 +258,9 @@ func (p *Plugin) undo(key string, s *Spec) error {
 	if err := podnet.DeleteOwned(h, s.Owner, s.Tap, s.Bridge); err != nil {
 		errs = append(errs, err)
 	}
+	if err := podnet.DeletePrivate(h, s.Owner, podnet.TempNames(s.Owner)...); err != nil {
+		errs = append(errs, err)
+	}
 	if err := nft.Delete(s.Netns); err != nil {
 		errs = append(errs, fmt.Errorf("delete NAT tables: %w", err))
 	}
@@ -275,6 +278,9 @@ var (
 // removeStale clears what a previous ADD of the same attachment left (a
 // retried ADD), and refuses to touch links that someone else owns.
 func removeStale(h netlinksafe.Handle, s *Spec) error {
+	if err := podnet.DeletePrivate(h, s.Owner, podnet.TempNames(s.Owner)...); err != nil {
+		return err
+	}
 	for _, name := range []string{s.Tap, s.Bridge} {
 		l, err := ownedLink(h, name, s.Owner)
 		switch {
@@ -294,8 +300,9 @@ func removeStale(h netlinksafe.Handle, s *Spec) error {
 }
 
 func (p *Plugin) addBridge(h netlinksafe.Handle, s *Spec) (netlink.Link, error) {
+	tmp := podnet.TempName(s.Owner, podnet.TempBridge)
 	br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{
-		Name:         s.Bridge,
+		Name:         tmp,
 		MTU:          s.MTU,
 		HardwareAddr: BridgeMAC,
 		TxQLen:       -1,
@@ -303,13 +310,10 @@ func (p *Plugin) addBridge(h netlinksafe.Handle, s *Spec) (netlink.Link, error) 
 	if err := h.LinkAdd(br); err != nil {
 		return nil, fmt.Errorf("create bridge %q: %w", s.Bridge, err)
 	}
-	l, err := h.LinkByName(s.Bridge)
+	l, err := podnet.MarkAndRename(h, tmp, s.Bridge, s.Owner)
 	if err != nil {
-		return nil, fmt.Errorf("look up bridge %q: %w", s.Bridge, err)
-	}
-	if err := h.LinkSetAlias(l, s.Owner); err != nil {
-		_ = h.LinkDel(l)
-		return nil, fmt.Errorf("mark bridge %q: %w", s.Bridge, err)
+		_ = podnet.DeletePrivate(h, s.Owner, tmp)
+		return nil, fmt.Errorf("bridge %q: %w", s.Bridge, err)
 	}
 	for _, a := range s.bridgeAddrs() {
 		if err := h.AddrAdd(l, a); err != nil {

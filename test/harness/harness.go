@@ -495,6 +495,9 @@ func (p *DaemonProcess) Stop() error {
 	return p.err
 }
 
+// Kill sends SIGKILL, as a node losing the process would, and waits.
+func (p *DaemonProcess) Kill() { p.kill() }
+
 // kill ends a daemon a test left running (a test that failed before its
 // Stop), so no vmnicd outlives its node.
 func (p *DaemonProcess) kill() {
