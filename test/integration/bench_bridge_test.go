@@ -141,6 +141,10 @@ func BenchmarkScaleBridge(b *testing.B) {
 		b.ReportMetric(ms(w1), "ovs-apply-last25-ms-median")
 		b.ReportMetric(float64(last-w1)/float64(first-w0), "last/first-without-ovs-apply")
 	}
+	b.ReportMetric(ms(percentile(adds[:50], 0.5)), "add-first50-p50-ms")
+	b.ReportMetric(ms(percentile(adds[:50], 0.99)), "add-first50-p99-ms")
+	b.ReportMetric(ms(percentile(adds[count-50:], 0.5)), "add-last50-p50-ms")
+	b.ReportMetric(ms(percentile(adds[count-50:], 0.99)), "add-last50-p99-ms")
 	b.ReportMetric(ms(adds[0]), "add1-ms")
 	b.ReportMetric(ms(adds[count-1]), "add250-ms")
 	b.ReportMetric(ms(first), "add-first25-ms-median")
