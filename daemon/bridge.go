@@ -102,18 +102,12 @@ func (d *Daemon) addBridge(ctx context.Context, req *proto.Request, conf *netcon
 		}
 	}
 
-	rec := &state.Record{
-		ContainerID: req.ContainerID, IfName: req.IfName, Network: conf.Name,
-		Netns: req.Netns, Mode: conf.Mode, CNIVersion: conf.CNIVersion,
-		Pod:     state.Pod{Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID},
-		Created: time.Now().UTC(),
-	}
+	// A plain pod's port has no VM and no migration on record.
+	vm := &kubevirt.Facts{}
 	if facts.Serve {
-		rec.VMName = facts.VMName
-		if m := facts.Migration; m != nil {
-			rec.Migration = &state.Migration{Job: m.Job, UID: m.UID, Phase: m.Phase}
-		}
+		vm = facts
 	}
+	rec := newRecord(req, conf, pod, vm)
 	if perr := d.putRecord(rec, spec, nil); perr != nil {
 		return nil, perr
 	}

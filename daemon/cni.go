@@ -44,8 +44,8 @@ func (d *Daemon) Handle(ctx context.Context, req *proto.Request) *proto.Response
 	}
 	start := time.Now()
 	log := d.log.With("command", req.Command, "container", req.ContainerID, "ifname", req.IfName)
-	result, err := d.dispatch(ctx, req)
-	d.observe(req, err, time.Since(start))
+	result, conf, err := d.dispatch(ctx, req)
+	d.observe(req, conf, err, time.Since(start))
 	if err != nil {
 		log.Error("request failed", "err", err, "elapsed", time.Since(start))
 		return errResponse(err)
@@ -72,31 +72,36 @@ func validateIDs(req *proto.Request) error {
 	return nil
 }
 
-func (d *Daemon) dispatch(ctx context.Context, req *proto.Request) (json.RawMessage, error) {
+// dispatch serves req; it also returns the parsed config (nil when the
+// request has none or it is invalid) for observe.
+func (d *Daemon) dispatch(ctx context.Context, req *proto.Request) (json.RawMessage, *netconf.Conf, error) {
 	if isIntrospect(req.Command) {
-		return d.introspect(ctx, req)
+		out, err := d.introspect(ctx, req)
+		return out, nil, err
 	}
 	if err := validateIDs(req); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	conf, cerr := netconf.Parse(req.Config)
 	if cerr != nil {
-		return nil, cerr
+		return nil, nil, cerr
 	}
+	var out json.RawMessage
+	var err error
 	switch req.Command {
 	case "ADD":
-		return d.add(ctx, req, conf)
+		out, err = d.add(ctx, req, conf)
 	case "DEL":
-		return nil, d.del(ctx, req, conf)
+		err = d.del(ctx, req, conf)
 	case "CHECK":
-		return nil, d.check(ctx, req, conf)
+		err = d.check(ctx, req, conf)
 	case "STATUS":
-		return nil, nil
 	case "GC":
-		return nil, d.gcNetwork(ctx, conf, req)
+		err = d.gcNetwork(ctx, conf, req)
 	default:
-		return nil, types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_COMMAND: unknown command %q", req.Command), "")
+		err = types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_COMMAND: unknown command %q", req.Command), "")
 	}
+	return out, conf, err
 }
 
 func marshalResult(r types.Result, cniVersion string) (json.RawMessage, error) {
@@ -148,15 +153,7 @@ func (d *Daemon) add(ctx context.Context, req *proto.Request, conf *netconf.Conf
 	key := state.Key(req.ContainerID, req.IfName)
 	defer d.locks.Lock(key)()
 
-	rec := &state.Record{
-		ContainerID: req.ContainerID, IfName: req.IfName, Network: conf.Name,
-		Netns: req.Netns, Mode: conf.Mode, CNIVersion: conf.CNIVersion,
-		Pod:    state.Pod{Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID},
-		VMName: facts.VMName, Created: time.Now().UTC(),
-	}
-	if m := facts.Migration; m != nil {
-		rec.Migration = &state.Migration{Job: m.Job, UID: m.UID, Phase: m.Phase}
-	}
+	rec := newRecord(req, conf, pod, facts)
 	// The record is written before anything is created, so that a daemon
 	// killed half-way leaves DEL and GC what they need to clean up.
 	if perr := d.putRecord(rec, spec, nil); perr != nil {
@@ -180,6 +177,20 @@ func (d *Daemon) add(ctx context.Context, req *proto.Request, conf *netconf.Conf
 	}
 	d.log.Info("VM NIC wired", "key", key, "mode", conf.Mode, "pod", pod.Namespace+"/"+pod.Name, "vm", facts.VMName, "bridge", spec.Bridge, "tap", spec.Tap)
 	return out, nil
+}
+
+// newRecord is the attachment record of an ADD, before anything is wired.
+func newRecord(req *proto.Request, conf *netconf.Conf, pod netconf.PodArgs, facts *kubevirt.Facts) *state.Record {
+	rec := &state.Record{
+		ContainerID: req.ContainerID, IfName: req.IfName, Network: conf.Name,
+		Netns: req.Netns, Mode: conf.Mode, CNIVersion: conf.CNIVersion,
+		Pod:    state.Pod{Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID},
+		VMName: facts.VMName, Created: time.Now().UTC(),
+	}
+	if m := facts.Migration; m != nil {
+		rec.Migration = &state.Migration{Job: m.Job, UID: m.UID, Phase: m.Phase}
+	}
+	return rec
 }
 
 func (d *Daemon) putRecord(rec *state.Record, spec any, result json.RawMessage) error {

@@ -50,7 +50,7 @@ func TestEventsOnPodAndVMI(t *testing.T) {
 	ev := NewEvents(EventsOptions{Client: client, Node: "node-a", Logger: slog.New(slog.DiscardHandler), Metrics: m})
 	ctx := context.Background()
 	failure := types.NewError(types.ErrInternal, "add port vmn1 to bridge \"br1\": no such bridge", "")
-	f, ok := failureOf(infoOf(failedAdd("virt-launcher-vm1-abcde")), failure, time.Now())
+	f, ok := failureOf(infoOf(failedAdd("virt-launcher-vm1-abcde"), nil), failure, time.Now())
 	if !ok {
 		t.Fatal("failure not reportable")
 	}
@@ -116,7 +116,7 @@ func TestEventsClassification(t *testing.T) {
 	// is code 999; a request naming no pod makes no event.
 	client := fake.NewClientset(&corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "vms", UID: "pod-uid"}})
 	ev := NewEvents(EventsOptions{Client: client, Node: "n", Logger: slog.New(slog.DiscardHandler)})
-	f, ok := failureOf(infoOf(failedAdd("web")), errors.New("boom"), time.Now())
+	f, ok := failureOf(infoOf(failedAdd("web"), nil), errors.New("boom"), time.Now())
 	if !ok || f.code != types.ErrInternal {
 		t.Fatalf("failure = %+v %v", f, ok)
 	}
@@ -126,11 +126,11 @@ func TestEventsClassification(t *testing.T) {
 	}
 	noPod := failedAdd("x")
 	noPod.Args = ""
-	if _, ok := failureOf(infoOf(noPod), errors.New("boom"), time.Now()); ok {
+	if _, ok := failureOf(infoOf(noPod, nil), errors.New("boom"), time.Now()); ok {
 		t.Error("a request without pod made an event")
 	}
 	// A pod already gone: nothing to report on.
-	f, _ = failureOf(infoOf(failedAdd("gone")), errors.New("boom"), time.Now())
+	f, _ = failureOf(infoOf(failedAdd("gone"), nil), errors.New("boom"), time.Now())
 	ev.report(context.Background(), f)
 	if events := listEvents(t, client, "vms"); len(events) != 1 {
 		t.Errorf("event for a pod that does not exist: %+v", events)

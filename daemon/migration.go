@@ -9,6 +9,7 @@ import (
 	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/pkg/state"
 	"github.com/vmnic/vmnic/plugins/bridge"
+	"github.com/vmnic/vmnic/plugins/passt"
 )
 
 // guestWatchers are the held targets whose tap is watched for the migrated
@@ -128,6 +129,55 @@ func (d *Daemon) reconcileMigrations(tr kubevirt.MigrationTracker) {
 	}
 }
 
+// migrant is what the migration watch needs of an attachment, whatever
+// its mode.
+type migrant struct {
+	spec     any // stored back into the record
+	held     bool
+	silenced bool
+	release  func() error // lift a target's hold and announce its addresses
+	silence  func() error // hold a source that handed over
+	// reassert announces a source's addresses again; nil for a mode whose
+	// target announces nothing before it is held.
+	reassert func() error
+	// running is called while the target waits for the outcome.
+	running func()
+	// heldNow reads the hold after release (it stays on when the hold
+	// could not be lifted).
+	heldNow func() bool
+}
+
+func (d *Daemon) migrantOf(key string, rec *state.Record) (*migrant, bool) {
+	switch rec.Mode {
+	case netconf.ModeBridge:
+		spec, err := bridgeSpecOf(rec)
+		if err != nil || !spec.VM {
+			return nil, false
+		}
+		return &migrant{
+			spec: spec, held: spec.Held, silenced: spec.Silenced,
+			release: func() error { return d.bridge.Release(spec) },
+			silence: func() error { return d.bridge.Silence(spec) },
+			running: func() { d.watchTarget(key, spec) },
+			heldNow: func() bool { return spec.Held },
+		}, true
+	case netconf.ModePasst:
+		spec, err := passtSpecOf(rec)
+		if err != nil {
+			return nil, false
+		}
+		return &migrant{
+			spec: spec, held: spec.Held, silenced: spec.Silenced,
+			release:  func() error { return passt.Release(spec) },
+			silence:  func() error { return passt.Silence(spec) },
+			reassert: func() error { return passt.Announce(spec) },
+			running:  func() {},
+			heldNow:  func() bool { return spec.Held },
+		}, true
+	}
+	return nil, false
+}
+
 // reconcileOne acts on one attachment under its lock, from a fresh read of
 // its record (a DEL may have come first).
 func (d *Daemon) reconcileOne(tr kubevirt.MigrationTracker, key string) {
@@ -136,32 +186,28 @@ func (d *Daemon) reconcileOne(tr kubevirt.MigrationTracker, key string) {
 	if err != nil || len(rec.Result) == 0 {
 		return
 	}
-	if rec.Mode == netconf.ModePasst {
-		d.reconcilePasst(tr, key, rec)
-		return
-	}
-	spec, err := bridgeSpecOf(rec)
-	if err != nil || !spec.VM {
+	m, ok := d.migrantOf(key, rec)
+	if !ok {
 		return
 	}
 	log := d.log.With("key", key, "pod", rec.Pod.Namespace+"/"+rec.Pod.Name, "vm", rec.VMName)
 	switch {
-	case spec.Held && rec.Migration != nil:
+	case m.held && rec.Migration != nil:
 		out := tr.TargetOutcome(rec.Pod.Namespace, rec.VMName, rec.Migration.Job, rec.Pod.Name)
 		switch out {
 		case kubevirt.MigrationRunning:
-			d.watchTarget(key, spec)
+			m.running()
 		case kubevirt.MigrationSucceeded:
 			d.unwatchTarget(key)
 			start := time.Now()
-			if err := d.bridge.Release(spec); err != nil {
+			if err := m.release(); err != nil {
 				log.Error("migration target: release hold", "err", err)
-				if spec.Held {
+				if m.heldNow() {
 					return
 				}
 			}
 			rec.Migration.Phase = out.String()
-			if err := d.putRecord(rec, spec, rec.Result); err != nil {
+			if err := d.putRecord(rec, m.spec, rec.Result); err != nil {
 				log.Error("migration target: record release", "err", err)
 			}
 			d.Metrics().MigrationSwitched()
@@ -172,20 +218,42 @@ func (d *Daemon) reconcileOne(tr kubevirt.MigrationTracker, key string) {
 				return
 			}
 			rec.Migration.Phase = out.String()
-			if err := d.putRecord(rec, spec, rec.Result); err != nil {
+			if err := d.putRecord(rec, m.spec, rec.Result); err != nil {
 				log.Error("migration target: record failure", "err", err)
 			}
 			d.Metrics().MigrationFailed()
 			log.Warn("migration failed or aborted: target stays held, source untouched", "job", rec.Migration.Job)
 		}
-	case !spec.Held && !spec.Silenced && tr.MigratedAway(rec.Pod.Namespace, rec.VMName, rec.Pod.Name):
-		if err := d.bridge.Silence(spec); err != nil {
-			log.Error("migration source: silence", "err", err)
+	case !m.held && !m.silenced:
+		if tr.MigratedAway(rec.Pod.Namespace, rec.VMName, rec.Pod.Name) {
+			if err := m.silence(); err != nil {
+				log.Error("migration source: silence", "err", err)
+				return
+			}
+			if err := d.putRecord(rec, m.spec, rec.Result); err != nil {
+				log.Error("migration source: record silence", "err", err)
+			}
+			d.forgetReasserted(key)
+			log.Info("migration source handed over: silenced until its DEL")
 			return
 		}
-		if err := d.putRecord(rec, spec, rec.Result); err != nil {
-			log.Error("migration source: record silence", "err", err)
+		if m.reassert == nil {
+			return
 		}
-		log.Info("migration source handed over: silenced until its DEL")
+		// The underlay plugin of a migration target announces the shared
+		// address when it sets up the target's interface (macvlan sets
+		// arp_notify), before vmnic, chained after it, can hold it. The
+		// source reasserts the address at every phase of the migration
+		// (and again past the neighbour locktime) so the underlay keeps
+		// reaching the VM where it runs.
+		job, phase, inFlight := tr.InFlight(rec.Pod.Namespace, rec.VMName)
+		if !inFlight || d.reasserted(key, job+"/"+phase) {
+			return
+		}
+		if err := m.reassert(); err != nil {
+			log.Warn("migration source: reassert addresses", "err", err)
+			return
+		}
+		log.Info("migration source: addresses reasserted", "job", job, "phase", phase)
 	}
 }

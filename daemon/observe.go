@@ -33,8 +33,9 @@ type ObserveOptions struct {
 	MetricsAddr string
 }
 
-// requestInfo is what observe needs of a request, decoded cheaply: the
-// config may be invalid (that may be why the request failed).
+// requestInfo is what observe needs of a request. It comes from the config
+// dispatch parsed; only for a config that did not parse (which may be why
+// the request failed) is the name and mode decoded here.
 type requestInfo struct {
 	verb        string
 	mode        string
@@ -44,17 +45,20 @@ type requestInfo struct {
 	pod         eventPod
 }
 
-func infoOf(req *proto.Request) requestInfo {
+func infoOf(req *proto.Request, conf *netconf.Conf) requestInfo {
 	in := requestInfo{verb: req.Command, ifName: req.IfName, containerID: req.ContainerID, mode: "unknown"}
-	var c struct {
+	c := struct {
 		Name string `json:"name"`
 		Mode string `json:"mode"`
+	}{}
+	if conf != nil {
+		c.Name, c.Mode = conf.Name, conf.Mode
+	} else if json.Unmarshal(req.Config, &c) != nil {
+		c.Name, c.Mode = "", ""
 	}
-	if json.Unmarshal(req.Config, &c) == nil {
-		in.network = c.Name
-		if slices.Contains(metricModes, c.Mode) {
-			in.mode = c.Mode
-		}
+	in.network = c.Name
+	if slices.Contains(metricModes, c.Mode) {
+		in.mode = c.Mode
 	}
 	if p, err := netconf.ParseArgs(req.Args); err == nil {
 		in.pod = eventPod{namespace: p.Namespace, name: p.Name, uid: p.UID}
@@ -63,7 +67,7 @@ func infoOf(req *proto.Request) requestInfo {
 }
 
 // observe is called after every CNI request with its outcome.
-func (d *Daemon) observe(req *proto.Request, err error, elapsed time.Duration) {
+func (d *Daemon) observe(req *proto.Request, conf *netconf.Conf, err error, elapsed time.Duration) {
 	if isIntrospect(req.Command) {
 		return
 	}
@@ -71,7 +75,7 @@ func (d *Daemon) observe(req *proto.Request, err error, elapsed time.Duration) {
 	if m == nil && (ev == nil || err == nil) {
 		return
 	}
-	in := infoOf(req)
+	in := infoOf(req, conf)
 	m.request(in.verb, in.mode, err, elapsed)
 	if m != nil && (req.Command == "ADD" || req.Command == "DEL") {
 		// Catch the counters of a server about to go, or just started.

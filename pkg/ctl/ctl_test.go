@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"net"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -14,6 +13,7 @@ import (
 
 	"github.com/vmnic/vmnic/pkg/ctl/api"
 	"github.com/vmnic/vmnic/pkg/proto"
+	"github.com/vmnic/vmnic/test/need"
 )
 
 func run(argv ...string) (int, string, string) {
@@ -59,9 +59,7 @@ func TestParseInterleaved(t *testing.T) {
 // fakeDaemon answers every request on a unix socket with resp.
 func fakeDaemon(t *testing.T, resp func(req *proto.Request) *proto.Response) string {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("vmnicctl trusts only a socket owned by root: run as root")
-	}
+	need.Root(t) // vmnicctl trusts only a socket owned by root
 	sock := filepath.Join(t.TempDir(), "vmnic.sock")
 	ln, err := net.Listen("unix", sock)
 	if err != nil {

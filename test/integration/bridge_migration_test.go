@@ -55,19 +55,7 @@ func newMigrationBed(t *testing.T) *migrationBed {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := b.c.Apply(ctx, []byte(`
-apiVersion: spiderpool.spidernet.io/v2beta1
-kind: SpiderIPPool
-metadata:
-  name: vlan100-v4
-spec:
-  ipVersion: 4
-  subnet: 10.100.0.0/24
-  ips: [10.100.0.20-10.100.0.40]
-  gateway: 10.100.0.1
-`)); err != nil {
-		t.Fatal(err)
-	}
+	applyPool(ctx, t, b.c, "vlan100-v4", "10.100.0.0/24", "10.100.0.20-10.100.0.40", "10.100.0.1")
 	if b.kube, err = kubernetes.NewForConfig(b.c.Config); err != nil {
 		t.Fatal(err)
 	}
@@ -77,20 +65,27 @@ spec:
 	dctx, dcancel := context.WithCancel(context.Background())
 	t.Cleanup(dcancel)
 	// A fresh facts source for every daemon start, as a restarted vmnicd has.
-	b.n = newOVSNodeWith(t, func(o *daemon.Options) {
-		src, err := kubevirt.NewCluster(kubevirt.ClusterOptions{Config: b.c.Config, NodeName: testNode, Logger: logger(t)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		o.Facts = src
-		o.Prepare = func(context.Context) error { return src.Start(dctx) }
-	})
+	b.n = newOVSNodeWith(t, clusterFacts(t, b.c, testNode, dctx))
 	b.n.cniVersion = "1.0.0"
 	b.n.CNI = libcni.NewCNIConfigWithCacheDir([]string{b.n.BinDir, pluginDir}, filepath.Join(b.n.Dir, "cni-cache"), nil)
 	b.l = b.n.bridgeList(t, "vlan100", map[string]any{"vlan": 100}, b.agent.IPAMConfig("vlan100-v4"))
 	peerNet := b.n.bridgeList(t, "peer", map[string]any{"vlan": 100}, b.n.hostLocalOn("10.100.0.0/24", "10.100.0.1", "10.100.0.100", "10.100.0.150"))
 	b.peer, _ = b.n.addPod(t, peerNet, "peer-1")
 	return b
+}
+
+// clusterFacts has each daemon start take its VM facts from the API server
+// for node, with a fresh source every time, as a restarted vmnicd has; the
+// informers run until dctx ends.
+func clusterFacts(t *testing.T, c *cluster.Cluster, node string, dctx context.Context) func(*daemon.Options) {
+	return func(o *daemon.Options) {
+		src, err := kubevirt.NewCluster(kubevirt.ClusterOptions{Config: c.Config, NodeName: node, Logger: logger(t)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		o.Facts = src
+		o.Prepare = func(context.Context) error { return src.Start(dctx) }
+	}
 }
 
 // createVMIM creates the migration object of vmi, as a user would.
@@ -123,6 +118,22 @@ func (b *migrationBed) setStatus(t *testing.T, resource, name string, status map
 	if _, err := b.c.Dynamic.Resource(gvr).Namespace("default").UpdateStatus(b.ctx, obj, metav1.UpdateOptions{}); err != nil {
 		t.Fatalf("update %s %s status: %v", resource, name, err)
 	}
+}
+
+// finish records the end of migration m of vmi from src to dst, as
+// KubeVirt does: the VMIM's phase, and the VMI's migration state.
+func (b *migrationBed) finish(t *testing.T, m *kubevirtv1.VirtualMachineInstanceMigration, vmi *kubevirtv1.VirtualMachineInstance, src, dst *harness.Pod, failed bool) {
+	t.Helper()
+	phase := "Succeeded"
+	if failed {
+		phase = "Failed"
+	}
+	b.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": phase})
+	state := map[string]any{"completed": true, "sourcePod": src.Name, "targetPod": dst.Name, "migrationUID": string(m.UID)}
+	if failed {
+		state["failed"] = true
+	}
+	b.setStatus(t, "virtualmachineinstances", vmi.Name, map[string]any{"migrationState": state})
 }
 
 // targetPod is a migration target launcher pod of vmi for VMIM m.
@@ -223,13 +234,13 @@ func TestBridgeMigrationHold(t *testing.T) {
 	b := newMigrationBed(t)
 	vmi := createBridgeVMI(b.ctx, t, b.c, "vm-m")
 	src := launcher(b.ctx, t, b.kube, vmi, "virt-launcher-vm-m-src")
-	rs := addRetry(b.ctx, t, b.n, b.l, src)
+	rs := addRetry(b.ctx, t, b.n.Node, b.l, src)
 	ip, mac := ip4(rs), rs.Interfaces[1].Mac
 	watch := watchARP(t, b.peer, net.ParseIP(ip))
 
 	m := b.createVMIM(t, "mig-1", vmi.Name)
 	dst := b.targetPod(t, vmi, m, "virt-launcher-vm-m-dst")
-	rd := addRetry(b.ctx, t, b.n, b.l, dst)
+	rd := addRetry(b.ctx, t, b.n.Node, b.l, dst)
 	if ip4(rd) != ip || rd.Interfaces[1].Mac != mac {
 		t.Fatalf("target got %s %s, want the source's %s %s", ip4(rd), rd.Interfaces[1].Mac, ip, mac)
 	}
@@ -259,10 +270,7 @@ func TestBridgeMigrationHold(t *testing.T) {
 	}
 
 	switched := time.Now()
-	b.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Succeeded"})
-	b.setStatus(t, "virtualmachineinstances", vmi.Name, map[string]any{"migrationState": map[string]any{
-		"completed": true, "sourcePod": src.Name, "targetPod": dst.Name, "migrationUID": string(m.UID),
-	}})
+	b.finish(t, m, vmi, src, dst, false)
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) && (len(watch.seen()) == 0 || held(t, dst) || !held(t, src)) {
 		time.Sleep(20 * time.Millisecond)
@@ -311,15 +319,12 @@ func TestBridgeMigrationFailed(t *testing.T) {
 	b := newMigrationBed(t)
 	vmi := createBridgeVMI(b.ctx, t, b.c, "vm-f")
 	src := launcher(b.ctx, t, b.kube, vmi, "virt-launcher-vm-f-src")
-	rs := addRetry(b.ctx, t, b.n, b.l, src)
+	rs := addRetry(b.ctx, t, b.n.Node, b.l, src)
 	watch := watchARP(t, b.peer, net.ParseIP(ip4(rs)))
 	m := b.createVMIM(t, "mig-f", vmi.Name)
 	dst := b.targetPod(t, vmi, m, "virt-launcher-vm-f-dst")
-	addRetry(b.ctx, t, b.n, b.l, dst)
-	b.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Failed"})
-	b.setStatus(t, "virtualmachineinstances", vmi.Name, map[string]any{"migrationState": map[string]any{
-		"completed": true, "failed": true, "sourcePod": src.Name, "targetPod": dst.Name, "migrationUID": string(m.UID),
-	}})
+	addRetry(b.ctx, t, b.n.Node, b.l, dst)
+	b.finish(t, m, vmi, src, dst, true)
 	time.Sleep(3 * time.Second)
 	if !held(t, dst) || held(t, src) {
 		t.Errorf("after a failed migration: target held %v, source held %v; want true, false", held(t, dst), held(t, src))

@@ -84,9 +84,32 @@ func launcher(ctx context.Context, t *testing.T, kube kubernetes.Interface, vmi 
 	return p
 }
 
+// applyPool creates an IPv4 SpiderIPPool (ipVersion set: without
+// spiderpool-controller's webhook nothing defaults it); gateway may be "".
+func applyPool(ctx context.Context, t *testing.T, c *cluster.Cluster, name, subnet, ips, gateway string) {
+	t.Helper()
+	gw := ""
+	if gateway != "" {
+		gw = "\n  gateway: " + gateway
+	}
+	manifest := fmt.Sprintf(`
+apiVersion: spiderpool.spidernet.io/v2beta1
+kind: SpiderIPPool
+metadata:
+  name: %s
+spec:
+  ipVersion: 4
+  subnet: %s
+  ips: [%s]%s
+`, name, subnet, ips, gw)
+	if err := c.Apply(ctx, []byte(manifest)); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // addRetry runs ADD as kubelet would, again while Spiderpool's agent has
 // not seen a just-created SpiderEndpoint or pod in its cache yet.
-func addRetry(ctx context.Context, t *testing.T, n *ovsNode, l *libcni.NetworkConfigList, p *harness.Pod) *current.Result {
+func addRetry(ctx context.Context, t *testing.T, n *harness.Node, l *libcni.NetworkConfigList, p *harness.Pod) *current.Result {
 	t.Helper()
 	var err error
 	for range 20 {
@@ -129,19 +152,7 @@ func TestBridgeSpiderpoolVMs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Apply(ctx, []byte(`
-apiVersion: spiderpool.spidernet.io/v2beta1
-kind: SpiderIPPool
-metadata:
-  name: vlan100-v4
-spec:
-  ipVersion: 4
-  subnet: 10.100.0.0/24
-  ips: [10.100.0.20-10.100.0.40]
-  gateway: 10.100.0.1
-`)); err != nil {
-		t.Fatal(err)
-	}
+	applyPool(ctx, t, c, "vlan100-v4", "10.100.0.0/24", "10.100.0.20-10.100.0.40", "10.100.0.1")
 	kube, err := kubernetes.NewForConfig(c.Config)
 	if err != nil {
 		t.Fatal(err)
@@ -163,7 +174,7 @@ spec:
 	n.CNI = libcni.NewCNIConfigWithCacheDir([]string{n.BinDir, pluginDir}, filepath.Join(n.Dir, "cni-cache"), nil)
 	l := n.bridgeList(t, "vlan100", map[string]any{"vlan": 100}, agent.IPAMConfig("vlan100-v4"))
 
-	rA, rB := addRetry(ctx, t, n, l, podA), addRetry(ctx, t, n, l, podB)
+	rA, rB := addRetry(ctx, t, n.Node, l, podA), addRetry(ctx, t, n.Node, l, podB)
 	ipA, ipB := ip4(rA), ip4(rB)
 	macA, macB := rA.Interfaces[1].Mac, rB.Interfaces[1].Mac
 	t.Logf("vm-a %s %s, vm-b %s %s", ipA, macA, ipB, macB)
@@ -216,7 +227,7 @@ ping -c 3 -W 2 %s >/dev/null 2>&1 && echo PING-OK || echo PING-FAILED
 		t.Fatalf("DEL vm-a: %v", err)
 	}
 	podA2 := launcher(ctx, t, kube, vmA, "virt-launcher-vm-a-2")
-	rA2 := addRetry(ctx, t, n, l, podA2)
+	rA2 := addRetry(ctx, t, n.Node, l, podA2)
 	if ip4(rA2) != ipA || rA2.Interfaces[1].Mac != macA {
 		t.Errorf("new pod of vm-a: %s %s, want the same %s %s", ip4(rA2), rA2.Interfaces[1].Mac, ipA, macA)
 	}

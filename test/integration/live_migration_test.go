@@ -23,7 +23,6 @@ import (
 	"k8s.io/client-go/kubernetes"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
-	"github.com/vmnic/vmnic/daemon"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/test/cluster"
 	"github.com/vmnic/vmnic/test/guest"
@@ -38,14 +37,7 @@ import (
 func clusterOVSNode(t *testing.T, c *cluster.Cluster, name, pluginDir string, dctx context.Context) (*ovsNode, *libcni.NetworkConfigList) {
 	t.Helper()
 	agent := spiderpool.StartAgentT(t, c, spiderpool.AgentOptions{NodeName: name, PodName: "spiderpool-agent-" + name})
-	n := newOVSNodeWith(t, func(o *daemon.Options) {
-		src, err := kubevirt.NewCluster(kubevirt.ClusterOptions{Config: c.Config, NodeName: name, Logger: logger(t)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		o.Facts = src
-		o.Prepare = func(context.Context) error { return src.Start(dctx) }
-	})
+	n := newOVSNodeWith(t, clusterFacts(t, c, name, dctx))
 	n.cniVersion = "1.0.0"
 	n.CNI = libcni.NewCNIConfigWithCacheDir([]string{n.BinDir, pluginDir}, filepath.Join(n.Dir, "cni-cache"), nil)
 	return n, n.bridgeList(t, "vlan100", map[string]any{"vlan": 100}, agent.IPAMConfig("vlan100-v4"))
@@ -203,19 +195,7 @@ func TestBridgeLiveMigration(t *testing.T) {
 	a, la := clusterOVSNode(t, c, "node-a", pluginDir, dctx)
 	b, lb := clusterOVSNode(t, c, "node-b", pluginDir, dctx)
 	linkNodes(t, a, b)
-	if err := c.Apply(ctx, []byte(`
-apiVersion: spiderpool.spidernet.io/v2beta1
-kind: SpiderIPPool
-metadata:
-  name: vlan100-v4
-spec:
-  ipVersion: 4
-  subnet: 10.100.0.0/24
-  ips: [10.100.0.20-10.100.0.40]
-  gateway: 10.100.0.1
-`)); err != nil {
-		t.Fatal(err)
-	}
+	applyPool(ctx, t, c, "vlan100-v4", "10.100.0.0/24", "10.100.0.20-10.100.0.40", "10.100.0.1")
 	kube, err := kubernetes.NewForConfig(c.Config)
 	if err != nil {
 		t.Fatal(err)
@@ -230,7 +210,7 @@ spec:
 
 	vmi := createBridgeVMI(ctx, t, c, "vm-lm")
 	src := launcherOn(ctx, t, kube, vmi, "virt-launcher-vm-lm-src", "node-a", nil)
-	rs := addRetry(ctx, t, a, la, src)
+	rs := addRetry(ctx, t, a.Node, la, src)
 	ip, mac := ip4(rs), rs.Interfaces[1].Mac
 	dir, err := os.MkdirTemp("", "mig")
 	if err != nil {
@@ -258,7 +238,7 @@ spec:
 
 	m := bed.createVMIM(t, "mig-lm", vmi.Name)
 	dst := launcherOn(ctx, t, kube, vmi, "virt-launcher-vm-lm-dst", "node-b", m)
-	rd := addRetry(ctx, t, b, lb, dst)
+	rd := addRetry(ctx, t, b.Node, lb, dst)
 	if ip4(rd) != ip || rd.Interfaces[1].Mac != mac {
 		t.Fatalf("target got %s %s, want %s %s", ip4(rd), rd.Interfaces[1].Mac, ip, mac)
 	}
@@ -282,38 +262,14 @@ spec:
 	}
 
 	bed.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Running"})
-	if _, err := gSrc.QMP(ctx, "migrate", map[string]any{"uri": "unix:" + filepath.Join(dir, "mig.sock")}); err != nil {
-		t.Fatal(err)
-	}
-	var downtime int
-	for {
-		raw, err := gSrc.QMP(ctx, "query-migrate", nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var st struct {
-			Status   string `json:"status"`
-			Downtime int    `json:"downtime"`
-		}
-		_ = json.Unmarshal(raw, &st)
-		if st.Status == "completed" {
-			downtime = st.Downtime
-			break
-		}
-		if st.Status == "failed" || st.Status == "cancelled" {
-			t.Fatalf("migration %s: %s", st.Status, raw)
-		}
+	downtime := migrateGuest(ctx, t, gSrc, filepath.Join(dir, "mig.sock"), func() {
 		if learnedOn(t, b, mac) == targetPort && held(t, dst) {
 			t.Fatal("node-b's switch learned the guest behind the held target during the migration")
 		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	})
 	completed := time.Now()
 	// KubeVirt's part: the VMIM and the VMI record the handover.
-	bed.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Succeeded"})
-	bed.setStatus(t, "virtualmachineinstances", vmi.Name, map[string]any{"migrationState": map[string]any{
-		"completed": true, "sourcePod": src.Name, "targetPod": dst.Name, "migrationUID": string(m.UID),
-	}})
+	bed.finish(t, m, vmi, src, dst, false)
 	for time.Since(completed) < 5*time.Second && held(t, dst) {
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -352,6 +308,35 @@ spec:
 		if err := b.Del(ctx, lb, p); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// migrateGuest live-migrates src to the QEMU waiting on the unix socket
+// sock, calling during between polls of QMP's query-migrate (every 10
+// ms), and returns the downtime QEMU reports once completed.
+func migrateGuest(ctx context.Context, t *testing.T, src *guest.Guest, sock string, during func()) int {
+	t.Helper()
+	if _, err := src.QMP(ctx, "migrate", map[string]any{"uri": "unix:" + sock}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		raw, err := src.QMP(ctx, "query-migrate", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var st struct {
+			Status   string `json:"status"`
+			Downtime int    `json:"downtime"`
+		}
+		_ = json.Unmarshal(raw, &st)
+		switch st.Status {
+		case "completed":
+			return st.Downtime
+		case "failed", "cancelled":
+			t.Fatalf("migration %s: %s", st.Status, raw)
+		}
+		during()
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 

@@ -3,7 +3,6 @@ package integration
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"fmt"
 	"net"
 	"os"
@@ -25,7 +24,6 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/kubernetes"
 
-	"github.com/vmnic/vmnic/daemon"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/test/cluster"
 	"github.com/vmnic/vmnic/test/guest"
@@ -40,14 +38,7 @@ func passtNode(t *testing.T, c *cluster.Cluster, name, pluginDir string, dctx co
 	t.Helper()
 	agent := spiderpool.StartAgentT(t, c, spiderpool.AgentOptions{NodeName: name, PodName: "spiderpool-agent-" + name})
 	node, _ := newNode(t, false)
-	d, err := node.StartDaemonWith(logger(t), func(o *daemon.Options) {
-		src, err := kubevirt.NewCluster(kubevirt.ClusterOptions{Config: c.Config, NodeName: name, Logger: logger(t)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		o.Facts = src
-		o.Prepare = func(context.Context) error { return src.Start(dctx) }
-	})
+	d, err := node.StartDaemonWith(logger(t), clusterFacts(t, c, name, dctx))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -231,19 +222,7 @@ func TestPasstLiveMigration(t *testing.T) {
 	t.Cleanup(dcancel)
 	a, la := passtNode(t, c, "node-a", pluginDir, dctx)
 	b, lb := passtNode(t, c, "node-b", pluginDir, dctx)
-	if err := c.Apply(ctx, []byte(`
-apiVersion: spiderpool.spidernet.io/v2beta1
-kind: SpiderIPPool
-metadata:
-  name: under-v4
-spec:
-  ipVersion: 4
-  subnet: 10.50.0.0/24
-  ips: [10.50.0.20-10.50.0.40]
-  gateway: 10.50.0.1
-`)); err != nil {
-		t.Fatal(err)
-	}
+	applyPool(ctx, t, c, "under-v4", "10.50.0.0/24", "10.50.0.20-10.50.0.40", "10.50.0.1")
 	peer := passtUnderlay(t, a, b)
 	kube, err := kubernetes.NewForConfig(c.Config)
 	if err != nil {
@@ -256,20 +235,7 @@ spec:
 	bed := &migrationBed{ctx: ctx, c: c, kube: kube, kv: kv}
 	add := func(n *harness.Node, l *libcni.NetworkConfigList, p *harness.Pod) string {
 		t.Helper()
-		var lastErr error
-		for range 20 {
-			res, err := n.Add(ctx, l, p)
-			if err == nil {
-				return ip4(mustCurrent(t, res))
-			}
-			lastErr = err
-			if !strings.Contains(err.Error(), "already exists") && !strings.Contains(err.Error(), "not found") {
-				break
-			}
-			time.Sleep(500 * time.Millisecond)
-		}
-		t.Fatalf("ADD %s: %v", p.Name, lastErr)
-		return ""
+		return ip4(addRetry(ctx, t, n, l, p))
 	}
 
 	vmi := createBridgeVMI(ctx, t, c, "vm-pm")
@@ -341,37 +307,13 @@ sleep 600
 		t.Fatalf("before the migration the underlay resolves %s to %q, want the source's %s (target %s)", ip, got, srcMAC, dstMAC)
 	}
 	bed.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Running"})
-	if _, err := gSrc.QMP(ctx, "migrate", map[string]any{"uri": "unix:" + filepath.Join(dir, "mig.sock")}); err != nil {
-		t.Fatal(err)
-	}
-	var downtime int
-	for {
-		raw, err := gSrc.QMP(ctx, "query-migrate", nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var st struct {
-			Status   string `json:"status"`
-			Downtime int    `json:"downtime"`
-		}
-		_ = json.Unmarshal(raw, &st)
-		if st.Status == "completed" {
-			downtime = st.Downtime
-			break
-		}
-		if st.Status == "failed" || st.Status == "cancelled" {
-			t.Fatalf("migration %s: %s", st.Status, raw)
-		}
+	downtime := migrateGuest(ctx, t, gSrc, filepath.Join(dir, "mig.sock"), func() {
 		if got := neighMAC(t, peer, ip); got == dstMAC {
 			t.Fatal("the underlay learned the held target's MAC during the migration")
 		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	})
 	completed := time.Now()
-	bed.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Succeeded"})
-	bed.setStatus(t, "virtualmachineinstances", vmi.Name, map[string]any{"migrationState": map[string]any{
-		"completed": true, "sourcePod": src.Name, "targetPod": dst.Name, "migrationUID": string(m.UID),
-	}})
+	bed.finish(t, m, vmi, src, dst, false)
 	for time.Since(completed) < 5*time.Second && neighMAC(t, peer, ip) != dstMAC {
 		time.Sleep(5 * time.Millisecond)
 	}

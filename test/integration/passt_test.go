@@ -12,15 +12,12 @@ import (
 	"time"
 
 	"github.com/containernetworking/cni/libcni"
-	"github.com/containernetworking/cni/pkg/types"
-	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
-	"github.com/vmnic/vmnic/daemon"
 	"github.com/vmnic/vmnic/daemon/capabilities"
 	"github.com/vmnic/vmnic/pkg/apis/v1alpha1"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
@@ -208,18 +205,7 @@ func TestPasstMigrationHold(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Apply(ctx, []byte(`
-apiVersion: spiderpool.spidernet.io/v2beta1
-kind: SpiderIPPool
-metadata:
-  name: under-v4
-spec:
-  ipVersion: 4
-  subnet: 10.50.0.0/24
-  ips: [10.50.0.20-10.50.0.40]
-`)); err != nil {
-		t.Fatal(err)
-	}
+	applyPool(ctx, t, c, "under-v4", "10.50.0.0/24", "10.50.0.20-10.50.0.40", "")
 	kube, err := kubernetes.NewForConfig(c.Config)
 	if err != nil {
 		t.Fatal(err)
@@ -232,14 +218,7 @@ spec:
 	t.Cleanup(dcancel)
 	node, _ := newNode(t, false)
 	startD := func() *harness.Daemon {
-		d, err := node.StartDaemonWith(logger(t), func(o *daemon.Options) {
-			src, err := kubevirt.NewCluster(kubevirt.ClusterOptions{Config: c.Config, NodeName: testNode, Logger: logger(t)})
-			if err != nil {
-				t.Fatal(err)
-			}
-			o.Facts = src
-			o.Prepare = func(context.Context) error { return src.Start(dctx) }
-		})
+		d, err := node.StartDaemonWith(logger(t), clusterFacts(t, c, testNode, dctx))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -257,20 +236,7 @@ spec:
 	addPasst := func(p *harness.Pod) string {
 		t.Helper()
 		p.IfName = "net1"
-		var lastErr error
-		for range 20 {
-			res, err := node.Add(ctx, l, p)
-			if err == nil {
-				return ip4(mustCurrent(t, res))
-			}
-			lastErr = err
-			if !strings.Contains(err.Error(), "already exists") && !strings.Contains(err.Error(), "not found") {
-				break
-			}
-			time.Sleep(500 * time.Millisecond)
-		}
-		t.Fatalf("ADD %s: %v", p.Name, lastErr)
-		return ""
+		return ip4(addRetry(ctx, t, node, l, p))
 	}
 	ip := addPasst(src)
 	srcMAC := podLinks(t, src)["net1"].Attrs().HardwareAddr.String()
@@ -312,10 +278,7 @@ spec:
 	}
 	time.Sleep(1100 * time.Millisecond) // past the peer's neighbour locktime
 	switched := time.Now()
-	bed.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Succeeded"})
-	bed.setStatus(t, "virtualmachineinstances", vmi.Name, map[string]any{"migrationState": map[string]any{
-		"completed": true, "sourcePod": src.Name, "targetPod": dst.Name, "migrationUID": string(m.UID),
-	}})
+	bed.finish(t, m, vmi, src, dst, false)
 	for time.Since(switched) < 5*time.Second && neighMAC(t, peer, ip) != dstMAC {
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -341,13 +304,4 @@ spec:
 			t.Fatalf("DEL %s: %v", p.Name, err)
 		}
 	}
-}
-
-func mustCurrent(t *testing.T, res types.Result) *current.Result {
-	t.Helper()
-	r, err := current.NewResultFromResult(res)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return r
 }
