@@ -70,6 +70,13 @@ func Unavailable(err error) bool {
 		errors.Is(err, syscall.EPIPE) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
 }
 
+// timedOut: the dialer's or the connection's deadline passed.
+func timedOut(err error) bool {
+	var ne net.Error
+	return errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded) ||
+		(errors.As(err, &ne) && ne.Timeout())
+}
+
 // Call sends req once and returns the daemon's response. It refuses a socket
 // that is not owned by root: the shim runs as root and hands the daemon pod
 // netns paths, so only root may be on the other end.
@@ -121,7 +128,10 @@ func CallReady(ctx context.Context, socket string, req *Request, timeout time.Du
 			last = resp.Error
 		case errors.Is(err, ErrSocketNotTrusted):
 			return nil, types.NewError(types.ErrIOFailure, err.Error(), "")
-		case Unavailable(err) || ctx.Err() != nil:
+		case Unavailable(err) || ctx.Err() != nil || timedOut(err):
+			// A deadline error can come from the dialer or the connection
+			// a moment before ctx itself reports done: it is still the
+			// timeout, code 11, not an I/O failure.
 			last = err
 		default:
 			return nil, types.NewError(types.ErrIOFailure, err.Error(), "")

@@ -82,3 +82,32 @@ func TestDecodeBounded(t *testing.T) {
 		t.Error("oversized message decoded")
 	}
 }
+
+// TestCallReadyTimeoutWhileConnected: a daemon that accepts and never
+// answers (killed or wedged mid-request) ends in code 11 too, never in an
+// I/O failure because the connection's deadline fired a moment before the
+// context reported done.
+func TestCallReadyTimeoutWhileConnected(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { _ = c.Close() })
+		}
+	}()
+	for range 30 {
+		_, err := CallReady(context.Background(), sock, &Request{Command: "ADD"}, 20*time.Millisecond)
+		var te *types.Error
+		if !errors.As(err, &te) || te.Code != types.ErrTryAgainLater {
+			t.Fatalf("CallReady = %v, want code 11", err)
+		}
+	}
+}
