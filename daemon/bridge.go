@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmnic/vmnic/pkg/failpoint"
 	"github.com/vmnic/vmnic/pkg/ipam"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/netconf"
@@ -119,6 +120,9 @@ func (d *Daemon) addBridge(ctx context.Context, req *proto.Request, conf *netcon
 	result := spec.Result()
 	spec.FillMACs(result)
 	out, err := marshalResult(result, conf.CNIVersion)
+	if err == nil {
+		err = failpoint.Hit(conf.Mode, failpoint.Record)
+	}
 	if err == nil {
 		err = d.putRecord(rec, spec, out)
 	}

@@ -12,6 +12,7 @@ import (
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/cni/pkg/utils"
 
+	"github.com/vmnic/vmnic/pkg/failpoint"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/pkg/proto"
@@ -165,6 +166,9 @@ func (d *Daemon) add(ctx context.Context, req *proto.Request, conf *netconf.Conf
 	}
 	result := spec.Result(prev)
 	out, err := marshalResult(result, conf.CNIVersion)
+	if err == nil {
+		err = failpoint.Hit(conf.Mode, failpoint.Record)
+	}
 	if err == nil {
 		err = d.putRecord(rec, spec, out)
 	}

@@ -7,6 +7,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 
+	"github.com/vmnic/vmnic/pkg/failpoint"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/pkg/proto"
@@ -56,7 +57,11 @@ func (d *Daemon) addPasst(req *proto.Request, conf *netconf.Conf, pod netconf.Po
 		d.dropRecord(key)
 		return nil, aerr
 	}
-	if perr := d.putRecord(rec, spec, out); perr != nil {
+	perr := failpoint.Hit(conf.Mode, failpoint.Record)
+	if perr == nil {
+		perr = d.putRecord(rec, spec, out)
+	}
+	if perr != nil {
 		_ = passt.Del(spec)
 		d.dropRecord(key)
 		return nil, perr

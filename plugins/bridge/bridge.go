@@ -37,6 +37,7 @@ import (
 
 	"github.com/vmnic/vmnic/pkg/announce"
 	"github.com/vmnic/vmnic/pkg/dhcp"
+	"github.com/vmnic/vmnic/pkg/failpoint"
 	ipamexec "github.com/vmnic/vmnic/pkg/ipam"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/netconf"
@@ -196,20 +197,10 @@ type Plugin struct {
 	Log     *slog.Logger
 }
 
-var failpoint func(step string) error
-
-// Steps of Add in order, for failure injection.
+// Steps of Add in order, each followed by a failpoint (pkg/failpoint).
 var Steps = []string{"ipam", "veth", "ovs", "pod", "nft", "dhcp"}
 
-// SetFailpoint installs a failure hook (tests only); nil removes it.
-func SetFailpoint(f func(step string) error) { failpoint = f }
-
-func step(name string) error {
-	if failpoint != nil {
-		return failpoint(name)
-	}
-	return nil
-}
+func step(name string) error { return failpoint.Hit(netconf.ModeBridge, name) }
 
 func (p *Plugin) log() *slog.Logger {
 	if p.Log != nil {

@@ -28,6 +28,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/vmnic/vmnic/pkg/dhcp"
+	"github.com/vmnic/vmnic/pkg/failpoint"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/pkg/nft"
@@ -139,22 +140,10 @@ type Plugin struct {
 	Log     *slog.Logger
 }
 
-// failpoint lets tests force a failure after a named step of Add and prove
-// that nothing is left behind.
-var failpoint func(step string) error
-
-func step(name string) error {
-	if failpoint != nil {
-		return failpoint(name)
-	}
-	return nil
-}
-
-// Steps of Add in order, for failure injection.
+// Steps of Add in order, each followed by a failpoint (pkg/failpoint).
 var Steps = []string{"bridge", "tap", "sysctl", "nft", "dhcp"}
 
-// SetFailpoint installs a failure hook (tests only); nil removes it.
-func SetFailpoint(f func(step string) error) { failpoint = f }
+func step(name string) error { return failpoint.Hit(netconf.ModeMasquerade, name) }
 
 // Add wires the NIC. On error everything it created is removed again.
 func (p *Plugin) Add(ctx context.Context, key string, s *Spec) (err error) {

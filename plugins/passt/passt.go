@@ -23,6 +23,8 @@ import (
 	"github.com/containernetworking/plugins/pkg/utils/sysctl"
 
 	"github.com/vmnic/vmnic/pkg/announce"
+	"github.com/vmnic/vmnic/pkg/failpoint"
+	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/pkg/nft"
 	"github.com/vmnic/vmnic/pkg/podnet"
 )
@@ -63,8 +65,13 @@ func NewSpec(containerID, netnsPath, ifName string, prev *current.Result, target
 	return s, nil
 }
 
-// Add sets the sysctls and, for a migration target, the hold.
-func Add(s *Spec) error {
+// Steps of Add in order, each followed by a failpoint (pkg/failpoint); the
+// hold is only taken on a migration target.
+var Steps = []string{"hold", "sysctl"}
+
+// Add sets the sysctls and, for a migration target, the hold. On error the
+// hold is removed again; the sysctls go with the netns.
+func Add(s *Spec) (err error) {
 	h, closeNS, err := podnet.OpenHandle(s.Netns)
 	if err != nil {
 		return types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_NETNS: %v", err), "")
@@ -78,8 +85,16 @@ func Add(s *Spec) error {
 	s.MAC = l.Attrs().HardwareAddr.String()
 	if s.Held {
 		// First, before anything could make the pod speak for the address.
-		if herr := nft.ApplyHold(s.Netns, s.PodIf); herr != nil {
-			return herr
+		if err = nft.ApplyHold(s.Netns, s.PodIf); err != nil {
+			return err
+		}
+		defer func() {
+			if err != nil {
+				_ = nft.DeleteHold(s.Netns, s.PodIf)
+			}
+		}()
+		if err = failpoint.Hit(netconf.ModePasst, "hold"); err != nil {
+			return err
 		}
 	}
 	err = ns.WithNetNSPath(s.Netns, func(ns.NetNS) error {
@@ -91,10 +106,9 @@ func Add(s *Spec) error {
 		return nil
 	})
 	if err != nil {
-		_ = nft.DeleteHold(s.Netns, s.PodIf)
 		return err
 	}
-	return nil
+	return failpoint.Hit(netconf.ModePasst, "sysctl")
 }
 
 // Del removes the hold, if any. The sysctls go with the netns.

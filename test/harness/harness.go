@@ -113,11 +113,13 @@ type Node struct {
 	// namespace instead of the node's (to reach an API server on loopback,
 	// as a hostNetwork DaemonSet pod does).
 	DaemonInHostNetns bool
-	NS                ns.NetNS
-	procs             []*DaemonProcess
-	Dir               string
-	BinDir            string
-	CNI               *libcni.CNIConfig
+	// DaemonEnv is added to the environment of daemon processes.
+	DaemonEnv []string
+	NS        ns.NetNS
+	procs     []*DaemonProcess
+	Dir       string
+	BinDir    string
+	CNI       *libcni.CNIConfig
 }
 
 // NewNode makes the node namespace and directories under dir.
@@ -423,6 +425,27 @@ func BuildVersion(dir, version string) (shimBin, daemonBin string, err error) {
 	return shimBin, daemonBin, nil
 }
 
+// BuildDaemon builds vmnicd into dir with the given build tags (say,
+// "failpoints") and returns the binary's path.
+func BuildDaemon(dir string, tags ...string) (string, error) {
+	root, err := RepoRoot()
+	if err != nil {
+		return "", err
+	}
+	bin := filepath.Join(dir, "vmnicd")
+	args := []string{"build", "-o", bin}
+	if len(tags) > 0 {
+		args = append(args, "-tags", strings.Join(tags, ","))
+	}
+	cmd := exec.Command("go", append(args, "./cmd/vmnicd")...)
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go build vmnicd %v: %w\n%s", tags, err, b)
+	}
+	return bin, nil
+}
+
 // DaemonProcess is vmnicd running as its own process in the node netns.
 type DaemonProcess struct {
 	Cmd  *exec.Cmd
@@ -456,7 +479,7 @@ func (n *Node) StartDaemonBinary(bin, logName string, extraArgs ...string) (*Dae
 	args := append([]string{"--socket", n.Socket(), "--state-dir", n.StateDir(), "--spool-dir", n.SpoolDir()}, extraArgs...)
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+	cmd.Env = append([]string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}, n.DaemonEnv...)
 	// Started from a thread inside the node netns, the daemon lives there.
 	start := func() error { return n.in(cmd.Start) }
 	if n.DaemonInHostNetns {
@@ -481,6 +504,15 @@ func (n *Node) StartDaemonBinary(bin, logName string, extraArgs ...string) (*Dae
 	_ = cmd.Process.Kill()
 	_ = cmd.Wait()
 	return nil, fmt.Errorf("vmnicd did not listen on %s within 30s (log: %s)", n.Socket(), logPath)
+}
+
+// Done is closed when the process has exited; Err then says how.
+func (p *DaemonProcess) Done() <-chan struct{} { return p.done }
+
+// Err is the exit of a process that is Done.
+func (p *DaemonProcess) Err() error {
+	<-p.done
+	return p.err
 }
 
 // Stop sends SIGTERM and waits for the exit.

@@ -11,6 +11,9 @@ import (
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
 
+	"github.com/vmnic/vmnic/pkg/ctl"
+	"github.com/vmnic/vmnic/pkg/failpoint"
+	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/plugins/bridge"
 	"github.com/vmnic/vmnic/test/harness"
 )
@@ -43,9 +46,23 @@ func (n *ovsNode) assertNoTrace(t *testing.T, network string, pods ...*harness.P
 	if recs, _, _ := stateList(t, n.Node); len(recs) != 0 {
 		t.Errorf("%d records left", len(recs))
 	}
-	if c := n.d.Servers().Count(); c != 0 {
+	if c := n.dhcpServers(t); c != 0 {
 		t.Errorf("%d DHCP servers left", c)
 	}
+}
+
+// dhcpServers counts the daemon's running DHCP servers, in process or
+// through its socket.
+func (n *ovsNode) dhcpServers(t testing.TB) int {
+	t.Helper()
+	if n.d != nil {
+		return n.d.Servers().Count()
+	}
+	st, err := ctl.Status(ctxT(t), n.Socket())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.DHCPServers
 }
 
 // TestBridgeAddFailureLeavesNothing injects a failure after each step of a
@@ -56,15 +73,15 @@ func TestBridgeAddFailureLeavesNothing(t *testing.T) {
 	n := newOVSNode(t)
 	ctx := ctxT(t)
 	l := n.bridgeList(t, "fail", map[string]any{"vlan": 100}, n.hostLocal("10.100.0.10", "10.100.0.50"))
-	t.Cleanup(func() { bridge.SetFailpoint(nil) })
-	for _, step := range bridge.Steps {
+	t.Cleanup(func() { failpoint.Set(nil) })
+	for _, step := range append(bridge.Steps, failpoint.Record) {
 		for _, name := range []string{"virt-launcher-vm1-fail", "plain-fail"} {
 			if strings.HasPrefix(name, "plain") && (step == "pod" || step == "nft" || step == "dhcp") {
 				continue // steps of the VM layout only
 			}
 			t.Run(step+"/"+name, func(t *testing.T) {
-				bridge.SetFailpoint(func(s string) error {
-					if s == step {
+				failpoint.Set(func(mode, s string) error {
+					if mode == netconf.ModeBridge && s == step {
 						return errors.New("injected failure after " + s)
 					}
 					return nil
@@ -72,7 +89,7 @@ func TestBridgeAddFailureLeavesNothing(t *testing.T) {
 				p := newPod(t, name)
 				p.IfName = "net1"
 				_, err := n.Add(ctx, l, p)
-				bridge.SetFailpoint(nil)
+				failpoint.Set(nil)
 				if err == nil || !strings.Contains(err.Error(), "injected failure after "+step) {
 					t.Fatalf("ADD error = %v, want the injected one", err)
 				}

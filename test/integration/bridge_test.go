@@ -49,14 +49,22 @@ func newOVSNode(t testing.TB) *ovsNode {
 // facts source backed by an API server, say).
 func newOVSNodeWith(t testing.TB, adjust func(*daemon.Options)) *ovsNode {
 	t.Helper()
+	n := newOVSNodeBare(t)
+	n.adjust = adjust
+	n.start(t)
+	return n
+}
+
+// newOVSNodeBare is the node and its switch without a daemon (tests that
+// run vmnicd as a process start it themselves).
+func newOVSNodeBare(t testing.TB) *ovsNode {
+	t.Helper()
 	node, _ := newNode(t, false)
 	sw := ovs.StartT(t, ovs.WithNetNS(node.NS))
 	if out, err := sw.Vsctl("add-br", "br1", "--", "set", "bridge", "br1", "datapath_type=netdev"); err != nil {
 		t.Fatalf("add-br: %v\n%s", err, out)
 	}
-	n := &ovsNode{Node: node, sw: sw, adjust: adjust}
-	n.start(t)
-	return n
+	return &ovsNode{Node: node, sw: sw}
 }
 
 func (n *ovsNode) start(t testing.TB) {

@@ -15,6 +15,8 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 
+	"github.com/vmnic/vmnic/pkg/failpoint"
+	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/pkg/state"
 	"github.com/vmnic/vmnic/plugins/masquerade"
 	"github.com/vmnic/vmnic/test/harness"
@@ -357,18 +359,18 @@ func TestAddFailureLeavesNothing(t *testing.T) {
 	ctx := ctxT(t)
 	node, d := newNode(t, true)
 	l := list(t, node, harness.NetOptions{Vmnic: true, VM: vm1})
-	t.Cleanup(func() { masquerade.SetFailpoint(nil) })
-	for _, step := range masquerade.Steps {
+	t.Cleanup(func() { failpoint.Set(nil) })
+	for _, step := range append(masquerade.Steps, failpoint.Record) {
 		t.Run(step, func(t *testing.T) {
-			masquerade.SetFailpoint(func(s string) error {
-				if s == step {
+			failpoint.Set(func(mode, s string) error {
+				if mode == netconf.ModeMasquerade && s == step {
 					return errors.New("injected failure after " + s)
 				}
 				return nil
 			})
 			pod := newPod(t, "virt-launcher-vm1-fail")
 			_, err := node.Add(ctx, l, pod)
-			masquerade.SetFailpoint(nil)
+			failpoint.Set(nil)
 			if err == nil || !strings.Contains(err.Error(), "injected failure after "+step) {
 				t.Fatalf("ADD error = %v, want the injected one", err)
 			}
