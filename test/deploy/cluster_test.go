@@ -41,21 +41,38 @@ var daemonUser = cluster.ServiceAccountUser(defaultNamespace, fullname)
 // daemonGroups are the groups the API server gives a service-account token.
 var daemonGroups = []string{"system:serviceaccounts", "system:serviceaccounts:" + defaultNamespace, "system:authenticated"}
 
-// TestManifestDryRun sends every object of the committed manifest, and of
-// a render with non-default values into another namespace, to a real
-// kube-apiserver v1.36 with server-side dry-run: schema validation,
-// defaulting and admission, nothing stored.
+// TestManifestDryRun sends every object of the committed manifest, of a
+// render with non-default values into another namespace (its
+// ServiceMonitor against Prometheus Operator's CRD), and of a render with
+// metrics off, to a real kube-apiserver v1.36 with server-side dry-run and
+// strict field validation: schema validation, defaulting and admission,
+// nothing stored.
 func TestManifestDryRun(t *testing.T) {
 	c := cluster.StartT(t)
 	ctx := t.Context()
-	if err := c.ApplyDryRun(ctx, readRepoFile(t, manifestPath)); err != nil {
-		t.Errorf("%s: %v", manifestPath, err)
-	}
+	dryRunStrict(ctx, t, c, manifestPath, readRepoFile(t, manifestPath))
 	if err := c.CreateNamespace(ctx, "vmnic-system"); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.ApplyDryRun(ctx, render(t, "rel", "vmnic-system", nonDefault...)); err != nil {
-		t.Errorf("non-default values: %v", err)
+	if err := c.InstallCRDs(ctx, serviceMonitorCRD(t)); err != nil {
+		t.Fatal(err)
+	}
+	dryRunStrict(ctx, t, c, "non-default values", render(t, "rel", "vmnic-system", nonDefault...))
+	dryRunStrict(ctx, t, c, "metrics off", render(t, defaultRelease, defaultNamespace, "metrics.enabled=false"))
+}
+
+// dryRunStrict sends every object of manifest to the API server as
+// dryRunApply does (dryRun=All, fieldValidation Strict).
+func dryRunStrict(ctx context.Context, t *testing.T, c *cluster.Cluster, what string, manifest []byte) {
+	t.Helper()
+	objs, err := cluster.Objects(manifest)
+	if err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	for _, o := range objs {
+		if err := dryRunApply(ctx, c, o); err != nil {
+			t.Errorf("%s: %s %s: %v", what, o.GetKind(), o.GetName(), err)
+		}
 	}
 }
 

@@ -121,6 +121,18 @@ var nonDefault = []string{
 	"daemon.extraArgs={--log-level=debug}",
 	"image.repository=registry.example/vmnic",
 	"image.tag=v9.9.9",
+	"metrics.bind=hostIP",
+	"metrics.port=9962",
+	"metrics.prometheusAnnotations=true",
+	"metrics.serviceMonitor.enabled=true",
+	"metrics.serviceMonitor.labels.release=prometheus",
+	"metrics.serviceMonitor.interval=30s",
+	"metrics.serviceMonitor.scrapeTimeout=10s",
+	"metrics.serviceMonitor.metricRelabelings[0].action=keep",
+	"metrics.serviceMonitor.metricRelabelings[0].sourceLabels={__name__}",
+	"metrics.serviceMonitor.metricRelabelings[0].regex=vmnic_.*",
+	"probes.readiness.initialDelaySeconds=2",
+	"podAnnotations.team=net",
 }
 
 func setArgs(set []string) []string {
@@ -140,6 +152,9 @@ type rendered struct {
 	sa      *corev1.ServiceAccount
 	policy  *admissionv1.ValidatingAdmissionPolicy
 	vapb    *admissionv1.ValidatingAdmissionPolicyBinding
+	// The metrics Service; its ServiceMonitor stays in objs (no Go type
+	// here).
+	svc *corev1.Service
 }
 
 func decode(t *testing.T, manifest []byte) *rendered {
@@ -170,6 +185,9 @@ func decode(t *testing.T, manifest []byte) *rendered {
 		case "ValidatingAdmissionPolicyBinding":
 			r.vapb = &admissionv1.ValidatingAdmissionPolicyBinding{}
 			into = r.vapb
+		case "Service":
+			r.svc = &corev1.Service{}
+			into = r.svc
 		default:
 			continue
 		}
@@ -264,9 +282,17 @@ func TestRenderDefaults(t *testing.T) {
 			t.Errorf("container %s image %q, want vmnic:dev", c.Name, c.Image)
 		}
 	}
-	// No probes: vmnicd has no HTTP endpoint, the image no shell.
-	if vmnicd.LivenessProbe != nil || vmnicd.ReadinessProbe != nil || vmnicd.StartupProbe != nil {
-		t.Error("vmnicd has a probe; the chart documents why it has none")
+	// Metrics on loopback: probed there by kubelet, not scrapeable, so no
+	// port, no HOST_IP, no scrape annotations.
+	checkMetricsEndpoint(t, vmnicd, "127.0.0.1:9961")
+	if len(vmnicd.Ports) != 0 {
+		t.Errorf("vmnicd ports %+v, want none (metrics on loopback)", vmnicd.Ports)
+	}
+	if len(vmnicd.Env) != 1 {
+		t.Errorf("vmnicd env %+v, want NODE_NAME only", vmnicd.Env)
+	}
+	if a := r.ds.Spec.Template.Annotations; len(a) != 0 {
+		t.Errorf("pod annotations %v, want none", a)
 	}
 
 	// Host path → (container path, propagation) for every mount of vmnicd.
@@ -393,7 +419,8 @@ func TestVmnicdAcceptsChartArgs(t *testing.T) {
 			}
 			args := make([]string, 0, len(c.Args)+1)
 			for _, a := range c.Args {
-				args = append(args, strings.ReplaceAll(a, "$(NODE_NAME)", "node-a"))
+				a = strings.ReplaceAll(a, "$(NODE_NAME)", "node-a")
+				args = append(args, strings.ReplaceAll(a, hostIPRef, "192.0.2.1"))
 			}
 			args = append(args, "-version")
 			out, err := exec.CommandContext(t.Context(), bin, args...).CombinedOutput()

@@ -83,3 +83,64 @@ network section yet.
 {{- $binding := dict .Values.kubevirt.binding.name (dict "domainAttachmentType" "tap" "migration" (dict)) }}
 {{- dict "spec" (dict "configuration" (dict "network" (dict "binding" $binding))) | toJson }}
 {{- end }}
+
+{{/*
+Checks the metrics values, and that daemon.extraArgs does not set
+--metrics-addr behind the probes' back; fails the render with the reason.
+*/}}
+{{- define "vmnic.validateMetrics" -}}
+{{- $m := .Values.metrics }}
+{{- if not (has $m.bind (list "loopback" "hostIP")) }}
+{{- fail (printf "metrics.bind: %q is neither loopback nor hostIP" (toString $m.bind)) }}
+{{- end }}
+{{- $port := int $m.port }}
+{{- if or (lt $port 1) (gt $port 65535) (ne (toString $m.port) (toString $port)) }}
+{{- fail (printf "metrics.port: %q is not a port number (1-65535)" (toString $m.port)) }}
+{{- end }}
+{{- $scrapers := dict "prometheusAnnotations" $m.prometheusAnnotations "serviceMonitor.enabled" $m.serviceMonitor.enabled }}
+{{- range $name, $on := $scrapers }}
+{{- if and $on (not $m.enabled) }}
+{{- fail (printf "metrics.%s needs metrics.enabled=true" $name) }}
+{{- end }}
+{{- if and $on (ne $m.bind "hostIP") }}
+{{- fail (printf "metrics.%s needs metrics.bind=hostIP: bound to %s the endpoint cannot be scraped from off the node" $name $m.bind) }}
+{{- end }}
+{{- end }}
+{{- range .Values.daemon.extraArgs }}
+{{- if regexMatch "^--?metrics-addr(=|$)" (toString .) }}
+{{- fail (printf "daemon.extraArgs: %q: set metrics.enabled, metrics.bind and metrics.port instead (the probes follow them)" (toString .)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* vmnicd's --metrics-addr: empty turns the endpoint off. */}}
+{{- define "vmnic.metricsAddr" -}}
+{{- if .Values.metrics.enabled }}
+{{- if eq .Values.metrics.bind "hostIP" }}
+{{- /* Brackets: an IPv6 host IP needs them, an IPv4 one takes them. */}}
+{{- printf "[$(HOST_IP)]:%d" (int .Values.metrics.port) }}
+{{- else }}
+{{- printf "127.0.0.1:%d" (int .Values.metrics.port) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+An httpGet probe on the metrics endpoint: the path, then the probe's values
+but "enabled" (and "httpGet", which is the chart's). On loopback kubelet (in the host's network namespace)
+must ask 127.0.0.1; on hostIP it asks the pod IP, which on the host network
+is the node's IP.
+*/}}
+{{- define "vmnic.probe" -}}
+{{- $root := index . 0 -}}
+httpGet:
+  path: {{ index . 1 }}
+  port: {{ int $root.Values.metrics.port }}
+  {{- if eq $root.Values.metrics.bind "loopback" }}
+  host: 127.0.0.1
+  {{- end }}
+  scheme: HTTP
+{{- with omit (index . 2) "enabled" "httpGet" }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
