@@ -21,7 +21,7 @@ import (
 // assertNoTrace checks that nothing of an attachment is left: OVS port,
 // node veth, pod links (but lo), guard table, addresses, record, DHCP
 // server.
-func (n *ovsNode) assertNoTrace(t *testing.T, network string, pods ...*harness.Pod) {
+func (n *ovsNode) assertNoTrace(t testing.TB, network string, pods ...*harness.Pod) {
 	t.Helper()
 	if ports := n.vmnicPorts(t); len(ports) != 0 {
 		t.Errorf("OVS ports left: %v", ports)

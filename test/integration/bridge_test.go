@@ -300,7 +300,7 @@ func TestBridgePlainPods(t *testing.T) {
 	}
 }
 
-func stateList(t *testing.T, n *harness.Node) ([]*state.Record, []string, error) {
+func stateList(t testing.TB, n *harness.Node) ([]*state.Record, []string, error) {
 	t.Helper()
 	st, err := state.Open(filepath.Join(n.StateDir(), "attachments"))
 	if err != nil {

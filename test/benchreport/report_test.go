@@ -1,0 +1,170 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func write(t *testing.T, name, text string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(p, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// value is the rendered value of the first row whose figure starts with
+// what.
+func value(t *testing.T, lines []line, what string) string {
+	t.Helper()
+	for _, l := range lines {
+		if strings.HasPrefix(l.what, what) {
+			return l.val
+		}
+	}
+	t.Fatalf("no row %q", what)
+	return ""
+}
+
+func TestBenchLines(t *testing.T) {
+	in := newInput()
+	p := write(t, "bench.txt", `goos: linux
+BenchmarkConcurrentAddDel-2   	       3	9873778311 ns/op	        20.87 ADD/s	        19.69 DEL/s	      4792 add-burst-ms
+BenchmarkBridgeAddDel
+--- FAIL: BenchmarkBridgeAddDel-2
+    bench_bridge_test.go:71: boom
+BenchmarkAddDeletePort/bg=0-2         	      50	   1000 ns/op	 8.000 vsctl/libovsdb
+`)
+	if err := in.read(p); err != nil {
+		t.Fatal(err)
+	}
+	lines := in.benchLines()
+	for what, want := range map[string]string{
+		"100 concurrent CNI ADDs":           "20.9/s",
+		"… then their 100 DELs":             "19.7/s",
+		"… wall time of the 100-ADD burst":  "4792 ms",
+		"… one DEL in the burst: p99":       notMeasured,
+		"bridge mode, VM NIC: ADD":          failed,
+		"OVS port add+delete":               "0.12",
+		"the same with 100 ports":           notRun,
+		"masquerade VM NIC: ADD (ptp + hos": notRun,
+	} {
+		if got := value(t, lines, what); got != want {
+			t.Errorf("%s: %q, want %q", what, got, want)
+		}
+	}
+}
+
+func TestMigrationLines(t *testing.T) {
+	in := newInput()
+	// Three runs of each test (a -count 3 log), one failed after its
+	// probe line (left out of the medians); daemon debug lines in between.
+	var b strings.Builder
+	for _, r := range []struct{ bridge, passt, verdict string }{
+		{"probe every 50 ms: 162 sent, 160 answered, 2 lost; longest gap 205ms (ending 22:14:04.623); QEMU downtime 8 ms", "TCP probe every 50 ms to a port passt forwards: 193 sent, 191 answered, 2 lost; longest gap 279ms; QEMU downtime 7 ms", "PASS"},
+		{"probe every 50 ms: 170 sent, 166 answered, 4 lost; longest gap 1.25s (ending 22:16:04.623); QEMU downtime 30 ms", "TCP probe every 50 ms to a port passt forwards: 200 sent, 195 answered, 5 lost; longest gap 300ms; QEMU downtime 9 ms", "PASS"},
+		{"probe every 50 ms: 150 sent, 149 answered, 1 lost; longest gap 100ms (ending 22:18:04.623); QEMU downtime 10 ms", "TCP probe every 50 ms to a port passt forwards: 190 sent, 190 answered, 0 lost; longest gap 150ms; QEMU downtime 8 ms", "FAIL"},
+	} {
+		b.WriteString("=== RUN   TestBridgeLiveMigration\ntime=x level=DEBUG msg=\"request done\" test=TestBridgeLiveMigration\n")
+		b.WriteString("    live_migration_test.go:296: " + r.bridge + "\n--- " + r.verdict + ": TestBridgeLiveMigration (26.54s)\n")
+		b.WriteString("=== RUN   TestPasstLiveMigration\n    passt_migration_test.go:335: " + r.passt + "\n--- PASS: TestPasstLiveMigration (30.19s)\n")
+	}
+	if err := in.read(write(t, "migration.txt", b.String())); err != nil {
+		t.Fatal(err)
+	}
+	lines := in.migrationLines()
+	want := []string{
+		// bridge: the passed runs' gaps 205 and 1250 ms, minus downtime
+		// 197 and 1220 ms; the upper median of two.
+		"1250 ms", "1220 ms", "4 of 170", "30 ms", "3 (1 failed, left out of the medians)",
+		"279 ms", "272 ms", "2 of 193", "8 ms", "3",
+	}
+	if len(lines) != len(want) {
+		t.Fatalf("%d rows, want %d", len(lines), len(want))
+	}
+	for i, l := range lines {
+		if l.val != want[i] {
+			t.Errorf("row %d %q: %q, want %q", i, l.what, l.val, want[i])
+		}
+	}
+	if lines[1].goal != "< 100 ms" || !strings.Contains(lines[0].peers, "< 0.5 s") {
+		t.Errorf("goal %q, peers %q", lines[1].goal, lines[0].peers)
+	}
+
+	// Nothing ran, or the machine lacks QEMU.
+	empty := newInput()
+	if err := empty.read(write(t, "skip.txt", "=== RUN   TestPasstLiveMigration\n--- SKIP: TestPasstLiveMigration (0.01s)\n")); err != nil {
+		t.Fatal(err)
+	}
+	lines = empty.migrationLines()
+	if lines[0].val != notRun || lines[5].val != skipped || lines[9].val != skipped {
+		t.Errorf("bridge %q, passt %q %q: want not run, skipped", lines[0].val, lines[5].val, lines[9].val)
+	}
+
+	// A log cut short after the probe line (a timeout's panic): a failure.
+	cut := newInput()
+	if err := cut.read(write(t, "cut.txt", "=== RUN   TestBridgeLiveMigration\n    live_migration_test.go:296: probe every 50 ms: 150 sent, 149 answered, 1 lost; longest gap 100ms (ending 22:18:04.623); QEMU downtime 10 ms\npanic: test timed out after 30m0s\n")); err != nil {
+		t.Fatal(err)
+	}
+	lines = cut.migrationLines()
+	if lines[0].val != failed || lines[4].val != "1 (1 failed, left out of the medians)" {
+		t.Errorf("cut log: gap %q, runs %q", lines[0].val, lines[4].val)
+	}
+}
+
+func TestFuzzLines(t *testing.T) {
+	in := newInput()
+	if got := in.fuzzLines(); len(got) != 1 || got[0].val != notRun {
+		t.Errorf("without fuzz output: %+v", got)
+	}
+	p := write(t, "fuzz.txt", `== FuzzParse (./pkg/netconf, 10s)
+fuzz: elapsed: 0s, gathering baseline coverage: 0/204 completed
+fuzz: elapsed: 3s, execs: 43534 (14508/sec), new interesting: 1 (total: 205)
+fuzz: elapsed: 10s, execs: 1234567 (0/sec), new interesting: 1 (total: 205)
+PASS
+ok  	github.com/vmnic/vmnic/pkg/netconf	10.374s
+== FuzzHandle (./daemon, 10s)
+fuzz: elapsed: 2s, gathering baseline coverage: 54/54 completed, now fuzzing with 2 workers
+fuzz: elapsed: 3s, execs: 76 (25/sec), new interesting: 0 (total: 54)
+--- FAIL: FuzzHandle (3.10s)
+FAIL
+== FuzzDecodeRequest (./pkg/proto, 10s)
+FAIL	github.com/vmnic/vmnic/pkg/proto [build failed]
+
+== fuzz summary (fuzztime 10s)
+FuzzParse          ok    execs: 1234567
+FuzzHandle         FAIL  execs: 76
+FuzzDecodeRequest  FAIL  execs: ?
+`)
+	if err := in.read(p); err != nil {
+		t.Fatal(err)
+	}
+	lines := in.fuzzLines()
+	want := []string{"1,234,567 (123,456/s)", "failed after 76 executions (crasher in the package's testdata/fuzz/)", failed}
+	if len(lines) != len(want) {
+		t.Fatalf("rows %+v", lines)
+	}
+	for i, l := range lines {
+		if l.val != want[i] {
+			t.Errorf("row %d %q: %q, want %q", i, l.what, l.val, want[i])
+		}
+	}
+	if lines[0].what != "fuzzing FuzzParse (pkg/netconf) for 10s: executions" {
+		t.Errorf("figure %q", lines[0].what)
+	}
+}
+
+func TestMissingFileIsNotRun(t *testing.T) {
+	in := newInput()
+	if err := in.read(filepath.Join(t.TempDir(), "none.txt")); !os.IsNotExist(err) {
+		t.Fatalf("read of a missing file: %v, want not exist", err)
+	}
+	for _, l := range append(append(in.benchLines(), in.migrationLines()...), in.fuzzLines()...) {
+		if l.val != notRun {
+			t.Errorf("%q: %q, want %q", l.what, l.val, notRun)
+		}
+	}
+}
