@@ -43,8 +43,8 @@ bench: deps ## benchmarks (medians, arms interleaved) and their report docs/benc
 	set -o pipefail; $(GO) test -run '^$$' -bench Scale -benchtime 1x -count 1 -timeout 30m ./test/integration/ | tee .tools/bench/scale.txt
 	set -o pipefail; $(GO) test -run '^$$' -bench Concurrent -benchtime 3x -count 1 -timeout 30m ./test/integration/ | tee .tools/bench/concurrency.txt
 	set -o pipefail; $(GO) test -run '^$$' -bench . -benchtime 50x -count 1 -timeout 30m ./pkg/ovsdb/ | tee .tools/bench/ovsdb.txt
-	set -o pipefail; $(GO) test -run 'LiveMigration$$' -count 3 -v -timeout 30m ./test/integration/ | tee .tools/bench/migration.txt
-	set -o pipefail; FUZZTIME=10s bash test/fuzz.sh 2>&1 | tee .tools/bench/fuzz.txt
+	-set -o pipefail; $(GO) test -run 'LiveMigration$$' -count 3 -v -timeout 30m ./test/integration/ | tee .tools/bench/migration.txt
+	-set -o pipefail; FUZZTIME=10s bash test/fuzz.sh 2>&1 | tee .tools/bench/fuzz.txt
 	$(GO) run ./test/benchreport -o docs/benchmarks.md .tools/bench/integration.txt .tools/bench/scale.txt .tools/bench/concurrency.txt \
 		.tools/bench/ovsdb.txt .tools/bench/migration.txt .tools/bench/fuzz.txt
 
