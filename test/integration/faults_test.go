@@ -306,7 +306,7 @@ func TestKillAtEachStep(t *testing.T) {
 			}
 		}
 		// The hold is only taken on a migration target, which needs the
-		// cluster: TestPasstMigrationHold covers it.
+		// cluster: TestPasstMigrationHold fails an ADD right after it.
 		b.run(t, slices.DeleteFunc(slices.Clone(passt.Steps), func(s string) bool { return s == "hold" }))
 		if ips := hostLocalIPs(t, ipamDir); len(ips) != 0 {
 			t.Errorf("underlay addresses left: %v", ips)

@@ -3,6 +3,7 @@ package integration
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os/exec"
@@ -20,7 +21,10 @@ import (
 
 	"github.com/vmnic/vmnic/daemon/capabilities"
 	"github.com/vmnic/vmnic/pkg/apis/v1alpha1"
+	"github.com/vmnic/vmnic/pkg/failpoint"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
+	"github.com/vmnic/vmnic/pkg/netconf"
+	"github.com/vmnic/vmnic/pkg/nft"
 	"github.com/vmnic/vmnic/test/cluster"
 	"github.com/vmnic/vmnic/test/harness"
 	"github.com/vmnic/vmnic/test/spiderpool"
@@ -192,7 +196,8 @@ func neighMAC(t *testing.T, peer ns.NetNS, ip string) string {
 // answers no ARP, so the underlay keeps the source's MAC for the IP); at
 // the switchover the hold goes and the underlay's neighbour entry moves to
 // the target's MAC; the source is held from then on. The daemon restarts
-// while the target is held.
+// while the target is held. A target ADD failing right after the hold is
+// taken leaves no hold.
 func TestPasstMigrationHold(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	t.Cleanup(cancel)
@@ -249,6 +254,31 @@ func TestPasstMigrationHold(t *testing.T) {
 
 	m := bed.createVMIM(t, "mig-p", vmi.Name)
 	dst := launcherOn(ctx, t, kube, vmi, "virt-launcher-vm-p-dst", testNode, m)
+	// A failure right after the hold is taken leaves no hold behind; the
+	// runtime's DEL and a new ADD then work.
+	dst.IfName = "net1"
+	failpoint.Set(func(mode, step string) error {
+		if mode == netconf.ModePasst && step == "hold" {
+			return errors.New("injected failure after the hold")
+		}
+		return nil
+	})
+	for range 20 { // past Spiderpool's cache lag, as addRetry
+		if _, err = node.Add(ctx, l, dst); err == nil || !strings.Contains(err.Error(), "not found") {
+			break
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	failpoint.Set(nil)
+	if err == nil || !strings.Contains(err.Error(), "injected failure after the hold") {
+		t.Fatalf("target ADD = %v, want the injected failure", err)
+	}
+	if held, herr := nft.Held(dst.NS.Path(), "net1"); herr != nil || held {
+		t.Errorf("after the failed ADD the target is held: %v (%v)", held, herr)
+	}
+	if err := node.Del(ctx, l, dst); err != nil {
+		t.Fatalf("DEL after the failed ADD: %v", err)
+	}
 	if got := addPasst(dst); got != ip {
 		t.Fatalf("target got %s, want the VM's %s", got, ip)
 	}
