@@ -34,11 +34,19 @@ for t in "${targets[@]}"; do
   pkg=${t%%:*} name=${t#*:}
   selected "$name" || continue
   echo "== $name ($pkg, $fuzztime)"
+  corpus="$pkg/testdata/fuzz/$name"
+  before=$(ls "$corpus" 2>/dev/null | sort)
   go test -run '^$' -fuzz "^${name}\$" -fuzztime "$fuzztime" "$pkg" 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
   last=$(grep -E '^fuzz: elapsed: .*execs: [0-9]+' "$log" | tail -n 1)
   execs=$(sed -nE 's/.*execs: ([0-9]+).*/\1/p' <<<"$last")
-  if [[ $rc -ne 0 ]]; then
+  after=$(ls "$corpus" 2>/dev/null | sort)
+  if [[ $rc -ne 0 && "$before" == "$after" ]] && grep -qx '    context deadline exceeded' "$log"; then
+    # Go's fuzzing coordinator (1.26) can report its own -fuzztime deadline
+    # as a failure when a worker is mid-input (golang/go#75804, fixed in
+    # 1.27): no input failed and none was written. Not a crasher.
+    summary+=("$(printf '%-18s ok    execs: %s (ended by the coordinator deadline race, golang/go#75804; no crasher)' "$name" "${execs:-?}")")
+  elif [[ $rc -ne 0 ]]; then
     failed+=("$name")
     summary+=("$(printf '%-18s FAIL  execs: %s' "$name" "${execs:-?}")")
   else

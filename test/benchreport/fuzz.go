@@ -19,6 +19,7 @@ type fuzzRun struct {
 	rate                int64 // go's own, of its last interval
 	seen                bool  // a fuzz: elapsed line with execs
 	status              string
+	raced               bool // ended by Go's coordinator deadline race, no crasher
 }
 
 var (
@@ -47,6 +48,7 @@ func (in *input) fuzzLine(l string, cur *fuzzRun) *fuzzRun {
 	if m := fuzzSummary.FindStringSubmatch(l); m != nil {
 		if r := in.fuzz[m[1]]; r != nil {
 			r.status = m[2]
+			r.raced = strings.Contains(l, "golang/go#75804")
 		}
 		return cur
 	}
@@ -102,6 +104,9 @@ func (in *input) fuzzLines() []line {
 				rate = int64(float64(r.execs) / r.elapsed.Seconds())
 			}
 			val = fmt.Sprintf("%s (%s/s)", thousands(r.execs), thousands(rate))
+			if r.raced {
+				val += ", ended by Go's fuzzing-deadline race (golang/go#75804), no crasher"
+			}
 		}
 		if r.status == "FAIL" {
 			val = failed
