@@ -136,14 +136,16 @@ type input struct {
 	ran    map[string]bool    // benchmarks with a result or a --- line
 	failed map[string]bool    // benchmarks with a --- FAIL line
 	mig    map[string]*migRuns
-	fuzz   map[string]*fuzzRun
-	fuzzes []string // fuzz targets in the order seen
+	// migSwitch is a run's switchover line, until its probe line comes.
+	migSwitch map[string]time.Duration
+	fuzz      map[string]*fuzzRun
+	fuzzes    []string // fuzz targets in the order seen
 }
 
 func newInput() *input {
 	return &input{
 		bench: map[string]float64{}, ran: map[string]bool{}, failed: map[string]bool{},
-		mig: map[string]*migRuns{}, fuzz: map[string]*fuzzRun{},
+		mig: map[string]*migRuns{}, migSwitch: map[string]time.Duration{}, fuzz: map[string]*fuzzRun{},
 	}
 }
 

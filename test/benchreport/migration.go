@@ -11,27 +11,37 @@ import (
 
 // migMode is a live-migration test and the rows it feeds.
 type migMode struct {
-	test  string // the go test that logs the probe line
-	label string // the first row's figure
+	test       string // the go test that logs the probe line
+	label      string // the first row's figure
+	switchover string // the switchover row's figure
 }
 
 var migModes = []migMode{
-	{"TestBridgeLiveMigration", "live migration, bridge mode (OVS, Spiderpool IP; ICMP probe every 50 ms from a peer pod): longest gap between answers"},
-	{"TestPasstLiveMigration", "live migration, passt on macvlan (Spiderpool IP; TCP connection every 50 ms to a port passt forwards): longest gap between answers"},
+	{
+		"TestBridgeLiveMigration", "live migration, bridge mode (OVS, Spiderpool IP; ICMP probe every 50 ms from a peer pod): longest gap between answers",
+		"vmnic's switchover: the target's hold released, after QEMU reported completion",
+	},
+	{
+		"TestPasstLiveMigration", "live migration, passt on macvlan (Spiderpool IP; TCP connection every 50 ms to a port passt forwards): longest gap between answers",
+		"vmnic's switchover: the underlay's neighbour entry on the target, after QEMU reported completion",
+	},
 }
 
 const (
 	migPeers = "kube-ovn, OVN-Kubernetes: network downtime < 0.5 s after their fixes (13-26 s before)"
 	// migrationNote follows the table: how its live-migration rows are
 	// measured.
-	migrationNote = "The live-migration rows come from `TestBridgeLiveMigration` and `TestPasstLiveMigration` (`go test ./test/integration -run LiveMigration -count N -v`; the runs row gives N): a real guest (QEMU under TCG) migrates between two sandbox nodes, each with its own vmnicd, while a peer probes it every 50 ms; each run logs the longest time between two answered probes, the probes lost and the downtime QEMU itself reports. The gap minus QEMU's downtime is what the network adds to the guest's pause, plus up to one probe interval (with no pause at all the longest gap is 50 ms)."
+	migrationNote = "The live-migration rows come from `TestBridgeLiveMigration` and `TestPasstLiveMigration` (`go test ./test/integration -run LiveMigration -count N -v`; the runs row gives N): a real guest (QEMU under TCG) migrates between two sandbox nodes, each with its own vmnicd, while a peer probes it every 50 ms; each run logs the longest time between two answered probes, the probes lost and the downtime QEMU itself reports. The gap minus QEMU's downtime is what the network adds to the guest's pause, plus up to one probe interval (with no pause at all the longest gap is 50 ms). The switchover row is vmnic's own part of it: from QEMU reporting completion to the target taking the traffic (bridge: the target's hold released; passt: the underlay's neighbour entry for the VM's IP pointing at the target). In passt mode the rest of the gap comes after the underlay already sends to the target, between the target's passt and the guest."
 )
 
 // migRun is one run's probe line and the run's verdict.
 type migRun struct {
 	sent, answered, lost int
 	gap, downtime        time.Duration
-	verdict              string // PASS, FAIL, or "" before the test's --- line
+	// switchover: vmnic's part, from QEMU's completion to the target
+	// taking the traffic (0: not logged).
+	switchover time.Duration
+	verdict    string // PASS, FAIL, or "" before the test's --- line
 }
 
 // migRuns is what the log holds of one test: its probe lines and verdicts.
@@ -71,7 +81,11 @@ var (
 	// The probe line of both tests: "probe every 50 ms: 812 sent, 808
 	// answered, 4 lost; longest gap 350ms (ending 12:00:00.000); QEMU
 	// downtime 120 ms", passt's with "TCP probe every 50 ms to ...".
-	probeLine = regexp.MustCompile(`probe every \d+ ms[^:]*: (\d+) sent, (\d+) answered, (\d+) lost; longest gap ([^ ;]+)(?: \([^)]*\))?; QEMU downtime (\d+) ms`)
+	// The switchover line, before the probe line: bridge "hold released
+	// 43ms after QEMU reported the migration completed", passt "the
+	// underlay's neighbour entry moved to the target 36ms after ...".
+	switchLine = regexp.MustCompile(`(?:hold released|neighbour entry moved to the target) (\S+) after QEMU reported the migration completed`)
+	probeLine  = regexp.MustCompile(`probe every \d+ ms[^:]*: (\d+) sent, (\d+) answered, (\d+) lost; longest gap ([^ ;]+)(?: \([^)]*\))?; QEMU downtime (\d+) ms`)
 )
 
 // migKey is the test a line belongs to: the running top-level test, or
@@ -121,6 +135,12 @@ func (in *input) migrationLine(l, test string) string {
 		}
 		return test
 	}
+	if m := switchLine.FindStringSubmatch(l); m != nil {
+		if d, err := time.ParseDuration(m[1]); err == nil {
+			in.migSwitch[migKey(test, l)] = d
+		}
+		return test
+	}
 	m := probeLine.FindStringSubmatch(l)
 	if m == nil {
 		return test
@@ -133,8 +153,10 @@ func (in *input) migrationLine(l, test string) string {
 	for i, s := range []string{m[1], m[2], m[3], m[5]} {
 		n[i], _ = strconv.Atoi(s)
 	}
-	r := runs(migKey(test, l))
-	r.runs = append(r.runs, migRun{sent: n[0], answered: n[1], lost: n[2], gap: gap, downtime: time.Duration(n[3]) * time.Millisecond})
+	key := migKey(test, l)
+	r := runs(key)
+	r.runs = append(r.runs, migRun{sent: n[0], answered: n[1], lost: n[2], gap: gap, downtime: time.Duration(n[3]) * time.Millisecond, switchover: in.migSwitch[key]})
+	delete(in.migSwitch, key)
 	return test
 }
 
@@ -161,12 +183,15 @@ func (in *input) migrationLines() []line {
 			r = &migRuns{}
 		}
 		good, bad := r.passedRuns(), r.failures()
-		var gaps, shares, downs []time.Duration
+		var gaps, shares, downs, switches []time.Duration
 		var lost, sent []int
 		for _, run := range good {
 			gaps = append(gaps, run.gap)
 			shares = append(shares, run.gap-run.downtime)
 			downs = append(downs, run.downtime)
+			if run.switchover > 0 {
+				switches = append(switches, run.switchover)
+			}
 			lost = append(lost, run.lost)
 			sent = append(sent, run.sent)
 		}
@@ -193,6 +218,12 @@ func (in *input) migrationLines() []line {
 		out = append(out,
 			line{mode.label, val(func() string { return msOf(medianOf(gaps)) }), "QEMU downtime + < 100 ms", migPeers},
 			line{"… longest gap minus QEMU downtime: what the network adds", val(func() string { return msOf(medianOf(shares)) }), "< 100 ms", ""},
+			line{"… " + mode.switchover, val(func() string {
+				if len(switches) == 0 {
+					return notMeasured
+				}
+				return msOf(medianOf(switches))
+			}), "< 100 ms", ""},
 			line{"… probes lost", val(func() string { return fmt.Sprintf("%d of %d", medianOf(lost), medianOf(sent)) }), "", ""},
 			line{"… QEMU downtime (its own report)", val(func() string { return msOf(medianOf(downs)) }), "", ""},
 			line{"… runs", runs, "", ""},

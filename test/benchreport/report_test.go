@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -63,14 +64,19 @@ func TestMigrationLines(t *testing.T) {
 	// Three runs of each test (a -count 3 log), one failed after its
 	// probe line (left out of the medians); daemon debug lines in between.
 	var b strings.Builder
-	for _, r := range []struct{ bridge, passt, verdict string }{
+	for i, r := range []struct{ bridge, passt, verdict string }{
 		{"probe every 50 ms: 162 sent, 160 answered, 2 lost; longest gap 205ms (ending 22:14:04.623); QEMU downtime 8 ms", "TCP probe every 50 ms to a port passt forwards: 193 sent, 191 answered, 2 lost; longest gap 279ms; QEMU downtime 7 ms", "PASS"},
 		{"probe every 50 ms: 170 sent, 166 answered, 4 lost; longest gap 1.25s (ending 22:16:04.623); QEMU downtime 30 ms", "TCP probe every 50 ms to a port passt forwards: 200 sent, 195 answered, 5 lost; longest gap 300ms; QEMU downtime 9 ms", "PASS"},
 		{"probe every 50 ms: 150 sent, 149 answered, 1 lost; longest gap 100ms (ending 22:18:04.623); QEMU downtime 10 ms", "TCP probe every 50 ms to a port passt forwards: 190 sent, 190 answered, 0 lost; longest gap 150ms; QEMU downtime 8 ms", "FAIL"},
 	} {
 		b.WriteString("=== RUN   TestBridgeLiveMigration\ntime=x level=DEBUG msg=\"request done\" test=TestBridgeLiveMigration\n")
+		fmt.Fprintf(&b, "    live_migration_test.go:276: hold released %dms after QEMU reported the migration completed\n", 40+10*i)
 		b.WriteString("    live_migration_test.go:296: " + r.bridge + "\n--- " + r.verdict + ": TestBridgeLiveMigration (26.54s)\n")
-		b.WriteString("=== RUN   TestPasstLiveMigration\n    passt_migration_test.go:335: " + r.passt + "\n--- PASS: TestPasstLiveMigration (30.19s)\n")
+		b.WriteString("=== RUN   TestPasstLiveMigration\n")
+		if i == 1 { // only one passt run logs its switchover
+			b.WriteString("    passt_migration_test.go:323: the underlay's neighbour entry moved to the target 36ms after QEMU reported the migration completed\n")
+		}
+		b.WriteString("    passt_migration_test.go:335: " + r.passt + "\n--- PASS: TestPasstLiveMigration (30.19s)\n")
 	}
 	if err := in.read(write(t, "migration.txt", b.String())); err != nil {
 		t.Fatal(err)
@@ -78,9 +84,10 @@ func TestMigrationLines(t *testing.T) {
 	lines := in.migrationLines()
 	want := []string{
 		// bridge: the passed runs' gaps 205 and 1250 ms, minus downtime
-		// 197 and 1220 ms; the upper median of two.
-		"1250 ms", "1220 ms", "4 of 170", "30 ms", "3 (1 failed, left out of the medians)",
-		"279 ms", "272 ms", "2 of 193", "8 ms", "3",
+		// 197 and 1220 ms, switchovers 40 and 50 ms; the upper median of
+		// two.
+		"1250 ms", "1220 ms", "50 ms", "4 of 170", "30 ms", "3 (1 failed, left out of the medians)",
+		"279 ms", "272 ms", "36 ms", "2 of 193", "8 ms", "3",
 	}
 	if len(lines) != len(want) {
 		t.Fatalf("%d rows, want %d", len(lines), len(want))
@@ -100,8 +107,8 @@ func TestMigrationLines(t *testing.T) {
 		t.Fatal(err)
 	}
 	lines = empty.migrationLines()
-	if lines[0].val != notRun || lines[5].val != skipped || lines[9].val != skipped {
-		t.Errorf("bridge %q, passt %q %q: want not run, skipped", lines[0].val, lines[5].val, lines[9].val)
+	if lines[0].val != notRun || lines[6].val != skipped || lines[11].val != skipped {
+		t.Errorf("bridge %q, passt %q %q: want not run, skipped", lines[0].val, lines[6].val, lines[11].val)
 	}
 
 	// A log cut short after the probe line (a timeout's panic): a failure.
@@ -110,8 +117,8 @@ func TestMigrationLines(t *testing.T) {
 		t.Fatal(err)
 	}
 	lines = cut.migrationLines()
-	if lines[0].val != failed || lines[4].val != "1 (1 failed, left out of the medians)" {
-		t.Errorf("cut log: gap %q, runs %q", lines[0].val, lines[4].val)
+	if lines[0].val != failed || lines[5].val != "1 (1 failed, left out of the medians)" {
+		t.Errorf("cut log: gap %q, runs %q", lines[0].val, lines[5].val)
 	}
 }
 
@@ -133,17 +140,26 @@ fuzz: elapsed: 3s, execs: 76 (25/sec), new interesting: 0 (total: 54)
 FAIL
 == FuzzDecodeRequest (./pkg/proto, 10s)
 FAIL	github.com/vmnic/vmnic/pkg/proto [build failed]
+== FuzzParseArgs (./pkg/netconf, 10s)
+fuzz: elapsed: 10s, execs: 5000 (0/sec), new interesting: 0 (total: 9)
+--- FAIL: FuzzParseArgs (10.20s)
+    context deadline exceeded
+FAIL
 
 == fuzz summary (fuzztime 10s)
 FuzzParse          ok    execs: 1234567
 FuzzHandle         FAIL  execs: 76
 FuzzDecodeRequest  FAIL  execs: ?
+FuzzParseArgs      ok    execs: 5000 (ended by the coordinator deadline race, golang/go#75804; no crasher)
 `)
 	if err := in.read(p); err != nil {
 		t.Fatal(err)
 	}
 	lines := in.fuzzLines()
-	want := []string{"1,234,567 (123,456/s)", "failed after 76 executions (crasher in the package's testdata/fuzz/)", failed}
+	want := []string{
+		"1,234,567 (123,456/s)", "failed after 76 executions (crasher in the package's testdata/fuzz/)", failed,
+		"5,000 (500/s), ended by Go's fuzzing-deadline race (golang/go#75804), no crasher",
+	}
 	if len(lines) != len(want) {
 		t.Fatalf("rows %+v", lines)
 	}
