@@ -89,20 +89,9 @@ func TestDecodeBounded(t *testing.T) {
 // context reported done.
 func TestCallReadyTimeoutWhileConnected(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "s.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			t.Cleanup(func() { _ = c.Close() })
-		}
-	}()
+	hang := make(chan struct{})
+	serve(t, sock, func(*Request) *Response { <-hang; return &Response{} })
+	t.Cleanup(func() { close(hang) })
 	for range 30 {
 		_, err := CallReady(context.Background(), sock, &Request{Command: "ADD"}, 20*time.Millisecond)
 		var te *types.Error

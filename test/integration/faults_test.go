@@ -280,24 +280,16 @@ func TestKillAtEachStep(t *testing.T) {
 		underlay(t, node)
 		ipamDir := filepath.Join(node.Dir, "ipam")
 		b := &faultBed{mode: netconf.ModePasst, node: node, bin: bin}
+		ipam := map[string]any{
+			"type": "host-local", "dataDir": ipamDir,
+			"ranges": []any{[]any{map[string]any{"subnet": "10.50.0.0/24", "rangeStart": "10.50.0.10", "rangeEnd": "10.50.0.50"}}},
+		}
 		b.list = func(t *testing.T, rt string) *libcni.NetworkConfigList {
-			vmnic := map[string]any{"type": "vmnic", "mode": "passt", "socket": node.Socket(), "spoolDir": node.SpoolDir()}
+			extra := map[string]any{}
 			if rt != "" {
-				vmnic["readyTimeout"] = rt
+				extra["readyTimeout"] = rt
 			}
-			ipam := map[string]any{
-				"type": "host-local", "dataDir": ipamDir,
-				"ranges": []any{[]any{map[string]any{"subnet": "10.50.0.0/24", "rangeStart": "10.50.0.10", "rangeEnd": "10.50.0.50"}}},
-			}
-			raw, err := json.Marshal(map[string]any{"cniVersion": "1.1.0", "name": "passt-kill", "plugins": []any{underlayPlugin("macvlan", ipam), vmnic}})
-			if err != nil {
-				t.Fatal(err)
-			}
-			l, err := harness.List(raw)
-			if err != nil {
-				t.Fatal(err)
-			}
-			return l
+			return underlayList(t, node, "macvlan", "1.1.0", ipam, nil, extra)
 		}
 		b.pod = func(t *testing.T, i int) *harness.Pod { return newPod(t, fmt.Sprintf("virt-launcher-k%d-x", i)) }
 		b.clean = func(t *testing.T, p *harness.Pod) {

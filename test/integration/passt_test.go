@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os/exec"
 	"path/filepath"
@@ -75,12 +76,15 @@ func passtList(t *testing.T, node *harness.Node, version string, ipam map[string
 }
 
 // underlayList is the underlay plugin (macvlan or ipvlan) on uplink0 with
-// ipam, then vmnic in passt mode.
-func underlayList(t *testing.T, node *harness.Node, plugin, version string, ipam map[string]any, vm map[string]any) *libcni.NetworkConfigList {
+// ipam, then vmnic in passt mode (with the extra keys, if any).
+func underlayList(t *testing.T, node *harness.Node, plugin, version string, ipam map[string]any, vm map[string]any, extra ...map[string]any) *libcni.NetworkConfigList {
 	t.Helper()
 	vmnic := map[string]any{"type": "vmnic", "mode": "passt", "socket": node.Socket(), "spoolDir": node.SpoolDir()}
 	if vm != nil {
 		vmnic["args"] = map[string]any{"cni": map[string]any{"vmnic": vm}}
+	}
+	for _, e := range extra {
+		maps.Copy(vmnic, e)
 	}
 	b, err := json.Marshal(map[string]any{
 		"cniVersion": version, "name": "macvlan-passt",
