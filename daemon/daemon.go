@@ -82,6 +82,11 @@ type Daemon struct {
 	gc       sync.RWMutex
 	ready    atomic.Bool
 	inflight sync.WaitGroup
+	// socketIno is the inode of the socket Run listens on; 0 while it
+	// does not (before Run, and while it drains).
+	socketIno atomic.Uint64
+	// healthTimeout bounds one liveness check (health.go).
+	healthTimeout time.Duration
 }
 
 // Servers gives access to the DHCP servers of the attachments.
@@ -121,6 +126,8 @@ func New(opts Options) (*Daemon, error) {
 		store:   store,
 		servers: servers,
 		masq:    &masquerade.Plugin{Servers: servers, Log: opts.Logger},
+
+		healthTimeout: defaultHealthTimeout,
 	}
 	d.ovs.d = d
 	d.bridge = &bridge.Plugin{OVS: d.ovs.get, Servers: servers, Log: opts.Logger}
@@ -134,6 +141,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	d.socketIno.Store(ino)
 	d.log.Info("listening", "socket", d.opts.Socket, "stateDir", d.opts.StateDir, "spoolDir", d.opts.SpoolDir)
 
 	serveDone := make(chan struct{})
@@ -145,6 +153,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	// Until ready, requests get "try again later" and the shim retries.
 	if d.opts.Prepare != nil {
 		if err := d.opts.Prepare(ctx); err != nil {
+			d.socketIno.Store(0)
 			_ = ln.Close()
 			<-serveDone
 			removeSocket(d.opts.Socket, ino)
@@ -183,6 +192,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 
 	d.log.Info("stopping: draining requests")
 	d.ready.Store(false)
+	d.socketIno.Store(0)
 	_ = ln.Close()
 	<-serveDone
 	drained := make(chan struct{})

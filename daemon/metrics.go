@@ -480,8 +480,9 @@ func formatValue(v float64) string {
 }
 
 // MetricsHandler serves /metrics (Prometheus text format), /healthz
-// (always 200 while the process serves HTTP) and /readyz (200 once the
-// daemon serves CNI requests, 503 before).
+// (200 while the CNI socket is this daemon's and answers, and attachment
+// work is not wedged: health.go; 503 naming what is wrong) and /readyz
+// (200 once the daemon serves CNI requests, 503 before).
 func (d *Daemon) MetricsHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, _ *http.Request) {
@@ -490,7 +491,11 @@ func (d *Daemon) MetricsHandler() http.Handler {
 		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 		_, _ = w.Write(b.Bytes())
 	})
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		if err := d.health(r.Context()); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
 		_, _ = w.Write([]byte("ok\n"))
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {

@@ -1,0 +1,64 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/vmnic/vmnic/pkg/ctl/api"
+	"github.com/vmnic/vmnic/pkg/proto"
+)
+
+// defaultHealthTimeout bounds one liveness check: under the chart's probe
+// timeout (5 s), far above a healthy answer (milliseconds).
+const defaultHealthTimeout = 4 * time.Second
+
+// health is the liveness check behind /healthz. The daemon is alive when
+//   - the socket path still holds the socket it listens on (a removed or
+//     replaced socket leaves every pod start on the node waiting for the
+//     shim's timeout, and only a restart makes it again),
+//   - the socket answers a request (the accept loop and the request path
+//     run; before ready the answer is "try again later", which counts),
+//   - attachment work is not wedged: the GC lock, which every ADD, DEL and
+//     GC takes, comes free within the timeout.
+//
+// Before Run listens, and while it drains, there is nothing to check.
+func (d *Daemon) health(ctx context.Context) error {
+	ino := d.socketIno.Load()
+	if ino == 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, d.healthTimeout)
+	defer cancel()
+	st, err := os.Stat(d.opts.Socket)
+	if err != nil {
+		return fmt.Errorf("CNI socket %s: %w", d.opts.Socket, err)
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok && sys.Ino != ino {
+		if d.socketIno.Load() == 0 {
+			return nil // drained meanwhile; a newer daemon took the path
+		}
+		return fmt.Errorf("CNI socket %s is no longer this daemon's (replaced)", d.opts.Socket)
+	}
+	if _, err := proto.Call(ctx, d.opts.Socket, &proto.Request{Command: api.CommandStatus}); err != nil {
+		if errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil {
+			return fmt.Errorf("CNI socket %s did not answer within %s", d.opts.Socket, d.healthTimeout)
+		}
+		return fmt.Errorf("CNI socket %s: %w", d.opts.Socket, err)
+	}
+	free := make(chan struct{})
+	go func() {
+		d.gc.RLock()
+		d.gc.RUnlock() //nolint:staticcheck // only whether it comes free
+		close(free)
+	}()
+	select {
+	case <-free:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("attachment work wedged: the lock ADD, DEL and GC take was not free within %s", d.healthTimeout)
+	}
+}
