@@ -37,13 +37,13 @@ test-unit: ## fast tests, no root needed
 test-integration: deps ## root tests in real namespaces (nftables, DHCP, libcni, guest)
 	$(GO) test -count=1 -timeout 30m ./plugins/... ./daemon/... ./pkg/nft/... ./pkg/dhcp/... ./test/...
 
-bench: deps ## benchmarks (medians, arms interleaved) and their report docs/benchmarks.md: ADD+DEL per mode, pass-through overhead, shim exec, daemon RSS, OVSDB vs ovs-vsctl, 250 NICs on one bridge, 100 concurrent ADDs/DELs, live-migration gap (3 runs), fuzz executions (10s per target)
+bench: deps ## benchmarks (medians, arms interleaved) and their report docs/benchmarks.md: ADD+DEL per mode, pass-through overhead, shim exec, daemon RSS, OVSDB vs ovs-vsctl, 250 NICs on one bridge, 100 concurrent ADDs/DELs, live-migration gap (5 runs), fuzz executions (10s per target)
 	@mkdir -p .tools/bench
 	set -o pipefail; $(GO) test -run '^$$' -bench . -skip 'Scale|Concurrent' -benchtime 200x -count 1 -timeout 30m ./test/integration/ | tee .tools/bench/integration.txt
 	set -o pipefail; $(GO) test -run '^$$' -bench Scale -benchtime 1x -count 1 -timeout 30m ./test/integration/ | tee .tools/bench/scale.txt
 	set -o pipefail; $(GO) test -run '^$$' -bench Concurrent -benchtime 3x -count 1 -timeout 30m ./test/integration/ | tee .tools/bench/concurrency.txt
 	set -o pipefail; $(GO) test -run '^$$' -bench . -benchtime 50x -count 1 -timeout 30m ./pkg/ovsdb/ | tee .tools/bench/ovsdb.txt
-	-set -o pipefail; $(GO) test -run 'LiveMigration$$' -count 3 -v -timeout 30m ./test/integration/ | tee .tools/bench/migration.txt
+	-set -o pipefail; $(GO) test -run 'LiveMigration$$' -count 5 -v -timeout 30m ./test/integration/ | tee .tools/bench/migration.txt
 	-set -o pipefail; FUZZTIME=10s bash test/fuzz.sh 2>&1 | tee .tools/bench/fuzz.txt
 	$(GO) run ./test/benchreport -o docs/benchmarks.md .tools/bench/integration.txt .tools/bench/scale.txt .tools/bench/concurrency.txt \
 		.tools/bench/ovsdb.txt .tools/bench/migration.txt .tools/bench/fuzz.txt

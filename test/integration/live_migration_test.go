@@ -150,21 +150,58 @@ func startProbe(t *testing.T, peer *harness.Pod, ip string) *prober {
 }
 
 // stop ends the probe and returns the replies, the probes sent, and the
-// longest time without a reply.
+// longest time without a reply (up to the stop, so that an outage that
+// never ended counts too).
 func (p *prober) stop() (replies, sent int, gap time.Duration, gapEnd time.Time) {
+	stopped := time.Now()
 	_ = p.cmd.Process.Signal(os.Interrupt)
 	<-p.done
 	_ = p.cmd.Wait()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	r := append([]time.Time(nil), p.replies...)
+	gap, gapEnd = longestGap(p.replies, stopped)
+	return len(p.replies), p.sent, gap, gapEnd
+}
+
+// longestGap is the longest time between two answers, or between the last
+// answer and the end of probing, and when it ended.
+func longestGap(answers []time.Time, stopped time.Time) (gap time.Duration, end time.Time) {
+	r := append([]time.Time(nil), answers...)
 	sort.Slice(r, func(i, j int) bool { return r[i].Before(r[j]) })
+	if len(r) > 0 {
+		r = append(r, stopped)
+	}
 	for i := 1; i < len(r); i++ {
 		if d := r[i].Sub(r[i-1]); d > gap {
-			gap, gapEnd = d, r[i]
+			gap, end = d, r[i]
 		}
 	}
-	return len(r), p.sent, gap, gapEnd
+	return gap, end
+}
+
+// heartbeat, in a guest's script, prints a line every second on the
+// console, which the target's QEMU carries on after a migration.
+const heartbeat = "(while :; do echo \"TICK $(cut -d' ' -f1 /proc/uptime)\"; sleep 1; done) &\n"
+
+// settle is how long the source guest runs, probed, before it migrates.
+// Migrated within a few seconds of its boot, a guest under TCG now and then
+// panicked or stopped on the target; past its boot-time activity that
+// became rarer.
+const settle = 8 * time.Second
+
+// assertGuestAlive fails the test, saying so, when the migrated guest is
+// not running on the target (its kernel panicked, or it printed no
+// heartbeat since the migration): what the probes saw then says nothing
+// about the network.
+func assertGuestAlive(t *testing.T, g *guest.Guest) {
+	t.Helper()
+	out := g.Output()
+	if i := strings.Index(out, "Kernel panic"); i >= 0 {
+		t.Fatalf("the guest's kernel panicked after the migration (QEMU under TCG), so its reachability says nothing about the network:\n%s", out[i:min(len(out), i+2000)])
+	}
+	if !strings.Contains(out, "TICK") {
+		t.Fatal("the migrated guest printed no heartbeat on the target's console (QEMU under TCG): it is not running, so its reachability says nothing about the network")
+	}
 }
 
 // TestBridgeLiveMigration live-migrates a real QEMU guest between two
@@ -221,7 +258,7 @@ func TestBridgeLiveMigration(t *testing.T) {
 	if testing.Verbose() {
 		logf = func(s string) { t.Log("guest: " + s) }
 	}
-	script := "udhcpc -i eth0 -q -f -n -t 15 -T 2 || echo DHCP4-FAILED\necho \"ADDR4 $(ip -4 -o addr show dev eth0 | awk '{print $4}' | head -1)\"\nsleep 600\n"
+	script := "udhcpc -i eth0 -q -f -n -t 15 -T 2 || echo DHCP4-FAILED\necho \"ADDR4 $(ip -4 -o addr show dev eth0 | awk '{print $4}' | head -1)\"\n" + heartbeat + "sleep 600\n"
 	gSrc, err := guest.Start(ctx, img, guest.Options{
 		NetnsPath: src.NS.Path(), Tap: "tap1", MAC: mac, Script: script,
 		MonitorSocket: filepath.Join(dir, "src.qmp"), Timeout: 4 * time.Minute, Log: logf,
@@ -234,7 +271,7 @@ func TestBridgeLiveMigration(t *testing.T) {
 		t.Fatalf("source guest address %v %v, want %s/24", m, err, ip)
 	}
 	probe := startProbe(t, peer, ip)
-	time.Sleep(2 * time.Second)
+	time.Sleep(settle)
 
 	m := bed.createVMIM(t, "mig-lm", vmi.Name)
 	dst := launcherOn(ctx, t, kube, vmi, "virt-launcher-vm-lm-dst", "node-b", m)
@@ -295,6 +332,7 @@ func TestBridgeLiveMigration(t *testing.T) {
 	lost := sent - replies
 	t.Logf("probe every 50 ms: %d sent, %d answered, %d lost; longest gap %s (ending %s); QEMU downtime %d ms",
 		sent, replies, lost, gap.Round(time.Millisecond), gapEnd.Format("15:04:05.000"), downtime)
+	assertGuestAlive(t, gDst)
 	if replies == 0 || sent < 40 {
 		t.Fatalf("probe did not run: %d sent, %d answered", sent, replies)
 	}

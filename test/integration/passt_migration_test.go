@@ -9,7 +9,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -182,16 +181,13 @@ func startTCPProbe(peer ns.NetNS, addr string) *tcpProbe {
 }
 
 func (p *tcpProbe) end() (answered, sent int, gap time.Duration) {
+	stopped := time.Now()
 	close(p.stop)
 	<-p.done
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	r := append([]time.Time(nil), p.ok...)
-	sort.Slice(r, func(i, j int) bool { return r[i].Before(r[j]) })
-	for i := 1; i < len(r); i++ {
-		gap = max(gap, r[i].Sub(r[i-1]))
-	}
-	return len(r), p.sent, gap
+	gap, _ = longestGap(p.ok, stopped)
+	return len(p.ok), p.sent, gap
 }
 
 // TestPasstLiveMigration live-migrates a real QEMU guest behind passt from
@@ -260,7 +256,7 @@ func TestPasstLiveMigration(t *testing.T) {
 echo "ADDR4 $(ip -4 -o addr show dev eth0 | awk '{print $4}' | head -1)"
 mkdir -p /tmp/www && echo guest > /tmp/www/index.html
 busybox httpd -p 8080 -h /tmp/www
-echo SERVING
+` + heartbeat + `echo SERVING
 sleep 600
 `
 	gSrc, err := guest.Start(ctx, img, guest.Options{
@@ -278,7 +274,7 @@ sleep 600
 		t.Fatal(err)
 	}
 	probe := startTCPProbe(peer, net.JoinHostPort(ip, "8080"))
-	time.Sleep(2 * time.Second)
+	time.Sleep(settle)
 	srcMAC := podLinks(t, src)["net1"].Attrs().HardwareAddr.String()
 
 	m := bed.createVMIM(t, "mig-pm", vmi.Name)
@@ -334,6 +330,7 @@ sleep 600
 	answered, sent, gap := probe.end()
 	t.Logf("TCP probe every 50 ms to a port passt forwards: %d sent, %d answered, %d lost; longest gap %s; QEMU downtime %d ms",
 		sent, answered, sent-answered, gap.Round(time.Millisecond), downtime)
+	assertGuestAlive(t, gDst)
 	if answered == 0 || sent < 40 {
 		t.Fatalf("probe did not run: %d sent, %d answered", sent, answered)
 	}
