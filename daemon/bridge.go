@@ -142,14 +142,6 @@ func (d *Daemon) addBridge(ctx context.Context, req *proto.Request, conf *netcon
 	return out, nil
 }
 
-func bridgeSpecOf(rec *state.Record) (*bridge.Spec, error) {
-	s := &bridge.Spec{}
-	if err := json.Unmarshal(rec.Spec, s); err != nil {
-		return nil, fmt.Errorf("decode spec of %s: %w", state.Key(rec.ContainerID, rec.IfName), err)
-	}
-	return s, nil
-}
-
 // bridgeSpecForDel rebuilds what a DEL without record needs from the DEL's
 // own config: the names follow from the attachment, the IPAM call from the
 // config.

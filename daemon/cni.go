@@ -18,6 +18,7 @@ import (
 	"github.com/vmnic/vmnic/pkg/proto"
 	"github.com/vmnic/vmnic/pkg/spool"
 	"github.com/vmnic/vmnic/pkg/state"
+	"github.com/vmnic/vmnic/plugins/bridge"
 	"github.com/vmnic/vmnic/plugins/masquerade"
 	"github.com/vmnic/vmnic/plugins/passt"
 )
@@ -216,8 +217,10 @@ func (d *Daemon) dropRecord(key string) {
 	}
 }
 
-func specOf(rec *state.Record) (*masquerade.Spec, error) {
-	s := &masquerade.Spec{}
+// specOf decodes the spec of a record of mode T (masquerade.Spec,
+// bridge.Spec, passt.Spec).
+func specOf[T any](rec *state.Record) (*T, error) {
+	s := new(T)
 	if err := json.Unmarshal(rec.Spec, s); err != nil {
 		return nil, fmt.Errorf("decode spec of %s: %w", state.Key(rec.ContainerID, rec.IfName), err)
 	}
@@ -281,7 +284,7 @@ func (d *Daemon) removeRecorded(ctx context.Context, key string, rec *state.Reco
 	switch rec.Mode {
 	case netconf.ModeBridge:
 		d.unwatchTarget(key)
-		spec, err := bridgeSpecOf(rec)
+		spec, err := specOf[bridge.Spec](rec)
 		if err != nil {
 			return err
 		}
@@ -289,7 +292,7 @@ func (d *Daemon) removeRecorded(ctx context.Context, key string, rec *state.Reco
 			return fmt.Errorf("remove port %s: %w", key, err)
 		}
 	case netconf.ModePasst:
-		spec, err := passtSpecOf(rec)
+		spec, err := specOf[passt.Spec](rec)
 		if err != nil {
 			return err
 		}
@@ -297,7 +300,7 @@ func (d *Daemon) removeRecorded(ctx context.Context, key string, rec *state.Reco
 			return fmt.Errorf("remove passt hold %s: %w", key, err)
 		}
 	default:
-		spec, err := specOf(rec)
+		spec, err := specOf[masquerade.Spec](rec)
 		if err != nil {
 			return err
 		}
@@ -336,19 +339,19 @@ func (d *Daemon) check(ctx context.Context, req *proto.Request, conf *netconf.Co
 	}
 	switch rec.Mode {
 	case netconf.ModeBridge:
-		spec, serr := bridgeSpecOf(rec)
+		spec, serr := specOf[bridge.Spec](rec)
 		if serr != nil {
 			return serr
 		}
 		return d.bridge.Check(ctx, key, spec)
 	case netconf.ModePasst:
-		spec, serr := passtSpecOf(rec)
+		spec, serr := specOf[passt.Spec](rec)
 		if serr != nil {
 			return serr
 		}
 		return passt.Check(spec)
 	}
-	spec, err := specOf(rec)
+	spec, err := specOf[masquerade.Spec](rec)
 	if err != nil {
 		return err
 	}
@@ -427,13 +430,13 @@ func (d *Daemon) restoreOne(ctx context.Context, key string, rec *state.Record) 
 		return nil // nothing runs for it: its state is the record and the hold table
 	}
 	if rec.Mode == netconf.ModeBridge {
-		spec, err := bridgeSpecOf(rec)
+		spec, err := specOf[bridge.Spec](rec)
 		if err != nil {
 			return err
 		}
 		return d.bridge.Restore(ctx, key, spec)
 	}
-	spec, err := specOf(rec)
+	spec, err := specOf[masquerade.Spec](rec)
 	if err != nil {
 		return err
 	}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"net"
 	"net/http"
@@ -314,7 +315,7 @@ func (d *Daemon) WriteMetrics(w *bytes.Buffer) {
 	e.sample("process_start_time_seconds", nil, float64(processStart.Unix()))
 
 	e.family("vmnic_attachments", "gauge", "VM NICs (attachments) wired on this node, by mode.")
-	for _, mode := range sortedKeys(st.attachments) {
+	for _, mode := range slices.Sorted(maps.Keys(st.attachments)) {
 		e.sample("vmnic_attachments", labels{{"mode", mode}}, float64(st.attachments[mode]))
 	}
 	e.family("vmnic_attachments_incomplete", "gauge", "Attachments whose ADD never finished (a daemon killed half-way); DEL or GC removes them.")
@@ -373,7 +374,7 @@ func (d *Daemon) WriteMetrics(w *bytes.Buffer) {
 	}
 
 	e.family("vmnic_gc_removed_total", "counter", "Stale objects removed by garbage collection (CNI GC, start and resync), by kind.")
-	for _, kind := range sortedKeys(m.gcRemoved) {
+	for _, kind := range slices.Sorted(maps.Keys(m.gcRemoved)) {
 		e.sample("vmnic_gc_removed_total", labels{{"kind", kind}}, float64(m.gcRemoved[kind]))
 	}
 	e.family("vmnic_migration_holds_total", "counter", "Live-migration targets wired and held silent.")
@@ -385,13 +386,13 @@ func (d *Daemon) WriteMetrics(w *bytes.Buffer) {
 
 	if len(m.events) > 0 {
 		e.family("vmnic_kube_events_total", "counter", "Kubernetes Events about wiring failures, by result (recorded, dropped, failed).")
-		for _, r := range sortedKeys(m.events) {
+		for _, r := range slices.Sorted(maps.Keys(m.events)) {
 			e.sample("vmnic_kube_events_total", labels{{"result", r}}, float64(m.events[r]))
 		}
 	}
 	if len(m.caps) > 0 {
 		e.family("vmnic_capability_ready", "gauge", "1 when the node's last capability probe found everything a mode needs (NodeNetworkCapability conditions).")
-		for _, mode := range sortedKeys(m.caps) {
+		for _, mode := range slices.Sorted(maps.Keys(m.caps)) {
 			e.sample("vmnic_capability_ready", labels{{"mode", mode}}, boolValue(m.caps[mode]))
 		}
 	}
@@ -406,15 +407,6 @@ func boolValue(b bool) float64 {
 		return 1
 	}
 	return 0
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	slices.Sort(out)
-	return out
 }
 
 // expo writes the Prometheus text exposition format.

@@ -67,7 +67,7 @@ func (d *Daemon) targetActive(key string) {
 	if err != nil || rec.Migration == nil {
 		return
 	}
-	spec, err := bridgeSpecOf(rec)
+	spec, err := specOf[bridge.Spec](rec)
 	if err != nil || !spec.Held || rec.Migration.Phase == kubevirt.MigrationFailed.String() {
 		return
 	}
@@ -150,7 +150,7 @@ type migrant struct {
 func (d *Daemon) migrantOf(key string, rec *state.Record) (*migrant, bool) {
 	switch rec.Mode {
 	case netconf.ModeBridge:
-		spec, err := bridgeSpecOf(rec)
+		spec, err := specOf[bridge.Spec](rec)
 		if err != nil || !spec.VM {
 			return nil, false
 		}
@@ -162,7 +162,7 @@ func (d *Daemon) migrantOf(key string, rec *state.Record) (*migrant, bool) {
 			heldNow: func() bool { return spec.Held },
 		}, true
 	case netconf.ModePasst:
-		spec, err := passtSpecOf(rec)
+		spec, err := specOf[passt.Spec](rec)
 		if err != nil {
 			return nil, false
 		}

@@ -2,7 +2,6 @@ package daemon
 
 import (
 	"encoding/json"
-	"fmt"
 
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
@@ -71,14 +70,6 @@ func (d *Daemon) addPasst(req *proto.Request, conf *netconf.Conf, pod netconf.Po
 	}
 	d.log.Info("passt interface prepared", "key", key, "pod", pod.Namespace+"/"+pod.Name, "vm", facts.VMName, "held", spec.Held)
 	return out, nil
-}
-
-func passtSpecOf(rec *state.Record) (*passt.Spec, error) {
-	s := &passt.Spec{}
-	if err := json.Unmarshal(rec.Spec, s); err != nil {
-		return nil, fmt.Errorf("decode spec of %s: %w", state.Key(rec.ContainerID, rec.IfName), err)
-	}
-	return s, nil
 }
 
 // reasserted reports whether the source key already reasserted its

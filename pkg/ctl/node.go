@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"strings"
 	"text/tabwriter"
@@ -153,7 +154,7 @@ func printStatus(w io.Writer, rep StatusReport, now time.Time) {
 func attachmentSummary(st *api.Status) string {
 	total := st.TotalAttachments()
 	var parts []string
-	for _, m := range sortedKeys(st.Attachments) {
+	for _, m := range slices.Sorted(maps.Keys(st.Attachments)) {
 		if n := st.Attachments[m]; n > 0 {
 			parts = append(parts, fmt.Sprintf("%s %d", m, n))
 		}
@@ -167,7 +168,7 @@ func attachmentSummary(st *api.Status) string {
 var verbOrder = []string{"ADD", "DEL", "CHECK", "STATUS", "GC", "other"}
 
 func requestSummary(r map[string]map[string]uint64) string {
-	verbs := sortedKeys(r)
+	verbs := slices.Sorted(maps.Keys(r))
 	slices.SortStableFunc(verbs, func(a, b string) int {
 		ia, ib := slices.Index(verbOrder, a), slices.Index(verbOrder, b)
 		return ia - ib
@@ -335,13 +336,4 @@ func age(now, t time.Time) string {
 		return fmt.Sprintf("%dh%dm", int(d.Hours()), int(d.Minutes())%60)
 	}
 	return fmt.Sprintf("%dd%dh", int(d.Hours())/24, int(d.Hours())%24)
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	slices.Sort(out)
-	return out
 }

@@ -42,26 +42,36 @@ type migrationBed struct {
 	agent *spiderpool.Agent
 }
 
-func newMigrationBed(t *testing.T) *migrationBed {
+// newClusterBed starts the API server with KubeVirt's CRDs and the clients
+// a migration test writes with; it returns Spiderpool's IPAM plugin dir.
+// The bed's ctx ends after timeout.
+func newClusterBed(t *testing.T, timeout time.Duration) (*migrationBed, string) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	t.Cleanup(cancel)
 	b := &migrationBed{ctx: ctx, c: cluster.StartT(t)}
 	if err := b.c.InstallKubeVirtCRDs(ctx); err != nil {
 		t.Fatal(err)
 	}
-	b.agent = spiderpool.StartAgentT(t, b.c, spiderpool.AgentOptions{NodeName: testNode})
 	pluginDir, err := spiderpool.PluginPath()
 	if err != nil {
 		t.Fatal(err)
 	}
-	applyPool(ctx, t, b.c, "vlan100-v4", "10.100.0.0/24", "10.100.0.20-10.100.0.40", "10.100.0.1")
 	if b.kube, err = kubernetes.NewForConfig(b.c.Config); err != nil {
 		t.Fatal(err)
 	}
 	if b.kv, err = kubevirt.KubeVirtClient(b.c.Config); err != nil {
 		t.Fatal(err)
 	}
+	return b, pluginDir
+}
+
+func newMigrationBed(t *testing.T) *migrationBed {
+	t.Helper()
+	b, pluginDir := newClusterBed(t, 4*time.Minute)
+	ctx := b.ctx
+	b.agent = spiderpool.StartAgentT(t, b.c, spiderpool.AgentOptions{NodeName: testNode})
+	applyPool(ctx, t, b.c, "vlan100-v4", "10.100.0.0/24", "10.100.0.20-10.100.0.40", "10.100.0.1")
 	dctx, dcancel := context.WithCancel(context.Background())
 	t.Cleanup(dcancel)
 	// A fresh facts source for every daemon start, as a restarted vmnicd has.

@@ -21,9 +21,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
-	"k8s.io/client-go/kubernetes"
 
-	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/test/cluster"
 	"github.com/vmnic/vmnic/test/guest"
 	"github.com/vmnic/vmnic/test/harness"
@@ -200,35 +198,18 @@ func (p *tcpProbe) end() (answered, sent int, gap time.Duration) {
 func TestPasstLiveMigration(t *testing.T) {
 	need.NoError(t, guest.Check())
 	need.Binary(t, "passt")
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	t.Cleanup(cancel)
 	img, err := guest.Build(t.TempDir())
 	if err != nil {
 		t.Fatalf("guest image: %v", err)
 	}
-	c := cluster.StartT(t)
-	if err := c.InstallKubeVirtCRDs(ctx); err != nil {
-		t.Fatal(err)
-	}
-	pluginDir, err := spiderpool.PluginPath()
-	if err != nil {
-		t.Fatal(err)
-	}
+	bed, pluginDir := newClusterBed(t, 5*time.Minute)
+	ctx, c, kube := bed.ctx, bed.c, bed.kube
 	dctx, dcancel := context.WithCancel(context.Background())
 	t.Cleanup(dcancel)
 	a, la := passtNode(t, c, "node-a", pluginDir, dctx)
 	b, lb := passtNode(t, c, "node-b", pluginDir, dctx)
 	applyPool(ctx, t, c, "under-v4", "10.50.0.0/24", "10.50.0.20-10.50.0.40", "10.50.0.1")
 	peer := passtUnderlay(t, a, b)
-	kube, err := kubernetes.NewForConfig(c.Config)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kv, err := kubevirt.KubeVirtClient(c.Config)
-	if err != nil {
-		t.Fatal(err)
-	}
-	bed := &migrationBed{ctx: ctx, c: c, kube: kube, kv: kv}
 	add := func(n *harness.Node, l *libcni.NetworkConfigList, p *harness.Pod) string {
 		t.Helper()
 		return ip4(addRetry(ctx, t, n, l, p))

@@ -18,15 +18,12 @@ import (
 	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
 
 	"github.com/vmnic/vmnic/daemon/capabilities"
 	"github.com/vmnic/vmnic/pkg/apis/v1alpha1"
 	"github.com/vmnic/vmnic/pkg/failpoint"
-	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/pkg/nft"
-	"github.com/vmnic/vmnic/test/cluster"
 	"github.com/vmnic/vmnic/test/harness"
 	"github.com/vmnic/vmnic/test/spiderpool"
 )
@@ -203,26 +200,10 @@ func neighMAC(t *testing.T, peer ns.NetNS, ip string) string {
 // while the target is held. A target ADD failing right after the hold is
 // taken leaves no hold.
 func TestPasstMigrationHold(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
-	t.Cleanup(cancel)
-	c := cluster.StartT(t)
-	if err := c.InstallKubeVirtCRDs(ctx); err != nil {
-		t.Fatal(err)
-	}
+	bed, pluginDir := newClusterBed(t, 4*time.Minute)
+	ctx, c, kube := bed.ctx, bed.c, bed.kube
 	agent := spiderpool.StartAgentT(t, c, spiderpool.AgentOptions{NodeName: testNode})
-	pluginDir, err := spiderpool.PluginPath()
-	if err != nil {
-		t.Fatal(err)
-	}
 	applyPool(ctx, t, c, "under-v4", "10.50.0.0/24", "10.50.0.20-10.50.0.40", "")
-	kube, err := kubernetes.NewForConfig(c.Config)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kv, err := kubevirt.KubeVirtClient(c.Config)
-	if err != nil {
-		t.Fatal(err)
-	}
 	dctx, dcancel := context.WithCancel(context.Background())
 	t.Cleanup(dcancel)
 	node, _ := newNode(t, false)
@@ -238,7 +219,6 @@ func TestPasstMigrationHold(t *testing.T) {
 	peer := underlay(t, node)
 	node.CNI = libcni.NewCNIConfigWithCacheDir([]string{node.BinDir, pluginDir}, filepath.Join(node.Dir, "cni-cache"), nil)
 	l := passtList(t, node, "1.0.0", agent.IPAMConfig("under-v4"), nil)
-	bed := &migrationBed{ctx: ctx, c: c, kube: kube, kv: kv}
 
 	vmi := createBridgeVMI(ctx, t, c, "vm-p")
 	src := launcherOn(ctx, t, kube, vmi, "virt-launcher-vm-p-src", testNode, nil)
@@ -267,6 +247,7 @@ func TestPasstMigrationHold(t *testing.T) {
 		}
 		return nil
 	})
+	var err error
 	for range 20 { // past Spiderpool's cache lag, as addRetry
 		if _, err = node.Add(ctx, l, dst); err == nil || !strings.Contains(err.Error(), "not found") {
 			break
