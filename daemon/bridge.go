@@ -6,9 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/vmnic/vmnic/pkg/failpoint"
 	"github.com/vmnic/vmnic/pkg/ipam"
@@ -118,8 +121,11 @@ func (d *Daemon) addBridge(ctx context.Context, req *proto.Request, conf *netcon
 		return nil, aerr
 	}
 	result := spec.Result()
-	spec.FillMACs(result)
-	out, err := marshalResult(result, conf.CNIVersion)
+	err = spec.FillMACs(result)
+	var out json.RawMessage
+	if err == nil {
+		out, err = marshalResult(result, conf.CNIVersion)
+	}
 	if err == nil {
 		err = failpoint.Hit(conf.Mode, failpoint.Record)
 	}
@@ -142,6 +148,36 @@ func (d *Daemon) addBridge(ctx context.Context, req *proto.Request, conf *netcon
 	return out, nil
 }
 
+// networkStatus is STATUS for a network: a chained mode is always ready (the shim
+// answers it without the daemon); bridge mode is ready when its OVS
+// database answers, its bridge exists and its IPAM plugin is ready. Each
+// failure is code 50 naming what is missing.
+func (d *Daemon) networkStatus(ctx context.Context, req *proto.Request, conf *netconf.Conf) error {
+	if conf.Chained() {
+		return nil
+	}
+	endpoint := conf.OVSDBSocket
+	if endpoint == "" {
+		endpoint = d.opts.OVSDB
+	}
+	notReady := func(format string, a ...any) error {
+		return types.NewError(types.ErrPluginNotAvailable, fmt.Sprintf(format, a...), "")
+	}
+	c, err := d.ovs.get(ctx, endpoint)
+	if err != nil {
+		return notReady("ovsdbSocket: OVS database %s unreachable: %v", endpoint, err)
+	}
+	brs, err := c.Bridges(ctx)
+	if err != nil {
+		return notReady("list OVS bridges: %v", err)
+	}
+	if !slices.ContainsFunc(brs, func(b ovsdb.Bridge) bool { return b.Name == conf.Bridge }) {
+		return notReady("bridge: OVS bridge %q does not exist on this node", conf.Bridge)
+	}
+	call := ipam.Call{Type: conf.IPAM.Type, Config: req.Config, Path: req.Path}
+	return call.Status(ctx)
+}
+
 // bridgeSpecForDel rebuilds what a DEL without record needs from the DEL's
 // own config: the names follow from the attachment, the IPAM call from the
 // config.
@@ -156,8 +192,10 @@ func (d *Daemon) bridgeSpecForDel(req *proto.Request, conf *netconf.Conf) *bridg
 		return nil
 	}
 	if len(req.IfName) > 3 {
-		// The VM layout may exist; its links carry the owner mark.
-		s.LinuxBridge, s.Tap = kubevirt.BridgeName(req.IfName), kubevirt.TapName(req.IfName)
+		// The VM layout may exist; its links carry the owner mark (and
+		// ownedNames covers both tap names).
+		s.LinuxBridge, s.Tap = kubevirt.BridgeName(req.IfName), kubevirt.TapName(req.IfName, false)
+		s.NicIf, _ = kubevirt.NicName(req.IfName)
 		s.VM = true
 	}
 	return s

@@ -15,6 +15,7 @@ import (
 	"github.com/vmnic/vmnic/pkg/failpoint"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/netconf"
+	"github.com/vmnic/vmnic/pkg/podnet"
 	"github.com/vmnic/vmnic/pkg/proto"
 	"github.com/vmnic/vmnic/pkg/spool"
 	"github.com/vmnic/vmnic/pkg/state"
@@ -42,6 +43,9 @@ func encode(w io.Writer, resp *proto.Response) error {
 // Handle serves one forwarded CNI request.
 func (d *Daemon) Handle(ctx context.Context, req *proto.Request) *proto.Response {
 	if !d.ready.Load() && !req.Spooled {
+		if req.Command == "STATUS" {
+			return errResponse(types.NewError(types.ErrPluginNotAvailable, "vmnic daemon is starting or stopping", ""))
+		}
 		return errResponse(types.NewError(types.ErrTryAgainLater, "vmnic daemon is starting or stopping", ""))
 	}
 	start := time.Now()
@@ -98,6 +102,7 @@ func (d *Daemon) dispatch(ctx context.Context, req *proto.Request) (json.RawMess
 	case "CHECK":
 		err = d.check(ctx, req, conf)
 	case "STATUS":
+		err = d.networkStatus(ctx, req, conf)
 	case "GC":
 		err = d.gcNetwork(ctx, conf, req)
 	default:
@@ -165,8 +170,11 @@ func (d *Daemon) add(ctx context.Context, req *proto.Request, conf *netconf.Conf
 		d.dropRecord(key)
 		return nil, aerr
 	}
-	result := spec.Result(prev)
-	out, err := marshalResult(result, conf.CNIVersion)
+	result, err := spec.Result(prev)
+	var out json.RawMessage
+	if err == nil {
+		out, err = marshalResult(result, conf.CNIVersion)
+	}
 	if err == nil {
 		err = failpoint.Hit(conf.Mode, failpoint.Record)
 	}
@@ -269,7 +277,7 @@ func (d *Daemon) del(ctx context.Context, req *proto.Request, conf *netconf.Conf
 	}
 	spec := &masquerade.Spec{
 		Netns: req.Netns, PodIf: req.IfName,
-		Bridge: kubevirt.BridgeName(req.IfName), Tap: kubevirt.TapName(req.IfName),
+		Bridge: kubevirt.BridgeName(req.IfName), Tap: kubevirt.TapName(req.IfName, req.IfName == kubevirt.PodNetworkInterface),
 		Owner: masquerade.Alias(req.ContainerID, req.IfName),
 	}
 	if err := d.masq.Del(ctx, key, spec); err != nil {
@@ -317,6 +325,9 @@ func (d *Daemon) check(ctx context.Context, req *proto.Request, conf *netconf.Co
 	pod, cerr := netconf.ParseArgs(req.Args)
 	if cerr != nil {
 		return cerr
+	}
+	if err := podnet.RequireNetns(req.Netns); err != nil {
+		return err
 	}
 	facts, err := d.opts.Facts.Lookup(ctx, kubevirt.Query{Pod: pod, IfName: req.IfName, Conf: conf})
 	if err != nil {

@@ -136,7 +136,7 @@ func preloadRecords(f *testing.F, netns string) map[string][]byte {
 	for _, p := range preloaded {
 		spec, err := json.Marshal(&masquerade.Spec{
 			Netns: netns, PodIf: p.ifName, IPv4: true,
-			Bridge: kubevirt.BridgeName(p.ifName), Tap: kubevirt.TapName(p.ifName),
+			Bridge: kubevirt.BridgeName(p.ifName), Tap: kubevirt.TapName(p.ifName, p.ifName == kubevirt.PodNetworkInterface),
 			Owner: masquerade.Alias(p.cid, p.ifName),
 		})
 		if err != nil {

@@ -140,6 +140,10 @@ type migrant struct {
 	// reassert announces a source's addresses again; nil for a mode whose
 	// target announces nothing before it is held.
 	reassert func() error
+	// guardDAD keeps a source from answering the target's DAD probes while
+	// its VM migrates (on), or lets it answer again; it reports a change.
+	// nil for a mode whose pod side runs no IPv6.
+	guardDAD func(on bool) (bool, error)
 	// running is called while the target waits for the outcome.
 	running func()
 	// heldNow reads the hold after release (it stays on when the hold
@@ -170,7 +174,8 @@ func (d *Daemon) migrantOf(key string, rec *state.Record) (*migrant, bool) {
 			spec: spec, held: spec.Held, silenced: spec.Silenced,
 			release:  func() error { return passt.Release(spec) },
 			silence:  func() error { return passt.Silence(spec) },
-			reassert: func() error { return passt.Announce(spec) },
+			reassert: func() error { return passt.Reassert(spec) },
+			guardDAD: func(on bool) (bool, error) { return passt.GuardDAD(spec, on) },
 			running:  func() {},
 			heldNow:  func() bool { return spec.Held },
 		}, true
@@ -237,6 +242,21 @@ func (d *Daemon) reconcileOne(tr kubevirt.MigrationTracker, key string) {
 			log.Info("migration source handed over: silenced until its DEL")
 			return
 		}
+		job, phase, inFlight := tr.InFlight(rec.Pod.Namespace, rec.VMName)
+		// The target's underlay plugin runs DAD for the IPv6 address the
+		// source holds while it sets the target up: the source does not
+		// hear those probes while its VM migrates.
+		if m.guardDAD != nil {
+			changed, err := m.guardDAD(inFlight)
+			if err != nil {
+				log.Error("migration source: DAD guard", "on", inFlight, "err", err)
+			} else if changed {
+				if err := d.putRecord(rec, m.spec, rec.Result); err != nil {
+					log.Error("migration source: record DAD guard", "err", err)
+				}
+				log.Info("migration source: DAD guard", "on", inFlight, "job", job)
+			}
+		}
 		if m.reassert == nil {
 			return
 		}
@@ -246,7 +266,6 @@ func (d *Daemon) reconcileOne(tr kubevirt.MigrationTracker, key string) {
 		// source reasserts the address at every phase of the migration
 		// (and again past the neighbour locktime) so the underlay keeps
 		// reaching the VM where it runs.
-		job, phase, inFlight := tr.InFlight(rec.Pod.Namespace, rec.VMName)
 		if !inFlight || d.reasserted(key, job+"/"+phase) {
 			return
 		}

@@ -138,8 +138,11 @@ func TestMetricsFromRequests(t *testing.T) {
 	d := newTestDaemon(t, ObserveOptions{Metrics: m})
 	masq := json.RawMessage(`{"cniVersion":"1.1.0","name":"podnet","type":"vmnic","mode":"masquerade"}`)
 	ctx := context.Background()
-	if r := d.Handle(ctx, &proto.Request{Command: "STATUS", Config: masq}); r.Error == nil || r.Error.Code != types.ErrTryAgainLater {
-		t.Fatalf("STATUS before ready = %+v, want code 11", r.Error)
+	if r := d.Handle(ctx, &proto.Request{Command: "STATUS", Config: masq}); r.Error == nil || r.Error.Code != types.ErrPluginNotAvailable {
+		t.Fatalf("STATUS before ready = %+v, want code 50", r.Error)
+	}
+	if r := d.Handle(ctx, &proto.Request{Command: "ADD", Config: masq}); r.Error == nil || r.Error.Code != types.ErrTryAgainLater {
+		t.Fatalf("ADD before ready = %+v, want code 11", r.Error)
 	}
 	d.ready.Store(true)
 	reqs := []*proto.Request{

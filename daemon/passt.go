@@ -15,15 +15,14 @@ import (
 )
 
 // servesPasst decides whether a VM interface is passt's: KubeVirt's passt
-// binding (the core one, or a plugin binding named passt), a binding vmnic
-// serves, or no method the API types know (KubeVirt v1.8's passtBinding
-// field decodes to none with the API version vmnic builds against).
+// binding (the core passtBinding, or a plugin binding named passt), a
+// binding vmnic serves, or a standalone daemon's VM pod (no binding known).
 func servesPasst(f *kubevirt.Facts) bool {
 	if f.VMName == "" {
 		return false
 	}
 	switch f.Binding {
-	case "core:passt", "passt", "core:default", "":
+	case kubevirt.CorePasst, "passt", "":
 		return true
 	}
 	return f.Serve
@@ -40,7 +39,13 @@ func (d *Daemon) addPasst(req *proto.Request, conf *netconf.Conf, pod netconf.Po
 	if err != nil {
 		return nil, types.NewError(types.ErrDecodingFailure, "prevResult: "+err.Error(), "")
 	}
-	spec, err := passt.NewSpec(req.ContainerID, req.Netns, req.IfName, prev, facts.Migration != nil)
+	spec, err := passt.NewSpec(passt.Input{
+		ContainerID: req.ContainerID, Netns: req.Netns, IfName: req.IfName, Prev: prev,
+		Target: facts.Migration != nil,
+		// Only a standalone daemon knows no binding: then no KubeVirt
+		// component sets passt's sysctls, and vmnic does.
+		SetSysctls: facts.Binding == "",
+	})
 	if err != nil {
 		return nil, err
 	}

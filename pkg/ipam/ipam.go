@@ -80,6 +80,28 @@ func (c *Call) Del(ctx context.Context) error {
 	return nil
 }
 
+// Status asks the IPAM plugin whether it can allocate (CNI 1.1 STATUS: a
+// plugin that delegates to IPAM passes STATUS on). An IPAM plugin from
+// before STATUS (it refuses the verb or the version) cannot tell and counts
+// as ready; any other failure is code 50 (or the plugin's own 50/51).
+func (c *Call) Status(ctx context.Context) error {
+	p, err := c.find()
+	if err != nil {
+		return types.NewError(types.ErrPluginNotAvailable, err.Error(), "")
+	}
+	err = invoke.ExecPluginWithoutResult(ctx, p, c.Config, c.args("STATUS"), nil)
+	var te *types.Error
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &te) && (te.Code == types.ErrPluginNotAvailable || te.Code == types.ErrLimitedConnectivity):
+		return wrap("STATUS", c.Type, err)
+	case errors.As(err, &te) && (te.Code == types.ErrIncompatibleCNIVersion || te.Code == types.ErrInvalidEnvironmentVariables || te.Code == types.ErrUnsupportedField):
+		return nil
+	}
+	return types.NewError(types.ErrPluginNotAvailable, fmt.Sprintf("ipam %s STATUS: %v", c.Type, err), "")
+}
+
 // wrap keeps the plugin's CNI error code and names the plugin.
 func wrap(cmd, typ string, err error) error {
 	var te *types.Error

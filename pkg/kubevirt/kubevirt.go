@@ -6,6 +6,8 @@ package kubevirt
 
 import (
 	"context"
+	"fmt"
+	"strings"
 
 	"github.com/vmnic/vmnic/pkg/netconf"
 )
@@ -19,24 +21,66 @@ const (
 // maxIfName is IFNAMSIZ-1.
 const maxIfName = 15
 
-// TapName is the tap KubeVirt hands to QEMU for a tap binding: "tap" plus the
-// pod interface name without its first three characters (eth0 → tap0,
-// net1 → tap1, pod1a2b3c4d5e6 → tap1a2b3c4d5e6).
-func TapName(podIf string) string {
+// HashedPrefix starts KubeVirt's hashed pod interface names
+// ("pod" + sha256(network name)[:11]).
+const HashedPrefix = "pod"
+
+// PrimaryTap is the tap KubeVirt (v1.5 and later) hands QEMU for the pod
+// network, whatever the pod interface is called.
+const PrimaryTap = "tap0"
+
+// TapName is the tap KubeVirt hands to QEMU for a tap binding, as
+// GenerateTapDeviceName derives it: tap0 for the VMI's primary network (the
+// pod network or the Multus default network), "tap" plus the pod interface
+// name without its first three characters for a secondary Multus network
+// (net1 → tap1, pod1a2b3c4d5e6 → tap1a2b3c4d5e6). KubeVirt v1.4 and older
+// used the second rule for every network; the two agree on every name those
+// releases gave a primary interface (eth0).
+func TapName(podIf string, primary bool) string {
+	if primary {
+		return PrimaryTap
+	}
 	if len(podIf) <= 3 {
 		return "tap" + podIf
 	}
 	return "tap" + podIf[3:]
 }
 
-// BridgeName is the in-pod bridge "k6t-<podIf>", keeping the last characters
-// of a long (hashed) interface name so the result fits IFNAMSIZ.
+// TapCandidates are the taps an attachment of podIf may have, primary or
+// not: what a DEL without a record looks for (under the owner mark).
+func TapCandidates(podIf string) []string {
+	a, b := TapName(podIf, false), TapName(podIf, true)
+	if a == b {
+		return []string{a}
+	}
+	return []string{a, b}
+}
+
+// BridgeName is the in-pod bridge as KubeVirt's GenerateBridgeName names it:
+// "k6t-" and the pod interface name without the hashed names' "pod"
+// prefix (eth0 → k6t-eth0, pod1a2b3c4d5e6 → k6t-1a2b3c4d5e6). A name that
+// would not fit IFNAMSIZ keeps its last characters.
 func BridgeName(podIf string) string {
 	const prefix = "k6t-"
+	podIf = strings.TrimPrefix(podIf, HashedPrefix)
 	if len(prefix)+len(podIf) > maxIfName {
 		podIf = podIf[len(podIf)-(maxIfName-len(prefix)):]
 	}
 	return prefix + podIf
+}
+
+// NicName is the name the pod interface's traffic-carrying link takes when
+// the interface's own name must hold the guest's MAC, as KubeVirt's
+// GenerateNewBridgedVmiInterfaceName derives it for its bridge binding:
+// "<name>-nic" without the hashed names' "pod" prefix (net1 → net1-nic,
+// pod1a2b3c4d5e6 → 1a2b3c4d5e6-nic). It fails for a name that leaves no
+// room for the suffix, as KubeVirt's pod interface names always do.
+func NicName(podIf string) (string, error) {
+	n := strings.TrimPrefix(podIf, HashedPrefix) + "-nic"
+	if len(n) > maxIfName || n == "-nic" {
+		return "", fmt.Errorf("interface name %q leaves no room for the %q suffix (at most %d characters before it)", podIf, "-nic", maxIfName-4)
+	}
+	return n, nil
 }
 
 // Facts are what vmnic needs to know about the VM behind an interface.
@@ -47,6 +91,9 @@ type Facts struct {
 	VMName string
 	// Binding names the VMI interface's binding, when known.
 	Binding string
+	// Primary: the interface is the VMI's primary network (the pod network
+	// or the Multus default network), whose tap KubeVirt names tap0.
+	Primary bool
 	MAC     string
 	Ports   []netconf.Port
 	Queues  int
@@ -86,7 +133,9 @@ func (Standalone) Lookup(_ context.Context, q Query) (*Facts, error) {
 	if !q.Pod.IsLauncherPod() {
 		return &Facts{}, nil
 	}
-	f := &Facts{Serve: true, VMName: q.Pod.Name}
+	// Without a VMI the pod network is the interface the runtime names
+	// eth0, as Multus and every runtime do.
+	f := &Facts{Serve: true, VMName: q.Pod.Name, Primary: q.IfName == PodNetworkInterface}
 	if vm := q.Conf.VM(); vm != nil {
 		if vm.Name != "" {
 			f.VMName = vm.Name

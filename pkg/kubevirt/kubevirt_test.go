@@ -8,18 +8,39 @@ import (
 )
 
 func TestNames(t *testing.T) {
-	cases := []struct{ podIf, tap, bridge string }{
-		{"eth0", "tap0", "k6t-eth0"},
-		{"net1", "tap1", "k6t-net1"},
-		{"pod16477688c0e", "tap16477688c0e", "k6t-16477688c0e"},
+	cases := []struct {
+		podIf   string
+		primary bool
+		tap     string
+		bridge  string
+		nic     string
+	}{
+		{"eth0", true, "tap0", "k6t-eth0", "eth0-nic"},
+		{"net1", false, "tap1", "k6t-net1", "net1-nic"},
+		{"pod16477688c0e", false, "tap16477688c0e", "k6t-16477688c0e", "16477688c0e-nic"},
+		// A primary network whose pod interface is not eth0 (an OVN
+		// user-defined network) still gets tap0.
+		{"ovn-udn1", true, "tap0", "k6t-ovn-udn1", "ovn-udn1-nic"},
 	}
 	for _, c := range cases {
-		if got := TapName(c.podIf); got != c.tap {
-			t.Errorf("TapName(%q) = %q, want %q", c.podIf, got, c.tap)
+		if got := TapName(c.podIf, c.primary); got != c.tap {
+			t.Errorf("TapName(%q, %v) = %q, want %q", c.podIf, c.primary, got, c.tap)
 		}
 		if got := BridgeName(c.podIf); got != c.bridge || len(got) > 15 {
 			t.Errorf("BridgeName(%q) = %q, want %q (<= 15 chars)", c.podIf, got, c.bridge)
 		}
+		if got, err := NicName(c.podIf); err != nil || got != c.nic {
+			t.Errorf("NicName(%q) = %q, %v, want %q", c.podIf, got, err, c.nic)
+		}
+	}
+	if n, err := NicName("averylongname1"); err == nil {
+		t.Errorf("NicName of a 14-character name = %q, want an error", n)
+	}
+	if got := TapCandidates("net1"); len(got) != 2 || got[0] != "tap1" || got[1] != "tap0" {
+		t.Errorf("TapCandidates(net1) = %v", got)
+	}
+	if got := TapCandidates("eth0"); len(got) != 1 || got[0] != "tap0" {
+		t.Errorf("TapCandidates(eth0) = %v", got)
 	}
 }
 

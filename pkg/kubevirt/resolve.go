@@ -54,12 +54,10 @@ type multusSelection struct {
 // networkFor finds the VMI network whose pod interface is ifName.
 func networkFor(pod *corev1.Pod, vmi *kubevirtv1.VirtualMachineInstance, ifName string) (*kubevirtv1.Network, error) {
 	nets := vmi.Spec.Networks
+	if primary := primaryNetwork(nets); primary != nil && ifName == primaryIfName(vmi, primary) {
+		return primary, nil
+	}
 	if ifName == PodNetworkInterface {
-		for i := range nets {
-			if nets[i].Pod != nil || (nets[i].Multus != nil && nets[i].Multus.Default) {
-				return &nets[i], nil
-			}
-		}
 		return nil, fmt.Errorf("VMI %s/%s has no pod network for %s", vmi.Namespace, vmi.Name, ifName)
 	}
 	// 1. The pod's Multus annotation names the interface per attachment.
@@ -93,6 +91,33 @@ func networkFor(pod *corev1.Pod, vmi *kubevirtv1.VirtualMachineInstance, ifName 
 	return nil, fmt.Errorf("no network of VMI %s/%s maps to pod interface %s", vmi.Namespace, vmi.Name, ifName)
 }
 
+// IsPrimary reports whether a VMI network is its primary one: the pod
+// network, or the Multus default network that replaces it.
+func IsPrimary(n *kubevirtv1.Network) bool {
+	return n.Pod != nil || (n.Multus != nil && n.Multus.Default)
+}
+
+func primaryNetwork(nets []kubevirtv1.Network) *kubevirtv1.Network {
+	for i := range nets {
+		if IsPrimary(&nets[i]) {
+			return &nets[i]
+		}
+	}
+	return nil
+}
+
+// primaryIfName is the pod interface of the primary network: eth0, unless
+// the VMI's status reports another one (KubeVirt takes it from the pod's
+// network-status, as for OVN-Kubernetes' user-defined primary networks).
+func primaryIfName(vmi *kubevirtv1.VirtualMachineInstance, primary *kubevirtv1.Network) string {
+	for _, st := range vmi.Status.Interfaces {
+		if st.Name == primary.Name && st.PodInterfaceName != "" {
+			return st.PodInterfaceName
+		}
+	}
+	return PodNetworkInterface
+}
+
 func sameNAD(ref string, s multusSelection, vmiNS string) bool {
 	ns, name, ok := strings.Cut(ref, "/")
 	if !ok {
@@ -116,6 +141,10 @@ func MigrationOf(pod *corev1.Pod) *Migration {
 	return &Migration{Job: job, UID: uid}
 }
 
+// CorePasst names KubeVirt's own passt binding (passtBinding, v1.8 and
+// later; the deprecated passt method before).
+const CorePasst = "core:passt"
+
 // BindingName is the binding of a VMI interface: a plugin binding's name, or
 // "core:<method>" for KubeVirt's built-in ones.
 func BindingName(iface *kubevirtv1.Interface) string {
@@ -128,8 +157,8 @@ func BindingName(iface *kubevirtv1.Interface) string {
 		return "core:bridge"
 	case iface.SRIOV != nil:
 		return "core:sriov"
-	case iface.DeprecatedPasst != nil:
-		return "core:passt"
+	case iface.PasstBinding != nil, iface.DeprecatedPasst != nil:
+		return CorePasst
 	}
 	return "core:default"
 }
@@ -161,7 +190,7 @@ func Resolve(pod *corev1.Pod, vmi *kubevirtv1.VirtualMachineInstance, ifName str
 	if iface == nil {
 		return nil, fmt.Errorf("VMI %s/%s has network %q but no interface for it", vmi.Namespace, vmi.Name, network.Name)
 	}
-	f := &Facts{VMName: vmi.Name, Binding: BindingName(iface), MAC: iface.MacAddress}
+	f := &Facts{VMName: vmi.Name, Binding: BindingName(iface), MAC: iface.MacAddress, Primary: IsPrimary(network)}
 	for _, b := range bindings {
 		if f.Binding == b {
 			f.Serve = true

@@ -170,3 +170,49 @@ func TestParseArgs(t *testing.T) {
 		t.Errorf("malformed CNI_ARGS: %v, want code 4 naming CNI_ARGS", err)
 	}
 }
+
+// TestParseArgsAnyOrder: containerd builds CNI_ARGS from a map, so the keys
+// come in any order; every order of what it sends reads the same.
+func TestParseArgsAnyOrder(t *testing.T) {
+	pairs := []string{"IgnoreUnknown=1", "K8S_POD_NAMESPACE=ns", "K8S_POD_NAME=virt-launcher-vm1-x7k2p", "K8S_POD_INFRA_CONTAINER_ID=abc", "K8S_POD_UID=u1"}
+	want := PodArgs{Namespace: "ns", Name: "virt-launcher-vm1-x7k2p", UID: "u1", InfraID: "abc", IgnoreUnknown: true}
+	n := 0
+	var permute func(k int)
+	permute = func(k int) {
+		if k == len(pairs) {
+			n++
+			got, err := ParseArgs(strings.Join(pairs, ";"))
+			if err != nil || got != want {
+				t.Errorf("ParseArgs(%q) = %+v, %v, want %+v", strings.Join(pairs, ";"), got, err, want)
+			}
+			return
+		}
+		for i := k; i < len(pairs); i++ {
+			pairs[k], pairs[i] = pairs[i], pairs[k]
+			permute(k + 1)
+			pairs[k], pairs[i] = pairs[i], pairs[k]
+		}
+	}
+	permute(0)
+	if n != 120 {
+		t.Fatalf("tried %d orders, want all 120", n)
+	}
+}
+
+// TestParseContainerdRuntimeConfig: what containerd puts into runtimeConfig
+// for the capabilities a config declares (dns, portMappings, the pod's
+// annotations) and cgroupPath (v2) is accepted; only dns is read.
+func TestParseContainerdRuntimeConfig(t *testing.T) {
+	c, err := Parse([]byte(`{"cniVersion":"1.1.0","name":"podnet","type":"vmnic","mode":"masquerade",` + prev + `,
+		"capabilities":{"dns":true,"portMappings":true,"io.kubernetes.cri.pod-annotations":true},
+		"runtimeConfig":{"dns":{"servers":["10.96.0.10"],"searches":["default.svc.cluster.local"],"options":["ndots:5"]},
+		"portMappings":[{"hostPort":8080,"containerPort":80,"protocol":"tcp"}],
+		"io.kubernetes.cri.pod-annotations":{"kubevirt.io/domain":"vm1","kubevirt.io/migrationJobName":"mig-1","k8s.v1.cni.cncf.io/networks":"[]"},
+		"cgroupPath":"/kubepods/besteffort/pod123"}}`))
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+	if d := c.RuntimeConfig.DNS; d == nil || len(d.Servers) != 1 || d.Servers[0] != "10.96.0.10" {
+		t.Errorf("runtimeConfig.dns = %+v", d)
+	}
+}

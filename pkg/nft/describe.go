@@ -157,10 +157,17 @@ func (d *describer) lhs(src regSrc) string {
 		case expr.MetaKeyL4PROTO:
 			d.flushProto()
 			return "meta l4proto"
+		case expr.MetaKeyPROTOCOL:
+			d.flushProto()
+			return "meta protocol"
 		}
 		d.flushProto()
 		return fmt.Sprintf("meta key %d", src.meta)
 	case regPayload:
+		if src.base == expr.PayloadBaseTransportHeader && src.len == 1 && src.off == 0 && d.proto == "ipv6-icmp" {
+			d.proto = ""
+			return "icmpv6 type"
+		}
 		if src.base == expr.PayloadBaseTransportHeader && src.len == 2 && (src.off == 0 || src.off == 2) {
 			field := "dport"
 			if src.off == 0 {
@@ -204,6 +211,15 @@ func (d *describer) value(src regSrc, data []byte) string {
 		return fmt.Sprintf("%q", string(data)+"*")
 	case src.kind == regMeta && src.meta == expr.MetaKeyL4PROTO && len(data) == 1:
 		return protoName(data[0])
+	case src.kind == regMeta && src.meta == expr.MetaKeyPROTOCOL && len(data) == 2:
+		switch binary.BigEndian.Uint16(data) {
+		case unix.ETH_P_IP:
+			return "ip"
+		case unix.ETH_P_IPV6:
+			return "ip6"
+		}
+	case src.kind == regPayload && src.base == expr.PayloadBaseTransportHeader && src.len == 1 && src.off == 0 && len(data) == 1 && data[0] == 135:
+		return "nd-neighbor-solicit"
 	case src.kind == regPayload && src.base == expr.PayloadBaseTransportHeader && src.len == 2 && len(data) == 2:
 		return fmt.Sprint(binary.BigEndian.Uint16(data))
 	case src.kind == regPayload && src.base == expr.PayloadBaseNetworkHeader && (len(data) == 4 || len(data) == 16):
@@ -213,6 +229,9 @@ func (d *describer) value(src regSrc, data []byte) string {
 }
 
 func protoName(p byte) string {
+	if p == unix.IPPROTO_ICMPV6 {
+		return "ipv6-icmp"
+	}
 	for name, n := range l4protos {
 		if n == p {
 			return name

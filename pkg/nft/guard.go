@@ -31,13 +31,21 @@ const GuardPrefix = "vmnic_"
 // until it takes over (the guest behind it must not be heard, nor fed stale
 // traffic, before the switchover), and its source once it has handed over.
 type Guard struct {
-	PodIf string // the pod interface, enslaved to the bridge
+	// Name is the NIC's pod interface name (CNI_IFNAME), which names the
+	// table; empty means PodIf.
+	Name  string
+	PodIf string // the bridge port that faces the underlay
 	Tap   string // the guest's tap
 	Held  bool
 }
 
 // Table is the guard's table name.
-func (g Guard) Table() string { return GuardPrefix + g.PodIf }
+func (g Guard) Table() string {
+	if g.Name != "" {
+		return GuardPrefix + g.Name
+	}
+	return GuardPrefix + g.PodIf
+}
 
 const (
 	dhcpServerPort  = 67
@@ -124,10 +132,10 @@ func ApplyGuard(netnsPath string, g Guard) error {
 	return nil
 }
 
-// DeleteGuard removes the guard table of podIf. A missing table or
-// namespace is success.
-func DeleteGuard(netnsPath, podIf string) error {
-	name := Guard{PodIf: podIf}.Table()
+// DeleteGuard removes the guard table of the NIC named ifName (the guard's
+// Name). A missing table or namespace is success.
+func DeleteGuard(netnsPath, ifName string) error {
+	name := Guard{Name: ifName}.Table()
 	err := withConn(netnsPath, func(c *nftables.Conn) error {
 		ts, err := c.ListTablesOfFamily(nftables.TableFamilyBridge)
 		if err != nil {

@@ -76,14 +76,5 @@ func Held(netnsPath, dev string) (bool, error) {
 }
 
 func holdPresent(c *nftables.Conn, dev string) (bool, error) {
-	ts, err := c.ListTablesOfFamily(nftables.TableFamilyNetdev)
-	if err != nil {
-		return false, fmt.Errorf("list tables: %w", err)
-	}
-	for _, t := range ts {
-		if t.Name == HoldPrefix+dev {
-			return true, nil
-		}
-	}
-	return false, nil
+	return tablePresent(c, nftables.TableFamilyNetdev, HoldPrefix+dev)
 }

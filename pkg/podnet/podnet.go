@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"os"
 
+	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
@@ -69,6 +70,28 @@ func OpenHandle(path string) (netlinksafe.Handle, func(), error) {
 		return netlinksafe.Handle{}, nil, fmt.Errorf("netlink handle in %q: %w", path, err)
 	}
 	return h, func() { h.Close(); _ = nsh.Close() }, nil
+}
+
+// NetnsError is the CNI error for a pod netns that could not be opened. A
+// namespace that no longer exists is the spec's "unknown container" (code
+// 3): the sandbox is gone, and the runtime needs no cleanup for it. Any
+// other failure names CNI_NETNS (code 4).
+func NetnsError(err error) *types.Error {
+	if errors.Is(err, ErrNetnsGone) {
+		return types.NewError(types.ErrUnknownContainer, fmt.Sprintf("CNI_NETNS: the sandbox's network namespace no longer exists: %v", err), "")
+	}
+	return types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_NETNS: %v", err), "")
+}
+
+// RequireNetns returns NetnsError when path is not a mounted network
+// namespace, and nil when it is.
+func RequireNetns(path string) error {
+	_, closeH, err := OpenHandle(path)
+	if err != nil {
+		return NetnsError(err)
+	}
+	closeH()
+	return nil
 }
 
 // OpenHost returns a handle in the namespace at path, or in the caller's own
@@ -152,6 +175,9 @@ const (
 	TempBridge = 'b'
 	TempTap    = 't'
 	TempPeer   = 'p'
+	// TempPlaceholder: the link that holds a pod interface's name and the
+	// guest's MAC in bridge mode.
+	TempPlaceholder = 'n'
 )
 
 // MarkAndRename marks the link created under the temporary name tmp with
@@ -201,7 +227,7 @@ func DeletePrivate(h netlinksafe.Handle, owner string, names ...string) error {
 
 // TempNames are the temporary names of the attachment with owner mark.
 func TempNames(owner string) []string {
-	return []string{TempName(owner, TempBridge), TempName(owner, TempTap), TempName(owner, TempPeer)}
+	return []string{TempName(owner, TempBridge), TempName(owner, TempTap), TempName(owner, TempPeer), TempName(owner, TempPlaceholder)}
 }
 
 // Tap describes the tap QEMU opens in the pod.

@@ -8,6 +8,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
@@ -145,12 +146,39 @@ func describe(err error, resp *proto.Response) string {
 	return resp.Error.Error()
 }
 
+// StatusTimeout bounds a bridge-mode STATUS: the runtime calls STATUS on
+// every CRI Status poll, so it never waits for the daemon to come up.
+const StatusTimeout = 2 * time.Second
+
+// cmdStatus answers whether the network can take ADDs, which decides the
+// node's NetworkReady (and so its Ready condition) when vmnic is chained
+// into the node's primary network.
+//
+//   - masquerade and passt (chained): ready at once, without the daemon.
+//     Every ordinary pod passes through the shim without it; a VM pod's ADD
+//     that needs it gets code 11 and kubelet retries. A daemon outage must
+//     not make the node NotReady and evict every pod on it.
+//   - bridge (a network's main plugin): the daemon serves every ADD, so
+//     STATUS asks it once, without waiting: code 50 when it is away or not
+//     ready, or when the OVS bridge or the IPAM plugin cannot serve.
 func cmdStatus(args *skel.CmdArgs) error {
 	conf, cerr := netconf.Parse(args.StdinData)
 	if cerr != nil {
 		return cerr
 	}
-	return forward("STATUS", args, conf)
+	if conf.Chained() {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), min(StatusTimeout, conf.ReadyTimeout))
+	defer cancel()
+	resp, err := proto.Call(ctx, conf.Socket, request("STATUS", args))
+	if err != nil {
+		return types.NewError(types.ErrPluginNotAvailable, "vmnic daemon unavailable: "+err.Error(), "")
+	}
+	if resp.Error != nil {
+		return resp.Error
+	}
+	return nil
 }
 
 func cmdGC(args *skel.CmdArgs) error {

@@ -5,15 +5,25 @@
 // interface and the tap as ports, and vmnic's DHCP server handing the guest
 // the pod's address, gateway, routes, DNS and MTU.
 //
-// For a VM the pod's own network stack is kept off the VLAN: the pod
-// interface has no address and no IPv6, and a bridge-family nftables table
-// drops whatever the pod itself would send or receive through it (see
-// nft.Guard). The guest is the only host behind the port.
+// For a VM the pod's own network stack is kept off the VLAN: the port has no
+// address and no IPv6, and a bridge-family nftables table drops whatever
+// the pod itself would send or receive through it (see nft.Guard). The
+// guest is the only host behind the port.
 //
 // The guest's MAC is the VMI interface's macAddress when set; otherwise it
 // follows the IP: 02:76 followed by the four bytes of the first IPv4
 // address (the last four of the IPv6 address when there is none). A VM that
 // restarts or migrates and keeps its IP therefore keeps its MAC.
+//
+// KubeVirt's tap binding gives the domain the MAC of the link named as the
+// pod interface (net1, pod<hash>, eth0) when the VMI sets none, and a bridge
+// port can not carry the MAC of a host behind it. So, as KubeVirt's own
+// bridge binding does, the veth's pod end is the bridge port under the name
+// "<if>-nic" (kubevirt.NicName), and the pod interface's name is held by a
+// placeholder link that carries the guest's MAC and the port's MTU and
+// nothing else: a Linux bridge without ports, kept down. KubeVirt uses a
+// dummy link there; the bridge kind exists wherever vmnic runs (k6t- is
+// one), needs no module of its own, and can not pass a frame either.
 package bridge
 
 import (
@@ -25,6 +35,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"strconv"
 
 	"github.com/containernetworking/cni/pkg/types"
@@ -70,6 +81,10 @@ type Spec struct {
 	Network     string `json:"network"`
 	Netns       string `json:"netns"`
 	PodIf       string `json:"podIf"`
+	// NicIf is a VM's bridge port, the veth's pod end ("<if>-nic"); PodIf
+	// is then the placeholder holding the guest's MAC. Empty in records of
+	// older vmnic versions, whose port was PodIf itself.
+	NicIf string `json:"nicIf,omitempty"`
 	// HostNetns is where the node end lives and OVS runs; "" is the
 	// daemon's own namespace.
 	HostNetns string `json:"hostNetns,omitempty"`
@@ -152,9 +167,14 @@ func NewSpec(in Input) (*Spec, error) {
 			return nil, types.NewError(types.ErrInvalidEnvironmentVariables,
 				fmt.Sprintf("CNI_IFNAME: %q is too short to derive the tap name (KubeVirt's rule is tap+name[3:])", in.IfName), "")
 		}
+		nic, err := kubevirt.NicName(in.IfName)
+		if err != nil {
+			return nil, types.NewError(types.ErrInvalidEnvironmentVariables, "CNI_IFNAME: "+err.Error(), "")
+		}
 		s.VM = true
+		s.NicIf = nic
 		s.LinuxBridge = kubevirt.BridgeName(in.IfName)
-		s.Tap = kubevirt.TapName(in.IfName)
+		s.Tap = kubevirt.TapName(in.IfName, f.Primary)
 		s.Queues = f.Queues
 		s.GuestMAC = f.MAC
 		s.Hostname = f.VMName
@@ -172,8 +192,8 @@ func GuestMACFor(ip net.IP) net.HardwareAddr {
 	return net.HardwareAddr{0x02, 0x76, b[0], b[1], b[2], b[3]}
 }
 
-// portMAC is the pod interface's own MAC for a VM: it must differ from the
-// guest's, or the bridge would take the guest's frames for its own.
+// portMAC is the MAC of a VM's bridge port (and of k6t-<if>): it must differ
+// from the guest's, or the bridge would take the guest's frames for its own.
 func portMAC(guest net.HardwareAddr) net.HardwareAddr {
 	m := append(net.HardwareAddr(nil), guest...)
 	m[1] ^= 0x01
@@ -244,12 +264,17 @@ func (p *Plugin) Add(ctx context.Context, key string, s *Spec, save func() error
 	}()
 	podH, closePod, err := podnet.OpenHandle(s.Netns)
 	if err != nil {
-		return types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_NETNS: %v", err), "")
+		return podnet.NetnsError(err)
 	}
 	defer closePod()
-	if _, lerr := podH.LinkByName(s.PodIf); lerr == nil {
-		return types.NewError(types.ErrInvalidEnvironmentVariables,
-			fmt.Sprintf("CNI_IFNAME: %q already exists in %s", s.PodIf, s.Netns), "")
+	for _, name := range []string{s.PodIf, s.NicIf} {
+		if name == "" {
+			continue
+		}
+		if _, lerr := podH.LinkByName(name); lerr == nil {
+			return types.NewError(types.ErrInvalidEnvironmentVariables,
+				fmt.Sprintf("CNI_IFNAME: %q already exists in %s", name, s.Netns), "")
+		}
 	}
 	client, err := p.OVS(ctx, s.OVSDB)
 	if err != nil {
@@ -340,8 +365,25 @@ func portError(s *Spec, err error) error {
 	return fmt.Errorf("OVS port: %w", err)
 }
 
+// Port is the pod-side link that is the VM's bridge port: NicIf, or PodIf
+// in records of older versions.
+func (s *Spec) Port() string {
+	if s.NicIf != "" {
+		return s.NicIf
+	}
+	return s.PodIf
+}
+
+// podEnd is the veth's pod end: the VM's port, or a plain pod's interface.
+func (s *Spec) podEnd() string {
+	if s.VM {
+		return s.Port()
+	}
+	return s.PodIf
+}
+
 func (s *Spec) guard() nft.Guard {
-	return nft.Guard{PodIf: s.PodIf, Tap: s.Tap, Held: s.Held || s.Silenced}
+	return nft.Guard{Name: s.PodIf, PodIf: s.Port(), Tap: s.Tap, Held: s.Held || s.Silenced}
 }
 
 // Release ends a migration target's hold: the guest behind the tap is
@@ -362,7 +404,7 @@ func (p *Plugin) Release(s *Spec) error {
 	for _, ipc := range s.ips() {
 		ips = append(ips, ipc.Address.IP)
 	}
-	return announce.Send(announce.Announcement{Netns: s.Netns, IfName: s.PodIf, MAC: mac, IPs: ips})
+	return announce.Send(announce.Announcement{Netns: s.Netns, IfName: s.Port(), MAC: mac, IPs: ips})
 }
 
 // Silence cuts a migration source's guest off the VLAN once the target
@@ -376,8 +418,8 @@ func (p *Plugin) Silence(s *Spec) error {
 	return nil
 }
 
-// addVeth creates the pair from the node side, the pod end named PodIf in
-// the pod netns, both marked, and sets the node end up.
+// addVeth creates the pair from the node side, the pod end (podEnd) in the
+// pod netns, both marked, and sets the node end up.
 func (p *Plugin) addVeth(hostH, podH netlinksafe.Handle, s *Spec) error {
 	podNS, err := ns.GetNS(s.Netns)
 	if err != nil {
@@ -397,7 +439,7 @@ func (p *Plugin) addVeth(hostH, podH netlinksafe.Handle, s *Spec) error {
 		if errors.Is(verr, unix.EEXIST) {
 			return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("veth %q already exists", s.HostIf), "")
 		}
-		return fmt.Errorf("create veth %s/%s: %w", s.HostIf, s.PodIf, verr)
+		return fmt.Errorf("create veth %s/%s: %w", s.HostIf, s.podEnd(), verr)
 	}
 	// The node end's name is the attachment's own; the pod end is created
 	// under a temporary one and renamed once marked.
@@ -409,7 +451,7 @@ func (p *Plugin) addVeth(hostH, podH netlinksafe.Handle, s *Spec) error {
 		_ = hostH.LinkDel(host)
 		return fmt.Errorf("mark %q: %w", s.HostIf, aerr)
 	}
-	if _, rerr := podnet.MarkAndRename(podH, tmpPeer, s.PodIf, s.Owner); rerr != nil {
+	if _, rerr := podnet.MarkAndRename(podH, tmpPeer, s.podEnd(), s.Owner); rerr != nil {
 		return fmt.Errorf("pod end: %w", rerr)
 	}
 	if err := hostH.LinkSetUp(host); err != nil {
@@ -466,29 +508,27 @@ func (s *Spec) gatewayFor(dst net.IP) net.IP {
 	return nil
 }
 
-// wireVM builds the KubeVirt layout behind the pod end.
+// wireVM builds the KubeVirt layout behind the pod end: the port NicIf and
+// the tap on k6t-<if>, and the placeholder PodIf with the guest's MAC.
 func (p *Plugin) wireVM(h netlinksafe.Handle, s *Spec) error {
 	guest, err := net.ParseMAC(s.GuestMAC)
 	if err != nil {
 		return fmt.Errorf("guest MAC %q: %w", s.GuestMAC, err)
 	}
-	pod, err := h.LinkByName(s.PodIf)
+	port, err := h.LinkByName(s.Port())
 	if err != nil {
-		return fmt.Errorf("look up %q: %w", s.PodIf, err)
+		return fmt.Errorf("look up %q: %w", s.Port(), err)
 	}
-	mtu := pod.Attrs().MTU
+	mtu := port.Attrs().MTU
 	s.LinkMTU = mtu
 	wantV6 := s.hasV6()
-	// The pod interface carries only the guest's frames: no address, no
-	// IPv6 of its own (no link-local, no DAD, no MLD).
-	if serr := ns.WithNetNSPath(s.Netns, func(ns.NetNS) error {
-		_, e := sysctl.Sysctl("net.ipv6.conf."+s.PodIf+".disable_ipv6", "1")
-		return e
-	}); serr != nil {
-		return fmt.Errorf("disable IPv6 on %s: %w", s.PodIf, serr)
+	// The port carries only the guest's frames: no address, no IPv6 of its
+	// own (no link-local, no DAD, no MLD).
+	if serr := disableIPv6(s.Netns, s.Port()); serr != nil {
+		return serr
 	}
-	if lerr := h.LinkSetHardwareAddr(pod, portMAC(guest)); lerr != nil {
-		return fmt.Errorf("set MAC of %q: %w", s.PodIf, lerr)
+	if lerr := h.LinkSetHardwareAddr(port, portMAC(guest)); lerr != nil {
+		return fmt.Errorf("set MAC of %q: %w", s.Port(), lerr)
 	}
 	if _, lerr := h.LinkByName(s.LinuxBridge); lerr == nil {
 		return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("link %q already exists in %s", s.LinuxBridge, s.Netns), "")
@@ -506,11 +546,8 @@ func (p *Plugin) wireVM(h netlinksafe.Handle, s *Spec) error {
 		return fmt.Errorf("bridge %q: %w", s.LinuxBridge, err)
 	}
 	if !wantV6 {
-		if err := ns.WithNetNSPath(s.Netns, func(ns.NetNS) error {
-			_, err := sysctl.Sysctl("net.ipv6.conf."+s.LinuxBridge+".disable_ipv6", "1")
+		if err := disableIPv6(s.Netns, s.LinuxBridge); err != nil {
 			return err
-		}); err != nil {
-			return fmt.Errorf("disable IPv6 on %s: %w", s.LinuxBridge, err)
 		}
 	}
 	if s.hasV4() {
@@ -519,16 +556,46 @@ func (p *Plugin) wireVM(h netlinksafe.Handle, s *Spec) error {
 			return fmt.Errorf("add %s to %q: %w", a.IPNet, s.LinuxBridge, err)
 		}
 	}
-	if err := h.LinkSetMaster(pod, brl); err != nil {
-		return fmt.Errorf("attach %q to %q: %w", s.PodIf, s.LinuxBridge, err)
+	if err := h.LinkSetMaster(port, brl); err != nil {
+		return fmt.Errorf("attach %q to %q: %w", s.Port(), s.LinuxBridge, err)
 	}
-	if err := h.LinkSetUp(pod); err != nil {
-		return fmt.Errorf("set %q up: %w", s.PodIf, err)
+	if err := h.LinkSetUp(port); err != nil {
+		return fmt.Errorf("set %q up: %w", s.Port(), err)
 	}
 	if err := h.LinkSetUp(brl); err != nil {
 		return fmt.Errorf("set %q up: %w", s.LinuxBridge, err)
 	}
-	return podnet.AddTap(h, podnet.Tap{Netns: s.Netns, Name: s.Tap, Owner: s.Owner, MTU: mtu, Queues: s.Queues}, brl)
+	if err := podnet.AddTap(h, podnet.Tap{Netns: s.Netns, Name: s.Tap, Owner: s.Owner, MTU: mtu, Queues: s.Queues}, brl); err != nil {
+		return err
+	}
+	return addPlaceholder(h, s, guest, mtu)
+}
+
+// addPlaceholder creates the link named as the pod interface that KubeVirt's
+// tap binding reads the guest's MAC and MTU from: a bridge with no ports,
+// left down, with no address and IPv6 off.
+func addPlaceholder(h netlinksafe.Handle, s *Spec, guest net.HardwareAddr, mtu int) error {
+	tmp := podnet.TempName(s.Owner, podnet.TempPlaceholder)
+	ph := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: tmp, MTU: mtu, HardwareAddr: guest, TxQLen: -1}}
+	if err := h.LinkAdd(ph); err != nil {
+		return fmt.Errorf("create placeholder %q: %w", s.PodIf, err)
+	}
+	if _, err := podnet.MarkAndRename(h, tmp, s.PodIf, s.Owner); err != nil {
+		_ = podnet.DeletePrivate(h, s.Owner, tmp)
+		return fmt.Errorf("placeholder %q: %w", s.PodIf, err)
+	}
+	return disableIPv6(s.Netns, s.PodIf)
+}
+
+func disableIPv6(netnsPath, ifName string) error {
+	err := ns.WithNetNSPath(netnsPath, func(ns.NetNS) error {
+		_, e := sysctl.Sysctl("net.ipv6.conf."+ifName+".disable_ipv6", "1")
+		return e
+	})
+	if err != nil {
+		return fmt.Errorf("disable IPv6 on %s: %w", ifName, err)
+	}
+	return nil
 }
 
 func (s *Spec) hasV4() bool {
@@ -613,13 +680,18 @@ func (s *Spec) dhcpConfig(log *slog.Logger) dhcp.Config {
 	return cfg
 }
 
-// Result lists the node end, the pod interface (and for a VM the bridge
-// and the tap) with the IPAM addresses on the pod interface.
+// Result lists the node end and the pod interface (for a VM also its port,
+// the bridge and the tap), with the IPAM addresses on the pod interface:
+// Multus copies it into the pod's network-status, where KubeVirt and users
+// read the interface's IPs and MAC. FillMACs then gives every interface the
+// MAC it has in the kernel.
 func (s *Spec) Result() *current.Result {
 	r := &current.Result{CNIVersion: current.ImplementedSpecVersion}
 	r.Interfaces = []*current.Interface{{Name: s.HostIf}, {Name: s.PodIf, Sandbox: s.Netns}}
 	if s.VM {
-		r.Interfaces[1].Mac = s.GuestMAC
+		if s.NicIf != "" {
+			r.Interfaces = append(r.Interfaces, &current.Interface{Name: s.NicIf, Sandbox: s.Netns})
+		}
 		r.Interfaces = append(r.Interfaces,
 			&current.Interface{Name: s.LinuxBridge, Sandbox: s.Netns},
 			&current.Interface{Name: s.Tap, Sandbox: s.Netns})
@@ -636,24 +708,31 @@ func (s *Spec) Result() *current.Result {
 	return r
 }
 
-// FillMACs reads the MACs of the node end and (for a plain pod) the pod
-// interface into r.
-func (s *Spec) FillMACs(r *current.Result) {
-	if h, closeH, err := podnet.OpenHost(s.HostNetns); err == nil {
-		if l, err := h.LinkByName(s.HostIf); err == nil {
-			r.Interfaces[0].Mac = l.Attrs().HardwareAddr.String()
+// FillMACs reads the MAC of every interface in r from the kernel: the node
+// end from the node's netns, the rest from the pod's.
+func (s *Spec) FillMACs(r *current.Result) error {
+	h, closeH, err := podnet.OpenHost(s.HostNetns)
+	if err != nil {
+		return err
+	}
+	defer closeH()
+	podH, closePod, err := podnet.OpenHandle(s.Netns)
+	if err != nil {
+		return podnet.NetnsError(err)
+	}
+	defer closePod()
+	for _, ifc := range r.Interfaces {
+		hh := h
+		if ifc.Sandbox != "" {
+			hh = podH
 		}
-		closeH()
-	}
-	if s.VM {
-		return
-	}
-	if h, closeH, err := podnet.OpenHandle(s.Netns); err == nil {
-		if l, err := h.LinkByName(s.PodIf); err == nil {
-			r.Interfaces[1].Mac = l.Attrs().HardwareAddr.String()
+		l, lerr := hh.LinkByName(ifc.Name)
+		if lerr != nil {
+			return fmt.Errorf("read MAC of %q: %w", ifc.Name, lerr)
 		}
-		closeH()
+		ifc.Mac = l.Attrs().HardwareAddr.String()
 	}
+	return nil
 }
 
 // Restore restarts the DHCP server of a wired VM NIC (daemon restart).
@@ -687,7 +766,7 @@ func (p *Plugin) undo(ctx context.Context, key string, s *Spec) error {
 		errs = append(errs, err)
 	}
 	if h, closeNS, err := podnet.OpenHandle(s.Netns); err == nil {
-		if lerr := podnet.DeleteOwned(h, s.Owner, s.Tap, s.LinuxBridge, s.PodIf); lerr != nil {
+		if lerr := podnet.DeleteOwned(h, s.Owner, s.ownedNames()...); lerr != nil {
 			errs = append(errs, lerr)
 		}
 		if lerr := podnet.DeletePrivate(h, s.Owner, podnet.TempNames(s.Owner)...); lerr != nil {
@@ -718,9 +797,30 @@ func (p *Plugin) undo(ctx context.Context, key string, s *Spec) error {
 	return errors.Join(errs...)
 }
 
+// ownedNames are the pod-side links of the attachment, by name; each is
+// deleted only with the attachment's owner mark.
+func (s *Spec) ownedNames() []string {
+	names := []string{s.PodIf}
+	if !s.VM {
+		return names
+	}
+	// A DEL without a record does not know whether the NIC was the VMI's
+	// primary one: both tap names are the attachment's.
+	names = append(names, kubevirt.TapCandidates(s.PodIf)...)
+	for _, n := range []string{s.Tap, s.LinuxBridge, s.NicIf} {
+		if n != "" && !slices.Contains(names, n) {
+			names = append(names, n)
+		}
+	}
+	return names
+}
+
 // Check compares the attachment with what Add made and names every piece
 // that drifted.
 func (p *Plugin) Check(ctx context.Context, key string, s *Spec) error {
+	if err := podnet.RequireNetns(s.Netns); err != nil {
+		return err
+	}
 	var bad []string
 	problem := func(format string, a ...any) { bad = append(bad, fmt.Sprintf(format, a...)) }
 
@@ -760,30 +860,32 @@ func (p *Plugin) Check(ctx context.Context, key string, s *Spec) error {
 	}
 	h, closeNS, err := podnet.OpenHandle(s.Netns)
 	if err != nil {
-		problem("pod netns: %v", err)
-		return drift(key, bad)
+		return podnet.NetnsError(err)
 	}
 	defer closeNS()
-	pod := checkLink(h, s.PodIf, s.Owner, "veth", problem)
 	if !s.VM {
-		if pod != nil {
+		if pod := checkLink(h, s.PodIf, s.Owner, "veth", problem); pod != nil {
 			checkAddrs(h, pod, s.ips(), problem)
 		}
 		return drift(key, bad)
 	}
+	port := checkLink(h, s.Port(), s.Owner, "veth", problem)
 	br := checkLink(h, s.LinuxBridge, s.Owner, "bridge", problem)
 	tap := checkLink(h, s.Tap, s.Owner, "tuntap", problem)
 	if br != nil {
-		for _, l := range []netlink.Link{pod, tap} {
+		for _, l := range []netlink.Link{port, tap} {
 			if l != nil && l.Attrs().MasterIndex != br.Attrs().Index {
 				problem("%s is not a port of %s", l.Attrs().Name, s.LinuxBridge)
 			}
 		}
 	}
-	if pod != nil {
-		if addrs, err := h.AddrList(pod, netlink.FAMILY_ALL); err == nil && len(addrs) > 0 {
-			problem("%s holds address %s; the pod interface of a VM must hold none", s.PodIf, addrs[0].IPNet)
+	if port != nil {
+		if addrs, err := h.AddrList(port, netlink.FAMILY_ALL); err == nil && len(addrs) > 0 {
+			problem("%s holds address %s; the port of a VM must hold none", s.Port(), addrs[0].IPNet)
 		}
+	}
+	if s.NicIf != "" {
+		checkPlaceholder(h, s, port, problem)
 	}
 	if err := nft.CheckGuard(s.Netns, s.guard()); err != nil {
 		problem("%v", err)
@@ -792,6 +894,36 @@ func (p *Plugin) Check(ctx context.Context, key string, s *Spec) error {
 		problem("DHCP server on %s not running", s.LinuxBridge)
 	}
 	return drift(key, bad)
+}
+
+// checkPlaceholder: the pod interface's name holds the guest's MAC and the
+// port's MTU, for KubeVirt to read, and is connected to nothing.
+func checkPlaceholder(h netlinksafe.Handle, s *Spec, port netlink.Link, problem func(string, ...any)) {
+	l, err := podnet.OwnedLink(h, s.PodIf, s.Owner)
+	switch {
+	case errors.Is(err, podnet.ErrLinkGone):
+		problem("placeholder %s missing", s.PodIf)
+		return
+	case errors.Is(err, podnet.ErrNotOwned):
+		problem("link %s has another owner mark (%q)", s.PodIf, l.Attrs().Alias)
+		return
+	case err != nil:
+		problem("%v", err)
+		return
+	}
+	a := l.Attrs()
+	if l.Type() != "bridge" {
+		problem("placeholder %s is a %s, want bridge", s.PodIf, l.Type())
+	}
+	if a.HardwareAddr.String() != s.GuestMAC {
+		problem("placeholder %s has MAC %s, want the guest's %s", s.PodIf, a.HardwareAddr, s.GuestMAC)
+	}
+	if port != nil && a.MTU != port.Attrs().MTU {
+		problem("placeholder %s has MTU %d, want the port's %d", s.PodIf, a.MTU, port.Attrs().MTU)
+	}
+	if a.MasterIndex != 0 || a.Flags&net.FlagUp != 0 {
+		problem("placeholder %s must be down and a port of nothing", s.PodIf)
+	}
 }
 
 func drift(key string, bad []string) error {

@@ -64,8 +64,19 @@ func TestNewSpec(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !vm.VM || vm.LinuxBridge != "k6t-net1" || vm.Tap != "tap1" || vm.GuestMAC != "02:00:00:00:00:42" || vm.Hostname != "vm1" {
+	if !vm.VM || vm.LinuxBridge != "k6t-net1" || vm.Tap != "tap1" || vm.NicIf != "net1-nic" || vm.Port() != "net1-nic" ||
+		vm.GuestMAC != "02:00:00:00:00:42" || vm.Hostname != "vm1" {
 		t.Errorf("VM spec: %+v", vm)
+	}
+	// The VMI's primary network gets tap0, whatever its interface's name.
+	in.Facts.Primary, in.IfName = true, "ovn-udn1"
+	if p, err := NewSpec(in); err != nil || p.Tap != "tap0" || p.NicIf != "ovn-udn1-nic" || p.LinuxBridge != "k6t-ovn-udn1" {
+		t.Errorf("primary VM spec: %+v, %v", p, err)
+	}
+	in.Facts.Primary = false
+	in.IfName = "averylongname1"
+	if _, err := NewSpec(in); err == nil || err.(*types.Error).Code != types.ErrInvalidEnvironmentVariables {
+		t.Errorf("ifname without room for -nic: %v", err)
 	}
 	in.IfName = "n1"
 	if _, err := NewSpec(in); err == nil || err.(*types.Error).Code != types.ErrInvalidEnvironmentVariables {
@@ -77,7 +88,7 @@ func TestDHCPAndResult(t *testing.T) {
 	_, dflt, _ := net.ParseCIDR("0.0.0.0/0")
 	_, extra, _ := net.ParseCIDR("192.0.2.0/24")
 	s := &Spec{
-		PodIf: "net1", HostIf: "vmnx", Netns: "/n", VM: true, LinuxBridge: "k6t-net1", Tap: "tap1",
+		PodIf: "net1", NicIf: "net1-nic", HostIf: "vmnx", Netns: "/n", VM: true, LinuxBridge: "k6t-net1", Tap: "tap1",
 		GuestMAC: "02:76:0a:64:00:0b", Hostname: "vm1", MTU: 1400, DNS: []string{"10.9.9.9"},
 		Addresses: &current.Result{
 			IPs: []*current.IPConfig{
@@ -109,7 +120,14 @@ func TestDHCPAndResult(t *testing.T) {
 		t.Error("bridge mode must not advertise itself as a router")
 	}
 	r := s.Result()
-	if len(r.Interfaces) != 4 || r.Interfaces[1].Name != "net1" || r.Interfaces[1].Mac != s.GuestMAC || r.Interfaces[1].Sandbox != "/n" {
+	var names []string
+	for _, ifc := range r.Interfaces {
+		names = append(names, ifc.Name)
+		if ifc.Mac != "" {
+			t.Errorf("%s has MAC %s before FillMACs read it from the kernel", ifc.Name, ifc.Mac)
+		}
+	}
+	if strings.Join(names, ",") != "vmnx,net1,net1-nic,k6t-net1,tap1" || r.Interfaces[0].Sandbox != "" || r.Interfaces[1].Sandbox != "/n" {
 		t.Errorf("result interfaces %+v", r.Interfaces)
 	}
 	for _, ipc := range r.IPs {

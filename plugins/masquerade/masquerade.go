@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"strings"
 	"time"
 
@@ -92,7 +93,7 @@ func NewSpec(in Input) (*Spec, error) {
 		Netns:  in.Netns,
 		PodIf:  in.IfName,
 		Bridge: kubevirt.BridgeName(in.IfName),
-		Tap:    kubevirt.TapName(in.IfName),
+		Tap:    kubevirt.TapName(in.IfName, in.Facts != nil && in.Facts.Primary),
 		Owner:  Alias(in.ContainerID, in.IfName),
 	}
 	if f := in.Facts; f != nil {
@@ -149,7 +150,7 @@ func step(name string) error { return failpoint.Hit(netconf.ModeMasquerade, name
 func (p *Plugin) Add(ctx context.Context, key string, s *Spec) (err error) {
 	h, closeNS, err := openHandle(s.Netns)
 	if err != nil {
-		return err
+		return podnet.NetnsError(err)
 	}
 	defer closeNS()
 
@@ -159,6 +160,11 @@ func (p *Plugin) Add(ctx context.Context, key string, s *Spec) (err error) {
 			fmt.Sprintf("CNI_IFNAME: pod interface %q not found in %s (the primary plugin must create it): %v", s.PodIf, s.Netns, err), "")
 	}
 	s.MTU = podLink.Attrs().MTU
+	if s.GuestMAC == "" {
+		// KubeVirt's tap binding gives the guest the pod interface's MAC
+		// when the VMI names none: that is the one DHCP answers.
+		s.GuestMAC = podLink.Attrs().HardwareAddr.String()
+	}
 
 	defer func() {
 		if err != nil {
@@ -244,7 +250,13 @@ func (p *Plugin) undo(key string, s *Spec) error {
 	}
 	defer closeNS()
 	var errs []error
-	if err := podnet.DeleteOwned(h, s.Owner, s.Tap, s.Bridge); err != nil {
+	// A DEL without a record does not know whether the NIC was the VMI's
+	// primary one: both tap names are the attachment's.
+	names := kubevirt.TapCandidates(s.PodIf)
+	if !slices.Contains(names, s.Tap) {
+		names = append(names, s.Tap)
+	}
+	if err := podnet.DeleteOwned(h, s.Owner, append(names, s.Bridge)...); err != nil {
 		errs = append(errs, err)
 	}
 	if err := podnet.DeletePrivate(h, s.Owner, podnet.TempNames(s.Owner)...); err != nil {
@@ -424,11 +436,25 @@ func (s *Spec) dhcpConfig(log *slog.Logger) dhcp.Config {
 
 // Result is prevResult with the bridge and the tap added as sandbox
 // interfaces; the addresses stay where the primary CNI put them.
-func (s *Spec) Result(prev *current.Result) *current.Result {
+func (s *Spec) Result(prev *current.Result) (*current.Result, error) {
 	r := *prev
 	r.Interfaces = append(append([]*current.Interface(nil), prev.Interfaces...),
-		&current.Interface{Name: s.Bridge, Mac: BridgeMAC.String(), Sandbox: s.Netns},
+		&current.Interface{Name: s.Bridge, Sandbox: s.Netns},
 		&current.Interface{Name: s.Tap, Sandbox: s.Netns},
 	)
-	return &r
+	// Every interface carries the MAC it has in the kernel, the new ones
+	// read back rather than assumed.
+	h, closeNS, err := openHandle(s.Netns)
+	if err != nil {
+		return nil, podnet.NetnsError(err)
+	}
+	defer closeNS()
+	for _, ifc := range r.Interfaces[len(prev.Interfaces):] {
+		l, lerr := h.LinkByName(ifc.Name)
+		if lerr != nil {
+			return nil, fmt.Errorf("read MAC of %q: %w", ifc.Name, lerr)
+		}
+		ifc.Mac = l.Attrs().HardwareAddr.String()
+	}
+	return &r, nil
 }

@@ -13,14 +13,18 @@
 package passt
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"strings"
 
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/utils/sysctl"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/vmnic/vmnic/pkg/announce"
 	"github.com/vmnic/vmnic/pkg/failpoint"
@@ -29,10 +33,13 @@ import (
 	"github.com/vmnic/vmnic/pkg/podnet"
 )
 
-// Sysctls are what passt needs in the pod netns, as KubeVirt's
-// virt-handler sets them for its core passt binding: unprivileged ports
-// from 0 (passt binds the guest's ports as the qemu user) and ICMP echo
-// sockets for uid/gid 107.
+// Sysctls are what passt needs in the pod netns: unprivileged ports from 0
+// (passt binds the guest's ports as the qemu user) and ICMP echo sockets
+// for uid/gid 107. Under KubeVirt someone else owns them: virt-handler sets
+// them itself for the core passt binding (v1.8 and later), and the passt
+// binding plugin's CNI (kubevirt-passt-binding) before that. vmnic sets them
+// only without KubeVirt (a standalone daemon), so it never fights
+// virt-handler over them.
 var Sysctls = [][2]string{
 	{"net.ipv4.ip_unprivileged_port_start", "0"},
 	{"net.ipv4.ping_group_range", "107 107"},
@@ -50,11 +57,31 @@ type Spec struct {
 	Held bool `json:"held,omitempty"`
 	// Silenced: a migration source that handed over.
 	Silenced bool `json:"silenced,omitempty"`
+	// SetSysctls: vmnic sets (and CHECK verifies) the Sysctls, because no
+	// KubeVirt component does.
+	SetSysctls bool `json:"setSysctls,omitempty"`
+	// DADGuard: a migration source that does not hear DAD probes for the
+	// addresses it shares with the target (nft.ApplyDADGuard).
+	DADGuard bool `json:"dadGuard,omitempty"`
+}
+
+// Input is what NewSpec decides from.
+type Input struct {
+	ContainerID, Netns, IfName string
+	Prev                       *current.Result
+	// Target: the pod is a live migration's target.
+	Target bool
+	// SetSysctls: no KubeVirt component sets the Sysctls (see there).
+	SetSysctls bool
 }
 
 // NewSpec decides from the previous plugin's result; it touches nothing.
-func NewSpec(containerID, netnsPath, ifName string, prev *current.Result, target bool) (*Spec, error) {
-	s := &Spec{ContainerID: containerID, Netns: netnsPath, PodIf: ifName, Owner: podnet.Alias(containerID, ifName), Held: target}
+func NewSpec(in Input) (*Spec, error) {
+	s := &Spec{
+		ContainerID: in.ContainerID, Netns: in.Netns, PodIf: in.IfName,
+		Owner: podnet.Alias(in.ContainerID, in.IfName), Held: in.Target, SetSysctls: in.SetSysctls,
+	}
+	prev := in.Prev
 	for _, ipc := range prev.IPs {
 		s.IPs = append(s.IPs, ipc.Address.IP.String())
 	}
@@ -69,12 +96,13 @@ func NewSpec(containerID, netnsPath, ifName string, prev *current.Result, target
 // hold is only taken on a migration target.
 var Steps = []string{"hold", "sysctl"}
 
-// Add sets the sysctls and, for a migration target, the hold. On error the
-// hold is removed again; the sysctls go with the netns.
+// Add takes the hold of a migration target and sets the sysctls when vmnic
+// owns them. On error the hold is removed again; the sysctls go with the
+// netns.
 func Add(s *Spec) (err error) {
 	h, closeNS, err := podnet.OpenHandle(s.Netns)
 	if err != nil {
-		return types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_NETNS: %v", err), "")
+		return podnet.NetnsError(err)
 	}
 	defer closeNS()
 	l, err := h.LinkByName(s.PodIf)
@@ -96,28 +124,88 @@ func Add(s *Spec) (err error) {
 		if err = failpoint.Hit(netconf.ModePasst, "hold"); err != nil {
 			return err
 		}
-	}
-	err = ns.WithNetNSPath(s.Netns, func(ns.NetNS) error {
-		for _, kv := range Sysctls {
-			if _, serr := sysctl.Sysctl(kv[0], kv[1]); serr != nil {
-				return fmt.Errorf("set %s: %w", kv[0], serr)
-			}
+		// The underlay plugin ran DAD for the address the source still
+		// holds. Held, the target may take the address without it: an
+		// address still tentative (or failed, when the source answered
+		// the probe) is put back without DAD.
+		if err = settleIPv6(h, l); err != nil {
+			return err
 		}
-		return nil
-	})
-	if err != nil {
-		return err
+	}
+	if s.SetSysctls {
+		err = ns.WithNetNSPath(s.Netns, func(ns.NetNS) error {
+			for _, kv := range Sysctls {
+				if _, serr := sysctl.Sysctl(kv[0], kv[1]); serr != nil {
+					return fmt.Errorf("set %s: %w", kv[0], serr)
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
 	}
 	return failpoint.Hit(netconf.ModePasst, "sysctl")
 }
 
-// Del removes the hold, if any. The sysctls go with the netns.
-func Del(s *Spec) error { return nft.DeleteHold(s.Netns, s.PodIf) }
+// settleIPv6 replaces the link's tentative or DAD-failed IPv6 addresses
+// with the same addresses flagged NODAD.
+func settleIPv6(h netlinksafe.Handle, l netlink.Link) error {
+	addrs, err := h.AddrList(l, netlink.FAMILY_V6)
+	if err != nil {
+		return fmt.Errorf("list IPv6 addresses of %s: %w", l.Attrs().Name, err)
+	}
+	for _, a := range addrs {
+		if a.Flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DADFAILED) == 0 || a.IP.IsLinkLocalUnicast() {
+			continue
+		}
+		if err := h.AddrDel(l, &a); err != nil {
+			return fmt.Errorf("remove %s (DAD pending or failed) from %s: %w", a.IPNet, l.Attrs().Name, err)
+		}
+		na := &netlink.Addr{IPNet: a.IPNet, Flags: unix.IFA_F_NODAD}
+		if err := h.AddrAdd(l, na); err != nil {
+			return fmt.Errorf("put %s back on %s without DAD: %w", a.IPNet, l.Attrs().Name, err)
+		}
+	}
+	return nil
+}
 
-// Check reports drift of the sysctls and the hold.
+// Del removes the hold and the DAD guard, if any. The sysctls go with the
+// netns.
+func Del(s *Spec) error {
+	return errors.Join(nft.DeleteHold(s.Netns, s.PodIf), nft.DeleteDADGuard(s.Netns, s.PodIf))
+}
+
+// GuardDAD keeps a migration source from answering the target's DAD
+// probes for their shared address, or lets it answer again (a migration
+// that failed). It reports whether anything changed.
+func GuardDAD(s *Spec, on bool) (bool, error) {
+	switch {
+	case on == s.DADGuard:
+		return false, nil
+	case on:
+		if err := nft.ApplyDADGuard(s.Netns, s.PodIf); err != nil {
+			return false, err
+		}
+	default:
+		if err := nft.DeleteDADGuard(s.Netns, s.PodIf); err != nil {
+			return false, err
+		}
+	}
+	s.DADGuard = on
+	return true, nil
+}
+
+// Check reports drift of the hold, and of the sysctls when vmnic set them.
 func Check(s *Spec) error {
+	if err := podnet.RequireNetns(s.Netns); err != nil {
+		return err
+	}
 	var bad []string
 	err := ns.WithNetNSPath(s.Netns, func(ns.NetNS) error {
+		if !s.SetSysctls {
+			return nil
+		}
 		for _, kv := range Sysctls {
 			v, err := sysctl.Sysctl(kv[0])
 			if err != nil {
@@ -151,18 +239,31 @@ func Release(s *Spec) error {
 		return err
 	}
 	s.Held = false
-	return Announce(s)
+	return announceFrom(s, true)
 }
 
-// Announce announces the interface's addresses from its MAC.
-func Announce(s *Spec) error {
+// Reassert announces a migration source's IPv4 addresses again, against
+// the gratuitous ARP the target's underlay plugin sends (macvlan sets
+// arp_notify). IPv6 is left alone: the target sends no unsolicited
+// advertisement, and one from the source could fail the target's DAD.
+func Reassert(s *Spec) error { return announceFrom(s, false) }
+
+// announceFrom announces the interface's addresses from its MAC: IPv4, and
+// IPv6 too when v6.
+func announceFrom(s *Spec, v6 bool) error {
 	mac, err := net.ParseMAC(s.MAC)
 	if err != nil {
 		return fmt.Errorf("pod interface MAC %q: %w", s.MAC, err)
 	}
 	var ips []net.IP
 	for _, a := range s.IPs {
-		ips = append(ips, net.ParseIP(a))
+		ip := net.ParseIP(a)
+		if ip.To4() != nil || v6 {
+			ips = append(ips, ip)
+		}
+	}
+	if len(ips) == 0 {
+		return nil
 	}
 	return announce.Send(announce.Announcement{Netns: s.Netns, IfName: s.PodIf, MAC: mac, IPs: ips})
 }

@@ -14,7 +14,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -247,16 +249,24 @@ func (p *Pod) uid() string {
 
 // Runtime is the libcni runtime config of the pod, as containerd builds it.
 func (p *Pod) Runtime() *libcni.RuntimeConf {
+	args := [][2]string{
+		{"IgnoreUnknown", "1"},
+		{"K8S_POD_NAMESPACE", p.Namespace},
+		{"K8S_POD_NAME", p.Name},
+		{"K8S_POD_INFRA_CONTAINER_ID", p.ContainerID},
+		{"K8S_POD_UID", p.uid()},
+	}
+	// containerd builds CNI_ARGS from a map, so the keys come in any order:
+	// each pod gets its own order (fixed by its container ID, so a failure
+	// can be replayed).
+	seed := fnv.New64a()
+	_, _ = seed.Write([]byte(p.ContainerID))
+	r := rand.New(rand.NewPCG(seed.Sum64(), 0))
+	r.Shuffle(len(args), func(i, j int) { args[i], args[j] = args[j], args[i] })
 	rt := &libcni.RuntimeConf{
 		ContainerID: p.ContainerID,
 		IfName:      p.IfName,
-		Args: [][2]string{
-			{"IgnoreUnknown", "1"},
-			{"K8S_POD_NAMESPACE", p.Namespace},
-			{"K8S_POD_NAME", p.Name},
-			{"K8S_POD_INFRA_CONTAINER_ID", p.ContainerID},
-			{"K8S_POD_UID", p.uid()},
-		},
+		Args:        args,
 	}
 	// What containerd passes for the "dns" capability: the pod's DNS.
 	rt.CapabilityArgs = map[string]any{"dns": map[string]any{
@@ -271,17 +281,17 @@ func (p *Pod) Runtime() *libcni.RuntimeConf {
 	return rt
 }
 
-// in runs f with the calling thread in the node namespace, so the plugins
+// In runs f with the calling thread in the node namespace, so the plugins
 // libcni executes inherit it (host-side veths land in the node, not on the
 // machine running the tests).
-func (n *Node) in(f func() error) error {
+func (n *Node) In(f func() error) error {
 	return n.NS.Do(func(ns.NetNS) error { return f() })
 }
 
 // Add runs ADD of the list for pod.
 func (n *Node) Add(ctx context.Context, list *libcni.NetworkConfigList, p *Pod) (types.Result, error) {
 	var res types.Result
-	err := n.in(func() error {
+	err := n.In(func() error {
 		var err error
 		res, err = n.CNI.AddNetworkList(ctx, list, p.Runtime())
 		return err
@@ -291,22 +301,37 @@ func (n *Node) Add(ctx context.Context, list *libcni.NetworkConfigList, p *Pod) 
 
 // Del runs DEL of the list for pod.
 func (n *Node) Del(ctx context.Context, list *libcni.NetworkConfigList, p *Pod) error {
-	return n.in(func() error { return n.CNI.DelNetworkList(ctx, list, p.Runtime()) })
+	return n.In(func() error { return n.CNI.DelNetworkList(ctx, list, p.Runtime()) })
+}
+
+// DelAsContainerd runs the two DELs containerd sends for a sandbox: on
+// stop, with the netns and the cached result as prevResult; on removal,
+// with an empty CNI_NETNS and no prevResult (the cache went with the first).
+func (n *Node) DelAsContainerd(ctx context.Context, list *libcni.NetworkConfigList, p *Pod) error {
+	if err := n.Del(ctx, list, p); err != nil {
+		return fmt.Errorf("DEL on sandbox stop: %w", err)
+	}
+	rt := p.Runtime()
+	rt.NetNS = ""
+	if err := n.In(func() error { return n.CNI.DelNetworkList(ctx, list, rt) }); err != nil {
+		return fmt.Errorf("DEL on sandbox removal (no netns, no prevResult): %w", err)
+	}
+	return nil
 }
 
 // Check runs CHECK of the list for pod.
 func (n *Node) Check(ctx context.Context, list *libcni.NetworkConfigList, p *Pod) error {
-	return n.in(func() error { return n.CNI.CheckNetworkList(ctx, list, p.Runtime()) })
+	return n.In(func() error { return n.CNI.CheckNetworkList(ctx, list, p.Runtime()) })
 }
 
 // Status runs STATUS of the list.
 func (n *Node) Status(ctx context.Context, list *libcni.NetworkConfigList) error {
-	return n.in(func() error { return n.CNI.GetStatusNetworkList(ctx, list) })
+	return n.In(func() error { return n.CNI.GetStatusNetworkList(ctx, list) })
 }
 
 // GC runs GC of the list with the given valid attachments.
 func (n *Node) GC(ctx context.Context, list *libcni.NetworkConfigList, valid []types.GCAttachment) error {
-	return n.in(func() error {
+	return n.In(func() error {
 		return n.CNI.GCNetworkList(ctx, list, &libcni.GCArgs{ValidAttachments: valid})
 	})
 }
@@ -481,7 +506,7 @@ func (n *Node) StartDaemonBinary(bin, logName string, extraArgs ...string) (*Dae
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Env = append([]string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}, n.DaemonEnv...)
 	// Started from a thread inside the node netns, the daemon lives there.
-	start := func() error { return n.in(cmd.Start) }
+	start := func() error { return n.In(cmd.Start) }
 	if n.DaemonInHostNetns {
 		start = cmd.Start
 	}

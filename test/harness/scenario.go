@@ -110,7 +110,7 @@ func RunGuest(ctx context.Context, n *Node, p *Pod, img *guest.Image, mac string
 	var mu sync.Mutex
 	for _, nw := range []string{"tcp4", "tcp6"} {
 		var ln net.Listener
-		if err := n.in(func() error {
+		if err := n.In(func() error {
 			var err error
 			ln, err = net.Listen(nw, fmt.Sprintf(":%d", PeerPort))
 			return err
@@ -172,7 +172,7 @@ func RunGuest(ctx context.Context, n *Node, p *Pod, img *guest.Image, mac string
 	// From the node to the pod's addresses: the forwarded ports reach the
 	// guest through DNAT; the other port must not.
 	send := func(ip net.IP, port int, msg string) error {
-		return n.in(func() error {
+		return n.In(func() error {
 			c, err := net.DialTimeout("tcp", net.JoinHostPort(ip.String(), fmt.Sprint(port)), 3*time.Second)
 			if err != nil {
 				return err

@@ -198,6 +198,27 @@ func nodeLink(t testing.TB, n *ovsNode, name string) netlink.Link {
 	return l
 }
 
+// assertResultMACs: every interface of a CNI result carries the MAC its
+// link has in the kernel (Multus copies the result into the pod's
+// network-status, which KubeVirt and users read).
+func assertResultMACs(t testing.TB, p *harness.Pod, r *current.Result) {
+	t.Helper()
+	links := podLinks(t, p)
+	for _, ifc := range r.Interfaces {
+		if ifc.Sandbox == "" {
+			continue
+		}
+		l := links[ifc.Name]
+		if l == nil {
+			t.Errorf("result names %s, which is not in the pod", ifc.Name)
+			continue
+		}
+		if got := l.Attrs().HardwareAddr.String(); ifc.Mac != got {
+			t.Errorf("result gives %s MAC %q; the kernel says %s", ifc.Name, ifc.Mac, got)
+		}
+	}
+}
+
 func pingFrom(p *harness.Pod, ip string) error {
 	out, err := exec.Command("nsenter", "--net="+p.NS.Path(), "ping", "-c", "2", "-i", "0.2", "-W", "1", ip).CombinedOutput()
 	if err != nil {
@@ -425,7 +446,12 @@ func TestBridgeGC(t *testing.T) {
 	}
 	forget(g2)
 	n.start(t)
-	ports = n.vmnicPorts(t)
+	// The start's GC runs once the daemon is ready, beside the requests.
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if ports = n.vmnicPorts(t); !contains(ports, portOf(g2)) {
+			break
+		}
+	}
 	if contains(ports, portOf(g2)) || !contains(ports, portOf(g3)) {
 		t.Errorf("after restart vmnic ports are %v; want g3's only", ports)
 	}
@@ -459,8 +485,8 @@ func TestBridgeVMGuest(t *testing.T) {
 	vm, rv := n.addPod(t, l, "virt-launcher-vm1-x1")
 	guestIP := net.ParseIP(ip4(rv))
 	wantMAC := bridge.GuestMACFor(guestIP).String()
-	if got := rv.Interfaces[1].Mac; got != wantMAC {
-		t.Errorf("result's guest MAC %s, want %s (the rule for %s)", got, wantMAC, guestIP)
+	if got := rv.Interfaces[1].Mac; rv.Interfaces[1].Name != "net1" || got != wantMAC {
+		t.Errorf("result's net1 has MAC %s, want %s (the rule for %s)", got, wantMAC, guestIP)
 	}
 
 	links := podLinks(t, vm)
@@ -472,22 +498,35 @@ func TestBridgeVMGuest(t *testing.T) {
 	if !ok || tap.MasterIndex != br.Index || tap.Owner != 107 {
 		t.Errorf("tap1: %+v, want a port of k6t-net1 owned by 107", links["tap1"])
 	}
-	podIf := links["net1"]
-	if podIf == nil || podIf.Attrs().MasterIndex != br.Index || podIf.Attrs().HardwareAddr.String() == wantMAC {
-		t.Errorf("net1: %+v, want a port of k6t-net1 with a MAC other than the guest's", podIf)
+	// The veth's pod end is the port, as net1-nic; net1 itself holds the
+	// guest's MAC and the MTU for KubeVirt to read, and carries nothing.
+	port := links["net1-nic"]
+	if port == nil || port.Attrs().MasterIndex != br.Index || port.Attrs().HardwareAddr.String() == wantMAC {
+		t.Errorf("net1-nic: %+v, want a port of k6t-net1 with a MAC other than the guest's", port)
 	}
-	if v := sysctlIn(t, vm, "net.ipv6.conf.net1.disable_ipv6"); v != "1" {
-		t.Errorf("IPv6 on net1: disable_ipv6=%s", v)
+	ph := links["net1"]
+	if ph == nil || ph.Type() != "bridge" || ph.Attrs().HardwareAddr.String() != wantMAC || ph.Attrs().MTU != 1400 ||
+		ph.Attrs().MasterIndex != 0 || ph.Attrs().Flags&net.FlagUp != 0 {
+		t.Errorf("net1: %+v, want a down, port-less placeholder with the guest's MAC %s and MTU 1400", ph, wantMAC)
+	}
+	assertResultMACs(t, vm, rv)
+	for _, name := range []string{"net1", "net1-nic"} {
+		if v := sysctlIn(t, vm, "net.ipv6.conf."+name+".disable_ipv6"); v != "1" {
+			t.Errorf("IPv6 on %s: disable_ipv6=%s", name, v)
+		}
 	}
 	var podAddrs []netlink.Addr
 	_ = vm.NS.Do(func(ns.NetNS) error {
-		podAddrs, _ = netlink.AddrList(podIf, netlink.FAMILY_ALL)
+		for _, l := range []netlink.Link{port, ph} {
+			a, _ := netlink.AddrList(l, netlink.FAMILY_ALL)
+			podAddrs = append(podAddrs, a...)
+		}
 		return nil
 	})
 	if len(podAddrs) != 0 {
-		t.Errorf("net1 holds addresses %v", podAddrs)
+		t.Errorf("net1 or net1-nic holds addresses %v", podAddrs)
 	}
-	if out, err := exec.Command("nsenter", "--net="+vm.NS.Path(), "nft", "list", "table", "bridge", "vmnic_net1").CombinedOutput(); err != nil || !strings.Contains(string(out), `oifname "net1" drop`) {
+	if out, err := exec.Command("nsenter", "--net="+vm.NS.Path(), "nft", "list", "table", "bridge", "vmnic_net1").CombinedOutput(); err != nil || !strings.Contains(string(out), `oifname "net1-nic" drop`) {
 		t.Errorf("guard table: %v\n%s", err, out)
 	}
 	if err := n.Check(ctx, l, vm); err != nil {
@@ -582,7 +621,7 @@ func TestBridgeMultiNIC(t *testing.T) {
 		nics = append(nics, r)
 	}
 	links := podLinks(t, vm)
-	for _, name := range []string{"k6t-eth0", "tap0", "k6t-net1", "tap1", "net1", "k6t-net2", "tap2", "net2"} {
+	for _, name := range []string{"k6t-eth0", "tap0", "k6t-net1", "tap1", "net1", "net1-nic", "k6t-net2", "tap2", "net2", "net2-nic"} {
 		if links[name] == nil {
 			t.Errorf("%s missing in the VM pod (links: %v)", name, keys(links))
 		}
@@ -644,7 +683,7 @@ echo "NEIGH2 $(ip neigh show dev eth2 | awk '{print $1}' | tr '\n' ' ')"
 		t.Fatal(err)
 	}
 	links = podLinks(t, vm)
-	for _, name := range []string{"k6t-net1", "tap1", "net1"} {
+	for _, name := range []string{"k6t-net1", "tap1", "net1", "net1-nic"} {
 		if links[name] != nil {
 			t.Errorf("%s left after DEL of net1", name)
 		}
