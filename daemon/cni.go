@@ -289,9 +289,9 @@ func (d *Daemon) del(ctx context.Context, req *proto.Request, conf *netconf.Conf
 // removeRecorded undoes what the record says was done, then drops the
 // record. The caller holds the attachment's lock.
 func (d *Daemon) removeRecorded(ctx context.Context, key string, rec *state.Record) error {
+	d.unwatch(key)
 	switch rec.Mode {
 	case netconf.ModeBridge:
-		d.unwatchTarget(key)
 		spec, err := specOf[bridge.Spec](rec)
 		if err != nil {
 			return err

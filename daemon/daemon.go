@@ -71,8 +71,8 @@ type Daemon struct {
 	bridge  *bridge.Plugin
 	ovs     ovsClients
 	// runCtx is Run's context, for work that outlives a request.
-	runCtx     context.Context
-	guestWatch guestWatchers
+	runCtx   context.Context
+	watchers watchers
 	// reassert is the migration phase each passt source last reasserted
 	// its addresses for.
 	reassertMu sync.Mutex

@@ -2,8 +2,11 @@ package daemon
 
 import (
 	"context"
+	"net"
 	"sync"
 	"time"
+
+	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/netconf"
@@ -12,11 +15,58 @@ import (
 	"github.com/vmnic/vmnic/plugins/passt"
 )
 
-// guestWatchers are the held targets whose tap is watched for the migrated
-// guest's first frame.
-type guestWatchers struct {
-	mu sync.Mutex
-	m  map[string]context.CancelFunc
+// watchers are the per-attachment goroutines of migrations: a held bridge
+// target watching its tap for the migrated guest, a passt source watching
+// for claims of its address.
+type watchers struct {
+	mu   sync.Mutex
+	m    map[string]*watcher
+	next uint64
+}
+
+type watcher struct {
+	id     uint64
+	cancel context.CancelFunc
+}
+
+// watch runs run for key until unwatch(key), the daemon's end or run's
+// own return; a second watch of the same key is a no-op.
+func (d *Daemon) watch(key string, run func(ctx context.Context)) {
+	w := &d.watchers
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if _, ok := w.m[key]; ok || d.runCtx == nil {
+		return
+	}
+	if w.m == nil {
+		w.m = map[string]*watcher{}
+	}
+	ctx, cancel := context.WithCancel(d.runCtx)
+	w.next++
+	me := &watcher{id: w.next, cancel: cancel}
+	w.m[key] = me
+	go func() {
+		defer func() {
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			cancel()
+			// A watcher started after an unwatch is not this one's.
+			if cur := w.m[key]; cur != nil && cur.id == me.id {
+				delete(w.m, key)
+			}
+		}()
+		run(ctx)
+	}()
+}
+
+func (d *Daemon) unwatch(key string) {
+	w := &d.watchers
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if cur, ok := w.m[key]; ok {
+		cur.cancel()
+		delete(w.m, key)
+	}
 }
 
 // watchTarget watches a held target's tap: the first frame the guest sends
@@ -25,19 +75,7 @@ type guestWatchers struct {
 // hundreds of milliseconds. Only a guest that runs on this side sends on
 // this tap, and it runs here only once the migration has succeeded.
 func (d *Daemon) watchTarget(key string, spec *bridge.Spec) {
-	w := &d.guestWatch
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if _, ok := w.m[key]; ok || d.runCtx == nil {
-		return
-	}
-	if w.m == nil {
-		w.m = map[string]context.CancelFunc{}
-	}
-	ctx, cancel := context.WithCancel(d.runCtx)
-	w.m[key] = cancel
-	go func() {
-		defer d.unwatchTarget(key)
+	d.watch(key, func(ctx context.Context) {
 		if err := bridge.WaitGuest(ctx, spec); err != nil {
 			if ctx.Err() == nil {
 				d.log.Warn("migration target: watching the tap ended", "key", key, "err", err)
@@ -45,17 +83,46 @@ func (d *Daemon) watchTarget(key string, spec *bridge.Spec) {
 			return
 		}
 		d.targetActive(key)
-	}()
+	})
 }
 
-func (d *Daemon) unwatchTarget(key string) {
-	w := &d.guestWatch
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if cancel, ok := w.m[key]; ok {
-		cancel()
-		delete(w.m, key)
+// preparingTarget reports whether a migration in flight is still before
+// the VM's memory moves (VMIM phases up to TargetReady).
+func preparingTarget(phase string) bool {
+	switch kubevirtv1.VirtualMachineInstanceMigrationPhase(phase) {
+	case kubevirtv1.MigrationRunning, kubevirtv1.MigrationSucceeded, kubevirtv1.MigrationFailed:
+		return false
 	}
+	return true
+}
+
+// claimReassertGap bounds how often a passt source answers claims of its
+// address: the claimant announces in a burst.
+const claimReassertGap = 100 * time.Millisecond
+
+// watchClaims makes a passt source whose VM migrates answer every claim of
+// its addresses by another MAC (the target's macvlan announces them when it
+// brings the target's interface up, a second or more before vmnic can hold
+// it when it waits for IPv6 DAD) with its own announcement, so the underlay
+// reaches the VM where it runs.
+func (d *Daemon) watchClaims(key string, spec *passt.Spec) {
+	d.watch(key, func(ctx context.Context) {
+		last := map[bool]time.Time{}
+		err := passt.WatchClaims(ctx, spec, func(from net.HardwareAddr, v6 bool) {
+			if time.Since(last[v6]) < claimReassertGap {
+				return
+			}
+			last[v6] = time.Now()
+			if err := passt.Reassert(spec, v6); err != nil {
+				d.log.Warn("migration source: answer a claim of its address", "key", key, "claimant", from.String(), "ipv6", v6, "err", err)
+				return
+			}
+			d.log.Info("migration source: another MAC claimed the VM's address; reasserted", "key", key, "claimant", from.String(), "ipv6", v6)
+		})
+		if err != nil && ctx.Err() == nil {
+			d.log.Warn("migration source: watching for claims ended", "key", key, "err", err)
+		}
+	})
 }
 
 // targetActive releases a held target whose guest has started sending.
@@ -144,6 +211,10 @@ type migrant struct {
 	// its VM migrates (on), or lets it answer again; it reports a change.
 	// nil for a mode whose pod side runs no IPv6.
 	guardDAD func(on bool) (bool, error)
+	// watchClaims answers claims of a source's address while its VM
+	// migrates; nil for a mode whose target claims nothing before it is
+	// held.
+	watchClaims func()
 	// running is called while the target waits for the outcome.
 	running func()
 	// heldNow reads the hold after release (it stays on when the hold
@@ -172,12 +243,13 @@ func (d *Daemon) migrantOf(key string, rec *state.Record) (*migrant, bool) {
 		}
 		return &migrant{
 			spec: spec, held: spec.Held, silenced: spec.Silenced,
-			release:  func() error { return passt.Release(spec) },
-			silence:  func() error { return passt.Silence(spec) },
-			reassert: func() error { return passt.Reassert(spec) },
-			guardDAD: func(on bool) (bool, error) { return passt.GuardDAD(spec, on) },
-			running:  func() {},
-			heldNow:  func() bool { return spec.Held },
+			release:     func() error { return passt.Release(spec) },
+			silence:     func() error { return passt.Silence(spec) },
+			reassert:    func() error { return passt.Reassert(spec, false) },
+			guardDAD:    func(on bool) (bool, error) { return passt.GuardDAD(spec, on) },
+			watchClaims: func() { d.watchClaims(key, spec) },
+			running:     func() {},
+			heldNow:     func() bool { return spec.Held },
 		}, true
 	}
 	return nil, false
@@ -203,7 +275,7 @@ func (d *Daemon) reconcileOne(tr kubevirt.MigrationTracker, key string) {
 		case kubevirt.MigrationRunning:
 			m.running()
 		case kubevirt.MigrationSucceeded:
-			d.unwatchTarget(key)
+			d.unwatch(key)
 			start := time.Now()
 			if err := m.release(); err != nil {
 				log.Error("migration target: release hold", "err", err)
@@ -218,7 +290,7 @@ func (d *Daemon) reconcileOne(tr kubevirt.MigrationTracker, key string) {
 			d.Metrics().MigrationSwitched()
 			log.Info("migration target took over: hold released, addresses announced", "job", rec.Migration.Job, "took", time.Since(start))
 		case kubevirt.MigrationFailed:
-			d.unwatchTarget(key)
+			d.unwatch(key)
 			if rec.Migration.Phase == out.String() {
 				return
 			}
@@ -239,10 +311,22 @@ func (d *Daemon) reconcileOne(tr kubevirt.MigrationTracker, key string) {
 				log.Error("migration source: record silence", "err", err)
 			}
 			d.forgetReasserted(key)
+			d.unwatch(key)
 			log.Info("migration source handed over: silenced until its DEL")
 			return
 		}
 		job, phase, inFlight := tr.InFlight(rec.Pod.Namespace, rec.VMName)
+		if m.watchClaims != nil {
+			// Claims come from the target's underlay plugin while KubeVirt
+			// prepares the target; once the VM's memory moves the target
+			// is held, and the next claim from it is its switchover, which
+			// the source must not contest.
+			if inFlight && preparingTarget(phase) {
+				m.watchClaims()
+			} else {
+				d.unwatch(key)
+			}
+		}
 		// The target's underlay plugin runs DAD for the IPv6 address the
 		// source holds while it sets the target up: the source does not
 		// hear those probes while its VM migrates.

@@ -12,6 +12,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 
 	"github.com/containernetworking/cni/pkg/types"
@@ -286,4 +287,33 @@ func AddTap(h netlinksafe.Handle, t Tap, master netlink.Link) error {
 		return fmt.Errorf("set %q up: %w", t.Name, err)
 	}
 	return nil
+}
+
+// PacketSocket opens a packet socket for the ethertype proto bound to
+// ifName in the netns at netnsPath, with a 200 ms receive timeout so that
+// its reader notices its context ending. It sees frames before the bridge
+// or nftables act on them.
+func PacketSocket(netnsPath, ifName string, proto uint16) (int, error) {
+	p := int(proto<<8 | proto>>8) // network byte order
+	fd := -1
+	err := ns.WithNetNSPath(netnsPath, func(ns.NetNS) error {
+		ifi, err := net.InterfaceByName(ifName)
+		if err != nil {
+			return err
+		}
+		if fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, p); err != nil {
+			return err
+		}
+		if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: uint16(p), Ifindex: ifi.Index}); err != nil {
+			_ = unix.Close(fd)
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		return -1, fmt.Errorf("packet socket on %s in %s: %w", ifName, netnsPath, err)
+	}
+	tv := unix.Timeval{Usec: 200000}
+	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+	return fd, nil
 }

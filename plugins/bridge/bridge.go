@@ -1020,29 +1020,11 @@ func WaitGuest(ctx context.Context, s *Spec) error {
 	if err != nil {
 		return fmt.Errorf("guest MAC %q: %w", s.GuestMAC, err)
 	}
-	var fd int
-	err = ns.WithNetNSPath(s.Netns, func(ns.NetNS) error {
-		ifi, ierr := net.InterfaceByName(s.Tap)
-		if ierr != nil {
-			return ierr
-		}
-		proto := int(htons(unix.ETH_P_ALL))
-		var serr error
-		if fd, serr = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, proto); serr != nil {
-			return serr
-		}
-		if berr := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: uint16(proto), Ifindex: ifi.Index}); berr != nil {
-			_ = unix.Close(fd)
-			return berr
-		}
-		return nil
-	})
+	fd, err := podnet.PacketSocket(s.Netns, s.Tap, unix.ETH_P_ALL)
 	if err != nil {
-		return fmt.Errorf("watch %s in %s: %w", s.Tap, s.Netns, err)
+		return fmt.Errorf("watch %s: %w", s.Tap, err)
 	}
 	defer func() { _ = unix.Close(fd) }()
-	tv := unix.Timeval{Usec: 200000}
-	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
 	buf := make([]byte, 2048)
 	for ctx.Err() == nil {
 		n, from, err := unix.Recvfrom(fd, buf, 0)
@@ -1063,5 +1045,3 @@ func WaitGuest(ctx context.Context, s *Spec) error {
 	}
 	return ctx.Err()
 }
-
-func htons(v uint16) uint16 { return v<<8 | v>>8 }

@@ -13,6 +13,9 @@
 package passt
 
 import (
+	"bytes"
+	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -244,9 +247,10 @@ func Release(s *Spec) error {
 
 // Reassert announces a migration source's IPv4 addresses again, against
 // the gratuitous ARP the target's underlay plugin sends (macvlan sets
-// arp_notify). IPv6 is left alone: the target sends no unsolicited
-// advertisement, and one from the source could fail the target's DAD.
-func Reassert(s *Spec) error { return announceFrom(s, false) }
+// arp_notify), and its IPv6 addresses too when v6: only in answer to the
+// target's own advertisement, which comes once its DAD is done; sooner, an
+// advertisement from the source would fail the target's DAD.
+func Reassert(s *Spec, v6 bool) error { return announceFrom(s, v6) }
 
 // announceFrom announces the interface's addresses from its MAC: IPv4, and
 // IPv6 too when v6.
@@ -255,6 +259,15 @@ func announceFrom(s *Spec, v6 bool) error {
 	if err != nil {
 		return fmt.Errorf("pod interface MAC %q: %w", s.MAC, err)
 	}
+	ips := announced(s, v6)
+	if len(ips) == 0 {
+		return nil
+	}
+	return announce.Send(announce.Announcement{Netns: s.Netns, IfName: s.PodIf, MAC: mac, IPs: ips})
+}
+
+// announced are the interface's IPv4 addresses, and its IPv6 ones when v6.
+func announced(s *Spec, v6 bool) []net.IP {
 	var ips []net.IP
 	for _, a := range s.IPs {
 		ip := net.ParseIP(a)
@@ -262,10 +275,7 @@ func announceFrom(s *Spec, v6 bool) error {
 			ips = append(ips, ip)
 		}
 	}
-	if len(ips) == 0 {
-		return nil
-	}
-	return announce.Send(announce.Announcement{Netns: s.Netns, IfName: s.PodIf, MAC: mac, IPs: ips})
+	return ips
 }
 
 // Silence holds a source that handed over.
@@ -275,4 +285,75 @@ func Silence(s *Spec) error {
 	}
 	s.Silenced = true
 	return nil
+}
+
+// WatchClaims calls claimed whenever a frame on the pod interface claims
+// one of its addresses for another MAC, until ctx ends: an ARP frame whose
+// sender is an IPv4 address of the interface, or an IPv6 neighbour
+// advertisement for one of its IPv6 addresses. A migration target's
+// underlay plugin sends both when it brings the target's interface up
+// (macvlan sets arp_notify and ndisc_notify), before vmnic, chained after
+// it, can hold the target; the advertisement comes once the target's DAD
+// for the address is done. A migration source answers each claim by
+// reasserting that family's addresses at once, so the underlay goes on
+// reaching the VM where it runs.
+func WatchClaims(ctx context.Context, s *Spec, claimed func(from net.HardwareAddr, v6 bool)) error {
+	own, err := net.ParseMAC(s.MAC)
+	if err != nil {
+		return fmt.Errorf("pod interface MAC %q: %w", s.MAC, err)
+	}
+	var mine []net.IP
+	for _, a := range s.IPs {
+		mine = append(mine, net.ParseIP(a))
+	}
+	fd, err := podnet.PacketSocket(s.Netns, s.PodIf, unix.ETH_P_ALL)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = unix.Close(fd) }()
+	buf := make([]byte, 256)
+	for ctx.Err() == nil {
+		n, _, err := unix.Recvfrom(fd, buf, 0)
+		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("watch %s for claims: %w", s.PodIf, err)
+		}
+		if n < 14 || bytes.Equal(buf[6:12], own) {
+			continue
+		}
+		ip, v6 := claim(buf[:n])
+		if ip == nil {
+			continue
+		}
+		for _, m := range mine {
+			if m.Equal(ip) {
+				claimed(append(net.HardwareAddr(nil), buf[6:12]...), v6)
+				break
+			}
+		}
+	}
+	return nil
+}
+
+// claim is the address an Ethernet frame claims for its sender: the sender
+// IP of an IPv4 ARP frame, or the target of an ICMPv6 neighbour
+// advertisement (without extension headers, as Linux sends them).
+func claim(f []byte) (net.IP, bool) {
+	switch binary.BigEndian.Uint16(f[12:14]) {
+	case unix.ETH_P_ARP:
+		// htype 1, ptype IPv4, hlen 6, plen 4; sender IP at 28.
+		if len(f) >= 42 && bytes.Equal(f[14:20], []byte{0, 1, 8, 0, 6, 4}) {
+			return net.IP(f[28:32]), false
+		}
+	case unix.ETH_P_IPV6:
+		// Next header ICMPv6, type 136; the target address follows the
+		// ICMPv6 header and the flags word.
+		const icmp = 14 + 40
+		if len(f) >= icmp+24 && f[14+6] == unix.IPPROTO_ICMPV6 && f[icmp] == 136 {
+			return net.IP(f[icmp+8 : icmp+24]), true
+		}
+	}
+	return nil, false
 }

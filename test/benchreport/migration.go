@@ -14,16 +14,32 @@ type migMode struct {
 	test       string // the go test that logs the probe line
 	label      string // the first row's figure
 	switchover string // the switchover row's figure
+	// v6: the test's IPv6 probe, whose lines start "IPv6: ".
+	v6 bool
 }
+
+// key is where the mode's runs are kept.
+func (m migMode) key() string {
+	if m.v6 {
+		return m.test + ipv6Key
+	}
+	return m.test
+}
+
+const ipv6Key = "/IPv6"
 
 var migModes = []migMode{
 	{
 		"TestBridgeLiveMigration", "live migration, bridge mode (OVS, Spiderpool IP; ICMP probe every 50 ms from a peer pod): longest gap between answers",
-		"vmnic's switchover: the target's hold released, after QEMU reported completion",
+		"vmnic's switchover: the target's hold released, after QEMU reported completion", false,
 	},
 	{
-		"TestPasstLiveMigration", "live migration, passt on macvlan (Spiderpool IP; TCP connection every 50 ms to a port passt forwards): longest gap between answers",
-		"vmnic's switchover: the underlay's neighbour entry on the target, after QEMU reported completion",
+		"TestPasstLiveMigration", "live migration, passt on macvlan (Spiderpool IP; TCP connection every 50 ms to a port passt forwards, IPv4): longest gap between answers",
+		"vmnic's switchover: the underlay's neighbour entry on the target, after QEMU reported completion", false,
+	},
+	{
+		"TestPasstLiveMigration", "live migration, passt on macvlan, IPv6 (the same runs, dual-stack; TCP connection every 50 ms over IPv6): longest gap between answers",
+		"vmnic's switchover: the underlay's IPv6 neighbour entry on the target, after QEMU reported completion", true,
 	},
 }
 
@@ -31,7 +47,7 @@ const (
 	migPeers = "kube-ovn, OVN-Kubernetes: network downtime < 0.5 s after their fixes (13-26 s before)"
 	// migrationNote follows the table: how its live-migration rows are
 	// measured.
-	migrationNote = "The live-migration rows come from `TestBridgeLiveMigration` and `TestPasstLiveMigration` (`go test ./test/integration -run LiveMigration -count N -v`; the runs row gives N): a real guest (QEMU under TCG) migrates between two sandbox nodes, each with its own vmnicd, while a peer probes it every 50 ms; each run logs the longest time between two answered probes, the probes lost and the downtime QEMU itself reports. The gap minus QEMU's downtime is what the network adds to the guest's pause, plus up to one probe interval (with no pause at all the longest gap is 50 ms). The switchover row is vmnic's own part of it: from QEMU reporting completion to the target taking the traffic (bridge: the target's hold released; passt: the underlay's neighbour entry for the VM's IP pointing at the target). In passt mode the rest of the gap comes after the underlay already sends to the target, between the target's passt and the guest."
+	migrationNote = "The live-migration rows come from `TestBridgeLiveMigration` and `TestPasstLiveMigration` (`go test ./test/integration -run LiveMigration -count N -v`; the runs row gives N): a real guest (QEMU under TCG) migrates between two sandbox nodes, each with its own vmnicd, while a peer probes it every 50 ms; each run logs the longest time between two answered probes, the probes lost and the downtime QEMU itself reports. The gap minus QEMU's downtime is what the network adds to the guest's pause, plus up to one probe interval (with no pause at all the longest gap is 50 ms). The switchover row is vmnic's own part of it: from QEMU reporting completion to the target taking the traffic (bridge: the target's hold released; passt: the underlay's neighbour entry for the VM's IP pointing at the target). In passt mode the rest of the gap comes after the underlay already sends to the target, between the target's passt and the guest. The passt runs are dual-stack: the IPv6 rows are the same runs' second probe, over IPv6."
 )
 
 // migRun is one run's probe line and the run's verdict.
@@ -91,14 +107,18 @@ var (
 // migKey is the test a line belongs to: the running top-level test, or
 // when that is none of migModes', the test the probe line's wording names.
 func migKey(test, l string) string {
+	v6 := ""
+	if strings.Contains(l, ": IPv6: ") {
+		v6 = ipv6Key
+	}
 	top, _, _ := strings.Cut(test, "/")
 	for _, m := range migModes {
 		if m.test == top {
-			return top
+			return top + v6
 		}
 	}
 	if strings.Contains(l, "TCP probe") {
-		return "TestPasstLiveMigration"
+		return "TestPasstLiveMigration" + v6
 	}
 	return "TestBridgeLiveMigration"
 }
@@ -119,18 +139,23 @@ func (in *input) migrationLine(l, test string) string {
 	}
 	if m := outcome.FindStringSubmatch(l); m != nil {
 		if !strings.Contains(m[2], "/") && strings.HasSuffix(m[2], "LiveMigration") {
-			r := runs(m[2])
-			switch m[1] {
-			case "PASS":
-				r.passed++
-			case "FAIL":
-				r.failed++
-			case "SKIP":
-				r.skipped++
-			}
-			// The verdict of the run whose probe line came before.
-			if n := len(r.runs); n > 0 && r.runs[n-1].verdict == "" && m[1] != "SKIP" {
-				r.runs[n-1].verdict = m[1]
+			for _, mode := range migModes {
+				if mode.test != m[2] {
+					continue
+				}
+				r := runs(mode.key())
+				switch m[1] {
+				case "PASS":
+					r.passed++
+				case "FAIL":
+					r.failed++
+				case "SKIP":
+					r.skipped++
+				}
+				// The verdict of the run whose probe line came before.
+				if n := len(r.runs); n > 0 && r.runs[n-1].verdict == "" && m[1] != "SKIP" {
+					r.runs[n-1].verdict = m[1]
+				}
 			}
 		}
 		return test
@@ -178,7 +203,7 @@ func msOf(d time.Duration) string {
 func (in *input) migrationLines() []line {
 	var out []line
 	for _, mode := range migModes {
-		r := in.mig[mode.test]
+		r := in.mig[mode.key()]
 		if r == nil {
 			r = &migRuns{}
 		}

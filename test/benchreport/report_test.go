@@ -76,7 +76,11 @@ func TestMigrationLines(t *testing.T) {
 		if i == 1 { // only one passt run logs its switchover
 			b.WriteString("    passt_migration_test.go:323: the underlay's neighbour entry moved to the target 36ms after QEMU reported the migration completed\n")
 		}
-		b.WriteString("    passt_migration_test.go:335: " + r.passt + "\n--- PASS: TestPasstLiveMigration (30.19s)\n")
+		b.WriteString("    passt_migration_test.go:335: " + r.passt + "\n")
+		// The same run's IPv6 probe, its gap 100 ms longer.
+		fmt.Fprintf(&b, "    passt_migration_test.go:337: IPv6: the underlay's neighbour entry moved to the target %dms after QEMU reported the migration completed\n", 30+i)
+		fmt.Fprintf(&b, "    passt_migration_test.go:339: IPv6: TCP probe every 50 ms to a port passt forwards: 190 sent, 180 answered, %d lost; longest gap %dms; QEMU downtime 8 ms\n", 10+i, 400+100*i)
+		b.WriteString("--- PASS: TestPasstLiveMigration (30.19s)\n")
 	}
 	if err := in.read(write(t, "migration.txt", b.String())); err != nil {
 		t.Fatal(err)
@@ -88,6 +92,8 @@ func TestMigrationLines(t *testing.T) {
 		// two.
 		"1250 ms", "1220 ms", "50 ms", "4 of 170", "30 ms", "3 (1 failed, left out of the medians)",
 		"279 ms", "272 ms", "36 ms", "2 of 193", "8 ms", "3",
+		// passt's IPv6 probe: gaps 400, 500, 600 ms; switchovers 30-32.
+		"500 ms", "492 ms", "31 ms", "11 of 190", "8 ms", "3",
 	}
 	if len(lines) != len(want) {
 		t.Fatalf("%d rows, want %d", len(lines), len(want))
@@ -107,8 +113,8 @@ func TestMigrationLines(t *testing.T) {
 		t.Fatal(err)
 	}
 	lines = empty.migrationLines()
-	if lines[0].val != notRun || lines[6].val != skipped || lines[11].val != skipped {
-		t.Errorf("bridge %q, passt %q %q: want not run, skipped", lines[0].val, lines[6].val, lines[11].val)
+	if lines[0].val != notRun || lines[6].val != skipped || lines[11].val != skipped || lines[12].val != skipped {
+		t.Errorf("bridge %q, passt %q %q, IPv6 %q: want not run, skipped", lines[0].val, lines[6].val, lines[11].val, lines[12].val)
 	}
 
 	// A log cut short after the probe line (a timeout's panic): a failure.

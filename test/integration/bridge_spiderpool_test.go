@@ -92,16 +92,20 @@ func applyPool(ctx context.Context, t *testing.T, c *cluster.Cluster, name, subn
 	if gateway != "" {
 		gw = "\n  gateway: " + gateway
 	}
+	version := 4
+	if strings.Contains(subnet, ":") {
+		version = 6
+	}
 	manifest := fmt.Sprintf(`
 apiVersion: spiderpool.spidernet.io/v2beta1
 kind: SpiderIPPool
 metadata:
   name: %s
 spec:
-  ipVersion: 4
+  ipVersion: %d
   subnet: %s
-  ips: [%s]%s
-`, name, subnet, ips, gw)
+  ips: [%q]%s
+`, name, version, subnet, ips, gw)
 	if err := c.Apply(ctx, []byte(manifest)); err != nil {
 		t.Fatal(err)
 	}

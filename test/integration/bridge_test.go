@@ -227,6 +227,16 @@ func pingFrom(p *harness.Pod, ip string) error {
 	return nil
 }
 
+// ip6Of is the result's first IPv6 address, or "".
+func ip6Of(r *current.Result) string {
+	for _, ipc := range r.IPs {
+		if ipc.Address.IP.To4() == nil {
+			return ipc.Address.IP.String()
+		}
+	}
+	return ""
+}
+
 func ip4(r *current.Result) string {
 	for _, ipc := range r.IPs {
 		if ipc.Address.IP.To4() != nil {

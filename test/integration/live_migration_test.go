@@ -74,14 +74,24 @@ func linkNodes(t *testing.T, a, b *ovsNode) {
 func launcherOn(ctx context.Context, t *testing.T, kube kubernetes.Interface, vmi *kubevirtv1.VirtualMachineInstance, name, node string, migration *kubevirtv1.VirtualMachineInstanceMigration) *harness.Pod {
 	t.Helper()
 	yes := true
+	// The Multus annotations of the VMI's networks: a default network
+	// replaces the pod network on eth0; a secondary one is net1.
+	ann := map[string]string{"kubevirt.io/domain": vmi.Name}
+	ifName := "eth0"
+	for _, n := range vmi.Spec.Networks {
+		switch m := n.Multus; {
+		case m != nil && m.Default:
+			ann["v1.multus-cni.io/default-network"] = "default/" + m.NetworkName
+		case m != nil:
+			ann["k8s.v1.cni.cncf.io/networks"] = `[{"interface":"net1","name":"` + m.NetworkName + `","namespace":"default"}]`
+			ifName = "net1"
+		}
+	}
 	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{
 			Name: name, Namespace: "default",
-			Labels: map[string]string{"kubevirt.io": "virt-launcher", "kubevirt.io/created-by": string(vmi.UID)},
-			Annotations: map[string]string{
-				"kubevirt.io/domain":          vmi.Name,
-				"k8s.v1.cni.cncf.io/networks": `[{"interface":"net1","name":"vlan100","namespace":"default"}]`,
-			},
+			Labels:      map[string]string{"kubevirt.io": "virt-launcher", "kubevirt.io/created-by": string(vmi.UID)},
+			Annotations: ann,
 			OwnerReferences: []metav1.OwnerReference{{
 				APIVersion: "kubevirt.io/v1", Kind: "VirtualMachineInstance", Name: vmi.Name, UID: vmi.UID, Controller: &yes,
 			}},
@@ -97,13 +107,14 @@ func launcherOn(ctx context.Context, t *testing.T, kube kubernetes.Interface, vm
 		t.Fatalf("create pod %s: %v", name, err)
 	}
 	p := newPod(t, name)
-	p.IfName, p.UID = "net1", string(obj.UID)
+	p.IfName, p.UID = ifName, string(obj.UID)
 	return p
 }
 
 // prober pings the guest every 50 ms from a peer pod and keeps the reply
 // times.
 type prober struct {
+	started time.Time
 	cmd     *exec.Cmd
 	mu      sync.Mutex
 	replies []time.Time
@@ -118,7 +129,7 @@ var (
 
 func startProbe(t *testing.T, peer *harness.Pod, ip string) *prober {
 	t.Helper()
-	p := &prober{done: make(chan struct{})}
+	p := &prober{done: make(chan struct{}), started: time.Now()}
 	p.cmd = exec.Command("nsenter", "--net="+peer.NS.Path(), "ping", "-D", "-n", "-i", "0.05", "-W", "1", ip)
 	out, err := p.cmd.StdoutPipe()
 	if err != nil {
@@ -158,18 +169,18 @@ func (p *prober) stop() (replies, sent int, gap time.Duration, gapEnd time.Time)
 	_ = p.cmd.Wait()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	gap, gapEnd = longestGap(p.replies, stopped)
+	gap, gapEnd = longestGap(p.replies, p.started, stopped)
 	return len(p.replies), p.sent, gap, gapEnd
 }
 
-// longestGap is the longest time between two answers, or between the last
-// answer and the end of probing, and when it ended.
-func longestGap(answers []time.Time, stopped time.Time) (gap time.Duration, end time.Time) {
-	r := append([]time.Time(nil), answers...)
+// longestGap is the longest time without an answer: from the start of
+// probing to the first answer, between two answers, or from the last one
+// to the end of probing; and when it ended. A probe that was never
+// answered is one gap from start to stop.
+func longestGap(answers []time.Time, started, stopped time.Time) (gap time.Duration, end time.Time) {
+	r := append([]time.Time{started}, answers...)
 	sort.Slice(r, func(i, j int) bool { return r[i].Before(r[j]) })
-	if len(r) > 0 {
-		r = append(r, stopped)
-	}
+	r = append(r, stopped)
 	for i := 1; i < len(r); i++ {
 		if d := r[i].Sub(r[i-1]); d > gap {
 			gap, end = d, r[i]

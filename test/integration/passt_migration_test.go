@@ -18,6 +18,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -30,10 +31,11 @@ import (
 )
 
 // passtNode is a simulated node for passt: its netns with the underlay
-// uplink, vmnicd with facts from the API server, and a Spiderpool agent.
+// uplink, vmnicd with facts from the API server, and a dual-stack
+// Spiderpool agent.
 func passtNode(t *testing.T, c *cluster.Cluster, name, pluginDir string, dctx context.Context) (*harness.Node, *libcni.NetworkConfigList) {
 	t.Helper()
-	agent := spiderpool.StartAgentT(t, c, spiderpool.AgentOptions{NodeName: name, PodName: "spiderpool-agent-" + name})
+	agent := spiderpool.StartAgentT(t, c, spiderpool.AgentOptions{NodeName: name, PodName: "spiderpool-agent-" + name, EnableIPv6: true})
 	node, _ := newNode(t, false)
 	d, err := node.StartDaemonWith(logger(t), clusterFacts(t, c, name, dctx))
 	if err != nil {
@@ -41,12 +43,12 @@ func passtNode(t *testing.T, c *cluster.Cluster, name, pluginDir string, dctx co
 	}
 	t.Cleanup(func() { _ = d.Stop() })
 	node.CNI = libcni.NewCNIConfigWithCacheDir([]string{node.BinDir, pluginDir}, filepath.Join(node.Dir, "cni-cache"), nil)
-	return node, passtList(t, node, "1.0.0", agent.IPAMConfig("under-v4"), nil)
+	return node, passtList(t, node, "1.0.0", agent.IPAMConfigDual([]string{"under-v4"}, []string{"under-v6"}), nil)
 }
 
 // passtUnderlay joins the nodes' uplink0 (the macvlan masters) with a veth
-// and puts the underlay's host, 10.50.0.1 (the pods' gateway), on a macvlan
-// of node a's uplink in a netns of its own.
+// and puts the underlay's host, 10.50.0.1 and fd00:50::1 (the pods'
+// gateways), on a macvlan of node a's uplink in a netns of its own.
 func passtUnderlay(t *testing.T, a, b *harness.Node) ns.NetNS {
 	t.Helper()
 	peer, err := testutils.NewNS()
@@ -84,9 +86,12 @@ func passtUnderlay(t *testing.T, a, b *harness.Node) ns.NetNS {
 		if err != nil {
 			return err
 		}
-		addr, _ := netlink.ParseAddr("10.50.0.1/24")
-		if err := netlink.AddrAdd(l, addr); err != nil {
-			return err
+		for _, cidr := range []string{"10.50.0.1/24", "fd00:50::1/64"} {
+			addr, _ := netlink.ParseAddr(cidr)
+			addr.Flags = unix.IFA_F_NODAD
+			if err := netlink.AddrAdd(l, addr); err != nil {
+				return err
+			}
 		}
 		return netlink.LinkSetUp(l)
 	}); err != nil {
@@ -96,10 +101,10 @@ func passtUnderlay(t *testing.T, a, b *harness.Node) ns.NetNS {
 }
 
 // startPasst runs passt in the pod's netns, serving sock, forwarding TCP
-// port 8080 to the guest.
+// port 8080 to the guest over IPv4 and IPv6.
 func startPasst(t *testing.T, p *harness.Pod, sock string) {
 	t.Helper()
-	cmd := exec.Command("nsenter", "--net="+p.NS.Path(), "passt", "-f", "-e", "-s", sock, "-i", p.IfName, "-t", "8080", "-4")
+	cmd := exec.Command("nsenter", "--net="+p.NS.Path(), "passt", "-f", "-e", "-s", sock, "-i", p.IfName, "-t", "8080")
 	var out strings.Builder
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
@@ -124,15 +129,16 @@ func startPasst(t *testing.T, p *harness.Pod, sock string) {
 // tcpProbe opens a new TCP connection to addr from the peer every 50 ms
 // and reads the guest's answer; it keeps the times of the answered ones.
 type tcpProbe struct {
-	mu   sync.Mutex
-	ok   []time.Time
-	sent int
-	stop chan struct{}
-	done chan struct{}
+	started time.Time
+	mu      sync.Mutex
+	ok      []time.Time
+	sent    int
+	stop    chan struct{}
+	done    chan struct{}
 }
 
 func startTCPProbe(peer ns.NetNS, addr string) *tcpProbe {
-	p := &tcpProbe{stop: make(chan struct{}), done: make(chan struct{})}
+	p := &tcpProbe{stop: make(chan struct{}), done: make(chan struct{}), started: time.Now()}
 	var wg sync.WaitGroup
 	one := func() {
 		defer wg.Done()
@@ -184,17 +190,25 @@ func (p *tcpProbe) end() (answered, sent int, gap time.Duration) {
 	<-p.done
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	gap, _ = longestGap(p.ok, stopped)
+	gap, _ = longestGap(p.ok, p.started, stopped)
 	return len(p.ok), p.sent, gap
 }
 
 // TestPasstLiveMigration live-migrates a real QEMU guest behind passt from
-// a pod on one node to a pod on another (macvlan on a shared underlay, the
-// IP from Spiderpool) while the underlay's host connects to a port passt
-// forwards to the guest every 50 ms: the target is held until the
-// switchover, then the underlay resolves the IP to the target and new
-// connections reach the guest there; the source's DEL leaves the IP with
-// the VM. It logs the probe gap next to QEMU's own downtime.
+// a pod on one node to a pod on another (macvlan on a shared underlay as
+// the pods' primary network, eth0, under KubeVirt's core passt binding;
+// a dual-stack address from Spiderpool) while the underlay's host connects
+// to a port passt forwards to the guest every 50 ms over IPv4 and over
+// IPv6: the target is held until the switchover, its IPv6 address passes
+// DAD though the source holds it too (the source does not hear the probe),
+// then the underlay resolves the IP to the target and new connections
+// reach the guest there on both families; the source's DEL leaves the IPs
+// with the VM. It logs each family's probe gap next to QEMU's own
+// downtime.
+//
+// The guest runs on passt's socket (QEMU -netdev stream), which the
+// Debian passt here serves; KubeVirt's passt binding gives QEMU a
+// vhost-user passt instead, on the same pod interface.
 func TestPasstLiveMigration(t *testing.T) {
 	need.NoError(t, guest.Check())
 	need.Binary(t, "passt")
@@ -209,15 +223,20 @@ func TestPasstLiveMigration(t *testing.T) {
 	a, la := passtNode(t, c, "node-a", pluginDir, dctx)
 	b, lb := passtNode(t, c, "node-b", pluginDir, dctx)
 	applyPool(ctx, t, c, "under-v4", "10.50.0.0/24", "10.50.0.20-10.50.0.40", "10.50.0.1")
+	applyPool(ctx, t, c, "under-v6", "fd00:50::/64", "fd00:50::20-fd00:50::40", "fd00:50::1")
 	peer := passtUnderlay(t, a, b)
-	add := func(n *harness.Node, l *libcni.NetworkConfigList, p *harness.Pod) string {
+	add := func(n *harness.Node, l *libcni.NetworkConfigList, p *harness.Pod) (string, string) {
 		t.Helper()
-		return ip4(addRetry(ctx, t, n, l, p))
+		r := addRetry(ctx, t, n, l, p)
+		return ip4(r), ip6Of(r)
 	}
 
-	vmi := createBridgeVMI(ctx, t, c, "vm-pm")
+	vmi := createPasstVMI(ctx, t, c, "vm-pm")
 	src := launcherOn(ctx, t, kube, vmi, "virt-launcher-vm-pm-src", "node-a", nil)
-	ip := add(a, la, src)
+	ip, ip6 := add(a, la, src)
+	if ip == "" || ip6 == "" {
+		t.Fatalf("source got %q and %q, want an IPv4 and an IPv6 address", ip, ip6)
+	}
 	dir, err := os.MkdirTemp("", "pmig")
 	if err != nil {
 		t.Fatal(err)
@@ -232,9 +251,23 @@ func TestPasstLiveMigration(t *testing.T) {
 	if testing.Verbose() {
 		logf = func(s string) { t.Log("guest: " + s) }
 	}
+	// No macAddress on the VMI: KubeVirt leaves the guest's MAC to libvirt,
+	// and passt learns whatever the guest uses.
 	const guestMAC = "02:00:00:50:00:01"
 	script := `udhcpc -i eth0 -q -f -n -t 15 -T 2 || echo DHCP4-FAILED
+# passt (2023-03) forwards inbound connections to the last address it saw
+# the guest send from, the unspecified one of a DAD probe included: the
+# guest takes its one IPv6 address from passt's DHCPv6 without DAD (the
+# address is the pod's) and no SLAAC address, and speaks first from it, as
+# any guest soon does.
+echo 0 > /proc/sys/net/ipv6/conf/eth0/autoconf
+echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_dad
+udhcpc6 -i eth0 -q -n -t 10 -T 2 || echo DHCP6-FAILED
+ping -c 1 -W 1 fd00:50::1 >/dev/null 2>&1 || true
+i=0; while [ $i -lt 40 ] && ! ip -6 route show default | grep -q via; do sleep 0.25; i=$((i+1)); done
 echo "ADDR4 $(ip -4 -o addr show dev eth0 | awk '{print $4}' | head -1)"
+echo "ADDR6 $(ip -6 -o addr show dev eth0 scope global | awk '{print $4}' | head -1)"
+echo "ROUTE6 $(ip -6 route show default | head -1)"
 mkdir -p /tmp/www && echo guest > /tmp/www/index.html
 busybox httpd -p 8080 -h /tmp/www
 ` + heartbeat + `echo SERVING
@@ -251,19 +284,31 @@ sleep 600
 	if m, err := gSrc.WaitFor(ctx, regexp.MustCompile(`^ADDR4 (.*)$`)); err != nil || !strings.HasPrefix(m[1], ip+"/") {
 		t.Fatalf("guest address %v %v, want the pod's %s (passt hands it over)", m, err, ip)
 	}
+	if m, err := gSrc.WaitFor(ctx, regexp.MustCompile(`^ADDR6 (.*)$`)); err != nil || !strings.HasPrefix(m[1], ip6+"/") {
+		t.Fatalf("guest IPv6 address %v %v, want the pod's %s (passt hands it over)", m, err, ip6)
+	}
 	if _, err := gSrc.WaitFor(ctx, regexp.MustCompile(`^SERVING$`)); err != nil {
 		t.Fatal(err)
 	}
 	probe := startTCPProbe(peer, net.JoinHostPort(ip, "8080"))
+	probe6 := startTCPProbe(peer, net.JoinHostPort(ip6, "8080"))
 	time.Sleep(settle)
-	srcMAC := podLinks(t, src)["net1"].Attrs().HardwareAddr.String()
+	srcMAC := podLinks(t, src)["eth0"].Attrs().HardwareAddr.String()
 
 	m := bed.createVMIM(t, "mig-pm", vmi.Name)
+	// KubeVirt creates the target pod once the VMIM exists; scheduling and
+	// its sandbox take a second or more, by which time the source no
+	// longer hears DAD probes. Without that, the target's macvlan plugin
+	// fails its ADD (the source answers the probe for the shared IPv6).
+	waitDADGuard(t, src, true)
 	dst := launcherOn(ctx, t, kube, vmi, "virt-launcher-vm-pm-dst", "node-b", m)
-	if got := add(b, lb, dst); got != ip {
-		t.Fatalf("target got %s, want the VM's %s", got, ip)
+	if got, got6 := add(b, lb, dst); got != ip || got6 != ip6 {
+		t.Fatalf("target got %s and %s, want the VM's %s and %s", got, got6, ip, ip6)
 	}
-	dstMAC := podLinks(t, dst)["net1"].Attrs().HardwareAddr.String()
+	if st := ipv6State(t, dst, ip6); st != "valid" {
+		t.Fatalf("the target's %s is %s, want valid", ip6, st)
+	}
+	dstMAC := podLinks(t, dst)["eth0"].Attrs().HardwareAddr.String()
 	// KubeVirt moves the VMIM on once the target pod runs; the source's
 	// vmnicd then reasserts the address the target's macvlan announced.
 	bed.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "TargetReady"})
@@ -280,13 +325,20 @@ sleep 600
 	if _, err := gDst.QMP(ctx, "query-status", nil); err != nil {
 		t.Fatal(err)
 	}
-	if got := neighMAC(t, peer, ip); got != srcMAC {
-		t.Fatalf("before the migration the underlay resolves %s to %q, want the source's %s (target %s)", ip, got, srcMAC, dstMAC)
+	// The target's macvlan announced both addresses when it came up; the
+	// source answered each claim at once.
+	for _, a := range []string{ip, ip6} {
+		if got := neighMAC(t, peer, a); got != srcMAC {
+			t.Fatalf("before the migration the underlay resolves %s to %q, want the source's %s (target %s)", a, got, srcMAC, dstMAC)
+		}
 	}
 	bed.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Running"})
 	downtime := migrateGuest(ctx, t, gSrc, filepath.Join(dir, "mig.sock"), func() {
 		if got := neighMAC(t, peer, ip); got == dstMAC {
 			t.Fatal("the underlay learned the held target's MAC during the migration")
+		}
+		if got := neighMAC(t, peer, ip6); got == dstMAC {
+			t.Fatal("the underlay learned the held target's MAC for the IPv6 address during the migration")
 		}
 	})
 	completed := time.Now()
@@ -298,6 +350,14 @@ sleep 600
 		t.Fatalf("after the switchover the underlay resolves %s to %q, want the target's %s", ip, got, dstMAC)
 	}
 	t.Logf("the underlay's neighbour entry moved to the target %s after QEMU reported the migration completed", time.Since(completed).Round(time.Millisecond))
+	for time.Since(completed) < 5*time.Second && neighMAC(t, peer, ip6) != dstMAC {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got := neighMAC(t, peer, ip6); got != dstMAC {
+		t.Errorf("after the switchover the underlay resolves %s to %q, want the target's %s", ip6, got, dstMAC)
+	} else {
+		t.Logf("IPv6: the underlay's neighbour entry moved to the target %s after QEMU reported the migration completed", time.Since(completed).Round(time.Millisecond))
+	}
 	time.Sleep(3 * time.Second)
 
 	gSrc.Kill()
@@ -309,14 +369,20 @@ sleep 600
 	}
 	time.Sleep(time.Second)
 	answered, sent, gap := probe.end()
+	answered6, sent6, gap6 := probe6.end()
 	t.Logf("TCP probe every 50 ms to a port passt forwards: %d sent, %d answered, %d lost; longest gap %s; QEMU downtime %d ms",
 		sent, answered, sent-answered, gap.Round(time.Millisecond), downtime)
+	t.Logf("IPv6: TCP probe every 50 ms to a port passt forwards: %d sent, %d answered, %d lost; longest gap %s; QEMU downtime %d ms",
+		sent6, answered6, sent6-answered6, gap6.Round(time.Millisecond), downtime)
 	assertGuestAlive(t, gDst)
-	if answered == 0 || sent < 40 {
-		t.Fatalf("probe did not run: %d sent, %d answered", sent, answered)
+	if answered == 0 || sent < 40 || answered6 == 0 || sent6 < 40 {
+		t.Fatalf("probes did not run: IPv4 %d sent, %d answered; IPv6 %d sent, %d answered", sent, answered, sent6, answered6)
 	}
 	if gap > 5*time.Second {
-		t.Errorf("the guest was unreachable for %s", gap)
+		t.Errorf("the guest was unreachable over IPv4 for %s", gap)
+	}
+	if gap6 > 5*time.Second {
+		t.Errorf("the guest was unreachable over IPv6 for %s", gap6)
 	}
 	pool, err := c.Dynamic.Resource(schema.GroupVersionResource{Group: "spiderpool.spidernet.io", Version: "v2beta1", Resource: "spiderippools"}).
 		Get(ctx, "under-v4", metav1.GetOptions{})
@@ -327,11 +393,47 @@ sleep 600
 		t.Errorf("after the source's DEL the pool lost %s: %s", ip, raw)
 	}
 	last := startTCPProbe(peer, net.JoinHostPort(ip, "8080"))
+	last6 := startTCPProbe(peer, net.JoinHostPort(ip6, "8080"))
 	time.Sleep(500 * time.Millisecond)
 	if n, _, _ := last.end(); n == 0 {
 		t.Error("after the source's DEL the guest no longer answers through the target")
 	}
+	if n, _, _ := last6.end(); n == 0 {
+		t.Error("after the source's DEL the guest no longer answers IPv6 through the target")
+	}
 	if err := b.Del(ctx, lb, dst); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// ipv6State is "valid", "tentative", "dadfailed" or "missing" for ip on
+// the pod's interface.
+func ipv6State(t *testing.T, p *harness.Pod, ip string) string {
+	t.Helper()
+	state := "missing"
+	_ = p.NS.Do(func(ns.NetNS) error {
+		l, err := netlink.LinkByName(p.IfName)
+		if err != nil {
+			return err
+		}
+		addrs, err := netlink.AddrList(l, netlink.FAMILY_V6)
+		if err != nil {
+			return err
+		}
+		for _, a := range addrs {
+			if a.IP.String() != ip {
+				continue
+			}
+			switch {
+			case a.Flags&unix.IFA_F_DADFAILED != 0:
+				state = "dadfailed"
+			case a.Flags&unix.IFA_F_TENTATIVE != 0:
+				state = "tentative"
+			default:
+				state = "valid"
+			}
+		}
+		return nil
+	})
+	return state
 }

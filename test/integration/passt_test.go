@@ -18,12 +18,15 @@ import (
 	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/vmnic/vmnic/daemon/capabilities"
 	"github.com/vmnic/vmnic/pkg/apis/v1alpha1"
 	"github.com/vmnic/vmnic/pkg/failpoint"
+	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/pkg/nft"
+	"github.com/vmnic/vmnic/test/cluster"
 	"github.com/vmnic/vmnic/test/harness"
 	"github.com/vmnic/vmnic/test/spiderpool"
 )
@@ -178,7 +181,11 @@ func neighMAC(t *testing.T, peer ns.NetNS, ip string) string {
 	t.Helper()
 	var mac string
 	_ = peer.Do(func(ns.NetNS) error {
-		ns, err := netlink.NeighList(0, netlink.FAMILY_V4)
+		fam := netlink.FAMILY_V4
+		if strings.Contains(ip, ":") {
+			fam = netlink.FAMILY_V6
+		}
+		ns, err := netlink.NeighList(0, fam)
 		if err != nil {
 			return err
 		}
@@ -220,15 +227,16 @@ func TestPasstMigrationHold(t *testing.T) {
 	node.CNI = libcni.NewCNIConfigWithCacheDir([]string{node.BinDir, pluginDir}, filepath.Join(node.Dir, "cni-cache"), nil)
 	l := passtList(t, node, "1.0.0", agent.IPAMConfig("under-v4"), nil)
 
-	vmi := createBridgeVMI(ctx, t, c, "vm-p")
+	// KubeVirt's passt binding on the Multus default network: the pod's
+	// primary interface, eth0.
+	vmi := createPasstVMI(ctx, t, c, "vm-p")
 	src := launcherOn(ctx, t, kube, vmi, "virt-launcher-vm-p-src", testNode, nil)
 	addPasst := func(p *harness.Pod) string {
 		t.Helper()
-		p.IfName = "net1"
 		return ip4(addRetry(ctx, t, node, l, p))
 	}
 	ip := addPasst(src)
-	srcMAC := podLinks(t, src)["net1"].Attrs().HardwareAddr.String()
+	srcMAC := podLinks(t, src)["eth0"].Attrs().HardwareAddr.String()
 	if out, err := exec.Command("nsenter", "--net="+peer.Path(), "ping", "-c", "1", "-W", "2", ip).CombinedOutput(); err != nil {
 		t.Fatalf("peer cannot reach the source %s: %v\n%s", ip, err, out)
 	}
@@ -237,10 +245,12 @@ func TestPasstMigrationHold(t *testing.T) {
 	}
 
 	m := bed.createVMIM(t, "mig-p", vmi.Name)
+	// While its VM migrates the source does not hear DAD probes, before
+	// KubeVirt's target pod could be scheduled and its sandbox made.
+	waitDADGuard(t, src, true)
 	dst := launcherOn(ctx, t, kube, vmi, "virt-launcher-vm-p-dst", testNode, m)
 	// A failure right after the hold is taken leaves no hold behind; the
 	// runtime's DEL and a new ADD then work.
-	dst.IfName = "net1"
 	failpoint.Set(func(mode, step string) error {
 		if mode == netconf.ModePasst && step == "hold" {
 			return errors.New("injected failure after the hold")
@@ -258,7 +268,7 @@ func TestPasstMigrationHold(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "injected failure after the hold") {
 		t.Fatalf("target ADD = %v, want the injected failure", err)
 	}
-	if held, herr := nft.Held(dst.NS.Path(), "net1"); herr != nil || held {
+	if held, herr := nft.Held(dst.NS.Path(), "eth0"); herr != nil || held {
 		t.Errorf("after the failed ADD the target is held: %v (%v)", held, herr)
 	}
 	if err := node.Del(ctx, l, dst); err != nil {
@@ -267,7 +277,7 @@ func TestPasstMigrationHold(t *testing.T) {
 	if got := addPasst(dst); got != ip {
 		t.Fatalf("target got %s, want the VM's %s", got, ip)
 	}
-	dstMAC := podLinks(t, dst)["net1"].Attrs().HardwareAddr.String()
+	dstMAC := podLinks(t, dst)["eth0"].Attrs().HardwareAddr.String()
 	// The peer asks for the IP again: only the source may answer.
 	_ = peer.Do(func(ns.NetNS) error {
 		l, _ := netlink.LinkByName("under0")
@@ -319,4 +329,43 @@ func TestPasstMigrationHold(t *testing.T) {
 			t.Fatalf("DEL %s: %v", p.Name, err)
 		}
 	}
+}
+
+// waitDADGuard waits (bounded) until the pod's eth0 has or has not its DAD
+// guard, as vmnicd's migration watch sets it from the VMIM.
+func waitDADGuard(t *testing.T, p *harness.Pod, want bool) {
+	t.Helper()
+	var on bool
+	var err error
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if on, err = nft.DADGuarded(p.NS.Path(), "eth0"); err == nil && on == want {
+			return
+		}
+	}
+	t.Fatalf("DAD guard of %s's eth0 is %v (%v), want %v", p.Name, on, err, want)
+}
+
+// createPasstVMI creates a VMI whose one NIC is KubeVirt's core passt
+// binding on the macvlan network as the Multus default network.
+func createPasstVMI(ctx context.Context, t *testing.T, c *cluster.Cluster, name string) *kubevirtv1.VirtualMachineInstance {
+	t.Helper()
+	kv, err := kubevirt.KubeVirtClient(c.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vmi := &kubevirtv1.VirtualMachineInstance{
+		TypeMeta:   metav1.TypeMeta{APIVersion: "kubevirt.io/v1", Kind: "VirtualMachineInstance"},
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default"},
+	}
+	vmi.Spec.Networks = []kubevirtv1.Network{{Name: "default", NetworkSource: kubevirtv1.NetworkSource{
+		Multus: &kubevirtv1.MultusNetwork{NetworkName: "macvlan-passt", Default: true},
+	}}}
+	vmi.Spec.Domain.Devices.Interfaces = []kubevirtv1.Interface{{
+		Name: "default", InterfaceBindingMethod: kubevirtv1.InterfaceBindingMethod{PasstBinding: &kubevirtv1.InterfacePasstBinding{}},
+	}}
+	out := &kubevirtv1.VirtualMachineInstance{}
+	if err := kv.Post().Namespace("default").Resource("virtualmachineinstances").Body(vmi).Do(ctx).Into(out); err != nil {
+		t.Fatalf("create VMI %s: %v", name, err)
+	}
+	return out
 }

@@ -189,6 +189,12 @@ func (a *Agent) LogTail(n int) string { return proc.Tail(a.Log, n) }
 // plugin logs to Dir/ipam-plugin.log instead of its default
 // /var/log/spidernet/spiderpool.log.
 func (a *Agent) IPAMConfig(ipv4Pools ...string) map[string]any {
+	return a.IPAMConfigDual(ipv4Pools, nil)
+}
+
+// IPAMConfigDual is IPAMConfig with default IPv4 and IPv6 pools (a
+// dual-stack NIC takes one address from each; the agent needs EnableIPv6).
+func (a *Agent) IPAMConfigDual(ipv4Pools, ipv6Pools []string) map[string]any {
 	m := map[string]any{
 		"type":                  PluginName,
 		"ipam_unix_socket_path": a.Socket,
@@ -196,6 +202,9 @@ func (a *Agent) IPAMConfig(ipv4Pools ...string) map[string]any {
 	}
 	if len(ipv4Pools) > 0 {
 		m["default_ipv4_ippool"] = ipv4Pools
+	}
+	if len(ipv6Pools) > 0 {
+		m["default_ipv6_ippool"] = ipv6Pools
 	}
 	return m
 }
