@@ -30,7 +30,8 @@ if ! command -v go >/dev/null; then
   exit 1
 fi
 
-# Tool binaries from test/tools/go.mod into .tools/bin, rebuilt only when
-# that module changes (kube-apiserver takes ~10 min cold on 2 cores).
-bash test/tools/build.sh cnitool etcd kube-apiserver helm spiderpool-agent spiderpool coordinator golangci-lint >/dev/null
+# Tool binaries from test/tools/go.mod (kubevirt-oracle from test/kubevirt)
+# into .tools/bin, rebuilt only when their module changes (kube-apiserver
+# takes ~10 min cold on 2 cores).
+bash test/tools/build.sh cnitool etcd kube-apiserver helm spiderpool-agent spiderpool coordinator golangci-lint kubevirt-oracle >/dev/null
 echo "deps: ready"

@@ -82,10 +82,17 @@ echo "GOTX=$(cat /tmp/inx)"
 `, peer4, peer6, PeerPort, Forwarded4Port, Forwarded6Port, NotForwardedPort)
 }
 
+// GuestNIC is the NIC a scenario guest boots with: the tap and MAC
+// KubeVirt's tap binding gives the domain, and its queues.
+type GuestNIC struct {
+	Tap, MAC string
+	Queues   int
+}
+
 // RunGuest boots a guest on the pod's tap and drives the scenario. res is
 // the pod's CNI result (for its addresses); peer4/peer6 are the node's
 // addresses the guest reaches out to. log, if set, gets every console line.
-func RunGuest(ctx context.Context, n *Node, p *Pod, img *guest.Image, mac string, res *current.Result, peer4, peer6 string, log func(string)) (*GuestReport, error) {
+func RunGuest(ctx context.Context, n *Node, p *Pod, img *guest.Image, nic GuestNIC, res *current.Result, peer4, peer6 string, log func(string)) (*GuestReport, error) {
 	var pod4, pod6 net.IP
 	for _, ipc := range res.IPs {
 		if ipc.Address.IP.To4() != nil {
@@ -135,7 +142,7 @@ func RunGuest(ctx context.Context, n *Node, p *Pod, img *guest.Image, mac string
 	}
 
 	g, err := guest.Start(ctx, img, guest.Options{
-		NetnsPath: p.NS.Path(), Tap: "tap0", MAC: mac, Queues: ScenarioQueues,
+		NetnsPath: p.NS.Path(), Tap: nic.Tap, MAC: nic.MAC, Queues: nic.Queues,
 		Script: guestScript(peer4, peer6), Timeout: 4 * time.Minute, Log: log,
 	})
 	if err != nil {

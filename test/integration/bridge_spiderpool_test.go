@@ -192,8 +192,14 @@ func TestBridgeSpiderpoolVMs(t *testing.T) {
 	if testing.Verbose() {
 		logf = func(s string) { t.Log("guest: " + s) }
 	}
-	boot := func(p *harness.Pod, mac, script string) *guest.Guest {
-		g, err := guest.Start(ctx, img, guest.Options{NetnsPath: p.NS.Path(), Tap: "tap1", MAC: mac, Script: script, Timeout: 3 * time.Minute, Log: logf})
+	// Each guest boots as KubeVirt's tap binding boots it for the VMI (no
+	// macAddress): its domain MAC must be the rule's, which DHCP answers.
+	boot := func(p *harness.Pod, vmi *kubevirtv1.VirtualMachineInstance, mac, script string) *guest.Guest {
+		di := kubevirtNICs(ctx, t, p, vmi)
+		if len(di) != 1 || di[0].MAC != mac || di[0].Target != "tap1" {
+			t.Fatalf("KubeVirt's domain interfaces of %s: %+v, want tap1 with MAC %s", p.Name, di, mac)
+		}
+		g, err := guest.Start(ctx, img, guest.Options{NetnsPath: p.NS.Path(), Tap: di[0].Target, MAC: di[0].MAC, Script: script, Timeout: 3 * time.Minute, Log: logf})
 		if err != nil {
 			t.Fatalf("boot guest: %v", err)
 		}
@@ -204,8 +210,8 @@ func TestBridgeSpiderpoolVMs(t *testing.T) {
 udhcpc -i eth0 -q -f -n -t 15 -T 2 || echo DHCP4-FAILED
 echo "ADDR4 $(ip -4 -o addr show dev eth0 | awk '{print $4}' | head -1)"
 `
-	gB := boot(podB, macB, dhcp+"echo READY\nsleep 150\n")
-	gA := boot(podA, macA, dhcp+fmt.Sprintf(`i=0; until ping -c 1 -W 1 %s >/dev/null 2>&1 || [ $i -ge 30 ]; do i=$((i+1)); done
+	gB := boot(podB, vmB, macB, dhcp+"echo READY\nsleep 150\n")
+	gA := boot(podA, vmA, macA, dhcp+fmt.Sprintf(`i=0; until ping -c 1 -W 1 %s >/dev/null 2>&1 || [ $i -ge 30 ]; do i=$((i+1)); done
 ping -c 3 -W 2 %s >/dev/null 2>&1 && echo PING-OK || echo PING-FAILED
 `, ipB, ipB))
 	for _, c := range []struct {

@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -21,6 +22,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/vmnic/vmnic/daemon"
+	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/state"
 	"github.com/vmnic/vmnic/plugins/bridge"
 	"github.com/vmnic/vmnic/test/guest"
@@ -554,7 +556,13 @@ sleep 60
 	if testing.Verbose() {
 		logf = func(s string) { t.Log("guest: " + s) }
 	}
-	g, err := guest.Start(ctx, img, guest.Options{NetnsPath: vm.NS.Path(), Tap: "tap1", MAC: wantMAC, Script: script, Timeout: 3 * time.Minute, Log: logf})
+	// Booted as KubeVirt's tap binding boots it, with no macAddress on
+	// the VMI: the MAC of the pod interface, which is the guest's.
+	di := kubevirtNICs(ctx, t, vm, testVMI("vm1", 1, vmiNIC{network: "vlan100", nad: "vlan100"}))
+	if len(di) != 1 || di[0].MAC != wantMAC || di[0].Target != "tap1" || di[0].MTU != 1400 {
+		t.Fatalf("KubeVirt's domain interfaces %+v: want tap1 with the guest's MAC %s and MTU 1400", di, wantMAC)
+	}
+	g, err := guest.Start(ctx, img, guest.Options{NetnsPath: vm.NS.Path(), Tap: di[0].Target, MAC: di[0].MAC, Script: script, Timeout: 3 * time.Minute, Log: logf})
 	if err != nil {
 		t.Fatalf("boot guest: %v", err)
 	}
@@ -636,7 +644,12 @@ func TestBridgeMultiNIC(t *testing.T) {
 			t.Errorf("%s missing in the VM pod (links: %v)", name, keys(links))
 		}
 	}
-	mac1, mac2 := nics[0].Interfaces[1].Mac, nics[1].Interfaces[1].Mac
+	di := kubevirtNICs(ctx, t, vm, testVMI("mn", 1,
+		vmiNIC{network: "default", mac: mac0}, vmiNIC{network: "blue", nad: "blue"}, vmiNIC{network: "green", nad: "green"}))
+	if len(di) != 3 || di[0].MAC != mac0 || di[1].MAC != nics[0].Interfaces[1].Mac || di[2].MAC != nics[1].Interfaces[1].Mac {
+		t.Fatalf("KubeVirt's domain interfaces %+v: want eth0 with %s and net1, net2 with the MACs of their results", di, mac0)
+	}
+	first, more := bootNICs(di)
 	script := fmt.Sprintf(`
 ip link set eth1 up; ip link set eth2 up
 udhcpc -i eth1 -q -f -n -t 10 -T 2 -O mtu || echo DHCP4-FAILED
@@ -655,9 +668,8 @@ echo "NEIGH2 $(ip neigh show dev eth2 | awk '{print $1}' | tr '\n' ' ')"
 		logf = func(s string) { t.Log("guest: " + s) }
 	}
 	g, err := guest.Start(ctx, img, guest.Options{
-		NetnsPath: vm.NS.Path(), Tap: "tap0", MAC: mac0,
-		More:   []guest.NIC{{Tap: "tap1", MAC: mac1}, {Tap: "tap2", MAC: mac2}},
-		Script: script, Timeout: 3 * time.Minute, Log: logf,
+		NetnsPath: vm.NS.Path(), Tap: first.Tap, MAC: first.MAC, Queues: first.Queues,
+		More: more, Script: script, Timeout: 3 * time.Minute, Log: logf,
 	})
 	if err != nil {
 		t.Fatalf("boot guest: %v", err)
@@ -714,5 +726,144 @@ echo "NEIGH2 $(ip neigh show dev eth2 | awk '{print $1}' | tr '\n' ' ')"
 		if err := n.Del(ctx, c.l, vm); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestBridgeKubeVirtNames boots real guests as KubeVirt's tap binding boots
+// them on bridge-mode NICs under each pod interface name KubeVirt gives:
+// eth0 (the VMI's pod network, tap0), net1 (a Multus network, ordinal
+// name) and pod<hash> (another, hashed name), once with macAddress on
+// every VMI interface and once with none. The tap, MAC and MTU each guest
+// NIC gets are what KubeVirt's own code derives from the pod netns; the
+// guest takes each NIC's address by DHCP, reaches a peer on each VLAN
+// through the right NIC, and each peer reaches it back.
+func TestBridgeKubeVirtNames(t *testing.T) {
+	need.NoError(t, guest.Check())
+	img, err := guest.Build(t.TempDir())
+	if err != nil {
+		t.Fatalf("guest image: %v", err)
+	}
+	n := newOVSNode(t)
+	green := kubevirt.HashedIfName("green")
+	type nicCase struct {
+		podIf, network, nad string
+		vlan                int
+		subnet              string // /24 prefix, e.g. "10.101.0"
+	}
+	nics := []nicCase{
+		{"eth0", "default", "", 101, "10.101.0"},
+		{"net1", "blue", "blue", 102, "10.102.0"},
+		{green, "green", "green", 103, "10.103.0"},
+	}
+	lists := map[string]*libcni.NetworkConfigList{}
+	peers := map[string]string{}
+	peerPods := map[string]*harness.Pod{}
+	for _, c := range nics {
+		l := n.bridgeList(t, fmt.Sprintf("vlan%d", c.vlan), map[string]any{"vlan": c.vlan},
+			n.hostLocalOn(c.subnet+".0/24", c.subnet+".1", c.subnet+".10", c.subnet+".50"))
+		lists[c.podIf] = l
+		pp, rp := n.addPod(t, l, fmt.Sprintf("peer-%d", c.vlan))
+		peers[c.podIf], peerPods[c.podIf] = ip4(rp), pp
+	}
+	for _, withMAC := range []bool{true, false} {
+		name := "macAddress"
+		if !withMAC {
+			name = "no-macAddress"
+		}
+		t.Run(name, func(t *testing.T) {
+			ctx := ctxT(t)
+			vm := newPod(t, "virt-launcher-names-"+name)
+			var vmiNICs []vmiNIC
+			want := map[string]string{} // pod interface -> its address
+			for i, c := range nics {
+				mac := ""
+				if withMAC {
+					mac = fmt.Sprintf("02:00:00:00:bb:%02x", i+1)
+				}
+				vmiNICs = append(vmiNICs, vmiNIC{network: c.network, nad: c.nad, mac: mac})
+				l := lists[c.podIf]
+				if mac != "" {
+					// The standalone daemon's VM facts: the VMI's MAC.
+					l = n.bridgeList(t, fmt.Sprintf("vlan%d", c.vlan), map[string]any{
+						"vlan": c.vlan,
+						"args": map[string]any{"cni": map[string]any{"vmnic": map[string]any{"mac": mac}}},
+					},
+						n.hostLocalOn(c.subnet+".0/24", c.subnet+".1", c.subnet+".10", c.subnet+".50"))
+				}
+				vm.IfName = c.podIf
+				res, err := n.Add(ctx, l, vm)
+				if err != nil {
+					t.Fatalf("ADD %s: %v", c.podIf, err)
+				}
+				r, _ := current.NewResultFromResult(res)
+				assertResultMACs(t, vm, r)
+				want[c.podIf] = ip4(r)
+				t.Cleanup(func() {
+					vm.IfName = c.podIf
+					_ = n.Del(context.Background(), l, vm)
+				})
+			}
+			di := kubevirtNICs(ctx, t, vm, testVMI("names", 1, vmiNICs...))
+			if len(di) != len(nics) {
+				t.Fatalf("KubeVirt's domain interfaces %+v, want %d", di, len(nics))
+			}
+			wantTaps := []string{"tap0", "tap1", "tap" + green[3:]}
+			for i, c := range nics {
+				if di[i].PodInterface != c.podIf || di[i].Target != wantTaps[i] || di[i].MTU == 0 {
+					t.Errorf("KubeVirt's domain interface %d: %+v, want pod interface %s on %s", i, di[i], c.podIf, wantTaps[i])
+				}
+				if withMAC && di[i].MAC != vmiNICs[i].mac {
+					t.Errorf("%s: KubeVirt gives MAC %s, want the VMI's %s", c.podIf, di[i].MAC, vmiNICs[i].mac)
+				}
+				if !withMAC && di[i].MAC != bridge.GuestMACFor(net.ParseIP(want[c.podIf])).String() {
+					t.Errorf("%s: KubeVirt gives MAC %s, want vmnic's rule for %s", c.podIf, di[i].MAC, want[c.podIf])
+				}
+			}
+			first, more := bootNICs(di)
+			script := `ip link set eth1 up; ip link set eth2 up
+for i in eth1 eth2 eth0; do udhcpc -i $i -q -f -n -t 10 -T 2 || echo "DHCP4-FAILED $i"; done
+for i in eth0 eth1 eth2; do echo "ADDR $i $(ip -4 -o addr show dev $i | awk '{print $4}' | head -1)"; done
+`
+			for i, c := range nics {
+				script += fmt.Sprintf("ping -c 2 -W 2 -I eth%d %s >/dev/null 2>&1 && echo PING%d-OK || echo PING%d-FAILED\n", i, peers[c.podIf], i, i)
+			}
+			script += "echo WAITING\nsleep 60\n"
+			var logf func(string)
+			if testing.Verbose() {
+				logf = func(s string) { t.Log("guest: " + s) }
+			}
+			g, err := guest.Start(ctx, img, guest.Options{
+				NetnsPath: vm.NS.Path(), Tap: first.Tap, MAC: first.MAC, Queues: first.Queues,
+				More: more, Script: script, Timeout: 3 * time.Minute, Log: logf,
+			})
+			if err != nil {
+				t.Fatalf("boot guest: %v", err)
+			}
+			defer g.Kill()
+			for range nics {
+				m, err := g.WaitFor(ctx, regexp.MustCompile(`^ADDR (eth\d) (.*)$`))
+				if err != nil {
+					t.Fatalf("guest: %v\n%s", err, g.Output())
+				}
+				i := int(m[1][3] - '0')
+				if w := want[nics[i].podIf] + "/24"; m[2] != w {
+					t.Errorf("guest %s (on %s) has %q, want %s", m[1], nics[i].podIf, m[2], w)
+				}
+			}
+			for i, c := range nics {
+				m, err := g.WaitFor(ctx, regexp.MustCompile(fmt.Sprintf(`^PING%d-(OK|FAILED)$`, i)))
+				if err != nil || m[1] != "OK" {
+					t.Errorf("guest cannot reach the VLAN %d peer through %s: %v %v", c.vlan, c.podIf, m, err)
+				}
+			}
+			if _, err := g.WaitFor(ctx, regexp.MustCompile(`^WAITING$`)); err != nil {
+				t.Fatal(err)
+			}
+			for _, c := range nics {
+				if err := pingFrom(peerPods[c.podIf], want[c.podIf]); err != nil {
+					t.Errorf("the VLAN %d peer cannot reach the guest's %s: %v", c.vlan, c.podIf, err)
+				}
+			}
+		})
 	}
 }

@@ -7,27 +7,59 @@ import (
 
 	current "github.com/containernetworking/cni/pkg/types/100"
 
+	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/test/guest"
 	"github.com/vmnic/vmnic/test/harness"
 	"github.com/vmnic/vmnic/test/need"
 )
 
-// TestGuestMasquerade boots a real guest on the tap vmnic made and checks,
-// in one boot: DHCPv4 and DHCPv6 from vmnic's servers, the IPv6 default
-// route from its Router Advertisements, ICMP and TCP out through the NAT on
-// both families (the node sees the pod's addresses), and inbound TCP to the
-// forwarded ports reaching the guest while another port does not.
+// TestGuestMasquerade boots a real guest on each masquerade NIC vmnic makes,
+// as KubeVirt's tap binding boots it: with the tap, MAC and queues that
+// KubeVirt's own code derives from the pod netns vmnic wired, for the pod
+// interface names eth0 (the pod network), net1 (a Multus network, ordinal
+// name) and pod<hash> (the same network, hashed name), each with and
+// without macAddress on the VMI. Each boot checks DHCPv4 and DHCPv6 from
+// vmnic's servers, the IPv6 default route from its Router Advertisements,
+// ICMP and TCP out through the NAT on both families (the node sees the
+// pod's addresses), and inbound TCP to the forwarded ports reaching the
+// guest while another port does not.
 func TestGuestMasquerade(t *testing.T) {
 	need.NoError(t, guest.Check())
-	ctx := ctxT(t)
 	img, err := guest.Build(t.TempDir())
 	if err != nil {
 		t.Fatalf("guest image: %v", err)
 	}
 	node, _ := newNode(t, true)
 	const mac = "02:00:00:12:34:56"
-	l := list(t, node, harness.NetOptions{Vmnic: true, VM: harness.ScenarioVM("vm1", mac)})
+	for _, c := range []struct {
+		podIf string
+		nic   vmiNIC
+	}{
+		{"eth0", vmiNIC{network: "default"}},
+		{"net1", vmiNIC{network: "blue", nad: "blue"}},
+		{kubevirt.HashedIfName("blue"), vmiNIC{network: "blue", nad: "blue"}},
+	} {
+		for _, withMAC := range []bool{true, false} {
+			name := c.podIf + "/macAddress"
+			if !withMAC {
+				name = c.podIf + "/no-macAddress"
+			}
+			t.Run(name, func(t *testing.T) {
+				nic := c.nic
+				if withMAC {
+					nic.mac = mac
+				}
+				testGuestMasquerade(t, node, img, c.podIf, nic)
+			})
+		}
+	}
+}
+
+func testGuestMasquerade(t *testing.T, node *harness.Node, img *guest.Image, podIf string, nic vmiNIC) {
+	ctx := ctxT(t)
+	l := list(t, node, harness.NetOptions{Vmnic: true, VM: harness.ScenarioVM("vm1", nic.mac)})
 	pod := newPod(t, "virt-launcher-vm1-guest")
+	pod.IfName = podIf
 	res, err := node.Add(ctx, l, pod)
 	if err != nil {
 		t.Fatalf("ADD: %v", err)
@@ -37,11 +69,25 @@ func TestGuestMasquerade(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	assertResultMACs(t, pod, r)
+	vmi := testVMI("vm1", harness.ScenarioQueues, nic)
+	di := kubevirtNICs(ctx, t, pod, vmi)
+	if len(di) != 1 || di[0].PodInterface != podIf || di[0].Target == podIf {
+		t.Fatalf("KubeVirt's domain interfaces %+v: want one for pod interface %s on a tap", di, podIf)
+	}
+	wantMAC := nic.mac
+	if wantMAC == "" {
+		wantMAC = podLinks(t, pod)[podIf].Attrs().HardwareAddr.String()
+	}
+	if di[0].MAC != wantMAC {
+		t.Errorf("KubeVirt gives the guest MAC %s, want %s", di[0].MAC, wantMAC)
+	}
+	boot, _ := bootNICs(di)
 	var logf func(string)
 	if testing.Verbose() {
 		logf = func(s string) { t.Log("guest: " + s) }
 	}
-	rep, err := harness.RunGuest(ctx, node, pod, img, mac, r, "198.18.0.1", "fd00:198:18::1", logf)
+	rep, err := harness.RunGuest(ctx, node, pod, img, boot, r, "198.18.0.1", "fd00:198:18::1", logf)
 	if err != nil {
 		t.Fatalf("guest scenario: %v", err)
 	}

@@ -253,8 +253,15 @@ func TestBridgeLiveMigration(t *testing.T) {
 		logf = func(s string) { t.Log("guest: " + s) }
 	}
 	script := "udhcpc -i eth0 -q -f -n -t 15 -T 2 || echo DHCP4-FAILED\necho \"ADDR4 $(ip -4 -o addr show dev eth0 | awk '{print $4}' | head -1)\"\n" + heartbeat + "sleep 600\n"
+	// Booted as KubeVirt's tap binding boots it; the target's QEMU takes
+	// the migrated domain, so the same NIC.
+	di := kubevirtNICs(ctx, t, src, vmi)
+	if len(di) != 1 || di[0].MAC != mac || di[0].Target != "tap1" {
+		t.Fatalf("KubeVirt's domain interfaces %+v, want tap1 with the guest's MAC %s", di, mac)
+	}
+	tap := di[0].Target
 	gSrc, err := guest.Start(ctx, img, guest.Options{
-		NetnsPath: src.NS.Path(), Tap: "tap1", MAC: mac, Script: script,
+		NetnsPath: src.NS.Path(), Tap: tap, MAC: di[0].MAC, Script: script,
 		MonitorSocket: filepath.Join(dir, "src.qmp"), Timeout: 4 * time.Minute, Log: logf,
 	})
 	if err != nil {
@@ -276,8 +283,11 @@ func TestBridgeLiveMigration(t *testing.T) {
 	if !held(t, dst) {
 		t.Fatal("target not held")
 	}
+	if dt := kubevirtNICs(ctx, t, dst, vmi); len(dt) != 1 || dt[0].Target != tap || dt[0].MAC != mac {
+		t.Fatalf("KubeVirt's domain interfaces on the target %+v, want the source's %s with %s", dt, tap, mac)
+	}
 	gDst, err := guest.Start(ctx, img, guest.Options{
-		NetnsPath: dst.NS.Path(), Tap: "tap1", MAC: mac, Script: script,
+		NetnsPath: dst.NS.Path(), Tap: tap, MAC: di[0].MAC, Script: script,
 		MonitorSocket: filepath.Join(dir, "dst.qmp"), Incoming: "unix:" + filepath.Join(dir, "mig.sock"), Timeout: 4 * time.Minute, Log: logf,
 	})
 	if err != nil {

@@ -22,6 +22,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/vmnic/vmnic/test/cluster"
 	"github.com/vmnic/vmnic/test/guest"
@@ -251,9 +252,18 @@ func TestPasstLiveMigration(t *testing.T) {
 	if testing.Verbose() {
 		logf = func(s string) { t.Log("guest: " + s) }
 	}
-	// No macAddress on the VMI: KubeVirt leaves the guest's MAC to libvirt,
-	// and passt learns whatever the guest uses.
-	const guestMAC = "02:00:00:50:00:01"
+	// What KubeVirt's passt binding gives the domain: a vhost-user passt on
+	// the pod interface eth0 (here passt's socket, which the Debian passt
+	// serves), and no MAC without macAddress (libvirt picks one; QEMU's
+	// default here): passt learns whatever the guest uses. The pod
+	// interface's name is what virt-handler reports in the VMI's status.
+	pq := vmi.DeepCopy()
+	pq.Status.Interfaces = []kubevirtv1.VirtualMachineInstanceNetworkInterface{{Name: "default", PodInterfaceName: "eth0"}}
+	di := kubevirtNICs(ctx, t, src, pq)
+	if len(di) != 1 || di[0].Type != "vhostuser" || di[0].Source != "eth0" {
+		t.Fatalf("KubeVirt's domain interfaces %+v: want one vhost-user passt on eth0", di)
+	}
+	guestMAC := di[0].MAC
 	script := `udhcpc -i eth0 -q -f -n -t 15 -T 2 || echo DHCP4-FAILED
 # passt (2023-03) forwards inbound connections to the last address it saw
 # the guest send from, the unspecified one of a DAD probe included: the

@@ -8,11 +8,12 @@
 # NAME is one of the short names below or a full package path of this module.
 # Spiderpool (spiderpool-agent, spiderpool, coordinator) builds from its own
 # module, test/tools/spiderpool: its Kubernetes 0.29 libraries cannot share
-# this module's 1.36 ones.
+# this module's 1.36 ones. kubevirt-oracle (KubeVirt's own code answering
+# vmnic's tests) builds from test/kubevirt, pinned to KubeVirt's 0.34.
 # A binary is rebuilt only when it is missing or its stamp file
-# (.tools/bin/.stamp/NAME) records another hash of its module's go.mod, go.sum,
-# the Go version and the build flags, so a warm machine takes well under a
-# second. Builds run one at a time (flock), also across concurrent callers:
+# (.tools/bin/.stamp/NAME) records another hash of its module's go.mod, go.sum
+# (and for test/kubevirt its sources), the Go version and the build flags, so
+# a warm machine takes well under a second. Builds run one at a time (flock), also across concurrent callers:
 # kube-apiserver alone takes ~8-10 min cold on 2 cores.
 set -euo pipefail
 
@@ -22,7 +23,7 @@ out=${TOOLS_BIN:-$root/.tools/bin}
 
 if (($# == 0)); then
   echo "usage: $0 NAME..." >&2
-  echo "  names: kube-apiserver etcd helm cnitool golangci-lint ptp bridge loopback host-local spiderpool-agent spiderpool coordinator, or a package path" >&2
+  echo "  names: kube-apiserver etcd helm cnitool golangci-lint ptp bridge loopback host-local spiderpool-agent spiderpool coordinator kubevirt-oracle, or a package path" >&2
   exit 2
 fi
 
@@ -37,6 +38,7 @@ pkg_of() {
     ptp | bridge | loopback) echo "github.com/containernetworking/plugins/plugins/main/$1" ;;
     host-local) echo "github.com/containernetworking/plugins/plugins/ipam/$1" ;;
     spiderpool-agent | spiderpool | coordinator) echo "github.com/spidernet-io/spiderpool/cmd/$1" ;;
+    kubevirt-oracle) echo github.com/vmnic/vmnic/test/kubevirt/cmd/kubevirt-oracle ;;
     */*) echo "$1" ;;
     *)
       echo "build.sh: unknown tool $1" >&2
@@ -49,6 +51,7 @@ pkg_of() {
 moddir_of() {
   case $1 in
     github.com/spidernet-io/spiderpool/*) echo "$tools_dir/spiderpool" ;;
+    github.com/vmnic/vmnic/test/kubevirt/*) echo "$root/test/kubevirt" ;;
     *) echo "$tools_dir" ;;
   esac
 }
@@ -115,9 +118,16 @@ if command -v flock >/dev/null; then
   flock 9
 fi
 
-# mod_hash_of DIR prints the hash of the module's go.mod and go.sum.
+# mod_hash_of DIR prints the hash of the module's go.mod and go.sum and, for
+# test/kubevirt, whose code is this repository's own, of its Go sources and
+# nested go.mod files too: editing them rebuilds the binary.
 mod_hash_of() {
-  cat "$1/go.mod" "$1/go.sum" | sha256sum | cut -d' ' -f1
+  {
+    cat "$1/go.mod" "$1/go.sum"
+    if [[ $1 == "$root/test/kubevirt" ]]; then
+      (cd "$1" && find . -type f \( -name '*.go' -o -name go.mod \) -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
+    fi
+  } | sha256sum | cut -d' ' -f1
 }
 go_version=$(go env GOVERSION)
 
