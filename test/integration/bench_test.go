@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containernetworking/cni/libcni"
+
 	"github.com/vmnic/vmnic/test/harness"
 )
 
@@ -123,4 +125,37 @@ func BenchmarkShimExec(b *testing.B) {
 	b.ReportMetric(ms(median(shim)), "shim-passthrough-ms-median")
 	b.ReportMetric(ms(median(loop)), "loopback-version-ms-median")
 	b.ReportMetric(ms(median(truth)), "bin-true-ms-median")
+}
+
+// BenchmarkStatus: STATUS of the node's primary conflist, as containerd
+// calls it on every CRI Status poll, interleaved in one run: the primary
+// alone; with vmnic chained (masquerade) and vmnicd stopped, which must not
+// wait for it; and a bridge-mode network, which asks vmnicd (running).
+func BenchmarkStatus(b *testing.B) {
+	ctx := benchCtx(b)
+	n := newOVSNode(b)
+	plain := list(b, n.Node, harness.NetOptions{Name: "podnet"})
+	chained := list(b, n.Node, harness.NetOptions{Name: "podnet", Vmnic: true, Extra: map[string]any{
+		// Another node's vmnicd, which is not running: STATUS must not
+		// look for it.
+		"socket": filepath.Join(n.Dir, "stopped", "vmnic.sock"),
+	}})
+	bridged := n.bridgeList(b, "ovs", map[string]any{"vlan": 100}, n.hostLocal("10.100.0.10", "10.100.0.50"))
+	var alone, away, bridge []time.Duration
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		for _, c := range []struct {
+			l   *libcni.NetworkConfigList
+			out *[]time.Duration
+		}{{plain, &alone}, {chained, &away}, {bridged, &bridge}} {
+			t0 := time.Now()
+			if err := n.Status(ctx, c.l); err != nil {
+				b.Fatalf("STATUS of %s: %v", c.l.Name, err)
+			}
+			*c.out = append(*c.out, time.Since(t0))
+		}
+	}
+	b.ReportMetric(ms(median(alone)), "primary-ms-median")
+	b.ReportMetric(ms(median(away)), "chained-vmnicd-away-ms-median")
+	b.ReportMetric(ms(median(bridge)), "bridge-ms-median")
 }
