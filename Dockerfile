@@ -7,7 +7,7 @@ RUN go mod download
 COPY . .
 ARG VERSION=dev
 RUN CGO_ENABLED=0 go build -trimpath \
-      -ldflags "-s -w -X github.com/vmnic/vmnic/pkg/shim.Version=${VERSION} -X github.com/vmnic/vmnic/daemon.Version=${VERSION}" \
+      -ldflags "-s -w -X github.com/vmnic/vmnic/pkg/version.Version=${VERSION}" \
       -o /out/ ./cmd/vmnic ./cmd/vmnicd ./cmd/vmnicctl
 
 # The daemon needs no shell, no libc and no userland tools: it programs

@@ -3,11 +3,11 @@ SHELL := /bin/bash
 export PATH := $(PATH):/usr/local/go/bin
 GO      ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-LDFLAGS := -s -w -X github.com/vmnic/vmnic/pkg/shim.Version=$(VERSION) -X github.com/vmnic/vmnic/daemon.Version=$(VERSION)
+LDFLAGS := -s -w -X github.com/vmnic/vmnic/pkg/version.Version=$(VERSION)
 BIN     := bin
 # Packages whose tests need no root and no namespaces run in test-unit.
 UNIT_PKGS := ./pkg/netconf/... ./pkg/proto/... ./pkg/spool/... ./pkg/state/... ./pkg/kubevirt/... ./pkg/fsutil/... \
-             ./pkg/apis/... ./plugins/... ./daemon/install/...
+             ./pkg/apis/... ./plugins/... ./daemon/ ./daemon/install/...
 
 .PHONY: help deps build demo test test-unit test-integration bench fuzz lint fmt vet clean
 
@@ -55,9 +55,10 @@ fmt: ## format the tree (gofumpt, through golangci-lint)
 	@bash test/tools/build.sh golangci-lint >/dev/null
 	.tools/bin/golangci-lint fmt ./...
 
-lint: ## golangci-lint (version pinned in test/tools; errcheck, govet shadow, staticcheck, gofumpt, no os/exec in product code)
+lint: ## golangci-lint (version pinned in test/tools; errcheck, govet shadow, staticcheck, gofumpt, no os/exec in product code) and the import direction (cmd -> daemon -> plugins -> pkg)
 	@bash test/tools/build.sh golangci-lint >/dev/null
 	.tools/bin/golangci-lint run --allow-parallel-runners ./...
+	bash test/imports.sh
 
 clean: ## remove build outputs
 	rm -rf $(BIN) .tools

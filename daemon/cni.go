@@ -14,14 +14,12 @@ import (
 
 	"github.com/vmnic/vmnic/pkg/failpoint"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
+	"github.com/vmnic/vmnic/pkg/mode"
 	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/pkg/podnet"
 	"github.com/vmnic/vmnic/pkg/proto"
 	"github.com/vmnic/vmnic/pkg/spool"
 	"github.com/vmnic/vmnic/pkg/state"
-	"github.com/vmnic/vmnic/plugins/bridge"
-	"github.com/vmnic/vmnic/plugins/masquerade"
-	"github.com/vmnic/vmnic/plugins/passt"
 )
 
 func errResponse(err error) *proto.Response {
@@ -119,6 +117,53 @@ func marshalResult(r types.Result, cniVersion string) (json.RawMessage, error) {
 	return json.Marshal(vr)
 }
 
+// mode is the registered mode of a network config.
+func (d *Daemon) mode(name string) (mode.Mode, error) {
+	m := d.modes[name]
+	if m == nil {
+		return nil, netconf.Invalid("mode", "%q is not served by this vmnicd", name)
+	}
+	return m, nil
+}
+
+// modeRequest is what a mode sees of a request.
+func modeRequest(req *proto.Request, conf *netconf.Conf, pod netconf.PodArgs, facts *kubevirt.Facts) *mode.Request {
+	return &mode.Request{
+		Key: state.Key(req.ContainerID, req.IfName), ContainerID: req.ContainerID, Netns: req.Netns,
+		IfName: req.IfName, Args: req.Args, Path: req.Path, Config: req.Config,
+		Conf: conf, Pod: pod, Facts: facts,
+	}
+}
+
+// lookup reads the pod's CNI_ARGS and the VM facts behind the request.
+func (d *Daemon) lookup(ctx context.Context, req *proto.Request, conf *netconf.Conf) (netconf.PodArgs, *kubevirt.Facts, error) {
+	pod, cerr := netconf.ParseArgs(req.Args)
+	if cerr != nil {
+		return pod, nil, cerr
+	}
+	facts, err := d.opts.Facts.Lookup(ctx, kubevirt.Query{Pod: pod, IfName: req.IfName, Conf: conf})
+	if err != nil {
+		return pod, nil, types.NewError(types.ErrTryAgainLater, fmt.Sprintf("look up VM of pod %s/%s: %v", pod.Namespace, pod.Name, err), "")
+	}
+	return pod, facts, nil
+}
+
+// prevResultOf is the previous plugin's result, nil for a main plugin.
+func prevResultOf(conf *netconf.Conf) (*current.Result, error) {
+	if conf.PrevResult == nil {
+		return nil, nil
+	}
+	prev, err := current.NewResultFromResult(conf.PrevResult)
+	if err != nil {
+		return nil, types.NewError(types.ErrDecodingFailure, "prevResult: "+err.Error(), "")
+	}
+	return prev, nil
+}
+
+// add runs one ADD: the mode plans it; the record is written before
+// anything is created (a daemon killed half-way leaves DEL and GC what
+// they need), the mode wires, the record is written again with the
+// result; any failure on the way undoes the wiring and drops the record.
 func (d *Daemon) add(ctx context.Context, req *proto.Request, conf *netconf.Conf) (json.RawMessage, error) {
 	if cerr := conf.RequirePrevResult(); cerr != nil {
 		return nil, cerr
@@ -126,31 +171,22 @@ func (d *Daemon) add(ctx context.Context, req *proto.Request, conf *netconf.Conf
 	if req.Netns == "" {
 		return nil, types.NewError(types.ErrInvalidEnvironmentVariables, "CNI_NETNS: required for ADD", "")
 	}
-	pod, cerr := netconf.ParseArgs(req.Args)
-	if cerr != nil {
-		return nil, cerr
-	}
-	facts, err := d.opts.Facts.Lookup(ctx, kubevirt.Query{Pod: pod, IfName: req.IfName, Conf: conf})
+	m, err := d.mode(conf.Mode)
 	if err != nil {
-		return nil, types.NewError(types.ErrTryAgainLater, fmt.Sprintf("look up VM of pod %s/%s: %v", pod.Namespace, pod.Name, err), "")
+		return nil, err
 	}
-	switch conf.Mode {
-	case netconf.ModeBridge:
-		return d.addBridge(ctx, req, conf, pod, facts)
-	case netconf.ModePasst:
-		return d.addPasst(req, conf, pod, facts)
+	pod, facts, err := d.lookup(ctx, req, conf)
+	if err != nil {
+		return nil, err
 	}
-	if !facts.Serve {
+	att, err := m.Plan(modeRequest(req, conf, pod, facts))
+	if err != nil {
+		return nil, err
+	}
+	if att == nil {
 		return marshalResult(conf.PrevResult, conf.CNIVersion)
 	}
-	prev, err := current.NewResultFromResult(conf.PrevResult)
-	if err != nil {
-		return nil, types.NewError(types.ErrDecodingFailure, "prevResult: "+err.Error(), "")
-	}
-	spec, err := masquerade.NewSpec(masquerade.Input{
-		ContainerID: req.ContainerID, Netns: req.Netns, IfName: req.IfName,
-		Conf: conf, Facts: facts, Prev: prev,
-	})
+	prev, err := prevResultOf(conf)
 	if err != nil {
 		return nil, err
 	}
@@ -160,54 +196,68 @@ func (d *Daemon) add(ctx context.Context, req *proto.Request, conf *netconf.Conf
 	key := state.Key(req.ContainerID, req.IfName)
 	defer d.locks.Lock(key)()
 
+	// A retried ADD of the same attachment starts from a clean slate.
+	if old, gerr := d.store.Get(key); gerr == nil {
+		d.log.Info("ADD of an existing attachment: removing the old one first", "key", key)
+		if rerr := d.removeRecorded(ctx, key, old); rerr != nil {
+			return nil, rerr
+		}
+	}
 	rec := newRecord(req, conf, pod, facts)
-	// The record is written before anything is created, so that a daemon
-	// killed half-way leaves DEL and GC what they need to clean up.
-	if perr := d.putRecord(rec, spec, nil); perr != nil {
+	if perr := d.putRecord(rec, att, nil); perr != nil {
 		return nil, perr
 	}
-	if aerr := d.masq.Add(ctx, key, spec); aerr != nil {
+	save := func() error { return d.putRecord(rec, att, nil) }
+	if aerr := att.Add(ctx, key, save); aerr != nil {
 		d.dropRecord(key)
 		return nil, aerr
 	}
-	result, err := spec.Result(prev)
 	var out json.RawMessage
+	res, err := att.Result(prev)
 	if err == nil {
-		out, err = marshalResult(result, conf.CNIVersion)
+		out, err = marshalResult(res, conf.CNIVersion)
 	}
 	if err == nil {
 		err = failpoint.Hit(conf.Mode, failpoint.Record)
 	}
 	if err == nil {
-		err = d.putRecord(rec, spec, out)
+		err = d.putRecord(rec, att, out)
 	}
 	if err != nil {
-		if uerr := d.masq.Del(ctx, key, spec); uerr != nil {
+		if uerr := att.Del(context.WithoutCancel(ctx), key); uerr != nil {
 			d.log.Error("undo after failed record write", "key", key, "err", uerr)
 		}
 		d.dropRecord(key)
 		return nil, err
 	}
-	d.log.Info("VM NIC wired", "key", key, "mode", conf.Mode, "pod", pod.Namespace+"/"+pod.Name, "vm", facts.VMName, "bridge", spec.Bridge, "tap", spec.Tap)
+	d.wired(key, att)
+	v := att.View()
+	d.log.Info("VM NIC wired", "key", key, "mode", conf.Mode, "pod", pod.Namespace+"/"+pod.Name, "vm", rec.VMName,
+		"linuxBridge", v.Bridge, "tap", v.Tap, "guestMAC", v.GuestMAC, "held", v.Held)
 	return out, nil
 }
 
 // newRecord is the attachment record of an ADD, before anything is wired.
+// The VM facts are kept for a VM's pod.
 func newRecord(req *proto.Request, conf *netconf.Conf, pod netconf.PodArgs, facts *kubevirt.Facts) *state.Record {
 	rec := &state.Record{
 		ContainerID: req.ContainerID, IfName: req.IfName, Network: conf.Name,
 		Netns: req.Netns, Mode: conf.Mode, CNIVersion: conf.CNIVersion,
-		Pod:    state.Pod{Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID},
-		VMName: facts.VMName, Created: time.Now().UTC(),
+		Pod:     state.Pod{Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID},
+		Created: time.Now().UTC(),
 	}
+	if facts == nil || facts.VMName == "" {
+		return rec
+	}
+	rec.VMName = facts.VMName
 	if m := facts.Migration; m != nil {
 		rec.Migration = &state.Migration{Job: m.Job, UID: m.UID, Phase: m.Phase}
 	}
 	return rec
 }
 
-func (d *Daemon) putRecord(rec *state.Record, spec any, result json.RawMessage) error {
-	raw, err := json.Marshal(spec)
+func (d *Daemon) putRecord(rec *state.Record, att mode.Attachment, result json.RawMessage) error {
+	raw, err := json.Marshal(att)
 	if err != nil {
 		return fmt.Errorf("encode spec: %w", err)
 	}
@@ -225,14 +275,17 @@ func (d *Daemon) dropRecord(key string) {
 	}
 }
 
-// specOf decodes the spec of a record of mode T (masquerade.Spec,
-// bridge.Spec, passt.Spec).
-func specOf[T any](rec *state.Record) (*T, error) {
-	s := new(T)
-	if err := json.Unmarshal(rec.Spec, s); err != nil {
-		return nil, fmt.Errorf("decode spec of %s: %w", state.Key(rec.ContainerID, rec.IfName), err)
+// load rebuilds a record's attachment through its mode.
+func (d *Daemon) load(rec *state.Record) (mode.Attachment, error) {
+	m, err := d.mode(rec.Mode)
+	if err != nil {
+		return nil, fmt.Errorf("record %s: %w", state.Key(rec.ContainerID, rec.IfName), err)
 	}
-	return s, nil
+	att, err := m.Load(rec.Spec)
+	if err != nil {
+		return nil, fmt.Errorf("record %s: %w", state.Key(rec.ContainerID, rec.IfName), err)
+	}
+	return att, nil
 }
 
 // del removes an attachment. Without a record (a daemon killed before it
@@ -253,35 +306,17 @@ func (d *Daemon) del(ctx context.Context, req *proto.Request, conf *netconf.Conf
 	case !errors.Is(err, state.ErrNotFound):
 		return types.NewError(types.ErrIOFailure, err.Error(), "")
 	}
-	// No record: a daemon killed before it wrote one, or a DEL for
-	// something never added. Remove whatever carries this attachment's
-	// marks; bridge mode also releases the addresses through IPAM.
-	if conf.Mode == netconf.ModeBridge {
-		spec := d.bridgeSpecForDel(req, conf)
-		if spec == nil {
-			return nil
-		}
-		if err := d.bridge.Del(ctx, key, spec); err != nil {
-			return fmt.Errorf("remove port %s: %w", key, err)
-		}
+	m, err := d.mode(conf.Mode)
+	if err != nil {
+		return err
+	}
+	pod, _ := netconf.ParseArgs(req.Args)
+	orphan := m.Orphan(modeRequest(req, conf, pod, nil))
+	if orphan == nil {
 		return nil
 	}
-	if conf.Mode == netconf.ModePasst {
-		if err := passt.Del(&passt.Spec{Netns: req.Netns, PodIf: req.IfName}); err != nil {
-			return fmt.Errorf("remove passt hold %s: %w", key, err)
-		}
-		return nil
-	}
-	if req.Netns == "" || len(req.IfName) <= 3 {
-		return nil
-	}
-	spec := &masquerade.Spec{
-		Netns: req.Netns, PodIf: req.IfName,
-		Bridge: kubevirt.BridgeName(req.IfName), Tap: kubevirt.TapName(req.IfName, req.IfName == kubevirt.PodNetworkInterface),
-		Owner: masquerade.Alias(req.ContainerID, req.IfName),
-	}
-	if err := d.masq.Del(ctx, key, spec); err != nil {
-		return fmt.Errorf("remove VM NIC %s: %w", key, err)
+	if err := orphan.Del(ctx, key); err != nil {
+		return fmt.Errorf("remove what %s left without a record: %w", key, err)
 	}
 	return nil
 }
@@ -290,51 +325,40 @@ func (d *Daemon) del(ctx context.Context, req *proto.Request, conf *netconf.Conf
 // record. The caller holds the attachment's lock.
 func (d *Daemon) removeRecorded(ctx context.Context, key string, rec *state.Record) error {
 	d.unwatch(key)
-	switch rec.Mode {
-	case netconf.ModeBridge:
-		spec, err := specOf[bridge.Spec](rec)
-		if err != nil {
-			return err
-		}
-		if err := d.bridge.Del(ctx, key, spec); err != nil {
-			return fmt.Errorf("remove port %s: %w", key, err)
-		}
-	case netconf.ModePasst:
-		spec, err := specOf[passt.Spec](rec)
-		if err != nil {
-			return err
-		}
-		if err := passt.Del(spec); err != nil {
-			return fmt.Errorf("remove passt hold %s: %w", key, err)
-		}
-	default:
-		spec, err := specOf[masquerade.Spec](rec)
-		if err != nil {
-			return err
-		}
-		if err := d.masq.Del(ctx, key, spec); err != nil {
-			return fmt.Errorf("remove VM NIC %s: %w", key, err)
-		}
+	att, err := d.load(rec)
+	if err != nil {
+		return err
+	}
+	if err := att.Del(ctx, key); err != nil {
+		return fmt.Errorf("remove %s: %w", key, err)
 	}
 	d.dropRecord(key)
+	d.forgetReasserted(key)
 	d.log.Info("attachment removed", "key", key, "mode", rec.Mode)
 	return nil
 }
 
 func (d *Daemon) check(ctx context.Context, req *proto.Request, conf *netconf.Conf) error {
-	pod, cerr := netconf.ParseArgs(req.Args)
-	if cerr != nil {
+	if _, cerr := netconf.ParseArgs(req.Args); cerr != nil {
 		return cerr
 	}
 	if err := podnet.RequireNetns(req.Netns); err != nil {
 		return err
 	}
-	facts, err := d.opts.Facts.Lookup(ctx, kubevirt.Query{Pod: pod, IfName: req.IfName, Conf: conf})
+	m, err := d.mode(conf.Mode)
 	if err != nil {
-		return types.NewError(types.ErrTryAgainLater, fmt.Sprintf("look up VM of pod %s/%s: %v", pod.Namespace, pod.Name, err), "")
+		return err
 	}
-	if !facts.Serve && conf.Chained() {
-		return nil
+	pod, facts, err := d.lookup(ctx, req, conf)
+	if err != nil {
+		return err
+	}
+	planned, err := m.Plan(modeRequest(req, conf, pod, facts))
+	if err != nil {
+		return err
+	}
+	if planned == nil {
+		return nil // passed through on ADD
 	}
 	key := state.Key(req.ContainerID, req.IfName)
 	defer d.locks.Lock(key)()
@@ -348,37 +372,46 @@ func (d *Daemon) check(ctx context.Context, req *proto.Request, conf *netconf.Co
 	if len(rec.Result) == 0 {
 		return fmt.Errorf("CHECK: attachment %s was never completed", key)
 	}
-	switch rec.Mode {
-	case netconf.ModeBridge:
-		spec, serr := specOf[bridge.Spec](rec)
-		if serr != nil {
-			return serr
-		}
-		return d.bridge.Check(ctx, key, spec)
-	case netconf.ModePasst:
-		spec, serr := specOf[passt.Spec](rec)
-		if serr != nil {
-			return serr
-		}
-		return passt.Check(spec)
-	}
-	spec, err := specOf[masquerade.Spec](rec)
+	att, err := d.load(rec)
 	if err != nil {
 		return err
 	}
-	return d.masq.Check(ctx, key, spec)
+	return att.Check(ctx, key)
 }
 
-// gcNetwork removes the attachments of one network that the runtime no
-// longer lists as valid. It runs exclusive of ADD and DEL and keeps going
-// past errors.
-func (d *Daemon) gcNetwork(ctx context.Context, conf *netconf.Conf, req *proto.Request) error {
-	raw := req.Config
+// networkStatus is STATUS for a network: the mode's, when it can tell; a
+// mode that cannot is always ready.
+func (d *Daemon) networkStatus(ctx context.Context, req *proto.Request, conf *netconf.Conf) error {
+	m, err := d.mode(conf.Mode)
+	if err != nil {
+		return err
+	}
+	st, ok := m.(mode.Statuser)
+	if !ok {
+		return nil
+	}
+	return st.Status(ctx, modeRequest(req, conf, netconf.PodArgs{}, nil))
+}
+
+// staleRecords are the records of network that the runtime's GC does not
+// list as valid.
+func staleRecords(recs []*state.Record, network string, valid map[string]bool) []*state.Record {
+	var out []*state.Record
+	for _, rec := range recs {
+		if rec.Network == network && !valid[state.Key(rec.ContainerID, rec.IfName)] {
+			out = append(out, rec)
+		}
+	}
+	return out
+}
+
+// validAttachments are the attachments a GC request lists, under the
+// spec's key and the older, misspelled one libcni also sends.
+func validAttachments(conf *netconf.Conf, raw []byte) map[string]bool {
 	valid := map[string]bool{}
 	for _, a := range conf.ValidAttachments {
 		valid[state.Key(a.ContainerID, a.IfName)] = true
 	}
-	// libcni also sends the older, misspelled key.
 	var legacy struct {
 		Attachments []types.GCAttachment `json:"cni.dev/attachments"`
 	}
@@ -387,6 +420,14 @@ func (d *Daemon) gcNetwork(ctx context.Context, conf *netconf.Conf, req *proto.R
 			valid[state.Key(a.ContainerID, a.IfName)] = true
 		}
 	}
+	return valid
+}
+
+// gcNetwork removes the attachments of one network that the runtime no
+// longer lists as valid, then what the modes' sweeps find of that network.
+// It runs exclusive of ADD and DEL and keeps going past errors.
+func (d *Daemon) gcNetwork(ctx context.Context, conf *netconf.Conf, req *proto.Request) error {
+	valid := validAttachments(conf, req.Config)
 	d.gc.Lock()
 	defer d.gc.Unlock()
 	recs, _, err := d.store.List()
@@ -394,11 +435,8 @@ func (d *Daemon) gcNetwork(ctx context.Context, conf *netconf.Conf, req *proto.R
 		return types.NewError(types.ErrIOFailure, err.Error(), "")
 	}
 	var errs []error
-	for _, rec := range recs {
+	for _, rec := range staleRecords(recs, conf.Name, valid) {
 		key := state.Key(rec.ContainerID, rec.IfName)
-		if rec.Network != conf.Name || valid[key] {
-			continue
-		}
 		if err := d.removeRecorded(ctx, key, rec); err != nil {
 			errs = append(errs, err)
 			continue
@@ -406,14 +444,44 @@ func (d *Daemon) gcNetwork(ctx context.Context, conf *netconf.Conf, req *proto.R
 		d.Metrics().GCRemoved(GCAttachment)
 		d.log.Info("GC removed stale attachment", "key", key, "network", conf.Name)
 	}
-	d.gcPortsLocked(ctx, &gcRelease{conf: conf, req: req})
+	d.sweepLocked(ctx, &mode.GCRelease{Conf: conf, Config: req.Config, Path: req.Path})
 	if len(errs) > 0 {
 		return fmt.Errorf("GC of network %q: %w", conf.Name, errors.Join(errs...))
 	}
 	return nil
 }
 
-// restore brings back the DHCP servers of the attachments on record.
+// sweep runs the modes' sweeps of resources whose attachment has no
+// record (or whose pod is gone), exclusive of ADD and DEL.
+func (d *Daemon) sweep(ctx context.Context) {
+	d.gc.Lock()
+	defer d.gc.Unlock()
+	d.sweepLocked(ctx, nil)
+}
+
+func (d *Daemon) sweepLocked(ctx context.Context, rel *mode.GCRelease) {
+	recs, _, err := d.store.List()
+	if err != nil {
+		d.log.Error("sweep: list records", "err", err)
+		return
+	}
+	live := map[string]bool{}
+	for _, r := range recs {
+		live[state.Key(r.ContainerID, r.IfName)] = true
+	}
+	sw := mode.SweepRequest{Live: func(key string) bool { return live[key] }, Release: rel}
+	for _, name := range d.modeNames {
+		if s, ok := d.modes[name].(mode.Sweeper); ok {
+			what, n := s.Sweep(ctx, sw)
+			for range n {
+				d.Metrics().GCRemoved(what)
+			}
+		}
+	}
+}
+
+// restore brings back what runs for the attachments on record (their DHCP
+// servers).
 func (d *Daemon) restore(ctx context.Context) {
 	recs, bad, err := d.store.List()
 	if err != nil {
@@ -429,29 +497,15 @@ func (d *Daemon) restore(ctx context.Context) {
 		}
 		key := state.Key(rec.ContainerID, rec.IfName)
 		unlock := d.locks.Lock(key)
-		if err := d.restoreOne(ctx, key, rec); err != nil {
+		att, err := d.load(rec)
+		if err == nil {
+			err = att.Restore(ctx, key)
+		}
+		if err != nil {
 			d.log.Warn("attachment not restored", "key", key, "err", err)
 		}
 		unlock()
 	}
-}
-
-func (d *Daemon) restoreOne(ctx context.Context, key string, rec *state.Record) error {
-	if rec.Mode == netconf.ModePasst {
-		return nil // nothing runs for it: its state is the record and the hold table
-	}
-	if rec.Mode == netconf.ModeBridge {
-		spec, err := specOf[bridge.Spec](rec)
-		if err != nil {
-			return err
-		}
-		return d.bridge.Restore(ctx, key, spec)
-	}
-	spec, err := specOf[masquerade.Spec](rec)
-	if err != nil {
-		return err
-	}
-	return d.masq.Restore(ctx, key, spec)
 }
 
 // replaySpool runs the DELs the shim spooled while the daemon was away.

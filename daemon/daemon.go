@@ -19,11 +19,11 @@ import (
 	"time"
 
 	"github.com/vmnic/vmnic/pkg/kubevirt"
+	"github.com/vmnic/vmnic/pkg/mode"
 	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/pkg/proto"
 	"github.com/vmnic/vmnic/pkg/state"
-	"github.com/vmnic/vmnic/plugins/bridge"
-	"github.com/vmnic/vmnic/plugins/masquerade"
+	"github.com/vmnic/vmnic/plugins"
 )
 
 // Defaults.
@@ -50,15 +50,18 @@ type Options struct {
 	// Prepare, if set, runs after the socket listens and before the daemon
 	// is ready (informer sync): requests meanwhile get "try again later".
 	Prepare func(ctx context.Context) error
-	// OVSDB is the default ovsdb-server endpoint of bridge mode; a network
-	// config's ovsdbSocket overrides it.
+	// OVSDB is the default ovsdb-server endpoint of the modes that add OVS
+	// ports (mode.Env); a network config's ovsdbSocket overrides it.
 	OVSDB string
-	// HostNetns is the node's network namespace, where bridge mode puts the
-	// node end of its veths and OVS runs; "" is the daemon's own (a
-	// DaemonSet on the host network). Tests set it.
+	// HostNetns is the node's network namespace, where modes put the node
+	// end of their veths and OVS runs; "" is the daemon's own (a DaemonSet
+	// on the host network). Tests set it.
 	HostNetns string
 	// Observe configures metrics and Kubernetes events (observe.go).
 	Observe ObserveOptions
+	// Modes builds the modes the daemon serves from its environment;
+	// nil is plugins.Modes, every mode vmnic has. Tests give their own.
+	Modes func(env mode.Env) []mode.Mode
 }
 
 // Daemon is vmnicd.
@@ -67,13 +70,13 @@ type Daemon struct {
 	log     *slog.Logger
 	store   *state.Store
 	servers *Servers
-	masq    *masquerade.Plugin
-	bridge  *bridge.Plugin
-	ovs     ovsClients
+	// modes by name, and their names in registry order.
+	modes     map[string]mode.Mode
+	modeNames []string
 	// runCtx is Run's context, for work that outlives a request.
 	runCtx   context.Context
 	watchers watchers
-	// reassert is the migration phase each passt source last reasserted
+	// reassert is the migration phase each guarding source last reasserted
 	// its addresses for.
 	reassertMu sync.Mutex
 	reassert   map[string]string
@@ -119,18 +122,27 @@ func New(opts Options) (*Daemon, error) {
 	if err != nil {
 		return nil, err
 	}
+	if opts.Modes == nil {
+		opts.Modes = plugins.Modes
+	}
 	servers := NewServers(opts.Logger)
 	d := &Daemon{
 		opts:    opts,
 		log:     opts.Logger,
 		store:   store,
 		servers: servers,
-		masq:    &masquerade.Plugin{Servers: servers, Log: opts.Logger},
+		modes:   map[string]mode.Mode{},
 
 		healthTimeout: defaultHealthTimeout,
 	}
-	d.ovs.d = d
-	d.bridge = &bridge.Plugin{OVS: d.ovs.get, Servers: servers, Log: opts.Logger}
+	env := mode.Env{Servers: servers, OVSDB: opts.OVSDB, HostNetns: opts.HostNetns, Log: opts.Logger}
+	for _, m := range opts.Modes(env) {
+		if _, dup := d.modes[m.Name()]; dup {
+			return nil, fmt.Errorf("mode %q registered twice", m.Name())
+		}
+		d.modes[m.Name()] = m
+		d.modeNames = append(d.modeNames, m.Name())
+	}
 	return d, nil
 }
 
@@ -167,9 +179,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 		close(d.opts.Ready)
 	}
 	d.log.Info("ready")
-	// Orphaned OVS ports go once the daemon serves: the sweep waits for
-	// in-flight ADDs and DELs, it does not hold up readiness.
-	d.gcPorts(ctx)
+	// What the modes find without a record goes once the daemon serves:
+	// the sweep waits for in-flight ADDs and DELs, it does not hold up
+	// readiness.
+	d.sweep(ctx)
 	migrationsDone := make(chan struct{})
 	go func() {
 		defer close(migrationsDone)
@@ -186,7 +199,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		case <-ticker.C:
 			d.replaySpool(ctx)
 			d.restore(ctx)
-			d.gcPorts(ctx)
+			d.sweep(ctx)
 		}
 	}
 
@@ -203,7 +216,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.log.Warn("drain timed out; requests still running", "timeout", d.opts.DrainTimeout)
 	}
 	d.servers.StopAll()
-	d.ovs.closeAll()
+	for _, m := range d.modes {
+		if c, ok := m.(mode.Closer); ok {
+			c.Close()
+		}
+	}
 	removeSocket(d.opts.Socket, ino)
 	d.log.Info("stopped")
 	return nil

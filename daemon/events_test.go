@@ -13,7 +13,9 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
 
+	"github.com/vmnic/vmnic/pkg/mode"
 	"github.com/vmnic/vmnic/pkg/proto"
+	"github.com/vmnic/vmnic/plugins"
 )
 
 func launcherPod() *corev1.Pod {
@@ -50,7 +52,7 @@ func TestEventsOnPodAndVMI(t *testing.T) {
 	ev := NewEvents(EventsOptions{Client: client, Node: "node-a", Logger: slog.New(slog.DiscardHandler), Metrics: m})
 	ctx := context.Background()
 	failure := types.NewError(types.ErrInternal, "add port vmn1 to bridge \"br1\": no such bridge", "")
-	f, ok := failureOf(infoOf(failedAdd("virt-launcher-vm1-abcde"), nil), failure, time.Now())
+	f, ok := failureOf(infoOf(failedAdd("virt-launcher-vm1-abcde"), nil, registeredModes()), failure, time.Now())
 	if !ok {
 		t.Fatal("failure not reportable")
 	}
@@ -116,7 +118,7 @@ func TestEventsClassification(t *testing.T) {
 	// is code 999; a request naming no pod makes no event.
 	client := fake.NewClientset(&corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "vms", UID: "pod-uid"}})
 	ev := NewEvents(EventsOptions{Client: client, Node: "n", Logger: slog.New(slog.DiscardHandler)})
-	f, ok := failureOf(infoOf(failedAdd("web"), nil), errors.New("boom"), time.Now())
+	f, ok := failureOf(infoOf(failedAdd("web"), nil, nil), errors.New("boom"), time.Now())
 	if !ok || f.code != types.ErrInternal {
 		t.Fatalf("failure = %+v %v", f, ok)
 	}
@@ -126,11 +128,11 @@ func TestEventsClassification(t *testing.T) {
 	}
 	noPod := failedAdd("x")
 	noPod.Args = ""
-	if _, ok := failureOf(infoOf(noPod, nil), errors.New("boom"), time.Now()); ok {
+	if _, ok := failureOf(infoOf(noPod, nil, nil), errors.New("boom"), time.Now()); ok {
 		t.Error("a request without pod made an event")
 	}
 	// A pod already gone: nothing to report on.
-	f, _ = failureOf(infoOf(failedAdd("gone"), nil), errors.New("boom"), time.Now())
+	f, _ = failureOf(infoOf(failedAdd("gone"), nil, nil), errors.New("boom"), time.Now())
 	ev.report(context.Background(), f)
 	if events := listEvents(t, client, "vms"); len(events) != 1 {
 		t.Errorf("event for a pod that does not exist: %+v", events)
@@ -157,4 +159,13 @@ func TestEventsNeverBlock(t *testing.T) {
 	}
 	var nilEv *Events
 	nilEv.enqueue(wiringFailure{})
+}
+
+// registeredModes are the names of the modes vmnicd registers.
+func registeredModes() []string {
+	var names []string
+	for _, m := range plugins.Modes(mode.Env{}) {
+		names = append(names, m.Name())
+	}
+	return names
 }

@@ -127,7 +127,11 @@ func FuzzHandle(f *testing.F) {
 
 // escapes reports whether the record of (cid, ifName) would lie outside dir.
 func escapes(dir, cid, ifName string) bool {
-	return filepath.Dir(filepath.Join(dir, state.Key(cid, ifName)+".json")) != dir
+	st, err := state.Open(dir)
+	if err != nil {
+		return true
+	}
+	return filepath.Dir(st.Path(state.Key(cid, ifName))) != dir
 }
 
 // preloadRecords returns the files of the preloaded records by name.
@@ -151,7 +155,7 @@ func preloadRecords(f *testing.F, netns string) map[string][]byte {
 		if err != nil {
 			f.Fatal(err)
 		}
-		out[state.Key(p.cid, p.ifName)+".json"] = rec
+		out[p.cid+"_"+p.ifName+".json"] = rec
 	}
 	return out
 }

@@ -4,13 +4,69 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
 	"syscall"
 	"time"
 
-	"github.com/vmnic/vmnic/pkg/ctl/api"
+	"github.com/vmnic/vmnic/pkg/api"
 	"github.com/vmnic/vmnic/pkg/proto"
 )
+
+// DefaultMetricsAddr is where vmnicd serves Prometheus metrics, /healthz
+// and /readyz: node-local by default, the DaemonSet runs on the host
+// network.
+const DefaultMetricsAddr = "127.0.0.1:9961"
+
+// MetricsHandler serves /metrics (Prometheus, metrics.go), /healthz (200
+// while the CNI socket is this daemon's and answers, and attachment work is
+// not wedged; 503 naming what is wrong) and /readyz (200 once the daemon
+// serves CNI requests, 503 before).
+func (d *Daemon) MetricsHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", d.metricsHandler())
+	mux.HandleFunc("GET /healthz", d.serveHealthz)
+	mux.HandleFunc("GET /readyz", d.serveReadyz)
+	return mux
+}
+
+// ServeMetrics serves MetricsHandler on ln until ctx ends.
+func (d *Daemon) ServeMetrics(ctx context.Context, ln net.Listener) error {
+	srv := &http.Server{
+		Handler:           d.MetricsHandler(),
+		ReadHeaderTimeout: 10 * time.Second,
+		WriteTimeout:      30 * time.Second,
+	}
+	stop := context.AfterFunc(ctx, func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	})
+	defer stop()
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("serve metrics on %s: %w", ln.Addr(), err)
+	}
+	return nil
+}
+
+// serveHealthz answers the liveness probe.
+func (d *Daemon) serveHealthz(w http.ResponseWriter, r *http.Request) {
+	if err := d.health(r.Context()); err != nil {
+		http.Error(w, err.Error(), http.StatusServiceUnavailable)
+		return
+	}
+	_, _ = w.Write([]byte("ok\n"))
+}
+
+// serveReadyz answers the readiness probe.
+func (d *Daemon) serveReadyz(w http.ResponseWriter, _ *http.Request) {
+	if !d.ready.Load() {
+		http.Error(w, "starting or stopping", http.StatusServiceUnavailable)
+		return
+	}
+	_, _ = w.Write([]byte("ok\n"))
+}
 
 // defaultHealthTimeout bounds one liveness check: under the chart's probe
 // timeout (5 s), far above a healthy answer (milliseconds).

@@ -5,37 +5,12 @@ import (
 	"net"
 	"sort"
 
-	"github.com/vmnic/vmnic/pkg/ctl/api"
+	"github.com/vmnic/vmnic/pkg/api"
 	"github.com/vmnic/vmnic/pkg/dhcp"
-	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/pkg/spool"
 	"github.com/vmnic/vmnic/pkg/state"
+	"github.com/vmnic/vmnic/pkg/version"
 )
-
-// specView is what introspection reads from a record's spec: the fields of
-// the masquerade and the bridge specs by their JSON names, so that the view
-// follows the modes without depending on their Go types.
-type specView struct {
-	PodIf       string `json:"podIf"`
-	Bridge      string `json:"bridge"` // masquerade: the Linux bridge k6t-<if>
-	Tap         string `json:"tap"`
-	GuestMAC    string `json:"guestMAC"`
-	IPv4        bool   `json:"ipv4"`
-	IPv6        bool   `json:"ipv6"`
-	HostIf      string `json:"hostIf"`
-	OVSBridge   string `json:"ovsBridge"`
-	VLAN        *int   `json:"vlan"`
-	Trunks      []int  `json:"trunks"`
-	VM          bool   `json:"vm"`
-	LinuxBridge string `json:"linuxBridge"`
-	Held        bool   `json:"held"`
-	Silenced    bool   `json:"silenced"`
-	// IPs: passt hands the guest the pod interface's addresses.
-	IPs       []string `json:"ips"`
-	Addresses *struct {
-		IPs []resultIP `json:"ips"`
-	} `json:"addresses"`
-}
 
 // resultView is the part of a CNI result (any version from 0.3.0) that
 // names the addresses and their interfaces.
@@ -52,15 +27,9 @@ type resultIP struct {
 	Interface *int   `json:"interface"`
 }
 
-// Addresses masquerade hands the guest (KubeVirt's).
-const (
-	masqueradeGuest4 = "10.0.2.2"
-	masqueradeGuest6 = "fd10:0:2::2"
-)
-
-// attachmentView describes one record for vmnicctl. It reads only the
-// record; DHCP state is added by the caller.
-func attachmentView(rec *state.Record) api.Attachment {
+// attachmentView describes one record for vmnicctl: what the record says,
+// and what its mode shows of its spec. DHCP state is added by the caller.
+func (d *Daemon) attachmentView(rec *state.Record) api.Attachment {
 	a := api.Attachment{
 		ContainerID: rec.ContainerID, IfName: rec.IfName, Network: rec.Network, Mode: rec.Mode,
 		Pod:   api.Pod{Namespace: rec.Pod.Namespace, Name: rec.Pod.Name, UID: rec.Pod.UID},
@@ -70,42 +39,16 @@ func attachmentView(rec *state.Record) api.Attachment {
 	if m := rec.Migration; m != nil {
 		a.Migration = &api.Migration{Job: m.Job, UID: m.UID, Phase: m.Phase}
 	}
-	var s specView
-	_ = json.Unmarshal(rec.Spec, &s) // a spec that does not decode shows what the record has
-	a.Tap, a.GuestMAC, a.Held, a.Silenced = s.Tap, s.GuestMAC, s.Held, s.Silenced
-	switch rec.Mode {
-	case netconf.ModeBridge:
-		a.Bridge = s.LinuxBridge
-		if s.OVSBridge != "" {
-			a.OVS = &api.OVSPort{Bridge: s.OVSBridge, Port: s.HostIf, VLAN: s.VLAN, Trunks: s.Trunks}
-		}
-		var ips []string
-		if s.Addresses != nil {
-			for _, ip := range s.Addresses.IPs {
-				ips = append(ips, ip.Address)
-			}
-		}
-		// A VM's addresses go to the guest; the pod interface keeps none.
-		if s.VM {
-			a.GuestIPs = ips
-		} else {
-			a.PodIPs = ips
-		}
-	case netconf.ModePasst:
-		// KubeVirt's passt binding serves the guest (its own DHCP, no
-		// tap from vmnic) with the pod interface's addresses.
+	att, err := d.load(rec)
+	if err != nil {
+		return a // a spec that does not decode shows what the record has
+	}
+	v := att.View()
+	a.Tap, a.Bridge, a.GuestMAC, a.OVS = v.Tap, v.Bridge, v.GuestMAC, v.OVS
+	a.Held, a.Silenced = v.Held, v.Silenced
+	a.PodIPs, a.GuestIPs = v.PodIPs, v.GuestIPs
+	if v.PodIPsFromResult {
 		a.PodIPs = podIPs(rec.Result, rec.IfName)
-		a.GuestIPs = s.IPs
-		a.Tap, a.GuestMAC = "", ""
-	default:
-		a.Bridge = s.Bridge
-		a.PodIPs = podIPs(rec.Result, rec.IfName)
-		if s.IPv4 {
-			a.GuestIPs = append(a.GuestIPs, masqueradeGuest4)
-		}
-		if s.IPv6 {
-			a.GuestIPs = append(a.GuestIPs, masqueradeGuest6)
-		}
 	}
 	return a
 }
@@ -142,7 +85,7 @@ func (d *Daemon) attachmentViews() ([]api.Attachment, int) {
 	}
 	out := make([]api.Attachment, 0, len(recs))
 	for _, rec := range recs {
-		out = append(out, attachmentView(rec))
+		out = append(out, d.attachmentView(rec))
 	}
 	sort.SliceStable(out, func(i, j int) bool {
 		a, b := out[i], out[j]
@@ -209,7 +152,7 @@ func (d *Daemon) status() api.Status {
 		source = "cluster"
 	}
 	return api.Status{
-		Version: Version, Ready: st.ready, Node: d.opts.Observe.Node, Source: source,
+		Version: version.Version, Ready: st.ready, Node: d.opts.Observe.Node, Source: source,
 		Socket: d.opts.Socket, StateDir: d.opts.StateDir, SpoolDir: d.opts.SpoolDir,
 		Started:     processStart.UTC(),
 		Attachments: st.attachments, Incomplete: st.incomplete, Unreadable: st.unreadable,

@@ -18,18 +18,20 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
-	"github.com/vmnic/vmnic/daemon/capabilities"
 	"github.com/vmnic/vmnic/daemon/install"
+	"github.com/vmnic/vmnic/pkg/capabilities"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/pkg/shim"
+	release "github.com/vmnic/vmnic/pkg/version"
+	"github.com/vmnic/vmnic/plugins"
 )
 
 // chainEntry is the entry chained into the primary's conflist; it names the
 // socket and spool dir when they are not the defaults, so the shim finds
 // this daemon.
 func chainEntry(socket, spoolDir string) json.RawMessage {
-	e := map[string]any{"type": "vmnic", "mode": netconf.ModeMasquerade, "capabilities": map[string]bool{"dns": true}}
+	e := plugins.ChainEntry()
 	if socket != netconf.DefaultSocket {
 		e["socket"] = socket
 	}
@@ -88,9 +90,6 @@ func restConfig(kubeconfig string) (*rest.Config, error) {
 	return nil, nil
 }
 
-// Version is set at build time.
-var Version = "dev"
-
 // Main is vmnicd's command line; it returns the exit code.
 //
 //	vmnicd [flags]            serve (installing the shim and chaining first when --install-from is set)
@@ -112,9 +111,9 @@ func Main(args []string) int {
 	installFrom := fs.String("install-from", "", "shim binary to install into --cni-bin-dir (empty: do not install)")
 	binDir := fs.String("cni-bin-dir", install.DefaultBinDir, "the host's CNI bin dir as this process sees it")
 	confDir := fs.String("cni-conf-dir", install.DefaultConfDir, "the host's CNI config dir as this process sees it")
-	chain := fs.Bool("chain", true, "chain vmnic's masquerade entry into the primary CNI's conflist and keep it chained")
+	chain := fs.Bool("chain", true, "chain vmnic's entry into the primary CNI's conflist and keep it chained")
 	ovsdbEndpoint := fs.String("ovsdb", "unix:/var/run/openvswitch/db.sock", "OVSDB endpoint of bridge mode: ports are added there and it is probed for the capability report (empty: no OVS)")
-	spiderSock := fs.String("spiderpool-socket", capabilities.DefaultSpiderpoolSocket, "Spiderpool agent socket probed for passt and bridge modes")
+	spiderSock := fs.String("spiderpool-socket", capabilities.DefaultSpiderpoolSocket, "Spiderpool agent socket the capability probe checks")
 	probe := fs.Bool("capabilities", true, "probe the node and publish a NodeNetworkCapability (with an API server)")
 	metricsAddr := fs.String("metrics-addr", DefaultMetricsAddr, "address of the Prometheus metrics, /healthz and /readyz HTTP endpoint (empty: none)")
 	events := fs.Bool("events", true, "report failed ADDs as Kubernetes Events on the pod and its VMI (with an API server)")
@@ -123,7 +122,7 @@ func Main(args []string) int {
 		return 2
 	}
 	if *version {
-		fmt.Println("vmnicd", Version)
+		fmt.Println("vmnicd", release.Version)
 		return 0
 	}
 	var lvl slog.Level
@@ -245,7 +244,7 @@ func Main(args []string) int {
 			}
 		}()
 	}
-	log.Info("vmnicd starting", "version", Version, "mode", mode, "node", *nodeName)
+	log.Info("vmnicd starting", "version", release.Version, "mode", mode, "node", *nodeName)
 	if err := d.Run(ctx); err != nil {
 		log.Error("run", "err", err)
 		return 1

@@ -2,12 +2,8 @@ package daemon
 
 import (
 	"bytes"
-	"context"
 	"errors"
-	"fmt"
-	"maps"
-	"math"
-	"net"
+	"log/slog"
 	"net/http"
 	"slices"
 	"strconv"
@@ -16,15 +12,15 @@ import (
 	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
 
 	"github.com/vmnic/vmnic/pkg/apis/v1alpha1"
 	"github.com/vmnic/vmnic/pkg/dhcp"
-	"github.com/vmnic/vmnic/pkg/netconf"
+	"github.com/vmnic/vmnic/pkg/version"
 )
-
-// DefaultMetricsAddr is where vmnicd serves Prometheus metrics: node-local
-// by default, the DaemonSet runs on the host network.
-const DefaultMetricsAddr = "127.0.0.1:9961"
 
 // processStart is when this process started, for the uptime in
 // VMNIC_STATUS and process_start_time_seconds.
@@ -35,12 +31,10 @@ var processStart = time.Now()
 // IPAM, OVS and the API server (the CRI's own deadline is 2-4 minutes).
 var requestBuckets = []float64{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120}
 
-// Verbs and modes used as label values; anything else is "other" or
-// "unknown", so a hostile or broken request cannot blow up the series.
-var (
-	metricVerbs = []string{"ADD", "DEL", "CHECK", "STATUS", "GC"}
-	metricModes = []string{netconf.ModeMasquerade, netconf.ModeBridge, netconf.ModePasst}
-)
+// Verbs used as label values, as the registered modes are; anything else
+// is "other" or "unknown", so a hostile or broken request cannot blow up
+// the series.
+var metricVerbs = []string{"ADD", "DEL", "CHECK", "STATUS", "GC"}
 
 // GC removal kinds.
 const (
@@ -48,37 +42,81 @@ const (
 	GCOVSPort    = "ovs_port"
 )
 
-// Metrics are vmnicd's counters for Prometheus. Create them with
-// NewMetrics and pass them in Options.Observe.Metrics; the gauges (attachments,
-// DHCP servers, readiness) are read from the daemon at scrape time. Every
-// method is safe on a nil *Metrics, which counts nothing.
+// Metrics are vmnicd's counters for Prometheus, in a registry of their own
+// (never the process-wide default one: tests and embedders run several
+// daemons in a process). Create them with NewMetrics and pass them in
+// Options.Observe.Metrics; the gauges (attachments, DHCP servers,
+// readiness) are read from the daemon at scrape time (nodeCollector).
+// Every method is safe on a nil *Metrics, which counts nothing.
 type Metrics struct {
-	mu        sync.Mutex
-	requests  map[requestKey]*histogram
-	errors    map[errorKey]uint64
-	gcRemoved map[string]uint64
-	events    map[string]uint64
-	migration struct{ held, switched, failed uint64 }
-	caps      map[string]bool
-	dhcp      dhcpTotals
+	reg *prometheus.Registry
+
+	requests  *prometheus.CounterVec
+	durations *prometheus.HistogramVec
+	errors    *prometheus.CounterVec
+	gcRemoved *prometheus.CounterVec
+	holds     prometheus.Counter
+	switches  prometheus.Counter
+	failures  prometheus.Counter
+
+	// mu guards what metricsCollector reads at scrape time.
+	mu sync.Mutex
+	// events counts Kubernetes Events by result; a plain map because
+	// events_test.go reads it directly.
+	events map[string]uint64
+	// caps is the last capability report, replaced as a whole.
+	caps map[string]bool
+	dhcp dhcpTotals
 }
 
-type requestKey struct{ verb, mode, result string }
-
-type errorKey struct {
-	verb, mode string
-	code       uint
-}
+// Label names of the request families.
+var (
+	requestLabels = []string{"verb", "mode", "result"}
+	errorLabels   = []string{"verb", "mode", "code"}
+)
 
 // NewMetrics returns zeroed metrics.
 func NewMetrics() *Metrics {
-	return &Metrics{
-		requests:  map[requestKey]*histogram{},
-		errors:    map[errorKey]uint64{},
-		gcRemoved: map[string]uint64{GCAttachment: 0, GCOVSPort: 0},
-		events:    map[string]uint64{},
-		dhcp:      dhcpTotals{seen: map[string]dhcpSeen{}},
+	m := &Metrics{
+		reg: prometheus.NewRegistry(),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vmnic_cni_requests_total",
+			Help: "CNI requests served by vmnicd, by verb, mode and result (ok or error).",
+		}, requestLabels),
+		durations: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "vmnic_cni_request_duration_seconds",
+			Help:    "Time vmnicd took to serve a CNI request, by verb, mode and result.",
+			Buckets: requestBuckets,
+		}, requestLabels),
+		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vmnic_cni_request_errors_total",
+			Help: "Failed CNI requests by verb, mode and CNI error code.",
+		}, errorLabels),
+		gcRemoved: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vmnic_gc_removed_total",
+			Help: "Stale objects removed by garbage collection (CNI GC, start and resync), by kind.",
+		}, []string{"kind"}),
+		holds: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vmnic_migration_holds_total",
+			Help: "Live-migration targets wired and held silent.",
+		}),
+		switches: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vmnic_migration_switchovers_total",
+			Help: "Held migration targets released at switchover (addresses announced).",
+		}),
+		failures: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vmnic_migration_failures_total",
+			Help: "Migrations that failed or were aborted while their target was held.",
+		}),
+		events: map[string]uint64{},
+		dhcp:   dhcpTotals{seen: map[string]dhcpSeen{}},
 	}
+	// Both kinds are served from the start, at 0: a dashboard's rate()
+	// needs the series before the first removal.
+	m.gcRemoved.WithLabelValues(GCAttachment)
+	m.gcRemoved.WithLabelValues(GCOVSPort)
+	m.reg.MustRegister(m.requests, m.durations, m.errors, m.gcRemoved, m.holds, m.switches, m.failures, metricsCollector{m})
+	return m
 }
 
 // Metrics returns the daemon's metrics (nil when none were configured;
@@ -86,110 +124,115 @@ func NewMetrics() *Metrics {
 func (d *Daemon) Metrics() *Metrics { return d.opts.Observe.Metrics }
 
 // MigrationHeld counts a migration target wired and held silent.
-func (m *Metrics) MigrationHeld() { m.add(func() { m.migration.held++ }) }
+func (m *Metrics) MigrationHeld() {
+	if m != nil {
+		m.holds.Inc()
+	}
+}
 
 // MigrationSwitched counts a held target released at switchover.
-func (m *Metrics) MigrationSwitched() { m.add(func() { m.migration.switched++ }) }
+func (m *Metrics) MigrationSwitched() {
+	if m != nil {
+		m.switches.Inc()
+	}
+}
 
 // MigrationFailed counts a migration that failed or was aborted while its
 // target was held.
-func (m *Metrics) MigrationFailed() { m.add(func() { m.migration.failed++ }) }
+func (m *Metrics) MigrationFailed() {
+	if m != nil {
+		m.failures.Inc()
+	}
+}
 
 // GCRemoved counts one stale object removed by garbage collection: kind is
 // GCAttachment or GCOVSPort.
-func (m *Metrics) GCRemoved(kind string) { m.add(func() { m.gcRemoved[kind]++ }) }
+func (m *Metrics) GCRemoved(kind string) {
+	if m != nil {
+		m.gcRemoved.WithLabelValues(kind).Inc()
+	}
+}
 
 // SetCapabilities records the node's last capability report: one
 // vmnic_capability_ready gauge per mode.
 func (m *Metrics) SetCapabilities(r v1alpha1.NodeNetworkCapabilityStatus) {
+	if m == nil {
+		return
+	}
 	caps := map[string]bool{}
 	for _, c := range r.Conditions {
 		if label, ok := v1alpha1.ModeLabels[c.Type]; ok {
 			caps[strings.TrimPrefix(label, v1alpha1.GroupName+"/")] = c.Status == "True"
 		}
 	}
-	m.add(func() { m.caps = caps })
+	m.mu.Lock()
+	m.caps = caps
+	m.mu.Unlock()
 }
 
-func (m *Metrics) event(result string) { m.add(func() { m.events[result]++ }) }
-
-func (m *Metrics) add(f func()) {
+func (m *Metrics) event(result string) {
 	if m == nil {
 		return
 	}
 	m.mu.Lock()
-	f()
+	m.events[result]++
 	m.mu.Unlock()
 }
 
 // request counts one CNI request.
 func (m *Metrics) request(verb, mode string, err error, elapsed time.Duration) {
+	if m == nil {
+		return
+	}
 	if !slices.Contains(metricVerbs, verb) {
 		verb = "other"
 	}
 	result := "ok"
-	var code uint
 	if err != nil {
 		result = "error"
-		code = types.ErrInternal
+		code := types.ErrInternal
 		var te *types.Error
 		if errors.As(err, &te) {
 			code = te.Code
 		}
+		m.errors.WithLabelValues(verb, mode, strconv.FormatUint(uint64(code), 10)).Inc()
 	}
-	m.add(func() {
-		k := requestKey{verb, mode, result}
-		h := m.requests[k]
-		if h == nil {
-			h = newHistogram(requestBuckets)
-			m.requests[k] = h
-		}
-		h.observe(elapsed.Seconds())
-		if err != nil {
-			m.errors[errorKey{verb, mode, code}]++
-		}
-	})
+	m.requests.WithLabelValues(verb, mode, result).Inc()
+	m.durations.WithLabelValues(verb, mode, result).Observe(elapsed.Seconds())
 }
 
-// requestCounts returns verb → result → count.
+// requestCounts returns verb → result → count, read back from
+// vmnic_cni_requests_total.
 func (m *Metrics) requestCounts() map[string]map[string]uint64 {
 	if m == nil {
 		return nil
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	ch := make(chan prometheus.Metric)
+	go func() {
+		m.requests.Collect(ch)
+		close(ch)
+	}()
 	out := map[string]map[string]uint64{}
-	for k, h := range m.requests {
-		if out[k.verb] == nil {
-			out[k.verb] = map[string]uint64{}
+	for metric := range ch {
+		var s dto.Metric
+		if metric.Write(&s) != nil {
+			continue
 		}
-		out[k.verb][k.result] += h.count
+		var verb, result string
+		for _, l := range s.GetLabel() {
+			switch l.GetName() {
+			case "verb":
+				verb = l.GetValue()
+			case "result":
+				result = l.GetValue()
+			}
+		}
+		if out[verb] == nil {
+			out[verb] = map[string]uint64{}
+		}
+		out[verb][result] += uint64(s.GetCounter().GetValue())
 	}
 	return out
-}
-
-// histogram is a Prometheus histogram: per-bucket (not cumulative) counts,
-// the sum and the count.
-type histogram struct {
-	bounds []float64
-	counts []uint64
-	sum    float64
-	count  uint64
-}
-
-func newHistogram(bounds []float64) *histogram {
-	return &histogram{bounds: bounds, counts: make([]uint64, len(bounds))}
-}
-
-func (h *histogram) observe(v float64) {
-	h.sum += v
-	h.count++
-	for i, b := range h.bounds {
-		if v <= b {
-			h.counts[i]++
-			return
-		}
-	}
 }
 
 // dhcpTotals turns the per-server counters, which start from zero with
@@ -277,7 +320,7 @@ type nodeState struct {
 
 func (d *Daemon) nodeState() nodeState {
 	st := nodeState{ready: d.ready.Load(), attachments: map[string]int{}}
-	for _, m := range metricModes {
+	for _, m := range d.modeNames {
 		st.attachments[m] = 0
 	}
 	views, unreadable := d.attachmentViews()
@@ -300,106 +343,92 @@ func (d *Daemon) nodeState() nodeState {
 	return st
 }
 
-// WriteMetrics writes the metrics in the Prometheus text exposition format
-// (version 0.0.4).
-func (d *Daemon) WriteMetrics(w *bytes.Buffer) {
-	st := d.nodeState()
-	m := d.Metrics()
-	e := &expo{w: w}
+// The families collected at scrape time, by nodeCollector and
+// metricsCollector.
+var (
+	buildInfoDesc   = prometheus.NewDesc("vmnic_build_info", "vmnicd's build; the value is 1.", []string{"version"}, nil)
+	readyDesc       = prometheus.NewDesc("vmnic_ready", "1 when vmnicd serves CNI requests, 0 while it starts or stops (requests then get CNI code 11).", nil, nil)
+	startTimeDesc   = prometheus.NewDesc("process_start_time_seconds", "Start time of the process since the Unix epoch in seconds.", nil, nil)
+	attachmentsDesc = prometheus.NewDesc("vmnic_attachments", "VM NICs (attachments) wired on this node, by mode.", []string{"mode"}, nil)
+	incompleteDesc  = prometheus.NewDesc("vmnic_attachments_incomplete", "Attachments whose ADD never finished (a daemon killed half-way); DEL or GC removes them.", nil, nil)
+	unreadableDesc  = prometheus.NewDesc("vmnic_attachment_records_unreadable", "Attachment records that could not be read.", nil, nil)
+	heldDesc        = prometheus.NewDesc("vmnic_migration_held_attachments", "Migration targets currently held silent until their switchover.", nil, nil)
+	spooledDesc     = prometheus.NewDesc("vmnic_spooled_dels", "DELs the shim spooled while the daemon was away, not replayed yet.", nil, nil)
+	dhcpServersDesc = prometheus.NewDesc("vmnic_dhcp_servers", "Attachments whose DHCP (and RA) servers run.", nil, nil)
+	leasesDesc      = prometheus.NewDesc("vmnic_dhcp_leases_total", "Leases handed to guests: DHCPv4 ACKs and DHCPv6 Replies.", []string{"family"}, nil)
+	naksDesc        = prometheus.NewDesc("vmnic_dhcp_naks_total", "DHCPv4 NAKs sent to guests asking for an address that is not theirs.", nil, nil)
+	rasDesc         = prometheus.NewDesc("vmnic_router_advertisements_total", "IPv6 Router Advertisements sent to guests.", nil, nil)
+	eventsDesc      = prometheus.NewDesc("vmnic_kube_events_total", "Kubernetes Events about wiring failures, by result (recorded, dropped, failed).", []string{"result"}, nil)
+	capabilityDesc  = prometheus.NewDesc("vmnic_capability_ready", "1 when the node's last capability probe found everything a mode needs (NodeNetworkCapability conditions).", []string{"mode"}, nil)
+)
 
-	e.family("vmnic_build_info", "gauge", "vmnicd's build; the value is 1.")
-	e.sample("vmnic_build_info", labels{{"version", Version}}, 1)
-	e.family("vmnic_ready", "gauge", "1 when vmnicd serves CNI requests, 0 while it starts or stops (requests then get CNI code 11).")
-	e.sample("vmnic_ready", nil, boolValue(st.ready))
-	e.family("process_start_time_seconds", "gauge", "Start time of the process since the Unix epoch in seconds.")
-	e.sample("process_start_time_seconds", nil, float64(processStart.Unix()))
+// nodeCollector reads the daemon's state once per scrape: readiness, the
+// attachments on record, the DHCP servers and their lifetime totals.
+type nodeCollector struct{ d *Daemon }
 
-	e.family("vmnic_attachments", "gauge", "VM NICs (attachments) wired on this node, by mode.")
-	for _, mode := range slices.Sorted(maps.Keys(st.attachments)) {
-		e.sample("vmnic_attachments", labels{{"mode", mode}}, float64(st.attachments[mode]))
-	}
-	e.family("vmnic_attachments_incomplete", "gauge", "Attachments whose ADD never finished (a daemon killed half-way); DEL or GC removes them.")
-	e.sample("vmnic_attachments_incomplete", nil, float64(st.incomplete))
-	e.family("vmnic_attachment_records_unreadable", "gauge", "Attachment records that could not be read.")
-	e.sample("vmnic_attachment_records_unreadable", nil, float64(st.unreadable))
-	e.family("vmnic_migration_held_attachments", "gauge", "Migration targets currently held silent until their switchover.")
-	e.sample("vmnic_migration_held_attachments", nil, float64(st.held))
-	e.family("vmnic_spooled_dels", "gauge", "DELs the shim spooled while the daemon was away, not replayed yet.")
-	e.sample("vmnic_spooled_dels", nil, float64(st.pendingDELs))
-	e.family("vmnic_dhcp_servers", "gauge", "Attachments whose DHCP (and RA) servers run.")
-	e.sample("vmnic_dhcp_servers", nil, float64(st.dhcpServers))
-
-	e.family("vmnic_dhcp_leases_total", "counter", "Leases handed to guests: DHCPv4 ACKs and DHCPv6 Replies.")
-	e.sample("vmnic_dhcp_leases_total", labels{{"family", "v4"}}, float64(st.dhcp.v4Acks))
-	e.sample("vmnic_dhcp_leases_total", labels{{"family", "v6"}}, float64(st.dhcp.v6Replies))
-	e.family("vmnic_dhcp_naks_total", "counter", "DHCPv4 NAKs sent to guests asking for an address that is not theirs.")
-	e.sample("vmnic_dhcp_naks_total", nil, float64(st.dhcp.v4Naks))
-	e.family("vmnic_router_advertisements_total", "counter", "IPv6 Router Advertisements sent to guests.")
-	e.sample("vmnic_router_advertisements_total", nil, float64(st.dhcp.ras))
-
-	if m == nil {
-		return
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-
-	keys := make([]requestKey, 0, len(m.requests))
-	for k := range m.requests {
-		keys = append(keys, k)
-	}
-	slices.SortFunc(keys, func(a, b requestKey) int {
-		return strings.Compare(a.verb+"\x00"+a.mode+"\x00"+a.result, b.verb+"\x00"+b.mode+"\x00"+b.result)
-	})
-	e.family("vmnic_cni_requests_total", "counter", "CNI requests served by vmnicd, by verb, mode and result (ok or error).")
-	for _, k := range keys {
-		e.sample("vmnic_cni_requests_total", k.labels(), float64(m.requests[k].count))
-	}
-	e.family("vmnic_cni_request_duration_seconds", "histogram", "Time vmnicd took to serve a CNI request, by verb, mode and result.")
-	for _, k := range keys {
-		e.histogram("vmnic_cni_request_duration_seconds", k.labels(), m.requests[k])
-	}
-	ekeys := make([]errorKey, 0, len(m.errors))
-	for k := range m.errors {
-		ekeys = append(ekeys, k)
-	}
-	slices.SortFunc(ekeys, func(a, b errorKey) int {
-		if c := strings.Compare(a.verb+"\x00"+a.mode, b.verb+"\x00"+b.mode); c != 0 {
-			return c
-		}
-		return int(a.code) - int(b.code)
-	})
-	e.family("vmnic_cni_request_errors_total", "counter", "Failed CNI requests by verb, mode and CNI error code.")
-	for _, k := range ekeys {
-		e.sample("vmnic_cni_request_errors_total", labels{{"verb", k.verb}, {"mode", k.mode}, {"code", strconv.FormatUint(uint64(k.code), 10)}}, float64(m.errors[k]))
-	}
-
-	e.family("vmnic_gc_removed_total", "counter", "Stale objects removed by garbage collection (CNI GC, start and resync), by kind.")
-	for _, kind := range slices.Sorted(maps.Keys(m.gcRemoved)) {
-		e.sample("vmnic_gc_removed_total", labels{{"kind", kind}}, float64(m.gcRemoved[kind]))
-	}
-	e.family("vmnic_migration_holds_total", "counter", "Live-migration targets wired and held silent.")
-	e.sample("vmnic_migration_holds_total", nil, float64(m.migration.held))
-	e.family("vmnic_migration_switchovers_total", "counter", "Held migration targets released at switchover (addresses announced).")
-	e.sample("vmnic_migration_switchovers_total", nil, float64(m.migration.switched))
-	e.family("vmnic_migration_failures_total", "counter", "Migrations that failed or were aborted while their target was held.")
-	e.sample("vmnic_migration_failures_total", nil, float64(m.migration.failed))
-
-	if len(m.events) > 0 {
-		e.family("vmnic_kube_events_total", "counter", "Kubernetes Events about wiring failures, by result (recorded, dropped, failed).")
-		for _, r := range slices.Sorted(maps.Keys(m.events)) {
-			e.sample("vmnic_kube_events_total", labels{{"result", r}}, float64(m.events[r]))
-		}
-	}
-	if len(m.caps) > 0 {
-		e.family("vmnic_capability_ready", "gauge", "1 when the node's last capability probe found everything a mode needs (NodeNetworkCapability conditions).")
-		for _, mode := range slices.Sorted(maps.Keys(m.caps)) {
-			e.sample("vmnic_capability_ready", labels{{"mode", mode}}, boolValue(m.caps[mode]))
-		}
+func (nodeCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{
+		buildInfoDesc, readyDesc, startTimeDesc, attachmentsDesc, incompleteDesc, unreadableDesc,
+		heldDesc, spooledDesc, dhcpServersDesc, leasesDesc, naksDesc, rasDesc,
+	} {
+		ch <- d
 	}
 }
 
-func (k requestKey) labels() labels {
-	return labels{{"verb", k.verb}, {"mode", k.mode}, {"result", k.result}}
+func (c nodeCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.d.nodeState()
+	gauge := func(d *prometheus.Desc, v float64, lvs ...string) {
+		constMetric(ch, d, prometheus.GaugeValue, v, lvs...)
+	}
+	counter := func(d *prometheus.Desc, v uint64, lvs ...string) {
+		constMetric(ch, d, prometheus.CounterValue, float64(v), lvs...)
+	}
+	gauge(buildInfoDesc, 1, version.Version)
+	gauge(readyDesc, boolValue(st.ready))
+	gauge(startTimeDesc, float64(processStart.Unix()))
+	for mode, n := range st.attachments {
+		gauge(attachmentsDesc, float64(n), mode)
+	}
+	gauge(incompleteDesc, float64(st.incomplete))
+	gauge(unreadableDesc, float64(st.unreadable))
+	gauge(heldDesc, float64(st.held))
+	gauge(spooledDesc, float64(st.pendingDELs))
+	gauge(dhcpServersDesc, float64(st.dhcpServers))
+	counter(leasesDesc, st.dhcp.v4Acks, "v4")
+	counter(leasesDesc, st.dhcp.v6Replies, "v6")
+	counter(naksDesc, st.dhcp.v4Naks)
+	counter(rasDesc, st.dhcp.ras)
+}
+
+// metricsCollector serves what Metrics keep under their lock rather than
+// in client_golang's types: events by result and the last capability
+// report. Neither family is served before its first value.
+type metricsCollector struct{ m *Metrics }
+
+func (metricsCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- eventsDesc
+	ch <- capabilityDesc
+}
+
+func (c metricsCollector) Collect(ch chan<- prometheus.Metric) {
+	c.m.mu.Lock()
+	defer c.m.mu.Unlock()
+	for result, n := range c.m.events {
+		constMetric(ch, eventsDesc, prometheus.CounterValue, float64(n), result)
+	}
+	for mode, ok := range c.m.caps {
+		constMetric(ch, capabilityDesc, prometheus.GaugeValue, boolValue(ok), mode)
+	}
+}
+
+// constMetric sends one sample; a label value client_golang refuses (not
+// UTF-8) fails that sample in the scrape, not the whole daemon.
+func constMetric(ch chan<- prometheus.Metric, d *prometheus.Desc, t prometheus.ValueType, v float64, lvs ...string) {
+	m, err := prometheus.NewConstMetric(d, t, v, lvs...)
+	if err != nil {
+		m = prometheus.NewInvalidMetric(d, err)
+	}
+	ch <- m
 }
 
 func boolValue(b bool) float64 {
@@ -409,112 +438,38 @@ func boolValue(b bool) float64 {
 	return 0
 }
 
-// expo writes the Prometheus text exposition format.
-type expo struct{ w *bytes.Buffer }
-
-type labels [][2]string
-
-func (e *expo) family(name, typ, help string) {
-	fmt.Fprintf(e.w, "# HELP %s %s\n# TYPE %s %s\n", name, escapeHelp(help), name, typ)
+// gatherer is what a scrape reads: the daemon's state, collected at
+// scrape time, and the registry of its Metrics, if any.
+func (d *Daemon) gatherer() prometheus.Gatherer {
+	node := prometheus.NewRegistry()
+	node.MustRegister(nodeCollector{d})
+	if m := d.Metrics(); m != nil {
+		return prometheus.Gatherers{node, m.reg}
+	}
+	return node
 }
 
-func (e *expo) sample(name string, ls labels, v float64) {
-	e.w.WriteString(name)
-	if len(ls) > 0 {
-		e.w.WriteByte('{')
-		for i, l := range ls {
-			if i > 0 {
-				e.w.WriteByte(',')
-			}
-			e.w.WriteString(l[0])
-			e.w.WriteString(`="`)
-			e.w.WriteString(escapeLabel(l[1]))
-			e.w.WriteByte('"')
+// metricsHandler serves /metrics: the text format, or whatever else the
+// scraper's Accept header asks for and client_golang speaks.
+func (d *Daemon) metricsHandler() http.Handler {
+	return promhttp.HandlerFor(d.gatherer(), promhttp.HandlerOpts{
+		ErrorLog:      slog.NewLogLogger(d.log.Handler(), slog.LevelError),
+		ErrorHandling: promhttp.ContinueOnError,
+	})
+}
+
+// WriteMetrics writes the metrics in the Prometheus text exposition format
+// (version 0.0.4).
+func (d *Daemon) WriteMetrics(w *bytes.Buffer) {
+	mfs, err := d.gatherer().Gather()
+	if err != nil {
+		// What could be gathered is still written, as /metrics serves it.
+		d.log.Error("gather metrics", "err", err)
+	}
+	enc := expfmt.NewEncoder(w, expfmt.NewFormat(expfmt.TypeTextPlain))
+	for _, mf := range mfs {
+		if err := enc.Encode(mf); err != nil {
+			d.log.Error("encode metrics", "family", mf.GetName(), "err", err)
 		}
-		e.w.WriteByte('}')
 	}
-	e.w.WriteByte(' ')
-	e.w.WriteString(formatValue(v))
-	e.w.WriteByte('\n')
-}
-
-func (e *expo) histogram(name string, ls labels, h *histogram) {
-	var cum uint64
-	for i, b := range h.bounds {
-		cum += h.counts[i]
-		e.sample(name+"_bucket", append(slices.Clone(ls), [2]string{"le", formatValue(b)}), float64(cum))
-	}
-	e.sample(name+"_bucket", append(slices.Clone(ls), [2]string{"le", "+Inf"}), float64(h.count))
-	e.sample(name+"_sum", ls, h.sum)
-	e.sample(name+"_count", ls, float64(h.count))
-}
-
-var (
-	helpEscaper  = strings.NewReplacer(`\`, `\\`, "\n", `\n`)
-	labelEscaper = strings.NewReplacer(`\`, `\\`, "\n", `\n`, `"`, `\"`)
-)
-
-func escapeHelp(s string) string  { return helpEscaper.Replace(s) }
-func escapeLabel(s string) string { return labelEscaper.Replace(s) }
-
-func formatValue(v float64) string {
-	switch {
-	case math.IsInf(v, 1):
-		return "+Inf"
-	case math.IsInf(v, -1):
-		return "-Inf"
-	case math.IsNaN(v):
-		return "NaN"
-	case v == math.Trunc(v) && math.Abs(v) < 1e15:
-		return strconv.FormatInt(int64(v), 10)
-	}
-	return strconv.FormatFloat(v, 'g', -1, 64)
-}
-
-// MetricsHandler serves /metrics (Prometheus text format), /healthz
-// (200 while the CNI socket is this daemon's and answers, and attachment
-// work is not wedged: health.go; 503 naming what is wrong) and /readyz
-// (200 once the daemon serves CNI requests, 503 before).
-func (d *Daemon) MetricsHandler() http.Handler {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, _ *http.Request) {
-		var b bytes.Buffer
-		d.WriteMetrics(&b)
-		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-		_, _ = w.Write(b.Bytes())
-	})
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
-		if err := d.health(r.Context()); err != nil {
-			http.Error(w, err.Error(), http.StatusServiceUnavailable)
-			return
-		}
-		_, _ = w.Write([]byte("ok\n"))
-	})
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !d.ready.Load() {
-			http.Error(w, "starting or stopping", http.StatusServiceUnavailable)
-			return
-		}
-		_, _ = w.Write([]byte("ok\n"))
-	})
-	return mux
-}
-
-// ServeMetrics serves MetricsHandler on ln until ctx ends.
-func (d *Daemon) ServeMetrics(ctx context.Context, ln net.Listener) error {
-	srv := &http.Server{
-		Handler:           d.MetricsHandler(),
-		ReadHeaderTimeout: 10 * time.Second,
-		WriteTimeout:      30 * time.Second,
-	}
-	stop := context.AfterFunc(ctx, func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(sctx)
-	})
-	defer stop()
-	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return fmt.Errorf("serve metrics on %s: %w", ln.Addr(), err)
-	}
-	return nil
 }

@@ -9,15 +9,13 @@ import (
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/vmnic/vmnic/pkg/kubevirt"
-	"github.com/vmnic/vmnic/pkg/netconf"
+	"github.com/vmnic/vmnic/pkg/mode"
 	"github.com/vmnic/vmnic/pkg/state"
-	"github.com/vmnic/vmnic/plugins/bridge"
-	"github.com/vmnic/vmnic/plugins/passt"
 )
 
-// watchers are the per-attachment goroutines of migrations: a held bridge
-// target watching its tap for the migrated guest, a passt source watching
-// for claims of its address.
+// watchers are the per-attachment goroutines of migrations: a held target
+// watching for its migrated guest, a source watching for claims of its
+// addresses.
 type watchers struct {
 	mu   sync.Mutex
 	m    map[string]*watcher
@@ -69,16 +67,29 @@ func (d *Daemon) unwatch(key string) {
 	}
 }
 
-// watchTarget watches a held target's tap: the first frame the guest sends
-// there (QEMU announces a VM that resumed after migration) releases the
-// hold at once, ahead of the VMIM status, which can trail the resume by
-// hundreds of milliseconds. Only a guest that runs on this side sends on
-// this tap, and it runs here only once the migration has succeeded.
-func (d *Daemon) watchTarget(key string, spec *bridge.Spec) {
+// wired is called once an ADD wired att: a held migration target is
+// counted, and watched for its guest when its mode can see it resume.
+func (d *Daemon) wired(key string, att mode.Attachment) {
+	m, ok := att.(mode.Migrant)
+	if !ok || !m.Held() {
+		return
+	}
+	d.Metrics().MigrationHeld()
+	if tw, ok := att.(mode.TargetWatcher); ok {
+		d.watchTarget(key, tw)
+	}
+}
+
+// watchTarget watches a held target: the first frame its guest sends on
+// this side (QEMU announces a VM that resumed after migration) releases
+// the hold at once, ahead of the VMIM status, which can trail the resume
+// by hundreds of milliseconds. The guest runs here only once the migration
+// has succeeded.
+func (d *Daemon) watchTarget(key string, tw mode.TargetWatcher) {
 	d.watch(key, func(ctx context.Context) {
-		if err := bridge.WaitGuest(ctx, spec); err != nil {
+		if err := tw.WaitGuest(ctx); err != nil {
 			if ctx.Err() == nil {
-				d.log.Warn("migration target: watching the tap ended", "key", key, "err", err)
+				d.log.Warn("migration target: watching for the guest ended", "key", key, "err", err)
 			}
 			return
 		}
@@ -86,34 +97,56 @@ func (d *Daemon) watchTarget(key string, spec *bridge.Spec) {
 	})
 }
 
-// preparingTarget reports whether a migration in flight is still before
-// the VM's memory moves (VMIM phases up to TargetReady).
-func preparingTarget(phase string) bool {
-	switch kubevirtv1.VirtualMachineInstanceMigrationPhase(phase) {
-	case kubevirtv1.MigrationRunning, kubevirtv1.MigrationSucceeded, kubevirtv1.MigrationFailed:
-		return false
+// targetActive releases a held target whose guest has started sending.
+func (d *Daemon) targetActive(key string) {
+	d.gc.RLock()
+	defer d.gc.RUnlock()
+	defer d.locks.Lock(key)()
+	rec, err := d.store.Get(key)
+	if err != nil || rec.Migration == nil || rec.Migration.Phase == kubevirt.MigrationFailed.String() {
+		return
 	}
-	return true
+	att, err := d.load(rec)
+	if err != nil {
+		return
+	}
+	m, ok := att.(mode.Migrant)
+	if !ok || !m.Held() {
+		return
+	}
+	start := time.Now()
+	if err := m.Release(); err != nil {
+		d.log.Error("migration target: release hold", "key", key, "err", err)
+		if m.Held() {
+			return
+		}
+	}
+	rec.Migration.Phase = "TargetActive"
+	d.Metrics().MigrationSwitched()
+	if err := d.putRecord(rec, att, rec.Result); err != nil {
+		d.log.Error("migration target: record release", "key", key, "err", err)
+	}
+	d.log.Info("migration target's guest resumed: hold released, addresses announced", "key", key,
+		"pod", rec.Pod.Namespace+"/"+rec.Pod.Name, "vm", rec.VMName, "job", rec.Migration.Job, "took", time.Since(start))
 }
 
-// claimReassertGap bounds how often a passt source answers claims of its
-// address: the claimant announces in a burst.
+// claimReassertGap bounds how often a source answers claims of its
+// addresses: the claimant announces in a burst.
 const claimReassertGap = 100 * time.Millisecond
 
-// watchClaims makes a passt source whose VM migrates answer every claim of
-// its addresses by another MAC (the target's macvlan announces them when it
-// brings the target's interface up, a second or more before vmnic can hold
-// it when it waits for IPv6 DAD) with its own announcement, so the underlay
-// reaches the VM where it runs.
-func (d *Daemon) watchClaims(key string, spec *passt.Spec) {
+// watchClaims makes a source whose VM migrates answer every claim of its
+// addresses by another MAC (the target's underlay plugin announces them
+// when it brings the target's interface up, before vmnic can hold it) with
+// its own announcement, so the underlay reaches the VM where it runs.
+func (d *Daemon) watchClaims(key string, sg mode.SourceGuard) {
 	d.watch(key, func(ctx context.Context) {
 		last := map[bool]time.Time{}
-		err := passt.WatchClaims(ctx, spec, func(from net.HardwareAddr, v6 bool) {
+		err := sg.WatchClaims(ctx, func(from net.HardwareAddr, v6 bool) {
 			if time.Since(last[v6]) < claimReassertGap {
 				return
 			}
 			last[v6] = time.Now()
-			if err := passt.Reassert(spec, v6); err != nil {
+			if err := sg.Reassert(v6); err != nil {
 				d.log.Warn("migration source: answer a claim of its address", "key", key, "claimant", from.String(), "ipv6", v6, "err", err)
 				return
 			}
@@ -125,44 +158,15 @@ func (d *Daemon) watchClaims(key string, spec *passt.Spec) {
 	})
 }
 
-// targetActive releases a held target whose guest has started sending.
-func (d *Daemon) targetActive(key string) {
-	d.gc.RLock()
-	defer d.gc.RUnlock()
-	defer d.locks.Lock(key)()
-	rec, err := d.store.Get(key)
-	if err != nil || rec.Migration == nil {
-		return
-	}
-	spec, err := specOf[bridge.Spec](rec)
-	if err != nil || !spec.Held || rec.Migration.Phase == kubevirt.MigrationFailed.String() {
-		return
-	}
-	start := time.Now()
-	if err := d.bridge.Release(spec); err != nil {
-		d.log.Error("migration target: release hold", "key", key, "err", err)
-		if spec.Held {
-			return
-		}
-	}
-	rec.Migration.Phase = "TargetActive"
-	d.Metrics().MigrationSwitched()
-	if err := d.putRecord(rec, spec, rec.Result); err != nil {
-		d.log.Error("migration target: record release", "key", key, "err", err)
-	}
-	d.log.Info("migration target's guest resumed: hold released, addresses announced", "key", key,
-		"pod", rec.Pod.Namespace+"/"+rec.Pod.Name, "vm", rec.VMName, "job", rec.Migration.Job, "took", time.Since(start))
-}
-
 // migrationResync re-reads the migrations even without an informer event.
 const migrationResync = 2 * time.Second
 
-// watchMigrations drives the live-migration holds of bridge-mode VM NICs
-// from the VMIM and VMI objects: a held target is released (and announces
-// the guest's addresses) when its migration succeeded, and stays held when
-// it failed; a source whose VM moved away is silenced until its DEL. The
-// state lives in the attachment records, so a restarted daemon picks up
-// where it was.
+// watchMigrations drives the live-migration part of the attachments whose
+// mode takes part (mode.Migrant) from the VMIM and VMI objects: a held
+// target is released (and announces the guest's addresses) when its
+// migration succeeded, and stays held when it failed; a source whose VM
+// moved away is silenced until its DEL. The state lives in the attachment
+// records, so a restarted daemon picks up where it was.
 func (d *Daemon) watchMigrations(ctx context.Context) {
 	tr, ok := d.opts.Facts.(kubevirt.MigrationTracker)
 	if !ok {
@@ -189,70 +193,93 @@ func (d *Daemon) reconcileMigrations(tr kubevirt.MigrationTracker) {
 		return
 	}
 	for _, rec := range recs {
-		if (rec.Mode != netconf.ModeBridge && rec.Mode != netconf.ModePasst) || len(rec.Result) == 0 || rec.VMName == "" {
+		if len(rec.Result) == 0 || rec.VMName == "" {
 			continue
 		}
 		d.reconcileOne(tr, state.Key(rec.ContainerID, rec.IfName))
 	}
 }
 
-// migrant is what the migration watch needs of an attachment, whatever
-// its mode.
-type migrant struct {
-	spec     any // stored back into the record
-	held     bool
-	silenced bool
-	release  func() error // lift a target's hold and announce its addresses
-	silence  func() error // hold a source that handed over
-	// reassert announces a source's addresses again; nil for a mode whose
-	// target announces nothing before it is held.
-	reassert func() error
-	// guardDAD keeps a source from answering the target's DAD probes while
-	// its VM migrates (on), or lets it answer again; it reports a change.
-	// nil for a mode whose pod side runs no IPv6.
-	guardDAD func(on bool) (bool, error)
-	// watchClaims answers claims of a source's address while its VM
-	// migrates; nil for a mode whose target claims nothing before it is
-	// held.
-	watchClaims func()
-	// running is called while the target waits for the outcome.
-	running func()
-	// heldNow reads the hold after release (it stays on when the hold
-	// could not be lifted).
-	heldNow func() bool
+// migrationFacts is what planMigration decides from: the attachment's
+// state and what the migration tracker says of its VM.
+type migrationFacts struct {
+	held, silenced bool
+	// target: the record names the migration the pod is the target of;
+	// recorded is the outcome it already acted on ("" for none).
+	target   bool
+	recorded string
+	// outcome of the target's migration (held targets).
+	outcome kubevirt.MigrationOutcome
+	// migratedAway: the VM completed a migration away from this pod.
+	migratedAway bool
+	// inFlight, phase: a migration of the VM has not ended, in this VMIM
+	// phase; reasserted: the source already reasserted for this phase.
+	inFlight   bool
+	phase      string
+	reasserted bool
+	// guards: the mode's source takes part while the target is prepared
+	// (mode.SourceGuard).
+	guards bool
 }
 
-func (d *Daemon) migrantOf(key string, rec *state.Record) (*migrant, bool) {
-	switch rec.Mode {
-	case netconf.ModeBridge:
-		spec, err := specOf[bridge.Spec](rec)
-		if err != nil || !spec.VM {
-			return nil, false
+// migrationPlan is what the watch does for one attachment.
+type migrationPlan struct {
+	release    bool   // lift a held target's hold: its migration succeeded
+	watchGuest bool   // keep watching a held target for its guest
+	failed     bool   // record that a held target's migration failed
+	silence    bool   // hold a source whose VM moved away
+	guard      bool   // a source that guards: apply dadGuard, claims, reassert
+	dadGuard   bool   // a source's DAD guard, on or off (guards only)
+	claims     bool   // answer claims of a source's addresses (guards only)
+	reassert   bool   // reassert a source's addresses once for this phase
+	phase      string // the outcome to record (release, failed)
+}
+
+// planMigration decides, from the facts alone, what the migration watch
+// does for one attachment.
+func planMigration(f migrationFacts) migrationPlan {
+	var p migrationPlan
+	switch {
+	case f.held && f.target:
+		switch f.outcome {
+		case kubevirt.MigrationRunning:
+			p.watchGuest = true
+		case kubevirt.MigrationSucceeded:
+			p.release, p.phase = true, f.outcome.String()
+		case kubevirt.MigrationFailed:
+			if f.recorded != f.outcome.String() {
+				p.failed, p.phase = true, f.outcome.String()
+			}
 		}
-		return &migrant{
-			spec: spec, held: spec.Held, silenced: spec.Silenced,
-			release: func() error { return d.bridge.Release(spec) },
-			silence: func() error { return d.bridge.Silence(spec) },
-			running: func() { d.watchTarget(key, spec) },
-			heldNow: func() bool { return spec.Held },
-		}, true
-	case netconf.ModePasst:
-		spec, err := specOf[passt.Spec](rec)
-		if err != nil {
-			return nil, false
+	case !f.held && !f.silenced:
+		if f.migratedAway {
+			p.silence = true
+			return p
 		}
-		return &migrant{
-			spec: spec, held: spec.Held, silenced: spec.Silenced,
-			release:     func() error { return passt.Release(spec) },
-			silence:     func() error { return passt.Silence(spec) },
-			reassert:    func() error { return passt.Reassert(spec, false) },
-			guardDAD:    func(on bool) (bool, error) { return passt.GuardDAD(spec, on) },
-			watchClaims: func() { d.watchClaims(key, spec) },
-			running:     func() {},
-			heldNow:     func() bool { return spec.Held },
-		}, true
+		if !f.guards {
+			return p
+		}
+		// The target's underlay plugin runs DAD for the address the
+		// source holds, and announces the addresses, while KubeVirt
+		// prepares the target; once the VM's memory moves the target is
+		// held, and the next claim from it is its switchover, which the
+		// source must not contest.
+		p.guard = true
+		p.dadGuard = f.inFlight
+		p.claims = f.inFlight && preparingTarget(f.phase)
+		p.reassert = f.inFlight && !f.reasserted
 	}
-	return nil, false
+	return p
+}
+
+// preparingTarget reports whether a migration in flight is still before
+// the VM's memory moves (VMIM phases up to TargetReady).
+func preparingTarget(phase string) bool {
+	switch kubevirtv1.VirtualMachineInstanceMigrationPhase(phase) {
+	case kubevirtv1.MigrationRunning, kubevirtv1.MigrationSucceeded, kubevirtv1.MigrationFailed:
+		return false
+	}
+	return true
 }
 
 // reconcileOne acts on one attachment under its lock, from a fresh read of
@@ -263,100 +290,123 @@ func (d *Daemon) reconcileOne(tr kubevirt.MigrationTracker, key string) {
 	if err != nil || len(rec.Result) == 0 {
 		return
 	}
-	m, ok := d.migrantOf(key, rec)
+	att, err := d.load(rec)
+	if err != nil {
+		return
+	}
+	m, ok := att.(mode.Migrant)
 	if !ok {
 		return
 	}
-	log := d.log.With("key", key, "pod", rec.Pod.Namespace+"/"+rec.Pod.Name, "vm", rec.VMName)
+	sg, guards := att.(mode.SourceGuard)
+	f := migrationFacts{held: m.Held(), silenced: m.Silenced(), target: rec.Migration != nil, guards: guards}
 	switch {
-	case m.held && rec.Migration != nil:
-		out := tr.TargetOutcome(rec.Pod.Namespace, rec.VMName, rec.Migration.Job, rec.Pod.Name)
-		switch out {
-		case kubevirt.MigrationRunning:
-			m.running()
-		case kubevirt.MigrationSucceeded:
-			d.unwatch(key)
-			start := time.Now()
-			if err := m.release(); err != nil {
-				log.Error("migration target: release hold", "err", err)
-				if m.heldNow() {
-					return
-				}
-			}
-			rec.Migration.Phase = out.String()
-			if err := d.putRecord(rec, m.spec, rec.Result); err != nil {
-				log.Error("migration target: record release", "err", err)
-			}
-			d.Metrics().MigrationSwitched()
-			log.Info("migration target took over: hold released, addresses announced", "job", rec.Migration.Job, "took", time.Since(start))
-		case kubevirt.MigrationFailed:
-			d.unwatch(key)
-			if rec.Migration.Phase == out.String() {
-				return
-			}
-			rec.Migration.Phase = out.String()
-			if err := d.putRecord(rec, m.spec, rec.Result); err != nil {
-				log.Error("migration target: record failure", "err", err)
-			}
-			d.Metrics().MigrationFailed()
-			log.Warn("migration failed or aborted: target stays held, source untouched", "job", rec.Migration.Job)
+	case f.held && f.target:
+		f.recorded = rec.Migration.Phase
+		f.outcome = tr.TargetOutcome(rec.Pod.Namespace, rec.VMName, rec.Migration.Job, rec.Pod.Name)
+	case !f.held && !f.silenced:
+		f.migratedAway = tr.MigratedAway(rec.Pod.Namespace, rec.VMName, rec.Pod.Name)
+		var job string
+		job, f.phase, f.inFlight = tr.InFlight(rec.Pod.Namespace, rec.VMName)
+		if guards && f.inFlight {
+			f.reasserted = d.wasReasserted(key, job+"/"+f.phase)
 		}
-	case !m.held && !m.silenced:
-		if tr.MigratedAway(rec.Pod.Namespace, rec.VMName, rec.Pod.Name) {
-			if err := m.silence(); err != nil {
-				log.Error("migration source: silence", "err", err)
-				return
-			}
-			if err := d.putRecord(rec, m.spec, rec.Result); err != nil {
-				log.Error("migration source: record silence", "err", err)
-			}
-			d.forgetReasserted(key)
-			d.unwatch(key)
-			log.Info("migration source handed over: silenced until its DEL")
-			return
-		}
-		job, phase, inFlight := tr.InFlight(rec.Pod.Namespace, rec.VMName)
-		if m.watchClaims != nil {
-			// Claims come from the target's underlay plugin while KubeVirt
-			// prepares the target; once the VM's memory moves the target
-			// is held, and the next claim from it is its switchover, which
-			// the source must not contest.
-			if inFlight && preparingTarget(phase) {
-				m.watchClaims()
-			} else {
-				d.unwatch(key)
-			}
-		}
-		// The target's underlay plugin runs DAD for the IPv6 address the
-		// source holds while it sets the target up: the source does not
-		// hear those probes while its VM migrates.
-		if m.guardDAD != nil {
-			changed, err := m.guardDAD(inFlight)
-			if err != nil {
-				log.Error("migration source: DAD guard", "on", inFlight, "err", err)
-			} else if changed {
-				if err := d.putRecord(rec, m.spec, rec.Result); err != nil {
-					log.Error("migration source: record DAD guard", "err", err)
-				}
-				log.Info("migration source: DAD guard", "on", inFlight, "job", job)
-			}
-		}
-		if m.reassert == nil {
-			return
-		}
-		// The underlay plugin of a migration target announces the shared
-		// address when it sets up the target's interface (macvlan sets
-		// arp_notify), before vmnic, chained after it, can hold it. The
-		// source reasserts the address at every phase of the migration
-		// (and again past the neighbour locktime) so the underlay keeps
-		// reaching the VM where it runs.
-		if !inFlight || d.reasserted(key, job+"/"+phase) {
-			return
-		}
-		if err := m.reassert(); err != nil {
-			log.Warn("migration source: reassert addresses", "err", err)
-			return
-		}
-		log.Info("migration source: addresses reasserted", "job", job, "phase", phase)
 	}
+	p := planMigration(f)
+	log := d.log.With("key", key, "pod", rec.Pod.Namespace+"/"+rec.Pod.Name, "vm", rec.VMName)
+	save := func(what string) {
+		if err := d.putRecord(rec, att, rec.Result); err != nil {
+			log.Error("migration: record "+what, "err", err)
+		}
+	}
+	switch {
+	case p.watchGuest:
+		if tw, ok := att.(mode.TargetWatcher); ok {
+			d.watchTarget(key, tw)
+		}
+	case p.release:
+		d.unwatch(key)
+		start := time.Now()
+		if err := m.Release(); err != nil {
+			log.Error("migration target: release hold", "err", err)
+			if m.Held() {
+				return
+			}
+		}
+		rec.Migration.Phase = p.phase
+		save("release")
+		d.Metrics().MigrationSwitched()
+		log.Info("migration target took over: hold released, addresses announced", "job", rec.Migration.Job, "took", time.Since(start))
+	case p.failed:
+		d.unwatch(key)
+		rec.Migration.Phase = p.phase
+		save("failure")
+		d.Metrics().MigrationFailed()
+		log.Warn("migration failed or aborted: target stays held, source untouched", "job", rec.Migration.Job)
+	case p.silence:
+		if err := m.Silence(); err != nil {
+			log.Error("migration source: silence", "err", err)
+			return
+		}
+		save("silence")
+		d.forgetReasserted(key)
+		d.unwatch(key)
+		log.Info("migration source handed over: silenced until its DEL")
+	case p.guard:
+		d.guardSource(key, sg, p, log, save)
+	}
+}
+
+// guardSource applies a source's part while its VM migrates.
+func (d *Daemon) guardSource(key string, sg mode.SourceGuard, p migrationPlan, log logger, save func(string)) {
+	changed, err := sg.GuardDAD(p.dadGuard)
+	switch {
+	case err != nil:
+		log.Error("migration source: DAD guard", "on", p.dadGuard, "err", err)
+	case changed:
+		save("DAD guard")
+		log.Info("migration source: DAD guard", "on", p.dadGuard)
+	}
+	if p.claims {
+		d.watchClaims(key, sg)
+	} else {
+		d.unwatch(key)
+	}
+	if !p.reassert {
+		return
+	}
+	if err := sg.Reassert(false); err != nil {
+		log.Warn("migration source: reassert addresses", "err", err)
+		d.forgetReasserted(key) // try again
+		return
+	}
+	log.Info("migration source: addresses reasserted")
+}
+
+// logger is what guardSource logs with.
+type logger interface {
+	Info(msg string, args ...any)
+	Warn(msg string, args ...any)
+	Error(msg string, args ...any)
+}
+
+// wasReasserted reports whether the source key already reasserted its
+// addresses for this migration phase, and records that it has now.
+func (d *Daemon) wasReasserted(key, phase string) bool {
+	d.reassertMu.Lock()
+	defer d.reassertMu.Unlock()
+	if d.reassert == nil {
+		d.reassert = map[string]string{}
+	}
+	if d.reassert[key] == phase {
+		return true
+	}
+	d.reassert[key] = phase
+	return false
+}
+
+func (d *Daemon) forgetReasserted(key string) {
+	d.reassertMu.Lock()
+	defer d.reassertMu.Unlock()
+	delete(d.reassert, key)
 }

@@ -10,7 +10,7 @@ import (
 
 	"github.com/containernetworking/cni/pkg/types"
 
-	"github.com/vmnic/vmnic/pkg/ctl/api"
+	"github.com/vmnic/vmnic/pkg/api"
 	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/pkg/proto"
 )
@@ -45,7 +45,7 @@ type requestInfo struct {
 	pod         eventPod
 }
 
-func infoOf(req *proto.Request, conf *netconf.Conf) requestInfo {
+func infoOf(req *proto.Request, conf *netconf.Conf, modes []string) requestInfo {
 	in := requestInfo{verb: req.Command, ifName: req.IfName, containerID: req.ContainerID, mode: "unknown"}
 	c := struct {
 		Name string `json:"name"`
@@ -57,7 +57,7 @@ func infoOf(req *proto.Request, conf *netconf.Conf) requestInfo {
 		c.Name, c.Mode = "", ""
 	}
 	in.network = c.Name
-	if slices.Contains(metricModes, c.Mode) {
+	if slices.Contains(modes, c.Mode) {
 		in.mode = c.Mode
 	}
 	if p, err := netconf.ParseArgs(req.Args); err == nil {
@@ -75,7 +75,7 @@ func (d *Daemon) observe(req *proto.Request, conf *netconf.Conf, err error, elap
 	if m == nil && (ev == nil || err == nil) {
 		return
 	}
-	in := infoOf(req, conf)
+	in := infoOf(req, conf, d.modeNames)
 	m.request(in.verb, in.mode, err, elapsed)
 	if m != nil && (req.Command == "ADD" || req.Command == "DEL") {
 		// Catch the counters of a server about to go, or just started.
@@ -93,7 +93,7 @@ const introspectPrefix = "VMNIC_"
 
 func isIntrospect(cmd string) bool { return strings.HasPrefix(cmd, introspectPrefix) }
 
-// introspect answers vmnicctl's requests (pkg/ctl/api).
+// introspect answers vmnicctl's requests (pkg/api).
 func (d *Daemon) introspect(_ context.Context, req *proto.Request) (json.RawMessage, error) {
 	var v any
 	switch req.Command {

@@ -9,7 +9,6 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
-	"math"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
@@ -20,13 +19,16 @@ import (
 	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/vmnic/vmnic/pkg/api"
 	"github.com/vmnic/vmnic/pkg/apis/v1alpha1"
-	"github.com/vmnic/vmnic/pkg/ctl/api"
 	"github.com/vmnic/vmnic/pkg/proto"
 	"github.com/vmnic/vmnic/pkg/spool"
 	"github.com/vmnic/vmnic/pkg/state"
+	"github.com/vmnic/vmnic/pkg/version"
 )
 
 var update = flag.Bool("update", false, "rewrite golden files")
@@ -114,8 +116,8 @@ func TestMetricsGolden(t *testing.T) {
 	var b bytes.Buffer
 	d.WriteMetrics(&b)
 	validateExposition(t, b.String())
-	got := regexp.MustCompile(`(?m)^process_start_time_seconds \d+$`).ReplaceAllString(b.String(), "process_start_time_seconds START")
-	got = strings.Replace(got, `vmnic_build_info{version="`+escapeLabel(Version)+`"}`, `vmnic_build_info{version="VERSION"}`, 1)
+	got := regexp.MustCompile(`(?m)^process_start_time_seconds \S+$`).ReplaceAllString(b.String(), "process_start_time_seconds START")
+	got = regexp.MustCompile(`(?m)^vmnic_build_info\{version="(?:[^"\\]|\\.)*"\} 1$`).ReplaceAllString(got, `vmnic_build_info{version="VERSION"} 1`)
 	golden := filepath.Join("testdata", "metrics.golden")
 	if *update {
 		if err := os.WriteFile(golden, []byte(got), 0o644); err != nil {
@@ -165,21 +167,29 @@ func TestMetricsFromRequests(t *testing.T) {
 	d.WriteMetrics(&b)
 	out := b.String()
 	validateExposition(t, out)
-	for _, want := range []string{
-		`vmnic_cni_requests_total{verb="STATUS",mode="masquerade",result="ok"} 2`,
-		`vmnic_cni_requests_total{verb="ADD",mode="masquerade",result="error"} 1`,
-		`vmnic_cni_requests_total{verb="DEL",mode="masquerade",result="ok"} 1`,
-		`vmnic_cni_requests_total{verb="ADD",mode="bridge",result="error"} 1`,
-		`vmnic_cni_requests_total{verb="ADD",mode="unknown",result="error"} 1`,
-		`vmnic_cni_request_errors_total{verb="ADD",mode="masquerade",code="7"} 1`,
-		`vmnic_cni_request_errors_total{verb="ADD",mode="bridge",code="7"} 1`,
-		`vmnic_cni_request_errors_total{verb="ADD",mode="unknown",code="6"} 1`,
-		`vmnic_cni_request_duration_seconds_count{verb="STATUS",mode="masquerade",result="ok"} 2`,
-		`vmnic_ready 1`,
-	} {
-		if !strings.Contains(out, want+"\n") {
-			t.Errorf("metrics lack %q:\n%s", want, out)
-		}
+	// client_golang writes labels sorted by name; testutil compares text.
+	want := `
+# HELP vmnic_cni_requests_total CNI requests served by vmnicd, by verb, mode and result (ok or error).
+# TYPE vmnic_cni_requests_total counter
+vmnic_cni_requests_total{mode="bridge",result="error",verb="ADD"} 1
+vmnic_cni_requests_total{mode="masquerade",result="error",verb="ADD"} 1
+vmnic_cni_requests_total{mode="masquerade",result="ok",verb="DEL"} 1
+vmnic_cni_requests_total{mode="masquerade",result="ok",verb="STATUS"} 2
+vmnic_cni_requests_total{mode="unknown",result="error",verb="ADD"} 1
+# HELP vmnic_cni_request_errors_total Failed CNI requests by verb, mode and CNI error code.
+# TYPE vmnic_cni_request_errors_total counter
+vmnic_cni_request_errors_total{code="6",mode="unknown",verb="ADD"} 1
+vmnic_cni_request_errors_total{code="7",mode="bridge",verb="ADD"} 1
+vmnic_cni_request_errors_total{code="7",mode="masquerade",verb="ADD"} 1
+# HELP vmnic_ready 1 when vmnicd serves CNI requests, 0 while it starts or stops (requests then get CNI code 11).
+# TYPE vmnic_ready gauge
+vmnic_ready 1
+`
+	if err := testutil.GatherAndCompare(d.gatherer(), strings.NewReader(want), "vmnic_cni_requests_total", "vmnic_cni_request_errors_total", "vmnic_ready"); err != nil {
+		t.Error(err)
+	}
+	if n := testutil.CollectAndCount(m.durations); n != 5 {
+		t.Errorf("%d request duration series, want one per requests_total series (5)", n)
 	}
 	if strings.Contains(out, "VMNIC_") {
 		t.Errorf("introspection requests counted:\n%s", out)
@@ -265,19 +275,142 @@ func validateExposition(t *testing.T, text string) {
 	}
 }
 
-func TestExpositionEscaping(t *testing.T) {
-	var b bytes.Buffer
-	e := &expo{w: &b}
-	e.family("x_total", "counter", "a \\ help\nline")
-	e.sample("x_total", labels{{"v", "a\"b\\c\nd"}}, 1.5)
-	e.sample("x_total", labels{{"v", "big"}}, 1e20)
-	e.sample("x_total", labels{{"v", "inf"}}, math.Inf(1))
-	want := "# HELP x_total a \\\\ help\\nline\n# TYPE x_total counter\n" +
-		"x_total{v=\"a\\\"b\\\\c\\nd\"} 1.5\nx_total{v=\"big\"} 1e+20\nx_total{v=\"inf\"} +Inf\n"
-	if b.String() != want {
-		t.Errorf("got:\n%s\nwant:\n%s", b.String(), want)
+// TestMetricsCounters: each counting method moves its own series, in the
+// Metrics' own registry (never the process-wide default one), and the
+// families kept under the lock appear with their first value.
+func TestMetricsCounters(t *testing.T) {
+	m := NewMetrics()
+	if err := testutil.GatherAndCompare(m.reg, strings.NewReader(""), "vmnic_kube_events_total", "vmnic_capability_ready"); err != nil {
+		t.Errorf("before any event or report: %v", err)
 	}
+	m.MigrationHeld()
+	m.MigrationHeld()
+	m.MigrationSwitched()
+	m.MigrationFailed()
+	m.GCRemoved(GCOVSPort)
+	m.event("dropped")
+	m.event("dropped")
+	m.event("failed")
+	m.SetCapabilities(v1alpha1.NodeNetworkCapabilityStatus{Conditions: []metav1.Condition{
+		{Type: v1alpha1.ConditionMasqueradeReady, Status: metav1.ConditionTrue},
+	}})
+	for name, tc := range map[string]struct {
+		c    prometheus.Collector
+		want float64
+	}{
+		"holds":         {m.holds, 2},
+		"switchovers":   {m.switches, 1},
+		"failures":      {m.failures, 1},
+		"gc ovs_port":   {m.gcRemoved.WithLabelValues(GCOVSPort), 1},
+		"gc attachment": {m.gcRemoved.WithLabelValues(GCAttachment), 0},
+	} {
+		if got := testutil.ToFloat64(tc.c); got != tc.want {
+			t.Errorf("%s = %v, want %v", name, got, tc.want)
+		}
+	}
+	want := `
+# HELP vmnic_kube_events_total Kubernetes Events about wiring failures, by result (recorded, dropped, failed).
+# TYPE vmnic_kube_events_total counter
+vmnic_kube_events_total{result="dropped"} 2
+vmnic_kube_events_total{result="failed"} 1
+# HELP vmnic_capability_ready 1 when the node's last capability probe found everything a mode needs (NodeNetworkCapability conditions).
+# TYPE vmnic_capability_ready gauge
+vmnic_capability_ready{mode="masquerade"} 1
+`
+	if err := testutil.GatherAndCompare(m.reg, strings.NewReader(want), "vmnic_kube_events_total", "vmnic_capability_ready"); err != nil {
+		t.Error(err)
+	}
+	if n, err := testutil.GatherAndCount(prometheus.DefaultGatherer, "vmnic_migration_holds_total", "vmnic_kube_events_total"); err != nil || n != 0 {
+		t.Errorf("default registry holds %d vmnic series (%v), want none", n, err)
+	}
+	// A new report replaces the last one as a whole.
+	m.SetCapabilities(v1alpha1.NodeNetworkCapabilityStatus{Conditions: []metav1.Condition{
+		{Type: v1alpha1.ConditionBridgeOVSReady, Status: metav1.ConditionFalse},
+	}})
+	if err := testutil.CollectAndCompare(metricsCollector{m}, strings.NewReader(`
+# HELP vmnic_capability_ready 1 when the node's last capability probe found everything a mode needs (NodeNetworkCapability conditions).
+# TYPE vmnic_capability_ready gauge
+vmnic_capability_ready{mode="bridge-ovs"} 0
+`), "vmnic_capability_ready"); err != nil {
+		t.Error(err)
+	}
+}
+
+// TestMetricsLint runs client_golang's linter (promlint: naming, units,
+// help) over everything a scrape serves.
+func TestMetricsLint(t *testing.T) {
+	m := NewMetrics()
+	d := newTestDaemon(t, ObserveOptions{Metrics: m})
+	m.request("ADD", "masquerade", nil, time.Millisecond)
+	m.request("ADD", "bridge", errors.New("boom"), time.Millisecond)
+	m.event("recorded")
+	m.SetCapabilities(v1alpha1.NodeNetworkCapabilityStatus{Conditions: []metav1.Condition{
+		{Type: v1alpha1.ConditionMasqueradeReady, Status: metav1.ConditionTrue},
+	}})
+	problems, err := testutil.GatherAndLint(d.gatherer())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range problems {
+		t.Errorf("%s: %s", p.Metric, p.Text)
+	}
+}
+
+// TestMetricsWithoutCounters: a daemon without Metrics still serves the
+// gauges it reads from its state, and none of the counters.
+func TestMetricsWithoutCounters(t *testing.T) {
+	d := newTestDaemon(t, ObserveOptions{})
+	putTestRecords(t, d)
+	if err := testutil.CollectAndCompare(nodeCollector{d}, strings.NewReader(`
+# HELP vmnic_attachments VM NICs (attachments) wired on this node, by mode.
+# TYPE vmnic_attachments gauge
+vmnic_attachments{mode="bridge"} 1
+vmnic_attachments{mode="masquerade"} 1
+vmnic_attachments{mode="passt"} 1
+# HELP vmnic_ready 1 when vmnicd serves CNI requests, 0 while it starts or stops (requests then get CNI code 11).
+# TYPE vmnic_ready gauge
+vmnic_ready 0
+# HELP vmnic_dhcp_naks_total DHCPv4 NAKs sent to guests asking for an address that is not theirs.
+# TYPE vmnic_dhcp_naks_total counter
+vmnic_dhcp_naks_total 0
+`), "vmnic_attachments", "vmnic_ready", "vmnic_dhcp_naks_total"); err != nil {
+		t.Error(err)
+	}
+	if n, err := testutil.GatherAndCount(d.gatherer(), "vmnic_cni_requests_total", "vmnic_gc_removed_total", "vmnic_migration_holds_total"); err != nil || n != 0 {
+		t.Errorf("counters served without Metrics: %d series (%v)", n, err)
+	}
+	var b bytes.Buffer
+	d.WriteMetrics(&b)
 	validateExposition(t, b.String())
+}
+
+// TestDHCPTotalsServed: the DHCP counters a scrape serves are lifetime
+// totals; a server that stops (DEL) leaves its counts behind.
+func TestDHCPTotalsServed(t *testing.T) {
+	m := NewMetrics()
+	d := newTestDaemon(t, ObserveOptions{Metrics: m})
+	srv := new(int)
+	m.takeDHCP(map[string]dhcpSeen{"a": {srv, dhcpCounts{v4Acks: 3, v4Naks: 1, v6Replies: 2, ras: 5}}})
+	want := `
+# HELP vmnic_dhcp_leases_total Leases handed to guests: DHCPv4 ACKs and DHCPv6 Replies.
+# TYPE vmnic_dhcp_leases_total counter
+vmnic_dhcp_leases_total{family="v4"} 3
+vmnic_dhcp_leases_total{family="v6"} 2
+# HELP vmnic_dhcp_naks_total DHCPv4 NAKs sent to guests asking for an address that is not theirs.
+# TYPE vmnic_dhcp_naks_total counter
+vmnic_dhcp_naks_total 1
+# HELP vmnic_router_advertisements_total IPv6 Router Advertisements sent to guests.
+# TYPE vmnic_router_advertisements_total counter
+vmnic_router_advertisements_total 5
+`
+	// No server runs in this daemon: the scrape retires "a" and keeps its
+	// counts, and the next scrape serves the same totals.
+	for i := range 2 {
+		if err := testutil.CollectAndCompare(nodeCollector{d}, strings.NewReader(want),
+			"vmnic_dhcp_leases_total", "vmnic_dhcp_naks_total", "vmnic_router_advertisements_total"); err != nil {
+			t.Errorf("scrape %d: %v", i, err)
+		}
+	}
 }
 
 func TestTakeDHCP(t *testing.T) {
@@ -330,7 +463,7 @@ func TestIntrospection(t *testing.T) {
 	if err := json.Unmarshal(r.Result, &st); err != nil {
 		t.Fatal(err)
 	}
-	if !st.Ready || st.Version != Version || st.Node != "node-a" || st.Source != "cluster" || st.TotalAttachments() != 3 ||
+	if !st.Ready || st.Version != version.Version || st.Node != "node-a" || st.Source != "cluster" || st.TotalAttachments() != 3 ||
 		st.Attachments["masquerade"] != 1 || st.Attachments["bridge"] != 1 || st.Attachments["passt"] != 1 || st.Incomplete != 1 || st.MetricsAddr != "127.0.0.1:9961" ||
 		st.Requests["ADD"]["ok"] != 1 || st.Started.IsZero() {
 		t.Errorf("status = %+v", st)
@@ -394,7 +527,7 @@ func TestHTTPEndpoints(t *testing.T) {
 		t.Errorf("/healthz = %d", code)
 	}
 	code, ct, body := get("/metrics")
-	if code != 200 || ct != "text/plain; version=0.0.4; charset=utf-8" || !strings.Contains(body, "vmnic_ready 1\n") {
+	if code != 200 || !strings.HasPrefix(ct, "text/plain; version=0.0.4; charset=utf-8") || !strings.Contains(body, "vmnic_ready 1\n") {
 		t.Errorf("/metrics = %d %q:\n%s", code, ct, body)
 	}
 	if code, _, _ := get("/other"); code != 404 {

@@ -18,8 +18,8 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/discovery"
 
-	"github.com/vmnic/vmnic/daemon/capabilities"
 	"github.com/vmnic/vmnic/pkg/apis/v1alpha1"
+	"github.com/vmnic/vmnic/pkg/capabilities"
 )
 
 // modeConditions are the conditions of a NodeNetworkCapability, in table

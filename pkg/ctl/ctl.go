@@ -19,7 +19,7 @@ import (
 	"time"
 
 	"github.com/vmnic/vmnic/pkg/netconf"
-	"github.com/vmnic/vmnic/pkg/shim"
+	"github.com/vmnic/vmnic/pkg/version"
 )
 
 // Exit codes.
@@ -35,8 +35,8 @@ const (
 	ExitStarting = 3
 )
 
-// Version is vmnicctl's version: the release stamped into the shim.
-func Version() string { return shim.Version }
+// Version is vmnicctl's version: the release of this build.
+func Version() string { return version.Version }
 
 // pluginName is the binary's name as a kubectl plugin.
 const pluginName = "kubectl-vmnic"

@@ -27,6 +27,25 @@ const (
 	ModeBridge     = "bridge"
 )
 
+// modeKinds says of each mode whether it is chained after another plugin
+// (true) or a network's main plugin: what the shim must know without the
+// daemon. A new mode is one line here and one in the daemon's registry.
+var modeKinds = map[string]bool{
+	ModeMasquerade: true,
+	ModePasst:      true,
+	ModeBridge:     false,
+}
+
+// modeList is the known modes, for messages.
+func modeList() string {
+	names := make([]string, 0, len(modeKinds))
+	for m := range modeKinds {
+		names = append(names, m)
+	}
+	slices.Sort(names)
+	return strings.Join(names, ", ")
+}
+
 // Defaults for the shim's knobs.
 const (
 	DefaultSocket       = "/run/vmnic/vmnic.sock"
@@ -207,7 +226,7 @@ func Parse(data []byte) (*Conf, *types.Error) {
 
 // Chained reports whether the mode follows another plugin in the conflist
 // (masquerade, passt) rather than being the network's main plugin (bridge).
-func (c *Conf) Chained() bool { return c.Mode != ModeBridge }
+func (c *Conf) Chained() bool { return modeKinds[c.Mode] }
 
 // RequirePrevResult fails with code 7 when a chained mode has no prevResult.
 func (c *Conf) RequirePrevResult() *types.Error {
@@ -234,12 +253,11 @@ func (c *Conf) validate() *types.Error {
 	if c.Name == "" {
 		return Invalid("name", "required")
 	}
-	switch c.Mode {
-	case ModeMasquerade, ModeBridge, ModePasst:
-	case "":
-		return Invalid("mode", "required (one of %s, %s, %s)", ModeMasquerade, ModePasst, ModeBridge)
-	default:
-		return Invalid("mode", "unknown value %q (want %s, %s or %s)", c.Mode, ModeMasquerade, ModePasst, ModeBridge)
+	if _, ok := modeKinds[c.Mode]; !ok {
+		if c.Mode == "" {
+			return Invalid("mode", "required (one of %s)", modeList())
+		}
+		return Invalid("mode", "unknown value %q (want one of %s)", c.Mode, modeList())
 	}
 	if !strings.HasPrefix(c.Socket, "/") {
 		return Invalid("socket", "%q is not an absolute path", c.Socket)
@@ -257,7 +275,7 @@ func (c *Conf) validate() *types.Error {
 		}
 		c.ReadyTimeout = d
 	}
-	if c.Mode == ModeBridge {
+	if !c.Chained() {
 		if err := c.validateBridge(); err != nil {
 			return err
 		}

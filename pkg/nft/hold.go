@@ -78,3 +78,10 @@ func Held(netnsPath, dev string) (bool, error) {
 func holdPresent(c *nftables.Conn, dev string) (bool, error) {
 	return tablePresent(c, nftables.TableFamilyNetdev, HoldPrefix+dev)
 }
+
+// RenderHold returns dev's hold table as nft syntax.
+func RenderHold(dev string) string {
+	t, ch := holdTable(dev)
+	return fmt.Sprintf("table netdev %s {\n\tchain %s {\n\t\ttype filter hook egress device %q priority %d; policy drop;\n\t}\n}\n",
+		t.Name, ch.Name, dev, *ch.Priority)
+}

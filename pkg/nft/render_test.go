@@ -66,6 +66,33 @@ func TestRenderGolden(t *testing.T) {
 	}
 }
 
+// TestRenderTablesGolden: bridge mode's guard (open and held), passt's
+// hold and the migration source's DAD guard, against testdata goldens.
+func TestRenderTablesGolden(t *testing.T) {
+	for _, tc := range []struct{ name, got string }{
+		{"guard_net1", RenderGuard(Guard{Name: "net1", PodIf: "net1-nic", Tap: "tap1"})},
+		{"guard_net1_held", RenderGuard(Guard{Name: "net1", PodIf: "net1-nic", Tap: "tap1", Held: true})},
+		{"hold_eth0", RenderHold("eth0")},
+		{"dad_eth0", RenderDADGuard("eth0")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join("testdata", tc.name+".golden")
+			if *update {
+				if err := os.WriteFile(path, []byte(tc.got), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatalf("%v (run with -update to create)", err)
+			}
+			if tc.got != string(want) {
+				t.Errorf("%s differs from %s (run with -update to accept):\n--- got\n%s--- want\n%s", tc.name, path, tc.got, want)
+			}
+		})
+	}
+}
+
 func TestRenderDeterministic(t *testing.T) {
 	a := Masquerade{
 		PodIf: "eth0", Bridge: "k6t-eth0", V4: v4, V6: v6,

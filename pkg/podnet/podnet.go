@@ -23,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/vmnic/vmnic/pkg/kubevirt"
+	"github.com/vmnic/vmnic/pkg/state"
 )
 
 // AliasPrefix starts the owner mark vmnic writes into IFLA_IFALIAS of every
@@ -31,7 +32,7 @@ const AliasPrefix = "vmnic:"
 
 // Alias is the owner mark of an attachment's links.
 func Alias(containerID, ifName string) string {
-	a := AliasPrefix + containerID + "/" + ifName
+	a := AliasPrefix + state.Key(containerID, ifName)
 	if len(a) > 255 {
 		a = a[:255]
 	}

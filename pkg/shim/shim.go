@@ -17,10 +17,8 @@ import (
 	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/pkg/proto"
 	"github.com/vmnic/vmnic/pkg/spool"
+	release "github.com/vmnic/vmnic/pkg/version"
 )
-
-// Version is set at build time.
-var Version = "dev"
 
 // Supported lists the CNI spec versions the shim speaks. Chaining (prevResult)
 // starts at 0.3.0.
@@ -34,7 +32,7 @@ func Main() {
 		Check:  cmdCheck,
 		Status: cmdStatus,
 		GC:     cmdGC,
-	}, Supported, "vmnic "+Version+": KubeVirt VM NICs (masquerade, passt, bridge)")
+	}, Supported, "vmnic "+release.Version+": KubeVirt VM NICs (masquerade, passt, bridge)")
 }
 
 func request(cmd string, args *skel.CmdArgs) *proto.Request {

@@ -52,8 +52,10 @@ type Migration struct {
 	Phase string `json:"phase,omitempty"`
 }
 
-// Key names an attachment.
-func Key(containerID, ifName string) string { return containerID + "_" + ifName }
+// Key names an attachment: "<container ID>/<ifname>", the one format of
+// the records' index, the owner marks on links (after "vmnic:"), the OVS
+// ports' external_ids, the DHCP servers, logs and events.
+func Key(containerID, ifName string) string { return containerID + "/" + ifName }
 
 // Store is a directory of records.
 type Store struct{ dir string }
@@ -69,13 +71,17 @@ func Open(dir string) (*Store, error) {
 // Dir is the store's directory.
 func (s *Store) Dir() string { return s.dir }
 
-// path maps a key to its file; a key that could leave the directory maps to
-// a name that cannot exist, so it reads as "not found" and writes fail.
-func (s *Store) path(key string) string {
-	if key == "" || strings.ContainsAny(key, "/\x00") || strings.HasPrefix(key, ".") {
+// Path maps a key to its file, "<container ID>_<ifname>.json" (the name
+// every vmnic release gave it). A key that is not a container ID and an
+// interface name, or could leave the directory, maps to a name that cannot
+// exist, so it reads as "not found" and writes fail.
+func (s *Store) Path(key string) string {
+	cid, ifName, ok := strings.Cut(key, "/")
+	if !ok || cid == "" || ifName == "" || strings.ContainsAny(ifName, "/\x00") ||
+		strings.ContainsRune(cid, 0) || strings.HasPrefix(cid, ".") {
 		return filepath.Join(s.dir, ".invalid-key", "x")
 	}
-	return filepath.Join(s.dir, key+".json")
+	return filepath.Join(s.dir, cid+"_"+ifName+".json")
 }
 
 // Put writes r atomically.
@@ -85,7 +91,7 @@ func (s *Store) Put(r *Record) error {
 	if err != nil {
 		return fmt.Errorf("encode record %s: %w", Key(r.ContainerID, r.IfName), err)
 	}
-	return fsutil.WriteFileAtomic(s.path(Key(r.ContainerID, r.IfName)), data, 0o600)
+	return fsutil.WriteFileAtomic(s.Path(Key(r.ContainerID, r.IfName)), data, 0o600)
 }
 
 // ErrNotFound is returned by Get for a missing record.
@@ -93,23 +99,31 @@ var ErrNotFound = errors.New("attachment record not found")
 
 // Get reads the record of key.
 func (s *Store) Get(key string) (*Record, error) {
-	data, err := os.ReadFile(s.path(key))
+	r, err := read(s.Path(key))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("%s: %w", key, ErrNotFound)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("read record %s: %w", key, err)
+		return nil, fmt.Errorf("record %s: %w", key, err)
+	}
+	return r, nil
+}
+
+func read(path string) (*Record, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
 	}
 	r := &Record{}
 	if err := json.Unmarshal(data, r); err != nil {
-		return nil, fmt.Errorf("decode record %s: %w", key, err)
+		return nil, fmt.Errorf("decode %s: %w", filepath.Base(path), err)
 	}
 	return r, nil
 }
 
 // Delete removes the record of key; a missing one is fine.
 func (s *Store) Delete(key string) error {
-	if err := os.Remove(s.path(key)); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if err := os.Remove(s.Path(key)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("remove record %s: %w", key, err)
 	}
 	return nil
@@ -129,7 +143,7 @@ func (s *Store) List() ([]*Record, []string, error) {
 		if de.IsDir() || strings.HasPrefix(n, ".") || !strings.HasSuffix(n, ".json") {
 			continue
 		}
-		r, err := s.Get(strings.TrimSuffix(n, ".json"))
+		r, err := read(filepath.Join(s.dir, n))
 		if err != nil {
 			bad = append(bad, filepath.Join(s.dir, n))
 			continue

@@ -71,3 +71,25 @@ func TestStoreRefusesEscapingKeys(t *testing.T) {
 		t.Errorf("file outside the store touched: %v", err)
 	}
 }
+
+// TestKeyAndPath: one key format, "<container ID>/<ifname>", and the file
+// name every release gave a record, so an upgraded vmnicd reads the
+// records the last one wrote; keys that are not an attachment's stay in
+// the directory.
+func TestKeyAndPath(t *testing.T) {
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k := Key("c1", "net1"); k != "c1/net1" {
+		t.Errorf("Key = %q", k)
+	}
+	if p := s.Path(Key("c1", "net1")); p != filepath.Join(s.Dir(), "c1_net1.json") {
+		t.Errorf("Path = %q", p)
+	}
+	for _, bad := range []string{"", "c1", "/net1", "c1/", "c1/a/b", "../x/eth0", ".hidden/eth0"} {
+		if p := s.Path(bad); filepath.Dir(p) == s.Dir() {
+			t.Errorf("Path(%q) = %q, inside the directory", bad, p)
+		}
+	}
+}

@@ -51,10 +51,12 @@ import (
 	"github.com/vmnic/vmnic/pkg/failpoint"
 	ipamexec "github.com/vmnic/vmnic/pkg/ipam"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
+	"github.com/vmnic/vmnic/pkg/mode"
 	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/pkg/nft"
 	"github.com/vmnic/vmnic/pkg/ovsdb"
 	"github.com/vmnic/vmnic/pkg/podnet"
+	"github.com/vmnic/vmnic/pkg/state"
 )
 
 // External IDs vmnic writes on its OVS ports and interfaces.
@@ -139,7 +141,7 @@ type Input struct {
 // HostIfName is the node end of the veth (and the OVS port's name): vmn and
 // 11 hex digits of a hash of the attachment.
 func HostIfName(containerID, ifName string) string {
-	sum := sha256.Sum256([]byte(containerID + "/" + ifName))
+	sum := sha256.Sum256([]byte(state.Key(containerID, ifName)))
 	return "vmn" + hex.EncodeToString(sum[:])[:11]
 }
 
@@ -204,11 +206,7 @@ func portMAC(guest net.HardwareAddr) net.HardwareAddr {
 type OVS func(ctx context.Context, endpoint string) (*ovsdb.Client, error)
 
 // Servers runs the DHCP servers of attachments, keyed by attachment.
-type Servers interface {
-	Start(ctx context.Context, key string, cfg dhcp.Config) error
-	Stop(key string)
-	Running(key string) bool
-}
+type Servers = mode.Servers
 
 // Plugin wires bridge-mode ports.
 type Plugin struct {
@@ -233,7 +231,7 @@ func (p *Plugin) log() *slog.Logger {
 func (s *Spec) ExternalIDs() map[string]string {
 	m := map[string]string{
 		OwnerKey:      OwnerValue,
-		AttachmentKey: s.ContainerID + "/" + s.PodIf,
+		AttachmentKey: state.Key(s.ContainerID, s.PodIf),
 		NetnsKey:      s.Netns,
 		IfaceKey:      s.PodIf,
 		NetworkKey:    s.Network,
@@ -248,7 +246,7 @@ func (s *Spec) ExternalIDs() map[string]string {
 
 // owner is what DeletePort requires of a port before deleting it.
 func (s *Spec) owner() map[string]string {
-	return map[string]string{OwnerKey: OwnerValue, AttachmentKey: s.ContainerID + "/" + s.PodIf}
+	return map[string]string{OwnerKey: OwnerValue, AttachmentKey: state.Key(s.ContainerID, s.PodIf)}
 }
 
 // Add wires the port; save is called once IPAM answered so the caller can

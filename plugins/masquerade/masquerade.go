@@ -31,6 +31,7 @@ import (
 	"github.com/vmnic/vmnic/pkg/dhcp"
 	"github.com/vmnic/vmnic/pkg/failpoint"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
+	"github.com/vmnic/vmnic/pkg/mode"
 	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/pkg/nft"
 	"github.com/vmnic/vmnic/pkg/podnet"
@@ -129,11 +130,7 @@ func NewSpec(in Input) (*Spec, error) {
 }
 
 // Servers runs the DHCP servers of attachments, keyed by attachment.
-type Servers interface {
-	Start(ctx context.Context, key string, cfg dhcp.Config) error
-	Stop(key string)
-	Running(key string) bool
-}
+type Servers = mode.Servers
 
 // Plugin wires masquerade NICs.
 type Plugin struct {

@@ -41,6 +41,8 @@ var rows = []row{
 	{bench: "BenchmarkStatus", unit: "bridge-ms-median", what: "… a bridge-mode network (asks vmnicd: OVSDB, bridge, IPAM STATUS)", format: "%.1f ms"},
 	{bench: "BenchmarkMasqueradeAddDel", unit: "add-ms-median", what: "masquerade VM NIC: ADD (ptp + host-local + vmnic)", goal: "pod start p99 ≤ 5 s", peers: "OVN-Kubernetes CNI p99 1.6-6.4 s at scale", format: "%.0f ms"},
 	{bench: "BenchmarkMasqueradeAddDel", unit: "del-ms-median", what: "masquerade VM NIC: DEL", format: "%.0f ms"},
+	{bench: "BenchmarkPasstAddDel", unit: "add-ms-median", what: "passt VM interface: ADD (macvlan + host-local + vmnic)", format: "%.0f ms"},
+	{bench: "BenchmarkPasstAddDel", unit: "del-ms-median", what: "passt VM interface: DEL", format: "%.0f ms"},
 	{bench: "BenchmarkBridgeAddDel", unit: "plain-add-ms-median", what: "bridge mode, plain pod port: ADD (host-local IPAM)", format: "%.0f ms"},
 	{bench: "BenchmarkBridgeAddDel", unit: "plain-del-ms-median", what: "bridge mode, plain pod port: DEL", format: "%.0f ms"},
 	{bench: "BenchmarkBridgeAddDel", unit: "vm-add-ms-median", what: "bridge mode, VM NIC: ADD", format: "%.0f ms"},

@@ -437,7 +437,7 @@ func BuildVersion(dir, version string) (shimBin, daemonBin string, err error) {
 	if err != nil {
 		return "", "", err
 	}
-	ld := "-X github.com/vmnic/vmnic/pkg/shim.Version=" + version + " -X github.com/vmnic/vmnic/daemon.Version=" + version
+	ld := "-X github.com/vmnic/vmnic/pkg/version.Version=" + version
 	shimBin, daemonBin = filepath.Join(dir, "vmnic"), filepath.Join(dir, "vmnicd")
 	for out, pkg := range map[string]string{shimBin: "./cmd/vmnic", daemonBin: "./cmd/vmnicd"} {
 		cmd := exec.Command("go", "build", "-ldflags", ld, "-o", out, pkg)

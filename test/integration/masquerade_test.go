@@ -152,7 +152,7 @@ func assertClean(t *testing.T, p *harness.Pod, stateDir string) {
 			}
 		}
 	}
-	if _, err := os.Stat(filepath.Join(stateDir, "attachments", state.Key(p.ContainerID, p.IfName)+".json")); !errors.Is(err, os.ErrNotExist) {
+	if _, err := os.Stat(filepath.Join(stateDir, "attachments", p.ContainerID+"_"+p.IfName+".json")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("attachment record left behind (%v)", err)
 	}
 }

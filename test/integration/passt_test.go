@@ -20,8 +20,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
-	"github.com/vmnic/vmnic/daemon/capabilities"
 	"github.com/vmnic/vmnic/pkg/apis/v1alpha1"
+	"github.com/vmnic/vmnic/pkg/capabilities"
 	"github.com/vmnic/vmnic/pkg/failpoint"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/netconf"
@@ -33,7 +33,7 @@ import (
 
 // underlay gives node a macvlan master "uplink0" whose other end is in a
 // peer netns holding 10.50.0.1/24 (a host on the underlay).
-func underlay(t *testing.T, node *harness.Node) ns.NetNS {
+func underlay(t testing.TB, node *harness.Node) ns.NetNS {
 	t.Helper()
 	peer, err := testutils.NewNS()
 	if err != nil {
@@ -71,13 +71,13 @@ func underlay(t *testing.T, node *harness.Node) ns.NetNS {
 }
 
 // passtList is macvlan on uplink0 with ipam, then vmnic in passt mode.
-func passtList(t *testing.T, node *harness.Node, version string, ipam map[string]any, vm map[string]any) *libcni.NetworkConfigList {
+func passtList(t testing.TB, node *harness.Node, version string, ipam map[string]any, vm map[string]any) *libcni.NetworkConfigList {
 	return underlayList(t, node, "macvlan", version, ipam, vm)
 }
 
 // underlayList is the underlay plugin (macvlan or ipvlan) on uplink0 with
 // ipam, then vmnic in passt mode (with the extra keys, if any).
-func underlayList(t *testing.T, node *harness.Node, plugin, version string, ipam map[string]any, vm map[string]any, extra ...map[string]any) *libcni.NetworkConfigList {
+func underlayList(t testing.TB, node *harness.Node, plugin, version string, ipam map[string]any, vm map[string]any, extra ...map[string]any) *libcni.NetworkConfigList {
 	t.Helper()
 	vmnic := map[string]any{"type": "vmnic", "mode": "passt", "socket": node.Socket(), "spoolDir": node.SpoolDir()}
 	if vm != nil {

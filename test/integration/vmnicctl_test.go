@@ -29,9 +29,9 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/vmnic/vmnic/daemon"
+	"github.com/vmnic/vmnic/pkg/api"
 	"github.com/vmnic/vmnic/pkg/apis/v1alpha1"
 	"github.com/vmnic/vmnic/pkg/ctl"
-	"github.com/vmnic/vmnic/pkg/ctl/api"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/test/cluster"
 	"github.com/vmnic/vmnic/test/harness"
@@ -375,16 +375,17 @@ func TestVmnicctlMetrics(t *testing.T) {
 	}
 
 	counters := []string{"vmnic_cni_requests_total", "vmnic_cni_request_errors_total", "vmnic_gc_removed_total", "vmnic_cni_request_duration_seconds_count"}
+	// Label names as client_golang writes them: sorted.
 	sameSamples(t, "after the run", scrape(t, url, counters...), map[string]string{
-		`vmnic_cni_requests_total{verb="ADD",mode="masquerade",result="ok"}`:                    "2",
-		`vmnic_cni_requests_total{verb="ADD",mode="masquerade",result="error"}`:                 "1",
-		`vmnic_cni_requests_total{verb="DEL",mode="masquerade",result="ok"}`:                    "2",
-		`vmnic_cni_requests_total{verb="GC",mode="masquerade",result="ok"}`:                     "1",
-		`vmnic_cni_request_errors_total{verb="ADD",mode="masquerade",code="7"}`:                 "1",
-		`vmnic_cni_request_duration_seconds_count{verb="ADD",mode="masquerade",result="ok"}`:    "2",
-		`vmnic_cni_request_duration_seconds_count{verb="ADD",mode="masquerade",result="error"}`: "1",
-		`vmnic_cni_request_duration_seconds_count{verb="DEL",mode="masquerade",result="ok"}`:    "2",
-		`vmnic_cni_request_duration_seconds_count{verb="GC",mode="masquerade",result="ok"}`:     "1",
+		`vmnic_cni_requests_total{mode="masquerade",result="ok",verb="ADD"}`:                    "2",
+		`vmnic_cni_requests_total{mode="masquerade",result="error",verb="ADD"}`:                 "1",
+		`vmnic_cni_requests_total{mode="masquerade",result="ok",verb="DEL"}`:                    "2",
+		`vmnic_cni_requests_total{mode="masquerade",result="ok",verb="GC"}`:                     "1",
+		`vmnic_cni_request_errors_total{code="7",mode="masquerade",verb="ADD"}`:                 "1",
+		`vmnic_cni_request_duration_seconds_count{mode="masquerade",result="ok",verb="ADD"}`:    "2",
+		`vmnic_cni_request_duration_seconds_count{mode="masquerade",result="error",verb="ADD"}`: "1",
+		`vmnic_cni_request_duration_seconds_count{mode="masquerade",result="ok",verb="DEL"}`:    "2",
+		`vmnic_cni_request_duration_seconds_count{mode="masquerade",result="ok",verb="GC"}`:     "1",
 		`vmnic_gc_removed_total{kind="attachment"}`:                                             "1",
 		`vmnic_gc_removed_total{kind="ovs_port"}`:                                               "0",
 	})

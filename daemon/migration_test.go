@@ -1,0 +1,84 @@
+package daemon
+
+import (
+	"testing"
+
+	"github.com/vmnic/vmnic/pkg/kubevirt"
+)
+
+// TestPlanMigration: what the migration watch does for one attachment,
+// from its state and the migration tracker's answers.
+func TestPlanMigration(t *testing.T) {
+	const running, succeeded, failed = kubevirt.MigrationRunning, kubevirt.MigrationSucceeded, kubevirt.MigrationFailed
+	cases := []struct {
+		name string
+		f    migrationFacts
+		want migrationPlan
+	}{
+		{
+			"held target, migration running: watch for the guest",
+			migrationFacts{held: true, target: true, outcome: running},
+			migrationPlan{watchGuest: true},
+		},
+		{
+			"held target, migration succeeded: release",
+			migrationFacts{held: true, target: true, outcome: succeeded},
+			migrationPlan{release: true, phase: "Succeeded"},
+		},
+		{
+			"held target, migration failed: stays held, failure recorded once",
+			migrationFacts{held: true, target: true, outcome: failed},
+			migrationPlan{failed: true, phase: "Failed"},
+		},
+		{
+			"held target, failure already recorded: nothing",
+			migrationFacts{held: true, target: true, outcome: failed, recorded: "Failed"},
+			migrationPlan{},
+		},
+		{
+			"held without a migration on record (a silenced source): nothing",
+			migrationFacts{held: true, outcome: succeeded},
+			migrationPlan{},
+		},
+		{
+			"source whose VM moved away: silence",
+			migrationFacts{migratedAway: true, guards: true, inFlight: true, phase: "Running"},
+			migrationPlan{silence: true},
+		},
+		{
+			"silenced source: nothing",
+			migrationFacts{silenced: true, migratedAway: true, guards: true},
+			migrationPlan{},
+		},
+		{
+			"source without guards (bridge), migration in flight: nothing",
+			migrationFacts{inFlight: true, phase: "Scheduling"},
+			migrationPlan{},
+		},
+		{
+			"guarding source, no migration: guard off, no claims",
+			migrationFacts{guards: true},
+			migrationPlan{guard: true},
+		},
+		{
+			"guarding source while the target is prepared: DAD guard, claims, reassert",
+			migrationFacts{guards: true, inFlight: true, phase: "Scheduled"},
+			migrationPlan{guard: true, dadGuard: true, claims: true, reassert: true},
+		},
+		{
+			"guarding source, phase already reasserted",
+			migrationFacts{guards: true, inFlight: true, phase: "TargetReady", reasserted: true},
+			migrationPlan{guard: true, dadGuard: true, claims: true},
+		},
+		{
+			"guarding source once memory moves: no claims contested",
+			migrationFacts{guards: true, inFlight: true, phase: "Running"},
+			migrationPlan{guard: true, dadGuard: true, reassert: true},
+		},
+	}
+	for _, c := range cases {
+		if got := planMigration(c.f); got != c.want {
+			t.Errorf("%s:\n got %+v\nwant %+v", c.name, got, c.want)
+		}
+	}
+}
