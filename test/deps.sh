@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# test/deps.sh [demo]: "demo" installs only what make demo uses (the Debian
+# packages of its guest and namespaces) and builds no tool binary: the demo
+# builds the shim, vmnicd and two reference plugins itself.
+what=${1:-all}
 pkgs=(
   nftables        # nft, to read rulesets back in tests
   iproute2 iputils-ping
@@ -12,22 +16,33 @@ pkgs=(
   linux-image-amd64 busybox-static xz-utils # guest kernel, its modules, the guest userland
   procps cpio # cpio checks the guest initramfs writer
   isc-dhcp-client # a second real DHCP client for pkg/dhcp tests
-  openvswitch-switch # private userspace-datapath OVS instances in tests (no kernel module needed)
-  passt # the passt mode's live-migration test runs KubeVirt's user-mode network back end
 )
+if [[ $what != demo ]]; then
+  pkgs+=(
+    openvswitch-switch # private userspace-datapath OVS instances in tests (no kernel module needed)
+    passt # the passt mode's live-migration test runs KubeVirt's user-mode network back end
+  )
+fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then
   echo "deps: installing ${missing[*]}"
+  start=$(date +%s)
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  echo "deps: installed in $(($(date +%s) - start))s"
 fi
 
 if ! command -v go >/dev/null; then
   echo "deps: Go is required (go 1.26); put it on PATH" >&2
   exit 1
+fi
+
+if [[ $what == demo ]]; then
+  echo "deps: ready for the demo"
+  exit 0
 fi
 
 # Tool binaries from test/tools/go.mod (kubevirt-oracle from test/kubevirt)

@@ -53,6 +53,11 @@ func run() error {
 	defer func() { _ = os.RemoveAll(dir) }()
 
 	step("building the vmnic shim, vmnicd and the reference plugins (ptp, host-local)")
+	built := time.Now()
+	harness.ReferencePlugins = []string{
+		"github.com/containernetworking/plugins/plugins/main/ptp",
+		"github.com/containernetworking/plugins/plugins/ipam/host-local",
+	}
 	node, err := harness.NewNode(dir)
 	if err != nil {
 		return err
@@ -65,6 +70,7 @@ func run() error {
 	if err != nil {
 		return err
 	}
+	fmt.Printf("    built and started in %s\n", time.Since(built).Round(time.Second))
 	defer func() { _ = d.Stop() }()
 	fmt.Printf("    socket %s (log %s)\n", node.Socket(), d.Log)
 

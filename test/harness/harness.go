@@ -53,8 +53,10 @@ func RepoRoot() (string, error) {
 	}
 }
 
-// Reference plugins built from test/tools.
-var referencePlugins = []string{
+// ReferencePlugins are the reference plugins BinDir builds from
+// test/tools/cni; a program that needs fewer (the demo) may narrow the list
+// before its first NewNode.
+var ReferencePlugins = []string{
 	"github.com/containernetworking/plugins/plugins/main/ptp",
 	"github.com/containernetworking/plugins/plugins/main/bridge",
 	"github.com/containernetworking/plugins/plugins/main/loopback",
@@ -84,7 +86,7 @@ func BinDir() (string, error) {
 			buildErr = err
 			return
 		}
-		if err := goBuild(filepath.Join(root, "test", "tools"), dir, referencePlugins...); err != nil {
+		if err := goBuild(filepath.Join(root, "test", "tools", "cni"), dir, ReferencePlugins...); err != nil {
 			buildErr = err
 			return
 		}

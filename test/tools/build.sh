@@ -8,8 +8,11 @@
 # NAME is one of the short names below or a full package path of this module.
 # Spiderpool (spiderpool-agent, spiderpool, coordinator) builds from its own
 # module, test/tools/spiderpool: its Kubernetes 0.29 libraries cannot share
-# this module's 1.36 ones. kubevirt-oracle (KubeVirt's own code answering
-# vmnic's tests) builds from test/kubevirt, pinned to KubeVirt's 0.34.
+# this module's 1.36 ones. The CNI reference plugins and cnitool build from
+# test/tools/cni, small enough for make demo on a fresh machine.
+# kubevirt-oracle (KubeVirt's own code answering vmnic's tests) builds from
+# test/kubevirt, pinned to KubeVirt's 0.34. ovs-cni (the bridge-mode peer
+# in the benchmarks) builds from test/tools/ovscni as .tools/bin/ovs-cni.
 # A binary is rebuilt only when it is missing or its stamp file
 # (.tools/bin/.stamp/NAME) records another hash of its module's go.mod, go.sum
 # (and for test/kubevirt its sources), the Go version and the build flags, so
@@ -23,7 +26,7 @@ out=${TOOLS_BIN:-$root/.tools/bin}
 
 if (($# == 0)); then
   echo "usage: $0 NAME..." >&2
-  echo "  names: kube-apiserver etcd helm cnitool golangci-lint ptp bridge loopback host-local spiderpool-agent spiderpool coordinator kubevirt-oracle, or a package path" >&2
+  echo "  names: kube-apiserver etcd helm cnitool golangci-lint ptp bridge loopback host-local spiderpool-agent spiderpool coordinator kubevirt-oracle ovs-cni, or a package path" >&2
   exit 2
 fi
 
@@ -39,6 +42,7 @@ pkg_of() {
     host-local) echo "github.com/containernetworking/plugins/plugins/ipam/$1" ;;
     spiderpool-agent | spiderpool | coordinator) echo "github.com/spidernet-io/spiderpool/cmd/$1" ;;
     kubevirt-oracle) echo github.com/vmnic/vmnic/test/kubevirt/cmd/kubevirt-oracle ;;
+    ovs-cni) echo github.com/k8snetworkplumbingwg/ovs-cni/cmd/plugin ;;
     */*) echo "$1" ;;
     *)
       echo "build.sh: unknown tool $1" >&2
@@ -52,6 +56,8 @@ moddir_of() {
   case $1 in
     github.com/spidernet-io/spiderpool/*) echo "$tools_dir/spiderpool" ;;
     github.com/vmnic/vmnic/test/kubevirt/*) echo "$root/test/kubevirt" ;;
+    github.com/containernetworking/*) echo "$tools_dir/cni" ;;
+    github.com/k8snetworkplumbingwg/ovs-cni/*) echo "$tools_dir/ovscni" ;;
     *) echo "$tools_dir" ;;
   esac
 }
@@ -61,6 +67,7 @@ moddir_of() {
 bin_of() {
   case $1 in
     go.etcd.io/etcd/server/v3) echo etcd ;;
+    github.com/k8snetworkplumbingwg/ovs-cni/cmd/plugin) echo ovs-cni ;;
     *)
       local b=${1##*/}
       if [[ $b =~ ^v[0-9]+$ ]]; then
@@ -86,6 +93,14 @@ ldflags_of() {
       kv=${kv#v0.}
       local p=helm.sh/helm/v3
       echo "-X $p/internal/version.version=$hv -X $p/internal/version.gitTreeState=clean -X $p/pkg/chartutil.k8sVersionMajor=1 -X $p/pkg/chartutil.k8sVersionMinor=${kv%%.*} -X $p/pkg/lint/rules.k8sVersionMajor=1 -X $p/pkg/lint/rules.k8sVersionMinor=${kv%%.*}"
+      ;;
+    github.com/k8snetworkplumbingwg/ovs-cni/cmd/plugin)
+      # ovs-cni keeps its netconf cache in /var/lib/cni/ovs-cni/cache (and
+      # reads the older /tmp/ovscache): a test must not touch the host's, so
+      # both point into this checkout's .tools/ovs-cni (the benchmarks
+      # clear it).
+      local u=github.com/k8snetworkplumbingwg/ovs-cni/pkg/utils
+      echo "-X $u.DefaultCacheDir=$root/.tools/ovs-cni/cache -X $u.OldDefaultCacheDir=$root/.tools/ovs-cni/oldcache"
       ;;
     k8s.io/kubernetes/cmd/*)
       local v
@@ -140,6 +155,8 @@ for name in "$@"; do
   stamp_file=$out/.stamp/$bin
   # Cheap part first: a warm check runs no go command besides "go env".
   base_stamp="pkg=$pkg mod=$mod_hash go=$go_version cgo=0"
+  # ovs-cni's cache directory is baked in below: a checkout elsewhere rebuilds.
+  [[ $pkg != github.com/k8snetworkplumbingwg/ovs-cni/* ]] || base_stamp+=" cache=$root/.tools/ovs-cni"
   if [[ -x $target && -f $stamp_file ]] && [[ $(head -n1 "$stamp_file") == "$base_stamp" ]]; then
     echo "$target"
     continue
