@@ -34,10 +34,11 @@ func TestBenchLines(t *testing.T) {
 	in := newInput()
 	p := write(t, "bench.txt", `goos: linux
 BenchmarkConcurrentAddDel-2   	       3	9873778311 ns/op	        20.87 ADD/s	        19.69 DEL/s	      4792 add-burst-ms
-BenchmarkBridgeAddDel
---- FAIL: BenchmarkBridgeAddDel-2
-    bench_bridge_test.go:71: boom
-BenchmarkAddDeletePort/bg=0-2         	      50	   1000 ns/op	 8.000 vsctl/libovsdb
+BenchmarkPeerBridgeAddDel
+--- FAIL: BenchmarkPeerBridgeAddDel-2
+    bench_peer_test.go:71: boom
+BenchmarkAddDeletePort/bg=0-2         	      50	   1000 ns/op	 8.000 vsctl/libovsdb	 4.000 vsctl-ms/op
+BenchmarkPeerScaleBridge-2   	       1	 1000 ns/op	 1.20 vmnic-last/first	 1.60 ovscni-last/first	 30.0 vmnic-add250-ms-median	 40.0 ovscni-add250-ms-median
 `)
 	if err := in.read(p); err != nil {
 		t.Fatal(err)
@@ -48,13 +49,44 @@ BenchmarkAddDeletePort/bg=0-2         	      50	   1000 ns/op	 8.000 vsctl/libov
 		"… then their 100 DELs":             "19.7/s",
 		"… wall time of the 100-ADD burst":  "4792 ms",
 		"… one DEL in the burst: p99":       notMeasured,
-		"bridge mode, VM NIC: ADD":          failed,
+		"bridge mode, a VM NIC":             failed,
 		"OVS port add+delete":               "0.12",
 		"the same with 100 ports":           notRun,
 		"masquerade VM NIC: ADD (ptp + hos": notRun,
 	} {
 		if got := value(t, lines, what); got != want {
 			t.Errorf("%s: %q, want %q", what, got, want)
+		}
+	}
+}
+
+// TestPeerText: a row's peers are figures of the same run, with the ratio
+// where the row asks for one, and say "not run" when the peer did not run.
+func TestPeerText(t *testing.T) {
+	in := newInput()
+	p := write(t, "bench.txt", `BenchmarkPeerScaleBridge-2   	       1	 1000 ns/op	 1.20 vmnic-last/first	 1.60 ovscni-last/first	 30.0 vmnic-add250-ms-median	 40.0 ovscni-add250-ms-median
+BenchmarkAddDeletePort/bg=0-2         	      50	   1000 ns/op	 8.000 vsctl/libovsdb	 4.000 vsctl-ms/op
+`)
+	if err := in.read(p); err != nil {
+		t.Fatal(err)
+	}
+	peersOf := func(what string) string {
+		for _, l := range in.benchLines() {
+			if strings.HasPrefix(l.what, what) {
+				return l.peers
+			}
+		}
+		t.Fatalf("no row %q", what)
+		return ""
+	}
+	for what, want := range map[string]string{
+		"250 ports one after the other":     peerOVSCNI + ": 1.60",
+		"… ADD of the 250th port":           "ovs-cni: 40.0 ms (vmnic 0.75x)",
+		"OVS port add+delete":               "ovs-vsctl: 4.0 ms/op; libovsdb: not run; ~30x",
+		"masquerade VM NIC: ADD (ptp + hos": peerPrimary + ": not run; " + noPeerHere,
+	} {
+		if got := peersOf(what); !strings.HasPrefix(got, want) {
+			t.Errorf("%s: peers %q, want it to start with %q", what, got, want)
 		}
 	}
 }

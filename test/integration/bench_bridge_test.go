@@ -52,44 +52,6 @@ func (a *applyLog) waits() []time.Duration {
 	return append([]time.Duration(nil), a.w...)
 }
 
-// BenchmarkBridgeAddDel: ADD+DEL through libcni of a plain pod's OVS port
-// and of a VM NIC in bridge mode (host-local IPAM, userspace OVS), arms
-// interleaved. Reports the medians.
-func BenchmarkBridgeAddDel(b *testing.B) {
-	ctx := benchCtx(b)
-	n := newOVSNode(b)
-	l := n.bridgeList(b, "bench", map[string]any{"vlan": 100}, n.hostLocal("10.100.0.10", "10.100.0.250"))
-	plain, vm := newPod(b, "bench-plain"), newPod(b, "virt-launcher-bench-x")
-	plain.IfName, vm.IfName = "net1", "net1"
-	d := map[string][]time.Duration{}
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		pods := []*harness.Pod{plain, vm}
-		if i%2 == 1 {
-			pods[0], pods[1] = vm, plain
-		}
-		for _, p := range pods {
-			t0 := time.Now()
-			if _, err := n.Add(ctx, l, p); err != nil {
-				b.Fatal(err)
-			}
-			t1 := time.Now()
-			if err := n.Del(ctx, l, p); err != nil {
-				b.Fatal(err)
-			}
-			arm := "plain"
-			if p == vm {
-				arm = "vm"
-			}
-			d[arm+"-add"] = append(d[arm+"-add"], t1.Sub(t0))
-			d[arm+"-del"] = append(d[arm+"-del"], time.Since(t1))
-		}
-	}
-	for k, v := range d {
-		b.ReportMetric(ms(median(v)), k+"-ms-median")
-	}
-}
-
 // BenchmarkScaleBridge wires 250 VM NICs on one OVS bridge, one after the
 // other through libcni, and compares the ADD latency of the last ones with
 // the first ones (the goal: flat, under 1.5x); then one CNI GC pass over

@@ -3,6 +3,7 @@ package integration
 import (
 	"bytes"
 	"context"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"sort"
@@ -29,32 +30,45 @@ func benchCtx(b *testing.B) context.Context {
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
+// addDelArms runs ADD then DEL of pod on each list, the arms' order rotated
+// every iteration, and returns each arm's ADD and DEL latencies.
+func addDelArms(b *testing.B, node *harness.Node, pod *harness.Pod, lists ...*libcni.NetworkConfigList) (adds, dels [][]time.Duration) {
+	b.Helper()
+	ctx := benchCtx(b)
+	adds, dels = make([][]time.Duration, len(lists)), make([][]time.Duration, len(lists))
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		for k := range lists {
+			j := (i + k) % len(lists)
+			t0 := time.Now()
+			if _, err := node.Add(ctx, lists[j], pod); err != nil {
+				b.Fatalf("ADD on %s: %v", lists[j].Name, err)
+			}
+			t1 := time.Now()
+			if err := node.Del(ctx, lists[j], pod); err != nil {
+				b.Fatalf("DEL on %s: %v", lists[j].Name, err)
+			}
+			adds[j], dels[j] = append(adds[j], t1.Sub(t0)), append(dels[j], time.Since(t1))
+		}
+	}
+	b.StopTimer()
+	return adds, dels
+}
+
 // BenchmarkMasqueradeAddDel: ADD+DEL of a masquerade VM NIC through libcni
-// (ptp + host-local + vmnic), no guest. Reports the median. The network is
+// (ptp + host-local + vmnic), no guest, interleaved with the same primary
+// alone (the pod's network without vmnic). Reports the medians. The network is
 // IPv4-only: with IPv6 the primary plugin waits ~2 s for DAD to settle,
 // which would bury vmnic's own share.
 func BenchmarkMasqueradeAddDel(b *testing.B) {
-	ctx := benchCtx(b)
 	node, _ := newNode(b, true)
-	l := list(b, node, harness.NetOptions{Vmnic: true, VM: vm1, Subnet6: "-"})
-	pod := newPod(b, "virt-launcher-vm1-bench")
-	var adds, dels, total []time.Duration
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		t0 := time.Now()
-		if _, err := node.Add(ctx, l, pod); err != nil {
-			b.Fatal(err)
-		}
-		t1 := time.Now()
-		if err := node.Del(ctx, l, pod); err != nil {
-			b.Fatal(err)
-		}
-		t2 := time.Now()
-		adds, dels, total = append(adds, t1.Sub(t0)), append(dels, t2.Sub(t1)), append(total, t2.Sub(t0))
-	}
-	b.ReportMetric(ms(median(adds)), "add-ms-median")
-	b.ReportMetric(ms(median(dels)), "del-ms-median")
-	b.ReportMetric(ms(median(total)), "adddel-ms-median")
+	vmnic := list(b, node, harness.NetOptions{Vmnic: true, VM: vm1, Subnet6: "-"})
+	primary := list(b, node, harness.NetOptions{Subnet6: "-"})
+	adds, dels := addDelArms(b, node, newPod(b, "virt-launcher-vm1-bench"), vmnic, primary)
+	b.ReportMetric(ms(median(adds[0])), "add-ms-median")
+	b.ReportMetric(ms(median(dels[0])), "del-ms-median")
+	b.ReportMetric(ms(median(adds[1])), "primary-add-ms-median")
+	b.ReportMetric(ms(median(dels[1])), "primary-del-ms-median")
 }
 
 // BenchmarkPassThroughOverhead: ADD+DEL of a non-VM pod with vmnic chained
@@ -91,14 +105,81 @@ func BenchmarkPassThroughOverhead(b *testing.B) {
 	b.ReportMetric(ms(median(with)-median(without)), "overhead-ms")
 }
 
+// floorPrograms are the Go programs the shim's exec is measured against:
+// "minimal" prints {} (the floor of any Go binary), "json" reads its stdin,
+// decodes it with encoding/json and prints its prevResult (the floor of a
+// Go plugin that parses its config).
+var floorPrograms = map[string]string{
+	"minimal": `package main
+
+import "os"
+
+func main() { _, _ = os.Stdout.Write([]byte("{}")) }
+`,
+	"json": `package main
+
+import (
+	"encoding/json"
+	"io"
+	"os"
+)
+
+func main() {
+	b, _ := io.ReadAll(os.Stdin)
+	var m map[string]json.RawMessage
+	if json.Unmarshal(b, &m) != nil {
+		os.Exit(1)
+	}
+	_, _ = os.Stdout.Write(m["prevResult"])
+}
+`,
+}
+
+// releaseBuild builds pkg in dir (a module) as make build and the image
+// build the shim: static, -trimpath, -s -w.
+func releaseBuild(b *testing.B, dir, out, pkg string) {
+	b.Helper()
+	cmd := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w", "-o", out, pkg)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if o, err := cmd.CombinedOutput(); err != nil {
+		b.Fatalf("go build %s: %v\n%s", pkg, err, o)
+	}
+}
+
 // BenchmarkShimExec separates the pass-through's cost from the machine's
-// process start cost: one exec of the shim answering a non-VM ADD, one exec
-// of the reference loopback plugin answering VERSION, and one of /bin/true,
-// interleaved.
+// process start cost: one exec of the shim as released (make build's flags)
+// answering a non-VM ADD, of a minimal static Go binary printing {}, of a
+// Go binary that decodes its stdin as JSON, of the reference loopback
+// plugin answering VERSION, and of /bin/true, interleaved, each with the
+// same environment and stdin. The goal is the shim ≤ 1.1x the minimal Go
+// binary.
 func BenchmarkShimExec(b *testing.B) {
 	bin, err := harness.BinDir()
 	if err != nil {
 		b.Fatal(err)
+	}
+	root, err := harness.RepoRoot()
+	if err != nil {
+		b.Fatal(err)
+	}
+	dir := b.TempDir()
+	shimBin := filepath.Join(dir, "vmnic")
+	releaseBuild(b, root, shimBin, "./cmd/vmnic")
+	floors := map[string]string{}
+	for name, src := range floorPrograms {
+		mod := filepath.Join(dir, name+"-src")
+		if err := os.MkdirAll(mod, 0o755); err != nil {
+			b.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(mod, "go.mod"), []byte("module "+name+"\n\ngo 1.26\n"), 0o644); err != nil {
+			b.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(mod, "main.go"), []byte(src), 0o644); err != nil {
+			b.Fatal(err)
+		}
+		floors[name] = filepath.Join(dir, name)
+		releaseBuild(b, mod, floors[name], ".")
 	}
 	conf := []byte(`{"cniVersion":"1.0.0","name":"podnet","type":"vmnic","mode":"masquerade","prevResult":{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"/var/run/netns/x"}],"ips":[{"address":"198.18.0.5/24","interface":0}]}}`)
 	env := []string{
@@ -115,14 +196,20 @@ func BenchmarkShimExec(b *testing.B) {
 		}
 		return time.Since(t0)
 	}
-	var shim, loop, truth []time.Duration
+	var shim, minimal, decode, loop, truth []time.Duration
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		shim = append(shim, run(filepath.Join(bin, "vmnic"), env, conf))
+		shim = append(shim, run(shimBin, env, conf))
+		minimal = append(minimal, run(floors["minimal"], env, conf))
+		decode = append(decode, run(floors["json"], env, conf))
 		loop = append(loop, run(filepath.Join(bin, "loopback"), []string{"CNI_COMMAND=VERSION"}, []byte(`{"cniVersion":"1.0.0"}`)))
-		truth = append(truth, run("/bin/true", nil, nil))
+		truth = append(truth, run("/bin/true", env, conf))
 	}
 	b.ReportMetric(ms(median(shim)), "shim-passthrough-ms-median")
+	b.ReportMetric(ms(median(minimal)), "go-minimal-ms-median")
+	b.ReportMetric(ms(median(decode)), "go-json-ms-median")
+	b.ReportMetric(float64(median(shim))/float64(median(minimal)), "shim/go-minimal")
+	b.ReportMetric(float64(median(decode))/float64(median(minimal)), "go-json/go-minimal")
 	b.ReportMetric(ms(median(loop)), "loopback-version-ms-median")
 	b.ReportMetric(ms(median(truth)), "bin-true-ms-median")
 }
