@@ -222,3 +222,17 @@ func TestMissingFileIsNotRun(t *testing.T) {
 		}
 	}
 }
+
+func TestDemoLine(t *testing.T) {
+	in := newInput()
+	if got := in.demoLines()[0].val; got != notRun {
+		t.Errorf("no demo output: %q, want %q", got, notRun)
+	}
+	if err := in.read(write(t, "demo.txt", "deps: ready for the demo\ndemo-fresh: make demo took 248 s (packages installed: no)\n")); err != nil {
+		t.Fatal(err)
+	}
+	l := in.demoLines()[0]
+	if l.val != "4 min 08 s" || !strings.Contains(l.what, "installed by the run") {
+		t.Errorf("demo row %+v", l)
+	}
+}

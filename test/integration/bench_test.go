@@ -3,6 +3,7 @@ package integration
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -135,11 +136,27 @@ func main() {
 `,
 }
 
+// linkedOnly is the minimal program with the shim's packages linked in and
+// not called: what the shim pays for its imports (their init and its size)
+// before it does any work.
+const linkedOnly = `package main
+
+import (
+	"os"
+
+	_ "github.com/vmnic/vmnic/pkg/shim"
+)
+
+func main() { _, _ = os.Stdout.Write([]byte("{}")) }
+`
+
 // releaseBuild builds pkg in dir (a module) as make build and the image
-// build the shim: static, -trimpath, -s -w.
-func releaseBuild(b *testing.B, dir, out, pkg string) {
+// build the shim: static, -trimpath, -s -w; extra flags (an -overlay) go
+// first.
+func releaseBuild(b *testing.B, dir, out, pkg string, extra ...string) {
 	b.Helper()
-	cmd := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w", "-o", out, pkg)
+	args := append([]string{"build"}, extra...)
+	cmd := exec.Command("go", append(args, "-trimpath", "-ldflags", "-s -w", "-o", out, pkg)...)
 	cmd.Dir = dir
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if o, err := cmd.CombinedOutput(); err != nil {
@@ -150,7 +167,8 @@ func releaseBuild(b *testing.B, dir, out, pkg string) {
 // BenchmarkShimExec separates the pass-through's cost from the machine's
 // process start cost: one exec of the shim as released (make build's flags)
 // answering a non-VM ADD, of a minimal static Go binary printing {}, of a
-// Go binary that decodes its stdin as JSON, of the reference loopback
+// Go binary that decodes its stdin as JSON, of the minimal one with the
+// shim's packages linked in and not called, of the reference loopback
 // plugin answering VERSION, and of /bin/true, interleaved, each with the
 // same environment and stdin. The goal is the shim ≤ 1.1x the minimal Go
 // binary.
@@ -181,6 +199,21 @@ func BenchmarkShimExec(b *testing.B) {
 		floors[name] = filepath.Join(dir, name)
 		releaseBuild(b, mod, floors[name], ".")
 	}
+	// The linked-only program lives, through an overlay, in a package of
+	// this module that exists nowhere on disk.
+	src := filepath.Join(dir, "linked.go")
+	if err := os.WriteFile(src, []byte(linkedOnly), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	overlay, err := json.Marshal(map[string]any{"Replace": map[string]string{filepath.Join(root, "cmd", "vmnic-linked-only", "main.go"): src}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "overlay.json"), overlay, 0o644); err != nil {
+		b.Fatal(err)
+	}
+	floors["linked"] = filepath.Join(dir, "linked")
+	releaseBuild(b, root, floors["linked"], "./cmd/vmnic-linked-only", "-overlay", filepath.Join(dir, "overlay.json"))
 	conf := []byte(`{"cniVersion":"1.0.0","name":"podnet","type":"vmnic","mode":"masquerade","prevResult":{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"/var/run/netns/x"}],"ips":[{"address":"198.18.0.5/24","interface":0}]}}`)
 	env := []string{
 		"CNI_COMMAND=ADD", "CNI_CONTAINERID=c1", "CNI_NETNS=/proc/1/ns/net", "CNI_IFNAME=eth0", "CNI_PATH=" + bin,
@@ -196,12 +229,13 @@ func BenchmarkShimExec(b *testing.B) {
 		}
 		return time.Since(t0)
 	}
-	var shim, minimal, decode, loop, truth []time.Duration
+	var shim, minimal, decode, linked, loop, truth []time.Duration
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		shim = append(shim, run(shimBin, env, conf))
 		minimal = append(minimal, run(floors["minimal"], env, conf))
 		decode = append(decode, run(floors["json"], env, conf))
+		linked = append(linked, run(floors["linked"], env, conf))
 		loop = append(loop, run(filepath.Join(bin, "loopback"), []string{"CNI_COMMAND=VERSION"}, []byte(`{"cniVersion":"1.0.0"}`)))
 		truth = append(truth, run("/bin/true", env, conf))
 	}
@@ -210,6 +244,8 @@ func BenchmarkShimExec(b *testing.B) {
 	b.ReportMetric(ms(median(decode)), "go-json-ms-median")
 	b.ReportMetric(float64(median(shim))/float64(median(minimal)), "shim/go-minimal")
 	b.ReportMetric(float64(median(decode))/float64(median(minimal)), "go-json/go-minimal")
+	b.ReportMetric(ms(median(linked)), "go-linked-ms-median")
+	b.ReportMetric(float64(median(linked))/float64(median(minimal)), "go-linked/go-minimal")
 	b.ReportMetric(ms(median(loop)), "loopback-version-ms-median")
 	b.ReportMetric(ms(median(truth)), "bin-true-ms-median")
 }
