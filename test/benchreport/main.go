@@ -194,7 +194,7 @@ var rows = []row{
 	{bench: "BenchmarkConcurrentAddDel", unit: "del-p50-ms", what: "… one DEL in the burst: p50", format: "%.0f ms"},
 	{bench: "BenchmarkConcurrentAddDel", unit: "del-p99-ms", what: "… one DEL in the burst: p99", format: "%.0f ms"},
 	{
-		bench: "BenchmarkPeerKillMidAdd", unit: "vmnic-shim-killed-adds", what: "SIGKILL in the middle of an ADD (12 trials per case, delays spread over the plugin's own ADD time): ADDs the kill cut short, the plugin process killed", goal: "12",
+		bench: "BenchmarkPeerKillMidAdd", unit: "vmnic-shim-killed-adds", what: "SIGKILL in the middle of an ADD (12 trials per case, delays spread over the plugin's own ADD time): ADDs the kill cut short (the rest had finished when it came), the plugin process killed",
 		vs: []peer{{label: "ovs-cni", bench: "BenchmarkPeerKillMidAdd", unit: "ovscni-killed-adds", format: "%.0f"}}, format: "%.0f",
 	},
 	{
@@ -289,6 +289,8 @@ type input struct {
 	fuzz      map[string]*fuzzRun
 	fuzzes    []string // fuzz targets in the order seen
 	demo      *demoRun
+	// pending is a benchmark whose name line came without its figures.
+	pending string
 }
 
 func newInput() *input {
@@ -348,12 +350,24 @@ func (in *input) benchLine(l string) {
 		return
 	}
 	fields := strings.Fields(l)
+	// A benchmark that writes to stdout or stderr while it runs splits its
+	// result line: go test prints the name, then that output, then the
+	// figures on a line of their own ("  3  1396 ns/op  300.0 unit ...").
+	if len(fields) >= 3 && fields[2] == "ns/op" && in.pending != "" {
+		if _, err := strconv.Atoi(fields[0]); err == nil {
+			fields = append([]string{in.pending}, fields...)
+		}
+	}
+	if len(fields) >= 1 && strings.HasPrefix(fields[0], "Benchmark") {
+		in.pending = fields[0]
+	}
 	if len(fields) < 4 || !strings.HasPrefix(fields[0], "Benchmark") {
 		return
 	}
 	if _, err := strconv.Atoi(fields[1]); err != nil {
 		return
 	}
+	in.pending = ""
 	name := benchName(fields[0])
 	in.ran[name] = true
 	for i := 2; i+1 < len(fields); i += 2 {

@@ -236,3 +236,19 @@ func TestDemoLine(t *testing.T) {
 		t.Errorf("demo row %+v", l)
 	}
 }
+
+// TestSplitBenchLine: a benchmark that printed while it ran has its figures
+// on a line of their own after that output.
+func TestSplitBenchLine(t *testing.T) {
+	in := newInput()
+	p := write(t, "bench.txt", "BenchmarkPeerConcurrentAdd-2   \tbench: 23 of 100 failed at their first try\nbench: 33 of 100 failed\n       3\t13967530980 ns/op\t       300.0 adds-per-arm\t        69.43 ovscni-ADD/s\t       100.5 vmnic-plain-ADD/s\n")
+	if err := in.read(p); err != nil {
+		t.Fatal(err)
+	}
+	if got := in.bench["BenchmarkPeerConcurrentAdd vmnic-plain-ADD/s"]; got != 100.5 {
+		t.Errorf("vmnic-plain-ADD/s = %v, want 100.5", got)
+	}
+	if got := in.bench["BenchmarkPeerConcurrentAdd ovscni-ADD/s"]; got != 69.43 {
+		t.Errorf("ovscni-ADD/s = %v, want 69.43", got)
+	}
+}

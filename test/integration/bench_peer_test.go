@@ -345,12 +345,13 @@ func tryAll(pods []*harness.Pod, f func(*harness.Pod) error) ([]*harness.Pod, er
 // untilAll runs f for every pod at once, then again at once for those that
 // failed, until all have succeeded or tries retries are spent. It returns
 // how many failed at their first try, and an error naming the last failure
-// when some never succeeded. Every first-try failure is logged once.
-func untilAll(pods []*harness.Pod, retries int, f func(*harness.Pod) error) (int, error) {
+// when some never succeeded. One first-try failure of each burst is logged
+// (through b, so that it does not split the result line).
+func untilAll(b *testing.B, pods []*harness.Pod, retries int, f func(*harness.Pod) error) (int, error) {
 	pending, err := tryAll(pods, f)
 	first := len(pending)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "bench: %d of %d failed at their first try, one with: %v\n", first, len(pods), err)
+		b.Logf("%d of %d failed at their first try, one with: %v", first, len(pods), err)
 	}
 	for try := 0; len(pending) > 0; try++ {
 		if try == retries {
@@ -389,13 +390,13 @@ func BenchmarkPeerConcurrentAdd(b *testing.B) {
 			j := (i + k) % len(arms)
 			a := arms[j]
 			t0 := time.Now()
-			failed, err := untilAll(pods[j], maxRetries, func(p *harness.Pod) error { return a.add(ctx, p) })
+			failed, err := untilAll(b, pods[j], maxRetries, func(p *harness.Pod) error { return a.add(ctx, p) })
 			if err != nil {
 				b.Fatalf("%s ADD: %v", a.name, err)
 			}
 			rate[a.name] = append(rate[a.name], time.Since(t0))
 			failedFirst[a.name+"-add"] += failed
-			failed, err = untilAll(pods[j], maxRetries, func(p *harness.Pod) error { return a.del(ctx, p) })
+			failed, err = untilAll(b, pods[j], maxRetries, func(p *harness.Pod) error { return a.del(ctx, p) })
 			if err != nil {
 				b.Fatalf("%s DEL: %v", a.name, err)
 			}
