@@ -18,36 +18,44 @@ type burstAtt struct {
 	l *libcni.NetworkConfigList
 }
 
-// burst runs f for every attachment at once and returns the wall time of
-// the whole burst and each call's latency; it fails b on any error.
-func burst(b *testing.B, verb string, atts []burstAtt, f func(burstAtt) error) (time.Duration, []time.Duration) {
-	b.Helper()
+// tryAll runs f for every item at once, released together, and returns
+// the items whose call failed with their errors, each call's latency, and
+// the wall time of the whole.
+func tryAll[T any](items []T, f func(T) error) (failed []T, errs []error, lat []time.Duration, wall time.Duration) {
 	var wg sync.WaitGroup
 	var mu sync.Mutex
-	var errs []string
-	lat := make([]time.Duration, len(atts))
+	lat = make([]time.Duration, len(items))
 	start := make(chan struct{})
-	for i, a := range atts {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+	for i, it := range items {
+		wg.Go(func() {
 			<-start
 			t0 := time.Now()
-			err := f(a)
+			err := f(it)
 			lat[i] = time.Since(t0)
 			if err != nil {
 				mu.Lock()
-				errs = append(errs, fmt.Sprintf("%s %s/%s: %v", verb, a.p.Name, a.p.IfName, err))
+				failed, errs = append(failed, it), append(errs, err)
 				mu.Unlock()
 			}
-		}()
+		})
 	}
 	t0 := time.Now()
 	close(start)
 	wg.Wait()
-	wall := time.Since(t0)
+	return failed, errs, lat, time.Since(t0)
+}
+
+// burst runs f for every attachment at once and returns the wall time of
+// the whole burst and each call's latency; it fails b on any error.
+func burst(b *testing.B, verb string, atts []burstAtt, f func(burstAtt) error) (time.Duration, []time.Duration) {
+	b.Helper()
+	failed, errs, lat, wall := tryAll(atts, f)
 	if len(errs) > 0 {
-		b.Fatalf("%d of %d %ss failed:\n%s", len(errs), len(atts), verb, strings.Join(errs, "\n"))
+		msgs := make([]string, len(errs))
+		for i, a := range failed {
+			msgs[i] = fmt.Sprintf("%s %s/%s: %v", verb, a.p.Name, a.p.IfName, errs[i])
+		}
+		b.Fatalf("%d of %d %ss failed:\n%s", len(errs), len(atts), verb, strings.Join(msgs, "\n"))
 	}
 	return wall, lat
 }

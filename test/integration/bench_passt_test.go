@@ -28,7 +28,9 @@ func BenchmarkPasstAddDel(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	adds, dels := addDelArms(b, node, newPod(b, "virt-launcher-vm1-passt"), vmnic, alone)
+	pod := newPod(b, "virt-launcher-vm1-passt")
+	b.ResetTimer()
+	adds, dels := addDelArms(b, b.N, []benchArm{listArm(node, vmnic), listArm(node, alone)}, []*harness.Pod{pod, pod})
 	b.ReportMetric(ms(median(adds[0])), "add-ms-median")
 	b.ReportMetric(ms(median(dels[0])), "del-ms-median")
 	b.ReportMetric(ms(median(adds[1])), "underlay-add-ms-median")

@@ -21,7 +21,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -130,23 +129,23 @@ func (n *ovsNode) addBridge(b testing.TB, name string) {
 	n.vsctl(b, "add-br", name, "--", "set", "bridge", name, "datapath_type=netdev")
 }
 
-// peerArm is one plugin configuration of a side-by-side run.
+// peerArm is one plugin configuration of a side-by-side run: a benchArm
+// with its network and its pods.
 type peerArm struct {
-	name string
-	add  func(ctx context.Context, p *harness.Pod) error
-	del  func(ctx context.Context, p *harness.Pod) error
+	benchArm
+	list *libcni.NetworkConfigList
 	pod  func(i int) *harness.Pod
 }
 
-// peerArms are the arms on one OVS bridge: vmnic for an ordinary pod's port
-// and for a VM NIC (host-local IPAM: bridge mode requires IPAM), and
-// ovs-cni as KubeVirt's bridge binding uses it (no IPAM) and with the same
-// host-local block.
-func peerArms(b testing.TB, n *ovsNode, o *ovsCNI, bridge string) []peerArm {
+// peerArms are the arms side by side: vmnic for an ordinary pod's port and
+// for a VM NIC on vmnicBridge (host-local IPAM: bridge mode requires IPAM),
+// and ovs-cni on peerBridge as KubeVirt's bridge binding uses it (no IPAM)
+// and with the same host-local block.
+func peerArms(b testing.TB, n *ovsNode, o *ovsCNI, vmnicBridge, peerBridge string) (vmnicPlain, vmnicVM, ovscni, ovscniHostLocal peerArm) {
 	b.Helper()
-	vmnic := n.bridgeList(b, "peer-vmnic", map[string]any{"vlan": 100, "bridge": bridge}, n.hostLocalOn("10.64.0.0/16", "10.64.0.1", "10.64.0.10", "10.64.3.250"))
-	plain := o.list(b, "peer-ovscni", bridge, nil)
-	ipam := o.list(b, "peer-ovscni-ipam", bridge, n.hostLocalOn("10.65.0.0/16", "10.65.0.1", "10.65.0.10", "10.65.3.250"))
+	vmnic := n.bridgeList(b, "peer-vmnic", map[string]any{"vlan": 100, "bridge": vmnicBridge}, n.hostLocalOn("10.64.0.0/16", "10.64.0.1", "10.64.0.10", "10.64.3.250"))
+	plain := o.list(b, "peer-ovscni", peerBridge, nil)
+	ipam := o.list(b, "peer-ovscni-ipam", peerBridge, n.hostLocalOn("10.65.0.0/16", "10.65.0.1", "10.65.0.10", "10.65.3.250"))
 	pod := func(prefix string) func(int) *harness.Pod {
 		return func(i int) *harness.Pod {
 			p := newPod(b, fmt.Sprintf("%s%d-x", prefix, i))
@@ -154,63 +153,49 @@ func peerArms(b testing.TB, n *ovsNode, o *ovsCNI, bridge string) []peerArm {
 			return p
 		}
 	}
-	vmAdd := func(ctx context.Context, p *harness.Pod) error { _, err := n.Add(ctx, vmnic, p); return err }
-	vmDel := func(ctx context.Context, p *harness.Pod) error { return n.Del(ctx, vmnic, p) }
-	return []peerArm{
-		{"vmnic-plain", vmAdd, vmDel, pod("web-peer")},
-		{"vmnic-vm", vmAdd, vmDel, pod("virt-launcher-peer")},
-		{
-			"ovscni", func(ctx context.Context, p *harness.Pod) error { return o.add(ctx, plain, p) },
-			func(ctx context.Context, p *harness.Pod) error { return o.del(ctx, plain, p) }, pod("ovscni-peer"),
-		},
-		{
-			"ovscni-hostlocal", func(ctx context.Context, p *harness.Pod) error { return o.add(ctx, ipam, p) },
-			func(ctx context.Context, p *harness.Pod) error { return o.del(ctx, ipam, p) }, pod("ovscni-ipam-peer"),
-		},
+	ovs := func(name string, l *libcni.NetworkConfigList) benchArm {
+		return benchArm{
+			name: name,
+			add:  func(ctx context.Context, p *harness.Pod) error { return o.add(ctx, l, p) },
+			del:  func(ctx context.Context, p *harness.Pod) error { return o.del(ctx, l, p) },
+		}
 	}
+	arm := listArm(n.Node, vmnic)
+	arm.name = "vmnic-plain"
+	vmnicPlain = peerArm{arm, vmnic, pod("web-peer")}
+	arm.name = "vmnic-vm"
+	vmnicVM = peerArm{arm, vmnic, pod("virt-launcher-peer")}
+	return vmnicPlain, vmnicVM, peerArm{ovs("ovscni", plain), plain, pod("ovscni-peer")},
+		peerArm{ovs("ovscni-hostlocal", ipam), ipam, pod("ovscni-ipam-peer")}
 }
 
 // BenchmarkPeerBridgeAddDel: ADD and DEL of one port on an empty bridge,
 // vmnic against ovs-cni, the four arms of peerArms rotated every
 // iteration. Reports each arm's medians and vmnic's ratios to ovs-cni's.
 func BenchmarkPeerBridgeAddDel(b *testing.B) {
-	ctx := benchCtx(b)
 	n := newOVSNode(b)
 	o := newOVSCNI(b, n)
-	arms := peerArms(b, n, o, "br1")
-	pods := make([]*harness.Pod, len(arms))
-	for i, a := range arms {
-		pods[i] = a.pod(0)
+	plain, vm, peer, peerHL := peerArms(b, n, o, "br1", "br1")
+	peers := []peerArm{plain, vm, peer, peerHL}
+	arms, pods := make([]benchArm, len(peers)), make([]*harness.Pod, len(peers))
+	for j, a := range peers {
+		arms[j], pods[j] = a.benchArm, a.pod(0)
 	}
-	add, del := map[string][]time.Duration{}, map[string][]time.Duration{}
 	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		for k := range arms {
-			j := (i + k) % len(arms)
-			a := arms[j]
-			t0 := time.Now()
-			if err := a.add(ctx, pods[j]); err != nil {
-				b.Fatalf("%s ADD: %v", a.name, err)
-			}
-			t1 := time.Now()
-			if err := a.del(ctx, pods[j]); err != nil {
-				b.Fatalf("%s DEL: %v", a.name, err)
-			}
-			add[a.name] = append(add[a.name], t1.Sub(t0))
-			del[a.name] = append(del[a.name], time.Since(t1))
-		}
-	}
+	adds, dels := addDelArms(b, b.N, arms, pods)
 	b.StopTimer()
 	if left := append(n.vmnicPorts(b), o.ports(b)...); len(left) > 0 {
 		b.Fatalf("ports left: %v", left)
 	}
-	for _, a := range arms {
-		b.ReportMetric(ms(median(add[a.name])), a.name+"-add-ms-median")
-		b.ReportMetric(ms(median(del[a.name])), a.name+"-del-ms-median")
+	add := map[string]time.Duration{}
+	for j, a := range arms {
+		add[a.name] = median(adds[j])
+		b.ReportMetric(ms(add[a.name]), a.name+"-add-ms-median")
+		b.ReportMetric(ms(median(dels[j])), a.name+"-del-ms-median")
 	}
 	for _, v := range []string{"vmnic-plain", "vmnic-vm"} {
 		for _, p := range []string{"ovscni", "ovscni-hostlocal"} {
-			b.ReportMetric(float64(median(add[v]))/float64(median(add[p])), v+"/"+p+"-add")
+			b.ReportMetric(float64(add[v])/float64(add[p]), v+"/"+p+"-add")
 		}
 	}
 }
@@ -219,9 +204,9 @@ func BenchmarkPeerBridgeAddDel(b *testing.B) {
 // interleaved, each on its own bridge of the same ovs-vswitchd (vmnic's
 // ordinary pods' ports on br1, ovs-cni's on br2, so the 250th of each goes
 // onto a bridge that has 249), like for like: a port and its veth.
-// BenchmarkScaleBridge has vmnic's VM NICs at that scale. Reports the ratio of the last 25 ADDs to the first
-// 25, then the ADD and DEL medians of a 250th port (15 rounds of ADD+DEL on
-// the full bridges). Use -benchtime 1x.
+// BenchmarkScaleBridge has vmnic's VM NICs at that scale. Reports the ratio
+// of the last 25 ADDs to the first 25, then the ADD and DEL medians of a
+// 250th port (15 rounds of ADD+DEL on the full bridges). Use -benchtime 1x.
 func BenchmarkPeerScaleBridge(b *testing.B) {
 	const count, window, rounds = 250, 25, 15
 	ctx := benchCtx(b)
@@ -229,87 +214,52 @@ func BenchmarkPeerScaleBridge(b *testing.B) {
 	n := newOVSNodeWith(b, func(o *daemon.Options) { o.Logger = slog.New(applied) })
 	n.addBridge(b, "br2")
 	o := newOVSCNI(b, n)
-	vm := n.bridgeList(b, "scale-vmnic", map[string]any{"vlan": 100}, n.hostLocalOn("10.64.0.0/16", "10.64.0.1", "10.64.0.10", "10.64.3.250"))
-	peer := o.list(b, "scale-ovscni", "br2", nil)
-	type arm struct {
-		name     string
-		add, del func(*harness.Pod) error
-		prefix   string
-		adds     []time.Duration
-		pods     []*harness.Pod
-	}
-	arms := []*arm{
-		{
-			name: "vmnic", prefix: "web-pscale",
-			add: func(p *harness.Pod) error { _, err := n.Add(ctx, vm, p); return err },
-			del: func(p *harness.Pod) error { return n.Del(ctx, vm, p) },
-		},
-		{
-			name: "ovscni", prefix: "ovscni-pscale",
-			add: func(p *harness.Pod) error { return o.add(ctx, peer, p) },
-			del: func(p *harness.Pod) error { return o.del(ctx, peer, p) },
-		},
-	}
-	newP := func(a *arm, i int) *harness.Pod {
-		p := newPod(b, fmt.Sprintf("%s%d-x", a.prefix, i))
-		p.IfName = "net1"
-		return p
-	}
+	vmnic, _, peer, _ := peerArms(b, n, o, "br1", "br2")
+	arms := []peerArm{vmnic, peer}
+	adds := make([][]time.Duration, len(arms))
+	pods := make([][]*harness.Pod, len(arms))
 	b.ResetTimer()
 	for i := range count - 1 {
 		for k := range arms {
-			a := arms[(i+k)%len(arms)]
-			p := newP(a, i)
+			j := (i + k) % len(arms)
+			p := arms[j].pod(i)
 			t0 := time.Now()
-			if err := a.add(p); err != nil {
-				b.Fatalf("%s ADD #%d: %v", a.name, i+1, err)
+			if err := arms[j].add(ctx, p); err != nil {
+				b.Fatalf("%s ADD #%d: %v", arms[j].name, i+1, err)
 			}
-			a.adds = append(a.adds, time.Since(t0))
-			a.pods = append(a.pods, p)
+			adds[j], pods[j] = append(adds[j], time.Since(t0)), append(pods[j], p)
 		}
 	}
-	last := map[string][2][]time.Duration{}
-	for r := range rounds {
-		for k := range arms {
-			a := arms[(r+k)%len(arms)]
-			p := newP(a, count-1+r)
-			t0 := time.Now()
-			if err := a.add(p); err != nil {
-				b.Fatalf("%s ADD of port %d (round %d): %v", a.name, count, r+1, err)
-			}
-			t1 := time.Now()
-			if r == 0 {
-				a.adds = append(a.adds, t1.Sub(t0))
-			}
-			if err := a.del(p); err != nil {
-				b.Fatalf("%s DEL of port %d: %v", a.name, count, err)
-			}
-			d := last[a.name]
-			d[0], d[1] = append(d[0], t1.Sub(t0)), append(d[1], time.Since(t1))
-			last[a.name] = d
-		}
+	// The 250th port, 15 rounds of ADD+DEL; the first round's ADD is the
+	// 250th of the run.
+	lastPods := make([]*harness.Pod, len(arms))
+	for j, a := range arms {
+		lastPods[j] = a.pod(count - 1)
 	}
+	add250, del250 := addDelArms(b, rounds, []benchArm{vmnic.benchArm, peer.benchArm}, lastPods)
 	b.StopTimer()
+	for j := range arms {
+		adds[j] = append(adds[j], add250[j][0])
+	}
 	// vmnic's wait for ovs-vswitchd to apply each port, the first 250
 	// ADDs' (ovs-cni does not wait).
 	if w := applied.waits(); len(w) >= count {
 		w0, w1 := median(w[:window]), median(w[count-window:count])
-		a := arms[0]
 		b.ReportMetric(ms(w0), "vmnic-ovs-apply-first25-ms-median")
 		b.ReportMetric(ms(w1), "vmnic-ovs-apply-last25-ms-median")
-		b.ReportMetric(float64(median(a.adds[count-window:])-w1)/float64(median(a.adds[:window])-w0), "vmnic-last/first-without-ovs-apply")
+		b.ReportMetric(float64(median(adds[0][count-window:])-w1)/float64(median(adds[0][:window])-w0), "vmnic-last/first-without-ovs-apply")
 	}
-	for _, a := range arms {
-		first, lastW := median(a.adds[:window]), median(a.adds[count-window:])
-		b.ReportMetric(ms(first), a.name+"-add-first25-ms-median")
-		b.ReportMetric(ms(lastW), a.name+"-add-last25-ms-median")
-		b.ReportMetric(float64(lastW)/float64(first), a.name+"-last/first")
-		b.ReportMetric(ms(median(last[a.name][0])), a.name+"-add250-ms-median")
-		b.ReportMetric(ms(median(last[a.name][1])), a.name+"-del250-ms-median")
+	for j, name := range []string{"vmnic", "ovscni"} {
+		first, last := median(adds[j][:window]), median(adds[j][count-window:])
+		b.ReportMetric(ms(first), name+"-add-first25-ms-median")
+		b.ReportMetric(ms(last), name+"-add-last25-ms-median")
+		b.ReportMetric(float64(last)/float64(first), name+"-last/first")
+		b.ReportMetric(ms(median(add250[j])), name+"-add250-ms-median")
+		b.ReportMetric(ms(median(del250[j])), name+"-del250-ms-median")
 	}
-	for _, a := range arms {
-		for _, p := range a.pods {
-			if err := a.del(p); err != nil {
+	for j, a := range arms {
+		for _, p := range pods[j] {
+			if err := a.del(ctx, p); err != nil {
 				b.Fatalf("%s DEL: %v", a.name, err)
 			}
 		}
@@ -319,45 +269,22 @@ func BenchmarkPeerScaleBridge(b *testing.B) {
 	}
 }
 
-// tryAll runs f for every pod at once and returns those whose call failed
-// and one of the errors.
-func tryAll(pods []*harness.Pod, f func(*harness.Pod) error) ([]*harness.Pod, error) {
-	var mu sync.Mutex
-	var failed []*harness.Pod
-	var first error
-	var wg sync.WaitGroup
-	for _, p := range pods {
-		wg.Go(func() {
-			if err := f(p); err != nil {
-				mu.Lock()
-				failed = append(failed, p)
-				if first == nil {
-					first = err
-				}
-				mu.Unlock()
-			}
-		})
-	}
-	wg.Wait()
-	return failed, first
-}
-
 // untilAll runs f for every pod at once, then again at once for those that
-// failed, until all have succeeded or tries retries are spent. It returns
-// how many failed at their first try, and an error naming the last failure
+// failed, until all have succeeded or retries are spent. It returns how
+// many failed at their first try, and an error naming the last failure
 // when some never succeeded. One first-try failure of each burst is logged
 // (through b, so that it does not split the result line).
 func untilAll(b *testing.B, pods []*harness.Pod, retries int, f func(*harness.Pod) error) (int, error) {
-	pending, err := tryAll(pods, f)
+	pending, errs, _, _ := tryAll(pods, f)
 	first := len(pending)
-	if err != nil {
-		b.Logf("%d of %d failed at their first try, one with: %v", first, len(pods), err)
+	if first > 0 {
+		b.Logf("%d of %d failed at their first try, one with: %v", first, len(pods), errs[0])
 	}
 	for try := 0; len(pending) > 0; try++ {
 		if try == retries {
-			return first, fmt.Errorf("%d still failing after %d retries: %w", len(pending), retries, err)
+			return first, fmt.Errorf("%d still failing after %d retries: %w", len(pending), retries, errs[0])
 		}
-		pending, err = tryAll(pending, f)
+		pending, errs, _, _ = tryAll(pending, f)
 	}
 	return first, nil
 }
@@ -375,7 +302,8 @@ func BenchmarkPeerConcurrentAdd(b *testing.B) {
 	ctx := benchCtx(b)
 	n := newOVSNode(b)
 	o := newOVSCNI(b, n)
-	arms := peerArms(b, n, o, "br1")[:3]
+	plain, vm, peer, _ := peerArms(b, n, o, "br1", "br1")
+	arms := []peerArm{plain, vm, peer}
 	pods := make([][]*harness.Pod, len(arms))
 	for j, a := range arms {
 		for i := range burstSize {
@@ -444,90 +372,87 @@ func BenchmarkPeerKillMidAdd(b *testing.B) {
 	d := start()
 	b.Cleanup(func() { _ = d.Stop() })
 	o := newOVSCNI(b, n)
-	vm := n.bridgeList(b, "kill-vmnic", map[string]any{"vlan": 100}, n.hostLocalOn("10.64.0.0/16", "10.64.0.1", "10.64.0.10", "10.64.3.250"))
-	peer := o.list(b, "kill-ovscni", "br1", nil)
-	vmAdd := func(c context.Context, p *harness.Pod) error { _, err := n.Add(c, vm, p); return err }
-	peerAdd := func(c context.Context, p *harness.Pod) error { return o.add(c, peer, p) }
+	_, vm, peer, _ := peerArms(b, n, o, "br1", "br1")
 	seq := 0
-	newP := func(prefix string) *harness.Pod {
-		seq++
-		p := newPod(b, fmt.Sprintf("%s%d-x", prefix, seq))
-		p.IfName = "net1"
-		return p
-	}
-	// traces are what a plugin has on the node now: its OVS ports, its
-	// node-side veths and, for vmnic, its host-local addresses.
-	traces := func(vmnic bool) [3]int {
-		if vmnic {
-			return [3]int{len(n.vmnicPorts(b)), n.nodeVeths(b, "vmn"), len(n.allocated(b, "kill-vmnic"))}
+	newP := func(a peerArm) *harness.Pod { seq++; return a.pod(seq) }
+	// traces are what an arm's plugin has on the node now: its OVS ports,
+	// its node-side veths and, for vmnic, its host-local addresses.
+	traces := func(a peerArm) [3]int {
+		if a.name == vm.name {
+			return [3]int{len(n.vmnicPorts(b)), n.nodeVeths(b, "vmn"), len(n.allocated(b, vm.list.Name))}
 		}
 		return [3]int{len(o.ports(b)), n.nodeVeths(b, "veth"), 0}
 	}
 	// typical ADD time of each arm, to spread the kill delays over; each
 	// ADD must show as one port and one veth more (the counts can see).
-	typical := func(add func(context.Context, *harness.Pod) error, del func(*harness.Pod) error, prefix string, vmnic bool) time.Duration {
+	typical := func(a peerArm) time.Duration {
 		var t []time.Duration
 		for range 5 {
-			before := traces(vmnic)
-			p := newP(prefix)
+			before := traces(a)
+			p := newP(a)
 			t0 := time.Now()
-			if err := add(ctx, p); err != nil {
+			if err := a.add(ctx, p); err != nil {
 				b.Fatal(err)
 			}
 			t = append(t, time.Since(t0))
-			if now := traces(vmnic); now[0] != before[0]+1 || now[1] != before[1]+1 {
-				b.Fatalf("%s: an ADD shows as ports %d→%d, veths %d→%d", prefix, before[0], now[0], before[1], now[1])
+			if now := traces(a); now[0] != before[0]+1 || now[1] != before[1]+1 {
+				b.Fatalf("%s: an ADD shows as ports %d→%d, veths %d→%d", a.name, before[0], now[0], before[1], now[1])
 			}
-			if err := del(p); err != nil {
+			if err := a.del(ctx, p); err != nil {
 				b.Fatal(err)
 			}
 		}
 		return median(t)
 	}
-	vmDel := func(p *harness.Pod) error { return n.Del(ctx, vm, p) }
-	peerDel := func(p *harness.Pod) error { return o.del(ctx, peer, p) }
-	vmT, peerT := typical(vmAdd, vmDel, "virt-launcher-kt", true), typical(peerAdd, peerDel, "ovscni-kt", false)
+	vmT, peerT := typical(vm), typical(peer)
 	rng := rand.New(rand.NewPCG(1, 2))
 	delay := func(typ time.Duration) time.Duration { return time.Duration(rng.Int64N(int64(typ))) + time.Millisecond }
 	// Every count is reported, zero too.
 	left := map[string]int{"vmnic-shim-killed-adds": 0, "vmnic-daemon-killed-adds-failed": 0, "ovscni-killed-adds": 0}
 	// count adds what appeared since before (the trial's start) under key.
-	count := func(key string, vmnic bool, before [3]int) {
-		now := traces(vmnic)
+	count := func(key string, a peerArm, before [3]int) {
+		now := traces(a)
 		left[key+"-ports"] += now[0] - before[0]
 		left[key+"-veths"] += now[1] - before[1]
-		if vmnic {
+		if a.name == vm.name {
 			left[key+"-ips"] += now[2] - before[2]
 		}
 	}
+	// killedAdd runs a's ADD of a new pod with a deadline inside its
+	// typical time (libcni SIGKILLs the plugin when it passes), counts it
+	// under key when the kill cut it short, then runs the runtime's DEL.
+	killedAdd := func(a peerArm, typ time.Duration, key string) *harness.Pod {
+		p := newP(a)
+		c, cancel := context.WithTimeout(ctx, delay(typ))
+		if a.add(c, p) != nil {
+			left[key]++
+		}
+		cancel()
+		if err := a.del(ctx, p); err != nil {
+			b.Fatalf("%s DEL after a kill: %v", a.name, err)
+		}
+		return p
+	}
 	gc := func() {
-		if err := n.GC(ctx, vm, nil); err != nil {
+		if err := n.GC(ctx, vm.list, nil); err != nil {
 			b.Fatalf("GC: %v", err)
 		}
 	}
 	b.ResetTimer()
 	for range trials {
 		// vmnic: the shim killed mid-ADD; the daemon goes on.
-		before := traces(true)
-		p := newP("virt-launcher-ks")
-		c, cancel := context.WithTimeout(ctx, delay(vmT))
-		if vmAdd(c, p) != nil {
-			left["vmnic-shim-killed-adds"]++
-		}
-		cancel()
-		if err := vmDel(p); err != nil {
-			b.Fatalf("vmnic DEL after a killed shim: %v", err)
-		}
-		count("vmnic-shim-killed-after-del", true, before)
+		before := traces(vm)
+		killedAdd(vm, vmT, "vmnic-shim-killed-adds")
+		count("vmnic-shim-killed-after-del", vm, before)
 		gc()
-		count("vmnic-shim-killed-after-gc", true, before)
+		count("vmnic-shim-killed-after-gc", vm, before)
 
 		// vmnic: vmnicd killed mid-ADD and restarted; the shim's ADD
 		// fails or reaches the new daemon.
-		before = traces(true)
-		p = newP("virt-launcher-kd")
+		before = traces(vm)
+		p := newP(vm)
 		added := make(chan error, 1)
-		go func() { added <- vmAdd(ctx, p) }()
+		go func() { added <- vm.add(ctx, p) }()
 		time.Sleep(delay(vmT))
 		d.Kill()
 		<-d.Done()
@@ -535,34 +460,26 @@ func BenchmarkPeerKillMidAdd(b *testing.B) {
 		if <-added != nil {
 			left["vmnic-daemon-killed-adds-failed"]++
 		}
-		if err := vmDel(p); err != nil {
+		if err := vm.del(ctx, p); err != nil {
 			b.Fatalf("vmnic DEL after a killed vmnicd: %v", err)
 		}
-		count("vmnic-daemon-killed-after-del", true, before)
+		count("vmnic-daemon-killed-after-del", vm, before)
 		gc()
-		count("vmnic-daemon-killed-after-gc", true, before)
+		count("vmnic-daemon-killed-after-gc", vm, before)
 
 		// ovs-cni killed mid-ADD.
-		before = traces(false)
-		p = newP("ovscni-k")
-		c, cancel = context.WithTimeout(ctx, delay(peerT))
-		if peerAdd(c, p) != nil {
-			left["ovscni-killed-adds"]++
-		}
-		cancel()
-		if err := peerDel(p); err != nil {
-			b.Fatalf("ovs-cni DEL after a kill: %v", err)
-		}
-		count("ovscni-killed-after-del", false, before)
+		before = traces(peer)
+		p = killedAdd(peer, peerT, "ovscni-killed-adds")
+		count("ovscni-killed-after-del", peer, before)
 		p.Close() // the sandbox goes, and its veth pair with it
-		q := newP("ovscni-kq")
-		if err := peerAdd(ctx, q); err != nil {
+		q := newP(peer)
+		if err := peer.add(ctx, q); err != nil {
 			b.Fatalf("ovs-cni ADD after a kill: %v", err)
 		}
-		if err := peerDel(q); err != nil {
+		if err := peer.del(ctx, q); err != nil {
 			b.Fatal(err)
 		}
-		count("ovscni-killed-after-next-add", false, before)
+		count("ovscni-killed-after-next-add", peer, before)
 		// Clean up by hand so that the next trial starts from nothing.
 		for _, port := range o.ports(b) {
 			n.vsctl(b, "del-port", port)

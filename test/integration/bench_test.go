@@ -31,28 +31,42 @@ func benchCtx(b *testing.B) context.Context {
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
-// addDelArms runs ADD then DEL of pod on each list, the arms' order rotated
-// every iteration, and returns each arm's ADD and DEL latencies.
-func addDelArms(b *testing.B, node *harness.Node, pod *harness.Pod, lists ...*libcni.NetworkConfigList) (adds, dels [][]time.Duration) {
+// benchArm is one plugin configuration of an interleaved benchmark.
+type benchArm struct {
+	name     string
+	add, del func(context.Context, *harness.Pod) error
+}
+
+// listArm runs a network list on node.
+func listArm(node *harness.Node, l *libcni.NetworkConfigList) benchArm {
+	return benchArm{
+		name: l.Name,
+		add:  func(ctx context.Context, p *harness.Pod) error { _, err := node.Add(ctx, l, p); return err },
+		del:  func(ctx context.Context, p *harness.Pod) error { return node.Del(ctx, l, p) },
+	}
+}
+
+// addDelArms runs, iterations times, ADD then DEL of pods[j] on arms[j],
+// the arms' order rotated every iteration, and returns each arm's ADD and
+// DEL latencies (index i of both is the same iteration).
+func addDelArms(b *testing.B, iterations int, arms []benchArm, pods []*harness.Pod) (adds, dels [][]time.Duration) {
 	b.Helper()
 	ctx := benchCtx(b)
-	adds, dels = make([][]time.Duration, len(lists)), make([][]time.Duration, len(lists))
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		for k := range lists {
-			j := (i + k) % len(lists)
+	adds, dels = make([][]time.Duration, len(arms)), make([][]time.Duration, len(arms))
+	for i := range iterations {
+		for k := range arms {
+			j := (i + k) % len(arms)
 			t0 := time.Now()
-			if _, err := node.Add(ctx, lists[j], pod); err != nil {
-				b.Fatalf("ADD on %s: %v", lists[j].Name, err)
+			if err := arms[j].add(ctx, pods[j]); err != nil {
+				b.Fatalf("%s ADD: %v", arms[j].name, err)
 			}
 			t1 := time.Now()
-			if err := node.Del(ctx, lists[j], pod); err != nil {
-				b.Fatalf("DEL on %s: %v", lists[j].Name, err)
+			if err := arms[j].del(ctx, pods[j]); err != nil {
+				b.Fatalf("%s DEL: %v", arms[j].name, err)
 			}
 			adds[j], dels[j] = append(adds[j], t1.Sub(t0)), append(dels[j], time.Since(t1))
 		}
 	}
-	b.StopTimer()
 	return adds, dels
 }
 
@@ -65,7 +79,9 @@ func BenchmarkMasqueradeAddDel(b *testing.B) {
 	node, _ := newNode(b, true)
 	vmnic := list(b, node, harness.NetOptions{Vmnic: true, VM: vm1, Subnet6: "-"})
 	primary := list(b, node, harness.NetOptions{Subnet6: "-"})
-	adds, dels := addDelArms(b, node, newPod(b, "virt-launcher-vm1-bench"), vmnic, primary)
+	pod := newPod(b, "virt-launcher-vm1-bench")
+	b.ResetTimer()
+	adds, dels := addDelArms(b, b.N, []benchArm{listArm(node, vmnic), listArm(node, primary)}, []*harness.Pod{pod, pod})
 	b.ReportMetric(ms(median(adds[0])), "add-ms-median")
 	b.ReportMetric(ms(median(dels[0])), "del-ms-median")
 	b.ReportMetric(ms(median(adds[1])), "primary-add-ms-median")
@@ -76,44 +92,46 @@ func BenchmarkMasqueradeAddDel(b *testing.B) {
 // vs the same conflist without vmnic, interleaved in one run so both see the
 // same machine. The goal is an overhead under 2 ms.
 func BenchmarkPassThroughOverhead(b *testing.B) {
-	ctx := benchCtx(b)
 	node, _ := newNode(b, true)
 	plain := list(b, node, harness.NetOptions{Name: "podnet", Subnet6: "-"})
 	chained := list(b, node, harness.NetOptions{Name: "podnet", Vmnic: true, Subnet6: "-"})
 	pod := newPod(b, "web-0")
-	var without, with []time.Duration
 	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		t0 := time.Now()
-		if _, err := node.Add(ctx, plain, pod); err != nil {
-			b.Fatal(err)
+	adds, dels := addDelArms(b, b.N, []benchArm{listArm(node, plain), listArm(node, chained)}, []*harness.Pod{pod, pod})
+	total := func(j int) []time.Duration {
+		d := make([]time.Duration, len(adds[j]))
+		for i := range d {
+			d[i] = adds[j][i] + dels[j][i]
 		}
-		if err := node.Del(ctx, plain, pod); err != nil {
-			b.Fatal(err)
-		}
-		t1 := time.Now()
-		if _, err := node.Add(ctx, chained, pod); err != nil {
-			b.Fatal(err)
-		}
-		if err := node.Del(ctx, chained, pod); err != nil {
-			b.Fatal(err)
-		}
-		t2 := time.Now()
-		without, with = append(without, t1.Sub(t0)), append(with, t2.Sub(t1))
+		return d
 	}
-	b.ReportMetric(ms(median(without)), "without-ms-median")
-	b.ReportMetric(ms(median(with)), "with-vmnic-ms-median")
-	b.ReportMetric(ms(median(with)-median(without)), "overhead-ms")
+	without, with := median(total(0)), median(total(1))
+	b.ReportMetric(ms(without), "without-ms-median")
+	b.ReportMetric(ms(with), "with-vmnic-ms-median")
+	b.ReportMetric(ms(with-without), "overhead-ms")
 }
 
-// floorPrograms are the Go programs the shim's exec is measured against:
-// "minimal" prints {} (the floor of any Go binary), "json" reads its stdin,
-// decodes it with encoding/json and prints its prevResult (the floor of a
-// Go plugin that parses its config).
+// floorPrograms are the Go programs the shim's exec is measured against,
+// each built as a main package of this module that exists only in a build
+// overlay: "minimal" prints {} (the floor of any Go binary); "linked" is
+// that with the shim's packages linked in and never called (what the
+// shim's imports cost, their init and its size, before any work); "json"
+// reads its stdin, decodes it with encoding/json and prints its prevResult
+// (the floor of a Go plugin that parses its config).
 var floorPrograms = map[string]string{
 	"minimal": `package main
 
 import "os"
+
+func main() { _, _ = os.Stdout.Write([]byte("{}")) }
+`,
+	"linked": `package main
+
+import (
+	"os"
+
+	_ "github.com/vmnic/vmnic/pkg/shim"
+)
 
 func main() { _, _ = os.Stdout.Write([]byte("{}")) }
 `,
@@ -136,39 +154,50 @@ func main() {
 `,
 }
 
-// linkedOnly is the minimal program with the shim's packages linked in and
-// not called: what the shim pays for its imports (their init and its size)
-// before it does any work.
-const linkedOnly = `package main
-
-import (
-	"os"
-
-	_ "github.com/vmnic/vmnic/pkg/shim"
-)
-
-func main() { _, _ = os.Stdout.Write([]byte("{}")) }
-`
-
-// releaseBuild builds pkg in dir (a module) as make build and the image
-// build the shim: static, -trimpath, -s -w; extra flags (an -overlay) go
-// first.
-func releaseBuild(b *testing.B, dir, out, pkg string, extra ...string) {
+// releaseBuild builds pkg of the module in root as make build and the
+// image build the shim: static, -trimpath, -s -w; extra flags (an
+// -overlay) go first.
+func releaseBuild(b *testing.B, root, out, pkg string, extra ...string) {
 	b.Helper()
 	args := append([]string{"build"}, extra...)
 	cmd := exec.Command("go", append(args, "-trimpath", "-ldflags", "-s -w", "-o", out, pkg)...)
-	cmd.Dir = dir
+	cmd.Dir = root
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if o, err := cmd.CombinedOutput(); err != nil {
 		b.Fatalf("go build %s: %v\n%s", pkg, err, o)
 	}
 }
 
+// buildFloors builds floorPrograms into dir, by name.
+func buildFloors(b *testing.B, root, dir string) map[string]string {
+	b.Helper()
+	replace := map[string]string{}
+	for name, src := range floorPrograms {
+		file := filepath.Join(dir, name+".go")
+		if err := os.WriteFile(file, []byte(src), 0o644); err != nil {
+			b.Fatal(err)
+		}
+		replace[filepath.Join(root, "cmd", "vmnic-floor-"+name, "main.go")] = file
+	}
+	overlay, err := json.Marshal(map[string]any{"Replace": replace})
+	if err != nil {
+		b.Fatal(err)
+	}
+	overlayFile := filepath.Join(dir, "overlay.json")
+	if err := os.WriteFile(overlayFile, overlay, 0o644); err != nil {
+		b.Fatal(err)
+	}
+	floors := map[string]string{}
+	for name := range floorPrograms {
+		floors[name] = filepath.Join(dir, name)
+		releaseBuild(b, root, floors[name], "./cmd/vmnic-floor-"+name, "-overlay", overlayFile)
+	}
+	return floors
+}
+
 // BenchmarkShimExec separates the pass-through's cost from the machine's
 // process start cost: one exec of the shim as released (make build's flags)
-// answering a non-VM ADD, of a minimal static Go binary printing {}, of a
-// Go binary that decodes its stdin as JSON, of the minimal one with the
-// shim's packages linked in and not called, of the reference loopback
+// answering a non-VM ADD, of each floor program, of the reference loopback
 // plugin answering VERSION, and of /bin/true, interleaved, each with the
 // same environment and stdin. The goal is the shim ≤ 1.1x the minimal Go
 // binary.
@@ -184,36 +213,7 @@ func BenchmarkShimExec(b *testing.B) {
 	dir := b.TempDir()
 	shimBin := filepath.Join(dir, "vmnic")
 	releaseBuild(b, root, shimBin, "./cmd/vmnic")
-	floors := map[string]string{}
-	for name, src := range floorPrograms {
-		mod := filepath.Join(dir, name+"-src")
-		if err := os.MkdirAll(mod, 0o755); err != nil {
-			b.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(mod, "go.mod"), []byte("module "+name+"\n\ngo 1.26\n"), 0o644); err != nil {
-			b.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(mod, "main.go"), []byte(src), 0o644); err != nil {
-			b.Fatal(err)
-		}
-		floors[name] = filepath.Join(dir, name)
-		releaseBuild(b, mod, floors[name], ".")
-	}
-	// The linked-only program lives, through an overlay, in a package of
-	// this module that exists nowhere on disk.
-	src := filepath.Join(dir, "linked.go")
-	if err := os.WriteFile(src, []byte(linkedOnly), 0o644); err != nil {
-		b.Fatal(err)
-	}
-	overlay, err := json.Marshal(map[string]any{"Replace": map[string]string{filepath.Join(root, "cmd", "vmnic-linked-only", "main.go"): src}})
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "overlay.json"), overlay, 0o644); err != nil {
-		b.Fatal(err)
-	}
-	floors["linked"] = filepath.Join(dir, "linked")
-	releaseBuild(b, root, floors["linked"], "./cmd/vmnic-linked-only", "-overlay", filepath.Join(dir, "overlay.json"))
+	floors := buildFloors(b, root, dir)
 	conf := []byte(`{"cniVersion":"1.0.0","name":"podnet","type":"vmnic","mode":"masquerade","prevResult":{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"/var/run/netns/x"}],"ips":[{"address":"198.18.0.5/24","interface":0}]}}`)
 	env := []string{
 		"CNI_COMMAND=ADD", "CNI_CONTAINERID=c1", "CNI_NETNS=/proc/1/ns/net", "CNI_IFNAME=eth0", "CNI_PATH=" + bin,
