@@ -30,6 +30,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
+	"golang.org/x/sys/unix"
 
 	"github.com/vmnic/vmnic/daemon"
 )
@@ -148,8 +149,7 @@ func (n *Node) Close() {
 		p.kill()
 	}
 	if n.NS != nil {
-		_ = n.NS.Close()
-		_ = testutils.UnmountNS(n.NS)
+		RemoveNetns(n.NS)
 	}
 }
 
@@ -233,11 +233,23 @@ func NewPod(name string) (*Pod, error) {
 	return &Pod{NS: podNS, ContainerID: "c" + id, Namespace: "default", Name: name, IfName: "eth0"}, nil
 }
 
+// RemoveNetns closes a bind-mounted network namespace and removes its
+// mount, as containerd does: a lazy unmount, which also succeeds while a
+// process (a vmnicd that has not yet replayed a spooled DEL, say) still has
+// the namespace open. testutils.UnmountNS does a plain unmount, which then
+// fails with EBUSY and leaves the namespace behind.
+func RemoveNetns(n ns.NetNS) {
+	path := n.Path()
+	_ = n.Close()
+	if err := unix.Unmount(path, unix.MNT_DETACH); err == nil || errors.Is(err, unix.EINVAL) {
+		_ = os.Remove(path)
+	}
+}
+
 // Close removes the pod netns (what the runtime does after DEL).
 func (p *Pod) Close() {
 	if p.NS != nil {
-		_ = p.NS.Close()
-		_ = testutils.UnmountNS(p.NS)
+		RemoveNetns(p.NS)
 		p.NS = nil
 	}
 }

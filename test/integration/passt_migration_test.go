@@ -56,7 +56,7 @@ func passtUnderlay(t *testing.T, a, b *harness.Node) ns.NetNS {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = peer.Close(); _ = testutils.UnmountNS(peer) })
+	t.Cleanup(func() { harness.RemoveNetns(peer) })
 	err = a.NS.Do(func(ns.NetNS) error {
 		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "uplink0"}, PeerName: "uplink0", PeerNamespace: netlink.NsFd(int(b.NS.Fd()))}); err != nil {
 			return err

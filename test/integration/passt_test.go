@@ -39,7 +39,7 @@ func underlay(t testing.TB, node *harness.Node) ns.NetNS {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = peer.Close(); _ = testutils.UnmountNS(peer) })
+	t.Cleanup(func() { harness.RemoveNetns(peer) })
 	err = node.NS.Do(func(ns.NetNS) error {
 		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "uplink0"}, PeerName: "under0", PeerNamespace: netlink.NsFd(int(peer.Fd()))}); err != nil {
 			return err

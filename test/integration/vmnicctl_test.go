@@ -111,7 +111,7 @@ func guestDHCP(t *testing.T, p *harness.Pod, bridge string, mac net.HardwareAddr
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = guest.Close(); _ = testutils.UnmountNS(guest) })
+	t.Cleanup(func() { harness.RemoveNetns(guest) })
 	err = p.NS.Do(func(ns.NetNS) error {
 		veth := &netlink.Veth{
 			LinkAttrs: netlink.LinkAttrs{Name: "gst0"}, PeerName: "guest0",
