@@ -21,6 +21,8 @@ if [[ $what != demo ]]; then
   pkgs+=(
     openvswitch-switch # private userspace-datapath OVS instances in tests (no kernel module needed)
     passt # the passt mode's live-migration test runs KubeVirt's user-mode network back end
+    runc buildah # the real node's containers (containerd runs Debian's runc) and its images (make image)
+    iptables # flanneld's masquerade rules, inside the real node's namespace
   )
 fi
 missing=()
@@ -47,6 +49,10 @@ fi
 
 # Tool binaries from test/tools/go.mod (kubevirt-oracle from test/kubevirt)
 # into .tools/bin, rebuilt only when their module changes (kube-apiserver
-# takes ~10 min cold on 2 cores).
+# takes ~10 min cold on 2 cores, the real node's tools ~5 min more).
 bash test/tools/build.sh cnitool etcd kube-apiserver helm spiderpool-agent spiderpool coordinator golangci-lint kubevirt-oracle >/dev/null
+# The real node (test/node): kubelet and the controllers beside
+# kube-apiserver, containerd, crictl, Flannel and the plugins it delegates to.
+bash test/tools/build.sh kube-controller-manager kube-scheduler kubelet containerd containerd-shim-runc-v2 ctr crictl \
+  flanneld flannel bridge host-local loopback portmap >/dev/null
 echo "deps: ready"

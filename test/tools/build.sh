@@ -13,6 +13,11 @@
 # kubevirt-oracle (KubeVirt's own code answering vmnic's tests) builds from
 # test/kubevirt, pinned to KubeVirt's 0.34. ovs-cni (the bridge-mode peer
 # in the benchmarks) builds from test/tools/ovscni as .tools/bin/ovs-cni.
+# The real node (test/node) adds containerd, its runc shim, ctr and crictl
+# (test/tools/containerd), kubelet, kube-controller-manager and
+# kube-scheduler (this module, beside kube-apiserver), flanneld
+# (test/tools/flannel), the flannel CNI plugin (test/tools/flannelcni) and
+# Multus thick (test/tools/multus).
 # A binary is rebuilt only when it is missing or its stamp file
 # (.tools/bin/.stamp/NAME) records another hash of its module's go.mod, go.sum
 # (and for test/kubevirt its sources), the Go version and the build flags, so
@@ -26,20 +31,26 @@ out=${TOOLS_BIN:-$root/.tools/bin}
 
 if (($# == 0)); then
   echo "usage: $0 NAME..." >&2
-  echo "  names: kube-apiserver etcd helm cnitool golangci-lint ptp bridge loopback host-local spiderpool-agent spiderpool coordinator kubevirt-oracle ovs-cni, or a package path" >&2
+  echo "  names: kube-apiserver etcd helm cnitool golangci-lint ptp bridge loopback host-local portmap spiderpool-agent spiderpool coordinator kubevirt-oracle ovs-cni" >&2
+  echo "         kubelet kube-controller-manager kube-scheduler containerd containerd-shim-runc-v2 ctr crictl flanneld flannel multus-daemon multus-shim, or a package path" >&2
   exit 2
 fi
 
 # pkg_of NAME prints the package path for a short name.
 pkg_of() {
   case $1 in
-    kube-apiserver) echo k8s.io/kubernetes/cmd/kube-apiserver ;;
+    kube-apiserver | kubelet | kube-controller-manager | kube-scheduler) echo "k8s.io/kubernetes/cmd/$1" ;;
     etcd) echo go.etcd.io/etcd/server/v3 ;;
     helm) echo helm.sh/helm/v3/cmd/helm ;;
     cnitool) echo github.com/containernetworking/cni/cnitool ;;
     golangci-lint) echo github.com/golangci/golangci-lint/v2/cmd/golangci-lint ;;
     ptp | bridge | loopback) echo "github.com/containernetworking/plugins/plugins/main/$1" ;;
     host-local) echo "github.com/containernetworking/plugins/plugins/ipam/$1" ;;
+    portmap | flannel) echo "github.com/containernetworking/plugins/plugins/meta/$1" ;;
+    containerd | containerd-shim-runc-v2 | ctr) echo "github.com/containerd/containerd/v2/cmd/$1" ;;
+    crictl) echo sigs.k8s.io/cri-tools/cmd/crictl ;;
+    flanneld) echo github.com/flannel-io/flannel ;;
+    multus-daemon | multus-shim) echo "gopkg.in/k8snetworkplumbingwg/multus-cni.v4/cmd/$1" ;;
     spiderpool-agent | spiderpool | coordinator) echo "github.com/spidernet-io/spiderpool/cmd/$1" ;;
     kubevirt-oracle) echo github.com/vmnic/vmnic/test/kubevirt/cmd/kubevirt-oracle ;;
     ovs-cni) echo github.com/k8snetworkplumbingwg/ovs-cni/cmd/plugin ;;
@@ -56,7 +67,11 @@ moddir_of() {
   case $1 in
     github.com/spidernet-io/spiderpool/*) echo "$tools_dir/spiderpool" ;;
     github.com/vmnic/vmnic/test/kubevirt/*) echo "$root/test/kubevirt" ;;
+    github.com/containernetworking/plugins/plugins/meta/flannel) echo "$tools_dir/flannelcni" ;;
     github.com/containernetworking/*) echo "$tools_dir/cni" ;;
+    github.com/containerd/* | sigs.k8s.io/cri-tools/*) echo "$tools_dir/containerd" ;;
+    github.com/flannel-io/flannel*) echo "$tools_dir/flannel" ;;
+    gopkg.in/k8snetworkplumbingwg/multus-cni.v4/*) echo "$tools_dir/multus" ;;
     github.com/k8snetworkplumbingwg/ovs-cni/*) echo "$tools_dir/ovscni" ;;
     *) echo "$tools_dir" ;;
   esac
@@ -68,6 +83,7 @@ bin_of() {
   case $1 in
     go.etcd.io/etcd/server/v3) echo etcd ;;
     github.com/k8snetworkplumbingwg/ovs-cni/cmd/plugin) echo ovs-cni ;;
+    github.com/flannel-io/flannel) echo flanneld ;;
     *)
       local b=${1##*/}
       if [[ $b =~ ^v[0-9]+$ ]]; then
@@ -102,6 +118,15 @@ ldflags_of() {
       local u=github.com/k8snetworkplumbingwg/ovs-cni/pkg/utils
       echo "-X $u.DefaultCacheDir=$root/.tools/ovs-cni/cache -X $u.OldDefaultCacheDir=$root/.tools/ovs-cni/oldcache"
       ;;
+    github.com/containerd/containerd/v2/cmd/*)
+      echo "-X github.com/containerd/containerd/v2/version.Version=$(cd "$tools_dir/containerd" && go list -m -f '{{.Version}}' github.com/containerd/containerd/v2)"
+      ;;
+    sigs.k8s.io/cri-tools/cmd/crictl)
+      echo "-X sigs.k8s.io/cri-tools/pkg/version.Version=$(cd "$tools_dir/containerd" && go list -m -f '{{.Version}}' sigs.k8s.io/cri-tools)"
+      ;;
+    github.com/flannel-io/flannel)
+      echo "-X github.com/flannel-io/flannel/pkg/version.Version=$(cd "$tools_dir/flannel" && go list -m -f '{{.Version}}' github.com/flannel-io/flannel)"
+      ;;
     k8s.io/kubernetes/cmd/*)
       local v
       v=$(cd "$tools_dir" && go list -m -f '{{.Version}}' k8s.io/kubernetes)
@@ -134,17 +159,27 @@ if command -v flock >/dev/null; then
 fi
 
 # mod_hash_of DIR prints the hash of the module's go.mod and go.sum and, for
-# test/kubevirt, whose code is this repository's own, of its Go sources and
-# nested go.mod files too: editing them rebuilds the binary.
+# test/kubevirt and test/tools/flannel (its tencentvpc stand-in), whose code
+# is this repository's own, of its Go sources and nested go.mod files too:
+# editing them rebuilds the binary.
 mod_hash_of() {
   {
     cat "$1/go.mod" "$1/go.sum"
-    if [[ $1 == "$root/test/kubevirt" ]]; then
+    if [[ $1 == "$root/test/kubevirt" || $1 == "$tools_dir/flannel" ]]; then
       (cd "$1" && find . -type f \( -name '*.go' -o -name go.mod \) -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
     fi
   } | sha256sum | cut -d' ' -f1
 }
 go_version=$(go env GOVERSION)
+
+# cgo_of PKG prints 1 for the one tool that needs cgo: flanneld, whose udp
+# backend is C (it links it whatever the backend). Everything else is static.
+cgo_of() {
+  case $1 in
+    github.com/flannel-io/flannel) echo 1 ;;
+    *) echo 0 ;;
+  esac
+}
 
 for name in "$@"; do
   pkg=$(pkg_of "$name")
@@ -154,7 +189,8 @@ for name in "$@"; do
   target=$out/$bin
   stamp_file=$out/.stamp/$bin
   # Cheap part first: a warm check runs no go command besides "go env".
-  base_stamp="pkg=$pkg mod=$mod_hash go=$go_version cgo=0"
+  cgo=$(cgo_of "$pkg")
+  base_stamp="pkg=$pkg mod=$mod_hash go=$go_version cgo=$cgo"
   # ovs-cni's cache directory is baked in below: a checkout elsewhere rebuilds.
   [[ $pkg != github.com/k8snetworkplumbingwg/ovs-cni/* ]] || base_stamp+=" cache=$root/.tools/ovs-cni"
   if [[ -x $target && -f $stamp_file ]] && [[ $(head -n1 "$stamp_file") == "$base_stamp" ]]; then
@@ -167,7 +203,7 @@ for name in "$@"; do
   tmp=$(mktemp "$out/.$bin.XXXXXX")
   # One spiderpool dependency (github.com/tigera) is missing from the
   # checksum database; go.sum pins it.
-  (cd "$mod_dir" && CGO_ENABLED=0 GONOSUMDB=${GONOSUMDB:+$GONOSUMDB,}github.com/tigera exec go build -ldflags "$flags" -o "$tmp" "$pkg") &
+  (cd "$mod_dir" && CGO_ENABLED=$cgo GONOSUMDB=${GONOSUMDB:+$GONOSUMDB,}github.com/tigera exec go build -ldflags "$flags" -o "$tmp" "$pkg") &
   gopid=$!
   if ! wait "$gopid"; then
     rm -f "$tmp"
