@@ -9,7 +9,7 @@ BIN     := bin
 UNIT_PKGS := ./pkg/netconf/... ./pkg/proto/... ./pkg/spool/... ./pkg/state/... ./pkg/kubevirt/... ./pkg/fsutil/... \
              ./pkg/apis/... ./plugins/... ./daemon/ ./daemon/install/...
 
-.PHONY: help deps build demo test test-unit test-integration bench fuzz lint fmt vet clean
+.PHONY: help deps build image demo test test-unit test-integration bench fuzz lint fmt vet clean
 
 help: ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -19,6 +19,9 @@ deps: ## install Debian packages and build the test tool binaries (.tools/)
 
 build: ## build vmnic (shim), vmnicd (daemon), vmnicctl (CLI, also kubectl-vmnic) into bin/
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/vmnic ./cmd/vmnicd ./cmd/vmnicctl
+
+image: build ## the node image from the Dockerfile (buildah, podman or docker), as the OCI archive bin/vmnic-image-$(VERSION).tar
+	@bash deploy/image/build.sh -t $(VERSION) >/dev/null
 
 demo: ## local demo: wire a VM NIC with vmnic masquerade and boot a real guest on it (installs only what it uses)
 	@start=$$(date +%s); bash test/deps.sh demo & deps=$$!; \
