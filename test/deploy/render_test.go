@@ -394,6 +394,49 @@ func TestRenderValues(t *testing.T) {
 		t.Errorf("policy matches %s, want %s", r.policy.Spec.MatchConditions[0].Expression, want)
 	}
 
+	// The node's own directories: the same path on the host and in the
+	// container, and both containers name the same socket and spool (the
+	// init step chains an entry that must match vmnicd's).
+	dirs := decode(t, render(t, defaultRelease, defaultNamespace,
+		"node.runDir=/srv/vmnic/run", "node.stateDir=/srv/vmnic/state", "cni.netnsDirs={/a/netns,/b/netns,/c/netns}"))
+	for _, name := range []string{"install", "vmnicd"} {
+		c := dirs.container(t, name)
+		for _, want := range []string{"--socket=/srv/vmnic/run/vmnic.sock", "--spool-dir=/srv/vmnic/state/spool"} {
+			if !slices.Contains(c.Args, want) {
+				t.Errorf("%s args %v lack %s", name, c.Args, want)
+			}
+		}
+	}
+	mounts := map[string]corev1.VolumeMount{}
+	for _, m := range dirs.container(t, "vmnicd").VolumeMounts {
+		mounts[m.Name] = m
+	}
+	for _, v := range dirs.ds.Spec.Template.Spec.Volumes {
+		m, ok := mounts[v.Name]
+		if !ok {
+			t.Errorf("volume %s is not mounted in vmnicd", v.Name)
+			continue
+		}
+		if strings.HasPrefix(v.HostPath.Path, "/srv/") || strings.HasSuffix(v.HostPath.Path, "/netns") {
+			if m.MountPath != v.HostPath.Path {
+				t.Errorf("volume %s: host %s mounted at %s, want the same path", v.Name, v.HostPath.Path, m.MountPath)
+			}
+		}
+		if strings.HasSuffix(v.HostPath.Path, "/netns") && (m.MountPropagation == nil || *m.MountPropagation != corev1.MountPropagationHostToContainer) {
+			t.Errorf("netns volume %s without HostToContainer propagation", v.Name)
+		}
+		delete(mounts, v.Name)
+	}
+	got := []string{}
+	for _, v := range dirs.ds.Spec.Template.Spec.Volumes {
+		if strings.HasSuffix(v.HostPath.Path, "/netns") {
+			got = append(got, v.Name+"="+v.HostPath.Path)
+		}
+	}
+	if want := []string{"netns=/a/netns", "run-netns=/b/netns", "netns-2=/c/netns"}; !slices.Equal(got, want) {
+		t.Errorf("netns volumes %v, want %v", got, want)
+	}
+
 	off := decode(t, render(t, defaultRelease, defaultNamespace, "admissionPolicy.enabled=false"))
 	if off.policy != nil || off.vapb != nil {
 		t.Error("admissionPolicy.enabled=false still renders the policy")

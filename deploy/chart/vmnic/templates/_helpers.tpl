@@ -57,6 +57,11 @@ app.kubernetes.io/component: node
 {{- define "vmnic.cniBinMount" -}}/host/opt/cni/bin{{- end }}
 {{- define "vmnic.cniConfMount" -}}/host/etc/cni/net.d{{- end }}
 
+{{/* The volume of the i-th entry of cni.netnsDirs: netns, run-netns, netns-2, ... (the first two keep the names of the chart's earlier fixed pair). */}}
+{{- define "vmnic.netnsVolume" -}}
+{{- if eq (int .) 0 }}netns{{ else if eq (int .) 1 }}run-netns{{ else }}netns-{{ . }}{{ end }}
+{{- end }}
+
 {{/* The containers' security context (values: securityContext). */}}
 {{- define "vmnic.securityContext" -}}
 readOnlyRootFilesystem: true
