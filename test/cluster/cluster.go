@@ -25,6 +25,7 @@ import (
 	"encoding/hex"
 	"encoding/pem"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -64,6 +65,19 @@ type Options struct {
 	// ReadyTimeout bounds the wait for etcd and for /readyz (building the
 	// binaries is bounded only by Start's context). Default 60s.
 	ReadyTimeout time.Duration
+	// Launcher starts etcd and kube-apiserver; one made with
+	// proc.NewLauncherIn runs them in another network namespace (a node's).
+	// The caller keeps it: Stop kills the processes but leaves it open.
+	// nil: a launcher of the cluster's own, in this namespace.
+	Launcher *proc.Launcher
+	// Address is where kube-apiserver listens and what it advertises (the
+	// kubernetes Service's endpoint); its serving certificate names it.
+	// Default 127.0.0.1.
+	Address string
+	// Dial, if set, makes every connection of the cluster's clients (the
+	// readiness probes, Config), for a cluster in another network
+	// namespace: proc.NetnsDialer.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 // Cluster is a running etcd + kube-apiserver. Everything is under Dir:
@@ -92,6 +106,8 @@ type Cluster struct {
 
 	mapper    *restmapper.DeferredDiscoveryRESTMapper
 	launcher  *proc.Launcher
+	ownLaunch bool // launcher is the cluster's own: Stop closes it
+	dial      func(ctx context.Context, network, addr string) (net.Conn, error)
 	etcd      *proc.Proc
 	apiserver *proc.Proc
 	stopOnce  sync.Once
@@ -124,7 +140,13 @@ func Start(ctx context.Context, dir string, opts Options) (*Cluster, error) {
 		apiserverBin, etcdBin = paths[0], paths[1]
 	}
 
-	c := &Cluster{Dir: dir, Kubeconfig: filepath.Join(dir, "kubeconfig"), launcher: proc.NewLauncher()}
+	if opts.Address == "" {
+		opts.Address = "127.0.0.1"
+	}
+	c := &Cluster{Dir: dir, Kubeconfig: filepath.Join(dir, "kubeconfig"), launcher: opts.Launcher, dial: opts.Dial}
+	if c.launcher == nil {
+		c.launcher, c.ownLaunch = proc.NewLauncher(), true
+	}
 	if err := c.start(ctx, apiserverBin, etcdBin, opts); err != nil {
 		c.Stop()
 		return nil, fmt.Errorf("%w\n%s", err, c.LogTail(40))
@@ -157,7 +179,9 @@ func (c *Cluster) Stop() {
 	c.stopOnce.Do(func() {
 		c.apiserver.Kill()
 		c.etcd.Kill()
-		c.launcher.Close()
+		if c.ownLaunch {
+			c.launcher.Close()
+		}
 	})
 }
 
@@ -199,6 +223,7 @@ func (c *Cluster) ConfigWithToken(token string) *rest.Config {
 		BearerToken:     token,
 		TLSClientConfig: rest.TLSClientConfig{CAData: c.CAData},
 		QPS:             -1,
+		Dial:            c.dial,
 	}
 }
 
@@ -273,7 +298,7 @@ func (c *Cluster) startEtcd(ctx context.Context, bin string, timeout time.Durati
 			return err
 		}
 		c.etcd, c.EtcdURL = p, client
-		err = waitHTTP(ctx, p, timeout, client+"/health", nil, func(body string) bool {
+		err = waitHTTP(ctx, p, timeout, client+"/health", nil, c.dial, func(body string) bool {
 			return strings.Contains(body, `"health":"true"`)
 		})
 		if err == nil {
@@ -328,8 +353,8 @@ func (c *Cluster) startAPIServer(ctx context.Context, bin string, opts Options) 
 		}
 		args := []string{
 			"--etcd-servers=" + c.EtcdURL,
-			"--bind-address=127.0.0.1",
-			"--advertise-address=127.0.0.1",
+			"--bind-address=" + opts.Address,
+			"--advertise-address=" + opts.Address,
 			"--secure-port=" + strconv.Itoa(ports[0]),
 			// No --tls-cert-file: a self-signed CA and serving certificate
 			// for 127.0.0.1 are generated into pki/apiserver.{crt,key}.
@@ -350,11 +375,11 @@ func (c *Cluster) startAPIServer(ctx context.Context, bin string, opts Options) 
 			return err
 		}
 		c.apiserver = p
-		c.URL = "https://127.0.0.1:" + strconv.Itoa(ports[0])
+		c.URL = "https://" + net.JoinHostPort(opts.Address, strconv.Itoa(ports[0]))
 		// The certificate is not known before the server writes it: the
 		// readiness probe skips verification, later clients verify.
 		insecure := &tls.Config{InsecureSkipVerify: true} //nolint:gosec // readiness probe only
-		err = waitHTTP(ctx, p, opts.ReadyTimeout, c.URL+"/readyz", insecure, nil)
+		err = waitHTTP(ctx, p, opts.ReadyTimeout, c.URL+"/readyz", insecure, c.dial, nil)
 		if err == nil {
 			c.ReadyAfter = time.Since(started)
 			return nil
@@ -369,12 +394,14 @@ func (c *Cluster) startAPIServer(ctx context.Context, bin string, opts Options) 
 
 // waitHTTP polls url until it answers 200 (and ok accepts the body), the
 // process exits, or the timeout passes.
-func waitHTTP(ctx context.Context, p *proc.Proc, timeout time.Duration, url string, tlsConfig *tls.Config, ok func(body string) bool) error {
+func waitHTTP(ctx context.Context, p *proc.Proc, timeout time.Duration, url string, tlsConfig *tls.Config,
+	dial func(ctx context.Context, network, addr string) (net.Conn, error), ok func(body string) bool,
+) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	client := &http.Client{
 		Timeout:   2 * time.Second,
-		Transport: &http.Transport{TLSClientConfig: tlsConfig, Proxy: nil},
+		Transport: &http.Transport{TLSClientConfig: tlsConfig, Proxy: nil, DialContext: dial},
 	}
 	defer client.CloseIdleConnections()
 	var last string

@@ -5,6 +5,7 @@
 package proc
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -15,6 +16,8 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // Launcher starts child processes from one OS thread that stays locked, and
@@ -30,11 +33,28 @@ type Launcher struct {
 
 // NewLauncher starts the launcher's thread; Close ends it.
 func NewLauncher() *Launcher {
+	l, _ := NewLauncherIn("")
+	return l
+}
+
+// NewLauncherIn starts a launcher whose thread lives in the network
+// namespace at netnsPath (a bind mount such as /run/netns/NAME): every child
+// it starts is born in that namespace. "" is the caller's namespace.
+func NewLauncherIn(netnsPath string) (*Launcher, error) {
 	l := &Launcher{reqs: make(chan func()), done: make(chan struct{})}
+	ready := make(chan error, 1)
 	go func() {
 		// Never unlocked: when close ends this goroutine, the thread exits
-		// too and any child still alive gets its Pdeathsig.
+		// too and any child still alive gets its Pdeathsig. A thread moved
+		// into another namespace is never handed back to the runtime.
 		runtime.LockOSThread()
+		if netnsPath != "" {
+			if err := enterNetns(netnsPath); err != nil {
+				ready <- err
+				return
+			}
+		}
+		ready <- nil
 		for {
 			select {
 			case f := <-l.reqs:
@@ -44,7 +64,51 @@ func NewLauncher() *Launcher {
 			}
 		}
 	}()
-	return l
+	if err := <-ready; err != nil {
+		return nil, err
+	}
+	return l, nil
+}
+
+// enterNetns moves the calling (locked) thread into the network namespace
+// at path.
+func enterNetns(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("network namespace: %w", err)
+	}
+	defer func() { _ = f.Close() }()
+	if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+		return fmt.Errorf("enter network namespace %s: %w", path, err)
+	}
+	return nil
+}
+
+// NetnsDialer returns a DialContext whose sockets are made in the network
+// namespace at netnsPath (a socket keeps the namespace it was made in), for
+// HTTP clients of servers that listen only there. Each dial runs on a
+// thread of its own that is thrown away afterwards.
+func NetnsDialer(netnsPath string) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		type res struct {
+			c   net.Conn
+			err error
+		}
+		ch := make(chan res, 1)
+		go func() {
+			// Never unlocked: the thread ends with this goroutine.
+			runtime.LockOSThread()
+			if err := enterNetns(netnsPath); err != nil {
+				ch <- res{err: err}
+				return
+			}
+			var d net.Dialer
+			c, err := d.DialContext(ctx, network, addr)
+			ch <- res{c, err}
+		}()
+		r := <-ch
+		return r.c, r.err
+	}
 }
 
 // Start runs cmd.Start on the launcher's thread.

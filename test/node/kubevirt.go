@@ -1,0 +1,150 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	kubevirtv1 "kubevirt.io/api/core/v1"
+
+	"github.com/vmnic/vmnic/test/kvoracle"
+)
+
+// VMIResource is KubeVirt's VirtualMachineInstance resource.
+var VMIResource = schema.GroupVersionResource{Group: "kubevirt.io", Version: "v1", Resource: "virtualmachineinstances"}
+
+// SchedulableLabel is the label virt-handler puts on nodes that run VMs;
+// virt-launcher pods select it.
+const SchedulableLabel = "kubevirt.io/schedulable"
+
+// CreateVMI stores vmi (kubevirt.io/v1; KubeVirt's CRDs must be installed)
+// and returns it as stored, with its UID.
+func (n *Node) CreateVMI(ctx context.Context, vmi *kubevirtv1.VirtualMachineInstance) (*kubevirtv1.VirtualMachineInstance, error) {
+	obj, err := runtime.DefaultUnstructuredConverter.ToUnstructured(vmi)
+	if err != nil {
+		return nil, err
+	}
+	u := &unstructured.Unstructured{Object: obj}
+	u.SetAPIVersion("kubevirt.io/v1")
+	u.SetKind("VirtualMachineInstance")
+	created, err := n.Cluster.Dynamic.Resource(VMIResource).Namespace(vmi.Namespace).Create(ctx, u, metav1.CreateOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("create VMI %s/%s: %w", vmi.Namespace, vmi.Name, err)
+	}
+	out := &kubevirtv1.VirtualMachineInstance{}
+	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(created.Object, out); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// LauncherPod returns the virt-launcher pod KubeVirt's virt-controller
+// creates for vmi (asked of KubeVirt's own code, test/kvoracle), made
+// runnable on this node. Everything vmnic and the scheduler read is
+// KubeVirt's: metadata (generateName, labels, annotations, the VMI as
+// controller owner), node selector, affinity, tolerations, hostname,
+// security context. What this node cannot run is replaced: the containers
+// become one "compute" container of the pause image (virt-launcher's image
+// is not here; the tests boot the guest's QEMU into the pod's netns
+// themselves), without the devices.kubevirt.io resources (no KubeVirt device
+// plugin runs) and without KubeVirt's volumes and init containers.
+func LauncherPod(ctx context.Context, vmi *kubevirtv1.VirtualMachineInstance, kv *kubevirtv1.KubeVirt) (*corev1.Pod, error) {
+	pod, err := kvoracle.LauncherPod(ctx, kvoracle.LauncherInput{VMI: vmi, KubeVirt: kv})
+	if err != nil {
+		return nil, err
+	}
+	spec := pod.Spec
+	pod.Spec = corev1.PodSpec{
+		NodeSelector:                  spec.NodeSelector,
+		Affinity:                      spec.Affinity,
+		Tolerations:                   spec.Tolerations,
+		Hostname:                      spec.Hostname,
+		Subdomain:                     spec.Subdomain,
+		SecurityContext:               spec.SecurityContext,
+		TerminationGracePeriodSeconds: ptr(int64(1)),
+		AutomountServiceAccountToken:  spec.AutomountServiceAccountToken,
+		DNSPolicy:                     spec.DNSPolicy,
+		DNSConfig:                     spec.DNSConfig,
+		SchedulerName:                 spec.SchedulerName,
+		PriorityClassName:             spec.PriorityClassName,
+		RestartPolicy:                 spec.RestartPolicy,
+		Containers:                    []corev1.Container{{Name: "compute", Image: PauseImage, ImagePullPolicy: corev1.PullNever}},
+	}
+	return pod, nil
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// LabelSchedulable labels the Node as virt-handler does on a node that can
+// run VMs.
+func (n *Node) LabelSchedulable(ctx context.Context) error {
+	patch := []byte(`{"metadata":{"labels":{"` + SchedulableLabel + `":"true"}}}`)
+	_, err := n.Kube.CoreV1().Nodes().Patch(ctx, n.Name, "application/merge-patch+json", patch, metav1.PatchOptions{})
+	return err
+}
+
+// WaitPodReady waits until the pod is Ready and returns it.
+func (n *Node) WaitPodReady(ctx context.Context, namespace, name string, timeout time.Duration) (*corev1.Pod, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	var last string
+	for {
+		p, err := n.Kube.CoreV1().Pods(namespace).Get(ctx, name, metav1.GetOptions{})
+		if err == nil {
+			for _, c := range p.Status.Conditions {
+				if c.Type == corev1.PodReady && c.Status == corev1.ConditionTrue {
+					return p, nil
+				}
+			}
+			last = fmt.Sprintf("phase %s, conditions %+v", p.Status.Phase, p.Status.Conditions)
+		} else {
+			last = err.Error()
+		}
+		if err := n.exited(); err != nil {
+			return nil, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("pod %s/%s not Ready after %v: %s\n%s", namespace, name, timeout, last, n.podEvents(namespace, name))
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// podEvents returns the pod's events, one a line.
+func (n *Node) podEvents(namespace, name string) string {
+	evs, err := n.Kube.CoreV1().Events(namespace).List(context.Background(), metav1.ListOptions{FieldSelector: "involvedObject.name=" + name})
+	if err != nil {
+		return ""
+	}
+	var s string
+	for _, e := range evs.Items {
+		s += fmt.Sprintf("event %s %s: %s\n", e.Type, e.Reason, e.Message)
+	}
+	return s
+}
+
+// DeletePod deletes a pod and waits until it is gone (its sandbox stopped,
+// CNI DEL done).
+func (n *Node) DeletePod(ctx context.Context, namespace, name string, timeout time.Duration) error {
+	if err := n.Kube.CoreV1().Pods(namespace).Delete(ctx, name, metav1.DeleteOptions{GracePeriodSeconds: ptr(int64(1))}); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	for {
+		if _, err := n.Kube.CoreV1().Pods(namespace).Get(ctx, name, metav1.GetOptions{}); err != nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("pod %s/%s not gone after %v", namespace, name, timeout)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}

@@ -1,0 +1,219 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/vmnic/vmnic/test/cluster"
+)
+
+// Vmnic's release on the node.
+const (
+	// Release is the Helm release name; the DaemonSet is called so too.
+	Release = "vmnic"
+	// Namespace is the release's namespace.
+	Namespace = "kube-system"
+)
+
+// VmnicRunDir and VmnicStateDir are the chart's node.runDir and
+// node.stateDir on this node (private, under Dir).
+func (n *Node) VmnicRunDir() string   { return filepath.Join(n.Dir, "vmnic", "run") }
+func (n *Node) VmnicStateDir() string { return filepath.Join(n.Dir, "vmnic", "state") }
+
+// OVSRunDir and SpiderpoolSocketDir are the chart's openvswitch.runDir and
+// spiderpool.socketDir on this node.
+func (n *Node) OVSRunDir() string           { return filepath.Join(n.Dir, "openvswitch") }
+func (n *Node) SpiderpoolSocketDir() string { return filepath.Join(n.Dir, "spidernet") }
+
+// ChartValues are the --set values that put the chart's host paths under
+// Dir and use the image img (imported, imagePullPolicy Never).
+func (n *Node) ChartValues(img *VmnicImage) []string {
+	return []string{
+		"image.repository=" + img.Repository,
+		"image.tag=" + img.Tag,
+		"image.pullPolicy=Never",
+		"cni.binDir=" + n.CNIBinDir,
+		"cni.confDir=" + n.CNIConfDir,
+		"cni.netnsDirs={" + n.NetnsDir + "}",
+		"node.runDir=" + n.VmnicRunDir(),
+		"node.stateDir=" + n.VmnicStateDir(),
+		"openvswitch.runDir=" + n.OVSRunDir(),
+		"spiderpool.socketDir=" + n.SpiderpoolSocketDir(),
+		"daemon.logLevel=debug",
+	}
+}
+
+// Helm runs helm against the node's API server (from inside the node
+// namespace), with its caches and config under Dir.
+func (n *Node) Helm(ctx context.Context, args ...string) (string, error) {
+	home := filepath.Join(n.Dir, "helm")
+	if err := os.MkdirAll(home, 0o755); err != nil {
+		return "", err
+	}
+	env := []string{"HELM_CACHE_HOME=" + home + "/cache", "HELM_CONFIG_HOME=" + home + "/config", "HELM_DATA_HOME=" + home + "/data"}
+	full := append([]string{"netns", "exec", filepath.Base(n.NetNS), "env"}, env...)
+	full = append(full, n.Bin["helm"], "--kubeconfig", n.Cluster.Kubeconfig)
+	return runCtx(ctx, "ip", append(full, args...)...)
+}
+
+// Chart is the path of the repository's chart.
+func Chart() (string, error) {
+	root, err := cluster.RepoRoot()
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(root, "deploy", "chart", "vmnic"), nil
+}
+
+// InstallVmnic imports img into containerd and runs `helm install` of the
+// chart with ChartValues (plus extra --set values), as a user installs
+// vmnic. It returns once helm has returned; WaitDaemonSet waits for the
+// rollout.
+func (n *Node) InstallVmnic(ctx context.Context, img *VmnicImage, extra ...string) error {
+	return n.helmVmnic(ctx, "install", img, extra...)
+}
+
+// UpgradeVmnic imports img and runs `helm upgrade` to it.
+func (n *Node) UpgradeVmnic(ctx context.Context, img *VmnicImage, extra ...string) error {
+	return n.helmVmnic(ctx, "upgrade", img, extra...)
+}
+
+func (n *Node) helmVmnic(ctx context.Context, verb string, img *VmnicImage, extra ...string) error {
+	if err := n.ImportImage(img.Archive); err != nil {
+		return err
+	}
+	chart, err := Chart()
+	if err != nil {
+		return err
+	}
+	args := []string{verb, Release, chart, "--namespace", Namespace}
+	for _, v := range append(n.ChartValues(img), extra...) {
+		args = append(args, "--set", v)
+	}
+	_, err = n.Helm(ctx, args...)
+	return err
+}
+
+// WaitDaemonSet waits until vmnic's DaemonSet has rolled out: its pods are
+// all updated to the current template, available and ready.
+func (n *Node) WaitDaemonSet(ctx context.Context, timeout time.Duration) (*appsv1.DaemonSet, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	var last string
+	for {
+		ds, err := n.Kube.AppsV1().DaemonSets(Namespace).Get(ctx, Release, metav1.GetOptions{})
+		if err == nil {
+			st := ds.Status
+			last = fmt.Sprintf("generation %d observed %d, desired %d updated %d ready %d available %d",
+				ds.Generation, st.ObservedGeneration, st.DesiredNumberScheduled, st.UpdatedNumberScheduled, st.NumberReady, st.NumberAvailable)
+			if st.ObservedGeneration >= ds.Generation && st.DesiredNumberScheduled > 0 &&
+				st.UpdatedNumberScheduled == st.DesiredNumberScheduled && st.NumberReady == st.DesiredNumberScheduled &&
+				st.NumberAvailable == st.DesiredNumberScheduled {
+				return ds, nil
+			}
+		} else {
+			last = err.Error()
+		}
+		if err := n.exited(); err != nil {
+			return nil, err
+		}
+		if why := n.stuckPods(ctx, "app.kubernetes.io/name=vmnic"); why != "" {
+			return nil, fmt.Errorf("DaemonSet %s/%s cannot roll out: %s", Namespace, Release, why)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("DaemonSet %s/%s not rolled out after %v: %s", Namespace, Release, timeout, last)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// stuckReasons are container waiting reasons that retrying does not cure.
+var stuckReasons = map[string]bool{
+	"ErrImageNeverPull": true, "InvalidImageName": true,
+	"CreateContainerError": true, "CreateContainerConfigError": true,
+}
+
+// stuckPods names a pod (matching selector) whose container waits for a
+// reason that retrying does not cure, or returns "".
+func (n *Node) stuckPods(ctx context.Context, selector string) string {
+	pods, err := n.Kube.CoreV1().Pods(Namespace).List(ctx, metav1.ListOptions{LabelSelector: selector})
+	if err != nil {
+		return ""
+	}
+	for _, p := range pods.Items {
+		for _, cs := range append(p.Status.InitContainerStatuses, p.Status.ContainerStatuses...) {
+			if w := cs.State.Waiting; w != nil && stuckReasons[w.Reason] {
+				return fmt.Sprintf("pod %s container %s: %s: %s", p.Name, cs.Name, w.Reason, w.Message)
+			}
+		}
+	}
+	return ""
+}
+
+// ConflistPlugins returns the plugin types of the primary conflist, in
+// order.
+func (n *Node) ConflistPlugins() ([]string, error) {
+	b, err := os.ReadFile(n.FlannelConflistPath())
+	if err != nil {
+		return nil, err
+	}
+	var conf struct {
+		Plugins []struct {
+			Type string `json:"type"`
+		} `json:"plugins"`
+	}
+	if err := jsonUnmarshal(b, &conf); err != nil {
+		return nil, fmt.Errorf("%s: %w", n.FlannelConflistPath(), err)
+	}
+	var types []string
+	for _, p := range conf.Plugins {
+		types = append(types, p.Type)
+	}
+	return types, nil
+}
+
+// PodNetns returns the network namespace path of a running pod's sandbox,
+// as containerd reports it.
+func (n *Node) PodNetns(namespace, name string) (string, error) {
+	id, err := n.Crictl("pods", "-q", "--namespace", namespace, "--name", "^"+name+"$", "--state", "ready")
+	if err != nil {
+		return "", err
+	}
+	ids := strings.Fields(id)
+	if len(ids) != 1 {
+		return "", fmt.Errorf("pod %s/%s: %d ready sandboxes", namespace, name, len(ids))
+	}
+	out, err := n.Crictl("inspectp", ids[0])
+	if err != nil {
+		return "", err
+	}
+	var insp struct {
+		Info struct {
+			RuntimeSpec struct {
+				Linux struct {
+					Namespaces []struct {
+						Type string `json:"type"`
+						Path string `json:"path"`
+					} `json:"namespaces"`
+				} `json:"linux"`
+			} `json:"runtimeSpec"`
+		} `json:"info"`
+	}
+	if err := jsonUnmarshal([]byte(out), &insp); err != nil {
+		return "", err
+	}
+	for _, ns := range insp.Info.RuntimeSpec.Linux.Namespaces {
+		if ns.Type == "network" && ns.Path != "" {
+			return ns.Path, nil
+		}
+	}
+	return "", fmt.Errorf("pod %s/%s: sandbox %s has no network namespace path", namespace, name, ids[0])
+}
