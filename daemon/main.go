@@ -118,6 +118,8 @@ func Main(args []string) int {
 	metricsAddr := fs.String("metrics-addr", DefaultMetricsAddr, "address of the Prometheus metrics, /healthz and /readyz HTTP endpoint (empty: none)")
 	events := fs.Bool("events", true, "report failed ADDs as Kubernetes Events on the pod and its VMI (with an API server)")
 	version := fs.Bool("version", false, "print the version and exit")
+	podName := fs.String("pod-name", os.Getenv("POD_NAME"), "this vmnicd's pod (in a DaemonSet): when the DaemonSet is deleted, vmnicd unchains itself and removes the shim on exit")
+	podNamespace := fs.String("pod-namespace", os.Getenv("POD_NAMESPACE"), "the namespace of --pod-name")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -244,10 +246,24 @@ func Main(args []string) int {
 			}
 		}()
 	}
+	// Taken off the node with its DaemonSet (helm uninstall): only a
+	// vmnicd that installs and chains the shim removes them.
+	var rm *removal
+	if cfg != nil && *installFrom != "" && *chain && *podName != "" && *podNamespace != "" {
+		if rm, err = watchRemoval(ctx, cfg, *podNamespace, *podName, log); err != nil {
+			log.Warn("not watching the DaemonSet: an uninstall leaves the shim chained", "err", err)
+		}
+	}
 	log.Info("vmnicd starting", "version", release.Version, "mode", mode, "node", *nodeName)
 	if err := d.Run(ctx); err != nil {
 		log.Error("run", "err", err)
 		return 1
+	}
+	if rm != nil && rm.removed() {
+		if err := uninstall(iopts, log); err != nil {
+			log.Error("uninstall", "err", err)
+			return 1
+		}
 	}
 	return 0
 }

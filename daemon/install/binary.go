@@ -127,3 +127,44 @@ func hashReader(r io.Reader) ([]byte, error) {
 	}
 	return h.Sum(nil), nil
 }
+
+// RemoveBinary removes <BinDir>/vmnic when it is opts.SourceBinary's copy
+// (the same sha256): a shim another install put there is left alone. It
+// reports whether it removed the file; a missing one is no error.
+func RemoveBinary(opts Options) (bool, error) {
+	c, err := opts.config()
+	if err != nil {
+		return false, err
+	}
+	if c.SourceBinary == "" {
+		return false, fmt.Errorf("remove %s: no source binary given", BinaryName)
+	}
+	src, err := os.Open(c.SourceBinary)
+	if err != nil {
+		return false, fmt.Errorf("open source binary: %w", err)
+	}
+	defer func() { _ = src.Close() }()
+	sum, err := hashReader(src)
+	if err != nil {
+		return false, fmt.Errorf("hash source binary %q: %w", c.SourceBinary, err)
+	}
+	dst := filepath.Join(c.BinDir, BinaryName)
+	fi, err := os.Lstat(dst)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("stat %s: %w", dst, err)
+	}
+	if !fi.Mode().IsRegular() {
+		return false, nil
+	}
+	same, err := sameBinary(dst, fi, sum)
+	if err != nil || !same {
+		return false, err
+	}
+	if err := os.Remove(dst); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return false, fmt.Errorf("remove %s: %w", dst, err)
+	}
+	return true, nil
+}

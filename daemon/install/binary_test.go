@@ -223,3 +223,30 @@ func TestInstallBinaryConcurrentExec(t *testing.T) {
 		t.Errorf("too little overlap to prove anything: %d installs, %d execs, saw one %v two %v", installs, execs.Load(), sawOne, sawTwo)
 	}
 }
+
+// TestRemoveBinary: the shim goes only when it is the source's copy; a shim
+// another install put there, and a missing one, are left as they are.
+func TestRemoveBinary(t *testing.T) {
+	src := t.TempDir()
+	one, two := filepath.Join(src, "one"), filepath.Join(src, "two")
+	writeFile(t, one, []byte("#!/bin/sh\necho one\n"), 0o600)
+	writeFile(t, two, []byte("#!/bin/sh\necho two\n"), 0o600)
+	binDir := t.TempDir()
+	dst := filepath.Join(binDir, BinaryName)
+	opts := testOptions(t, t.TempDir())
+	opts.BinDir, opts.SourceBinary = binDir, one
+	if _, err := InstallBinary(opts); err != nil {
+		t.Fatal(err)
+	}
+	other := opts
+	other.SourceBinary = two
+	if removed, err := RemoveBinary(other); err != nil || removed || !exists(t, dst) {
+		t.Fatalf("RemoveBinary of another source: removed %v, err %v; want the shim left", removed, err)
+	}
+	if removed, err := RemoveBinary(opts); err != nil || !removed || exists(t, dst) {
+		t.Fatalf("RemoveBinary: removed %v, err %v, still there %v", removed, err, exists(t, dst))
+	}
+	if removed, err := RemoveBinary(opts); err != nil || removed {
+		t.Fatalf("RemoveBinary of a missing shim: removed %v, err %v; want false, nil", removed, err)
+	}
+}

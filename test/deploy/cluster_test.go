@@ -199,6 +199,19 @@ func TestDaemonIdentity(t *testing.T) {
 		}
 	})
 	t.Run("RBAC matrix", func(t *testing.T) {
+		// Its own DaemonSet only, read only (it watches for its removal).
+		for _, tc := range []struct {
+			verb, name string
+			want       bool
+		}{{"watch", fullname, true}, {"get", fullname, true}, {"get", "other", false}, {"update", fullname, false}, {"delete", fullname, false}} {
+			ok, err := c.Can(ctx, cluster.Access{User: daemonUser, Groups: daemonGroups, Verb: tc.verb, Resource: "daemonsets.apps", Namespace: defaultNamespace, Name: tc.name})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ok != tc.want {
+				t.Errorf("%s daemonset %s: allowed %v, want %v", tc.verb, tc.name, ok, tc.want)
+			}
+		}
 		for _, tc := range []struct {
 			verb, resource string
 			want           bool

@@ -230,7 +230,7 @@ func TestRenderDefaults(t *testing.T) {
 	r := decode(t, render(t, defaultRelease, defaultNamespace))
 	if want := []string{
 		"CustomResourceDefinition/nodenetworkcapabilities.vmnic.io",
-		"ServiceAccount/vmnic", "ClusterRole/vmnic", "ClusterRoleBinding/vmnic", "DaemonSet/vmnic",
+		"ServiceAccount/vmnic", "ClusterRole/vmnic", "ClusterRoleBinding/vmnic", "Role/vmnic", "RoleBinding/vmnic", "DaemonSet/vmnic",
 		"ValidatingAdmissionPolicy/" + policyName, "ValidatingAdmissionPolicyBinding/" + policyName,
 	}; !slices.Equal(r.kinds(), want) {
 		t.Errorf("objects %v, want %v", r.kinds(), want)
@@ -288,8 +288,14 @@ func TestRenderDefaults(t *testing.T) {
 	if len(vmnicd.Ports) != 0 {
 		t.Errorf("vmnicd ports %+v, want none (metrics on loopback)", vmnicd.Ports)
 	}
-	if len(vmnicd.Env) != 1 {
-		t.Errorf("vmnicd env %+v, want NODE_NAME only", vmnicd.Env)
+	var env []string
+	for _, e := range vmnicd.Env {
+		if e.ValueFrom != nil && e.ValueFrom.FieldRef != nil {
+			env = append(env, e.Name+"="+e.ValueFrom.FieldRef.FieldPath)
+		}
+	}
+	if want := []string{"NODE_NAME=spec.nodeName", "POD_NAME=metadata.name", "POD_NAMESPACE=metadata.namespace"}; !slices.Equal(env, want) || len(vmnicd.Env) != len(want) {
+		t.Errorf("vmnicd env %+v, want %v only", vmnicd.Env, want)
 	}
 	if a := r.ds.Spec.Template.Annotations; len(a) != 0 {
 		t.Errorf("pod annotations %v, want none", a)

@@ -148,3 +148,65 @@ func (n *Node) DeletePod(ctx context.Context, namespace, name string, timeout ti
 		}
 	}
 }
+
+// Events reports whether the object has an event with the reason.
+func (n *Node) Events(namespace, name, reason string) bool {
+	evs, err := n.Kube.CoreV1().Events(namespace).List(context.Background(), metav1.ListOptions{FieldSelector: "involvedObject.name=" + name})
+	if err != nil {
+		return false
+	}
+	for _, e := range evs.Items {
+		if e.Reason == reason {
+			return true
+		}
+	}
+	return false
+}
+
+// ReadyWatch samples the Node's Ready condition until Stop.
+type ReadyWatch struct {
+	stop  chan struct{}
+	done  chan struct{}
+	worst time.Duration
+}
+
+// WatchReady polls the Node every 100 ms and records the longest span in
+// which it was not Ready (an API error counts as not Ready only if the
+// previous sample was not Ready either).
+func (n *Node) WatchReady(ctx context.Context) *ReadyWatch {
+	w := &ReadyWatch{stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(w.done)
+		var since time.Time // start of the current not-Ready span
+		for {
+			no, err := n.Kube.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
+			now := time.Now()
+			if err == nil {
+				if ready, _ := NodeReady(no); ready {
+					since = time.Time{}
+				} else if since.IsZero() {
+					since = now
+				}
+			}
+			if !since.IsZero() && now.Sub(since) > w.worst {
+				w.worst = now.Sub(since)
+			}
+			select {
+			case <-w.stop:
+				return
+			case <-ctx.Done():
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+	}()
+	return w
+}
+
+// Stop ends the watch and returns the longest not-Ready span (0: always
+// Ready).
+func (w *ReadyWatch) Stop() time.Duration {
+	close(w.stop)
+	<-w.done
+	return w.worst
+}

@@ -74,6 +74,10 @@ func TestVmnicOnNode(t *testing.T) {
 	}
 	// A plain pod before vmnic is there: the reference netns.
 	before := startPlainPod(ctx, t, n, "plain-before")
+	primary, err := os.ReadFile(n.FlannelConflistPath())
+	if err != nil {
+		t.Fatal(err)
+	}
 
 	t.Run("install", func(t *testing.T) {
 		start := time.Now()
@@ -137,21 +141,7 @@ func TestVmnicOnNode(t *testing.T) {
 	}
 
 	t.Run("VM pod", func(t *testing.T) {
-		vmi := &kubevirtv1.VirtualMachineInstance{ObjectMeta: metav1.ObjectMeta{Name: "vm1", Namespace: "default"}}
-		vmi.Spec.Networks = []kubevirtv1.Network{{Name: "default", NetworkSource: kubevirtv1.NetworkSource{Pod: &kubevirtv1.PodNetwork{}}}}
-		vmi.Spec.Domain.Devices.Interfaces = []kubevirtv1.Interface{{Name: "default", Binding: &kubevirtv1.PluginBinding{Name: kubevirt.DefaultBinding}}}
-		created, err := n.CreateVMI(ctx, vmi)
-		if err != nil {
-			t.Fatal(err)
-		}
-		launcher, err := node.LauncherPod(ctx, created, kubeVirtCR())
-		if err != nil {
-			t.Fatal(err)
-		}
-		pod, err := n.Kube.CoreV1().Pods("default").Create(ctx, launcher, metav1.CreateOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
+		created, pod := createVMPod(ctx, t, n, "vm1")
 		start := time.Now()
 		pod, err = n.WaitPodReady(ctx, pod.Namespace, pod.Name, 2*time.Minute)
 		if err != nil {
@@ -217,6 +207,151 @@ ping -c 3 -W 3 %s >/dev/null 2>&1 && echo PEER-OK || echo PEER-FAILED
 			t.Errorf("the guest did not reach the pod %s behind Flannel:\n%s", plain.Status.PodIP, out)
 		}
 	})
+	if t.Failed() {
+		return
+	}
+
+	t.Run("vmnicd away", func(t *testing.T) {
+		// A rollout of an image that cannot start: the running vmnicd
+		// goes, its successor never comes.
+		watch := n.WatchReady(ctx)
+		chart, err := node.Chart()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := n.Helm(ctx, "upgrade", node.Release, chart, "--namespace", node.Namespace, "--reuse-values", "--set", "image.tag=absent"); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(ctx, t, time.Minute, "vmnicd gone", func() (bool, string) {
+			pods, err := n.Kube.CoreV1().Pods(node.Namespace).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=vmnic"})
+			if err != nil {
+				return false, err.Error()
+			}
+			for _, p := range pods.Items {
+				if p.Spec.Containers[0].Image != "vmnic:absent" {
+					return false, "old pod " + p.Name + " still there"
+				}
+			}
+			return len(pods.Items) == 1, fmt.Sprintf("%d pods", len(pods.Items))
+		})
+		// Ordinary pods keep starting.
+		away := startPlainPod(ctx, t, n, "plain-away")
+		// A VM pod waits: its sandbox's ADD fails with "try again later"
+		// and kubelet retries.
+		_, vm := createVMPod(ctx, t, n, "vm2")
+		time.Sleep(15 * time.Second)
+		if p, err := n.Kube.CoreV1().Pods("default").Get(ctx, vm.Name, metav1.GetOptions{}); err != nil {
+			t.Fatal(err)
+		} else if p.Status.PodIP != "" || p.Status.Phase == corev1.PodRunning {
+			t.Errorf("VM pod %s started without vmnicd: phase %s, IP %s", p.Name, p.Status.Phase, p.Status.PodIP)
+		}
+		if !n.Events("default", vm.Name, "FailedCreatePodSandBox") {
+			t.Errorf("no FailedCreatePodSandBox event on %s: kubelet should be retrying its sandbox", vm.Name)
+		}
+		// vmnicd comes back: the VM pod starts.
+		if err := n.UpgradeVmnic(ctx, img); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := n.WaitDaemonSet(ctx, 2*time.Minute); err != nil {
+			t.Fatal(err)
+		}
+		back := time.Now()
+		if _, err := n.WaitPodReady(ctx, "default", vm.Name, 3*time.Minute); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("VM pod Ready %v after vmnicd came back", time.Since(back).Round(time.Millisecond))
+		if worst := watch.Stop(); worst > 0 {
+			t.Errorf("the Node was not Ready for %v while vmnicd was away", worst)
+		}
+		// Nothing leaks from the failed sandboxes: a netns and a host-local
+		// address per running pod-network sandbox, no more.
+		assertNoLeaks(t, n)
+		_ = away
+	})
+	if t.Failed() {
+		return
+	}
+
+	t.Run("uninstall", func(t *testing.T) {
+		if _, err := n.Helm(ctx, "uninstall", node.Release, "--namespace", node.Namespace, "--wait", "--timeout", "2m"); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(ctx, t, time.Minute, "vmnicd pods gone", func() (bool, string) {
+			pods, err := n.Kube.CoreV1().Pods(node.Namespace).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=vmnic"})
+			if err != nil {
+				return false, err.Error()
+			}
+			return len(pods.Items) == 0, fmt.Sprintf("%d pods", len(pods.Items))
+		})
+		// The node's CNI is what it was before the install, byte for byte.
+		waitFor(ctx, t, 30*time.Second, "conflist unchained", func() (bool, string) {
+			now, err := os.ReadFile(n.FlannelConflistPath())
+			if err != nil {
+				return false, err.Error()
+			}
+			return string(now) == string(primary), string(now)
+		})
+		if _, err := os.Stat(filepath.Join(n.CNIBinDir, "vmnic")); !os.IsNotExist(err) {
+			t.Errorf("the shim is still in the CNI bin dir after helm uninstall (%v)", err)
+		}
+		// Running pods keep running, new ones start.
+		for _, name := range []string{plain.Name, before.Name} {
+			if _, err := n.WaitPodReady(ctx, "default", name, 5*time.Second); err != nil {
+				t.Error(err)
+			}
+		}
+		startPlainPod(ctx, t, n, "plain-uninstalled")
+		if worst := n.WatchReady(ctx); worst.Stop() > 0 {
+			t.Error("the Node is not Ready after the uninstall")
+		}
+	})
+}
+
+// assertNoLeaks checks that the node holds a pod netns and a host-local
+// address for each running pod-network sandbox and nothing more.
+func assertNoLeaks(t *testing.T, n *node.Node) {
+	t.Helper()
+	ready, err := n.Crictl("pods", "-q", "--state", "ready")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sandboxes := 0
+	for _, id := range strings.Fields(ready) {
+		out, err := n.Crictl("inspectp", "-o", "go-template", "--template", "{{.status.linux.namespaces.options.network}}", id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.TrimSpace(out) == "POD" {
+			sandboxes++
+		}
+	}
+	netns, _ := os.ReadDir(n.NetnsDir)
+	ips, _ := filepath.Glob(filepath.Join(n.Dir, "flannel", "ipam", "*", "10.244.*"))
+	if len(netns) != sandboxes || len(ips) != sandboxes {
+		t.Errorf("%d running pod-network sandboxes, but %d netns in %s and %d host-local addresses %v", sandboxes, len(netns), n.NetnsDir, len(ips), ips)
+	}
+}
+
+// createVMPod stores a VMI whose pod network interface is bound to vmnic
+// and the virt-launcher pod KubeVirt's controller makes for it.
+func createVMPod(ctx context.Context, t *testing.T, n *node.Node, name string) (*kubevirtv1.VirtualMachineInstance, *corev1.Pod) {
+	t.Helper()
+	vmi := &kubevirtv1.VirtualMachineInstance{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default"}}
+	vmi.Spec.Networks = []kubevirtv1.Network{{Name: "default", NetworkSource: kubevirtv1.NetworkSource{Pod: &kubevirtv1.PodNetwork{}}}}
+	vmi.Spec.Domain.Devices.Interfaces = []kubevirtv1.Interface{{Name: "default", Binding: &kubevirtv1.PluginBinding{Name: kubevirt.DefaultBinding}}}
+	created, err := n.CreateVMI(ctx, vmi)
+	if err != nil {
+		t.Fatal(err)
+	}
+	launcher, err := node.LauncherPod(ctx, created, kubeVirtCR())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pod, err := n.Kube.CoreV1().Pods("default").Create(ctx, launcher, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return created, pod
 }
 
 // startPlainPod starts a pod of the pause image and waits for it.

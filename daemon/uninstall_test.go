@@ -1,0 +1,56 @@
+package daemon
+
+import (
+	"log/slog"
+	"testing"
+
+	appsv1 "k8s.io/api/apps/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
+)
+
+// TestRemovalDecision: vmnicd takes itself off the node only when its
+// DaemonSet is known to be deleted or being deleted; when the API server
+// cannot tell, it stays chained.
+func TestRemovalDecision(t *testing.T) {
+	now := metav1.Now()
+	ds := func(deleting bool) *appsv1.DaemonSet {
+		d := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Name: "vmnic", Namespace: "kube-system"}}
+		if deleting {
+			d.DeletionTimestamp = &now
+			d.Finalizers = []string{"foregroundDeletion"}
+		}
+		return d
+	}
+	for _, tc := range []struct {
+		name    string
+		objects []runtime.Object
+		seen    bool  // the informer saw the deletion
+		getErr  error // the API server's answer to GET instead of the object
+		want    bool
+	}{
+		{name: "DaemonSet there", objects: []runtime.Object{ds(false)}, want: false},
+		{name: "DaemonSet being deleted", objects: []runtime.Object{ds(true)}, want: true},
+		{name: "DaemonSet gone", want: true},
+		{name: "deletion seen, RBAC already gone", seen: true, getErr: apierrors.NewForbidden(schema.GroupResource{Group: "apps", Resource: "daemonsets"}, "vmnic", nil), want: true},
+		{name: "API denies, nothing seen", objects: []runtime.Object{ds(false)}, getErr: apierrors.NewUnauthorized("token"), want: false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			kube := fake.NewClientset(tc.objects...)
+			if tc.getErr != nil {
+				kube.PrependReactor("get", "daemonsets", func(k8stesting.Action) (bool, runtime.Object, error) {
+					return true, nil, tc.getErr
+				})
+			}
+			r := &removal{kube: kube, namespace: "kube-system", name: "vmnic", log: slog.Default()}
+			r.gone.Store(tc.seen)
+			if got := r.removed(); got != tc.want {
+				t.Errorf("removed() = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
