@@ -334,12 +334,9 @@ func assertNoLeaks(t *testing.T, n *node.Node) {
 
 // createVMPod stores a VMI whose pod network interface is bound to vmnic
 // and the virt-launcher pod KubeVirt's controller makes for it.
-func createVMPod(ctx context.Context, t *testing.T, n *node.Node, name string) (*kubevirtv1.VirtualMachineInstance, *corev1.Pod) {
+func createVMPod(ctx context.Context, t testing.TB, n *node.Node, name string) (*kubevirtv1.VirtualMachineInstance, *corev1.Pod) {
 	t.Helper()
-	vmi := &kubevirtv1.VirtualMachineInstance{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default"}}
-	vmi.Spec.Networks = []kubevirtv1.Network{{Name: "default", NetworkSource: kubevirtv1.NetworkSource{Pod: &kubevirtv1.PodNetwork{}}}}
-	vmi.Spec.Domain.Devices.Interfaces = []kubevirtv1.Interface{{Name: "default", Binding: &kubevirtv1.PluginBinding{Name: kubevirt.DefaultBinding}}}
-	created, err := n.CreateVMI(ctx, vmi)
+	created, err := n.CreateVMI(ctx, vmnicVMI(name))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -352,6 +349,15 @@ func createVMPod(ctx context.Context, t *testing.T, n *node.Node, name string) (
 		t.Fatal(err)
 	}
 	return created, pod
+}
+
+// vmnicVMI is a VMI in namespace default whose pod network interface is
+// bound to vmnic.
+func vmnicVMI(name string) *kubevirtv1.VirtualMachineInstance {
+	vmi := &kubevirtv1.VirtualMachineInstance{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default"}}
+	vmi.Spec.Networks = []kubevirtv1.Network{{Name: "default", NetworkSource: kubevirtv1.NetworkSource{Pod: &kubevirtv1.PodNetwork{}}}}
+	vmi.Spec.Domain.Devices.Interfaces = []kubevirtv1.Interface{{Name: "default", Binding: &kubevirtv1.PluginBinding{Name: kubevirt.DefaultBinding}}}
+	return vmi
 }
 
 // startPlainPod starts a pod of the pause image and waits for it.
