@@ -140,6 +140,8 @@ func TestVmnicOnNode(t *testing.T) {
 		return
 	}
 
+	var vm1 *corev1.Pod
+	var vm1Tap, vm1MAC string
 	t.Run("VM pod", func(t *testing.T) {
 		created, pod := createVMPod(ctx, t, n, "vm1")
 		start := time.Now()
@@ -176,6 +178,7 @@ func TestVmnicOnNode(t *testing.T) {
 			t.Fatalf("KubeVirt's domain interfaces %+v: want one on a tap", ifaces)
 		}
 		di := ifaces[0]
+		vm1, vm1Tap, vm1MAC = pod, di.Target, di.MAC
 		t.Logf("KubeVirt's domain interface: pod interface %s, tap %s, MAC %s, MTU %d", di.PodInterface, di.Target, di.MAC, di.MTU)
 		img, err := guest.Build(t.TempDir())
 		if err != nil {
@@ -206,6 +209,13 @@ ping -c 3 -W 3 %s >/dev/null 2>&1 && echo PEER-OK || echo PEER-FAILED
 		if !strings.Contains(out, "PEER-OK") {
 			t.Errorf("the guest did not reach the pod %s behind Flannel:\n%s", plain.Status.PodIP, out)
 		}
+	})
+	if t.Failed() {
+		return
+	}
+
+	t.Run("rollout under load", func(t *testing.T) {
+		testRolloutUnderLoad(ctx, t, n, vm1, vm1Tap, vm1MAC)
 	})
 	if t.Failed() {
 		return
