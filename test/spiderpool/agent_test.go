@@ -278,14 +278,17 @@ func (pd *pod) run(t *testing.T, command string) []byte {
 
 // add runs ADD and returns the one IPv4 address of the result.
 //
-// The agent reads the VMI's SpiderEndpoint from its informer cache: an ADD
-// that comes right after another pod of the VMI created it can find the
-// cache behind and fail with "already exists". The runtime retries a failed
-// sandbox; so does this, for a bounded time, on that error only.
+// The agent reads the VMI's SpiderEndpoint and the pools from its informer
+// caches: an ADD that comes right after another pod of the VMI created the
+// endpoint can find the cache behind and fail with "already exists", and one
+// right after the pool was created can fail with the pool "not found" (seen
+// in CI on a loaded machine). The runtime retries a failed sandbox; so does
+// this, for a bounded time, on those two errors only.
 func (pd *pod) add(t *testing.T) string {
 	t.Helper()
 	out, err := pd.try(t, "ADD")
-	for deadline := time.Now().Add(15 * time.Second); err != nil && strings.Contains(err.Error(), "already exists") && time.Now().Before(deadline); {
+	for deadline := time.Now().Add(15 * time.Second); err != nil && (strings.Contains(err.Error(), "already exists") ||
+		strings.Contains(err.Error(), "SpiderIPPool.spiderpool.spidernet.io") && strings.Contains(err.Error(), "not found")) && time.Now().Before(deadline); {
 		time.Sleep(250 * time.Millisecond)
 		out, err = pd.try(t, "ADD")
 	}
