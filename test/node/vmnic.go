@@ -141,10 +141,14 @@ var stuckReasons = map[string]bool{
 	"CreateContainerError": true, "CreateContainerConfigError": true,
 }
 
-// stuckPods names a pod (matching selector) whose container waits for a
-// reason that retrying does not cure, or returns "".
+// stuckPods names a pod of vmnic's namespace (matching selector) whose
+// container waits for a reason that retrying does not cure, or returns "".
 func (n *Node) stuckPods(ctx context.Context, selector string) string {
-	pods, err := n.Kube.CoreV1().Pods(Namespace).List(ctx, metav1.ListOptions{LabelSelector: selector})
+	return n.stuckPodsIn(ctx, Namespace, selector)
+}
+
+func (n *Node) stuckPodsIn(ctx context.Context, namespace, selector string) string {
+	pods, err := n.Kube.CoreV1().Pods(namespace).List(ctx, metav1.ListOptions{LabelSelector: selector})
 	if err != nil {
 		return ""
 	}

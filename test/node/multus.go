@@ -1,0 +1,240 @@
+package node
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/vmnic/vmnic/test/cluster"
+)
+
+// Multus thick on the node: multus-daemon in a DaemonSet pod (it takes its
+// API credentials from the pod, as it is meant to run), multus-shim in the
+// CNI bin dir, the generated 00-multus.conf in front of Flannel's.
+const (
+	// MultusImage is the local image of multus-daemon and multus-shim (and a
+	// busybox for the init step's copy), built from test/tools/multus.
+	MultusImage = "multus:v4.3.0"
+	// MultusConf is the file multus-daemon generates in CNIConfDir (a
+	// single-plugin config of type multus-shim).
+	MultusConf = "00-multus.conf"
+	// MultusDaemonSet is the DaemonSet's name in kube-system.
+	MultusDaemonSet = "kube-multus-ds"
+)
+
+// multusDaemonSet is the upstream thick DaemonSet
+// (deployments/multus-daemonset-thick.yml) with this node's paths, and one
+// departure. Upstream mounts the host's / at /hostroot with HostToContainer
+// propagation and runs the plugins chrooted there; this machine's / is a
+// private mount, which the runtime refuses to propagate from, and a /hostroot
+// without propagation would not see the pod netns mounted after Multus
+// started. So the node's whole directory (a shared mount: every path the
+// plugins touch, the netns mounts, the CNI dirs, Flannel's subnet file,
+// vmnic's socket) is mounted at its own path, and multus-daemon runs the
+// plugins in its container (no chrootDir). The init step copies the shim
+// with a rename, as install_multus does.
+const multusDaemonSet = `apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: multus-daemon-config
+  namespace: kube-system
+data:
+  daemon-config.json: |
+    {
+      "cniVersion": "0.3.1",
+      "logLevel": "verbose",
+      "logToStderr": true,
+      "binDir": "{{.Bin}}",
+      "cniConfigDir": "{{.Conf}}",
+      "multusAutoconfigDir": "{{.Conf}}",
+      "multusConfigFile": "auto",
+      "socketDir": "{{.Sock}}",
+      "daemonSocketDir": "{{.Sock}}"
+    }
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata:
+  name: kube-multus-ds
+  namespace: kube-system
+spec:
+  selector:
+    matchLabels: {name: multus}
+  template:
+    metadata:
+      labels: {name: multus}
+    spec:
+      hostNetwork: true
+      hostPID: true
+      serviceAccountName: multus
+      terminationGracePeriodSeconds: 1
+      tolerations: [{operator: Exists}]
+      initContainers:
+        - name: install-multus-shim
+          image: {{.Image}}
+          imagePullPolicy: Never
+          command: [/bin/busybox, sh, -c, "cp /usr/src/multus-cni/bin/multus-shim {{.Bin}}/.multus-shim.tmp && mv -f {{.Bin}}/.multus-shim.tmp {{.Bin}}/multus-shim"]
+          securityContext: {privileged: true}
+          volumeMounts:
+            - {name: node, mountPath: "{{.Dir}}"}
+      containers:
+        - name: kube-multus
+          image: {{.Image}}
+          imagePullPolicy: Never
+          command: [/usr/src/multus-cni/bin/multus-daemon, -config=/etc/cni/net.d/multus.d/daemon-config.json]
+          env:
+            - name: MULTUS_NODE_NAME
+              valueFrom: {fieldRef: {fieldPath: spec.nodeName}}
+          securityContext: {privileged: true}
+          volumeMounts:
+            - {name: node, mountPath: "{{.Dir}}", mountPropagation: HostToContainer}
+            - {name: config, mountPath: /etc/cni/net.d/multus.d}
+      volumes:
+        - {name: node, hostPath: {path: "{{.Dir}}"}}
+        - {name: config, configMap: {name: multus-daemon-config, items: [{key: daemon-config.json, path: daemon-config.json}]}}
+`
+
+// MultusDir is the module directory of Multus (its deployments/ holds the
+// upstream manifests).
+func MultusDir(ctx context.Context) (string, error) {
+	root, err := cluster.RepoRoot()
+	if err != nil {
+		return "", err
+	}
+	cmd := exec.CommandContext(ctx, "go", "list", "-m", "-f", "{{.Dir}}", "gopkg.in/k8snetworkplumbingwg/multus-cni.v4")
+	cmd.Dir = filepath.Join(root, "test", "tools", "multus")
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("multus module dir: %w", err)
+	}
+	return strings.TrimSpace(string(out)), nil
+}
+
+// InstallMultus builds the Multus image, imports it and applies the
+// upstream thick manifest's CRD, RBAC and ServiceAccount, then this node's
+// ConfigMap and DaemonSet; it returns once the DaemonSet is ready and
+// 00-multus.conf is written.
+func (n *Node) InstallMultus(ctx context.Context) error {
+	paths, err := cluster.Binaries(ctx, "multus-daemon", "multus-shim")
+	if err != nil {
+		return err
+	}
+	root, err := cluster.RepoRoot()
+	if err != nil {
+		return err
+	}
+	context := filepath.Join(n.Dir, "multus-image")
+	bin := filepath.Join(context, "usr", "src", "multus-cni", "bin")
+	if err = os.MkdirAll(bin, 0o755); err != nil {
+		return err
+	}
+	for i, name := range []string{"multus-daemon", "multus-shim"} {
+		if err = copyFile(paths[i], filepath.Join(bin, name), 0o755); err != nil {
+			return err
+		}
+	}
+	busybox, err := exec.LookPath("busybox")
+	if err != nil {
+		return err
+	}
+	if err = os.MkdirAll(filepath.Join(context, "bin"), 0o755); err != nil {
+		return err
+	}
+	if err = copyFile(busybox, filepath.Join(context, "bin", "busybox"), 0o755); err != nil {
+		return err
+	}
+	// multus-daemon checks that it runs as root through os/user, which
+	// reads /etc/passwd.
+	if err = os.MkdirAll(filepath.Join(context, "etc"), 0o755); err != nil {
+		return err
+	}
+	if err = os.WriteFile(filepath.Join(context, "etc", "passwd"), []byte("root:x:0:0:root:/root:/bin/sh\n"), 0o644); err != nil {
+		return err
+	}
+	df := "FROM scratch\nCOPY usr /usr\nCOPY bin /bin\nCOPY etc /etc\n"
+	if err = os.WriteFile(filepath.Join(context, "Dockerfile"), []byte(df), 0o644); err != nil {
+		return err
+	}
+	name, tag, _ := strings.Cut(MultusImage, ":")
+	archive := filepath.Join(n.Dir, "multus-image.tar")
+	if err = buildImage(ctx, root, "-n", name, "-t", tag, "-c", context, "-f", filepath.Join(context, "Dockerfile"), "-o", archive); err != nil {
+		return err
+	}
+	if err = n.ImportImage(archive); err != nil {
+		return err
+	}
+	dir, err := MultusDir(ctx)
+	if err != nil {
+		return err
+	}
+	upstream, err := os.ReadFile(filepath.Join(dir, "deployments", "multus-daemonset-thick.yml"))
+	if err != nil {
+		return err
+	}
+	// The CRD, ClusterRole, ClusterRoleBinding and ServiceAccount as
+	// upstream ships them; its ConfigMap and DaemonSet carry host paths.
+	var keep [][]byte
+	for _, doc := range bytes.Split(upstream, []byte("\n---")) {
+		if bytes.Contains(doc, []byte("kind: ConfigMap")) || bytes.Contains(doc, []byte("kind: DaemonSet")) {
+			continue
+		}
+		keep = append(keep, doc)
+	}
+	if err = n.Cluster.Apply(ctx, bytes.Join(keep, []byte("\n---"))); err != nil {
+		return fmt.Errorf("apply Multus' CRD and RBAC: %w", err)
+	}
+	sock := filepath.Join(n.Dir, "multus", "run")
+	if err = os.MkdirAll(sock, 0o755); err != nil {
+		return err
+	}
+	r := strings.NewReplacer("{{.Dir}}", n.Dir, "{{.Bin}}", n.CNIBinDir, "{{.Conf}}", n.CNIConfDir, "{{.Sock}}", sock,
+		"{{.Netns}}", n.NetnsDir, "{{.Image}}", MultusImage)
+	if err = n.Cluster.Apply(ctx, []byte(r.Replace(multusDaemonSet))); err != nil {
+		return fmt.Errorf("apply Multus' DaemonSet: %w", err)
+	}
+	if err = n.waitDaemonSet(ctx, "kube-system", MultusDaemonSet, "name=multus", 2*time.Minute); err != nil {
+		return err
+	}
+	return n.waitFile(ctx, filepath.Join(n.CNIConfDir, MultusConf), time.Minute)
+}
+
+// waitDaemonSet waits until a DaemonSet is rolled out and ready.
+func (n *Node) waitDaemonSet(ctx context.Context, namespace, name, selector string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	var last string
+	for {
+		ds, err := n.Kube.AppsV1().DaemonSets(namespace).Get(ctx, name, metav1.GetOptions{})
+		if err == nil {
+			if dsReady(ds) {
+				return nil
+			}
+			last = fmt.Sprintf("ready %d of %d", ds.Status.NumberReady, ds.Status.DesiredNumberScheduled)
+		} else {
+			last = err.Error()
+		}
+		if why := n.stuckPodsIn(ctx, namespace, selector); why != "" {
+			return fmt.Errorf("DaemonSet %s/%s cannot roll out: %s", namespace, name, why)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("DaemonSet %s/%s not ready after %v: %s", namespace, name, timeout, last)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+func dsReady(ds *appsv1.DaemonSet) bool {
+	st := ds.Status
+	return st.ObservedGeneration >= ds.Generation && st.DesiredNumberScheduled > 0 &&
+		st.UpdatedNumberScheduled == st.DesiredNumberScheduled && st.NumberReady == st.DesiredNumberScheduled &&
+		st.NumberAvailable == st.DesiredNumberScheduled
+}
