@@ -3,6 +3,7 @@ package deploy
 import (
 	"bytes"
 	"errors"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -328,7 +329,12 @@ func TestRenderDefaults(t *testing.T) {
 		hostPaths[v.Name] = v.HostPath.Path
 	}
 	have := map[string]mount{}
+	readOnly := map[string]string{} // host path → where it is mounted read-only
 	for _, m := range vmnicd.VolumeMounts {
+		if m.ReadOnly {
+			readOnly[hostPaths[m.Name]] = m.MountPath
+			continue
+		}
 		p := corev1.MountPropagationMode("")
 		if m.MountPropagation != nil {
 			p = *m.MountPropagation
@@ -342,6 +348,11 @@ func TestRenderDefaults(t *testing.T) {
 	}
 	if len(have) != len(want) {
 		t.Errorf("vmnicd mounts %v, want exactly %v (no host /proc: netns paths are under /var/run/netns)", have, want)
+	}
+	// The bin dir at its host path too, read-only, for the IPAM plugins
+	// vmnicd finds in the runtime's CNI_PATH; nothing else read-only.
+	if want := map[string]string{"/opt/cni/bin": "/opt/cni/bin"}; !maps.Equal(readOnly, want) {
+		t.Errorf("vmnicd read-only mounts %v, want %v", readOnly, want)
 	}
 
 	// The binding names the ServiceAccount; the policy matches its user.
@@ -395,6 +406,17 @@ func TestRenderValues(t *testing.T) {
 	}
 	if !paths["/var/lib/rancher/k3s/data/current/bin"] || !paths["/var/lib/rancher/k3s/agent/etc/cni/net.d"] {
 		t.Errorf("host paths %v lack the k3s CNI dirs", paths)
+	}
+	// vmnicd runs the IPAM plugin it finds in the runtime's CNI_PATH, a
+	// host path: the bin dir is mounted there too, read-only.
+	atHost := false
+	for _, m := range vmnicd.VolumeMounts {
+		if m.Name == "cni-bin" && m.MountPath == "/var/lib/rancher/k3s/data/current/bin" && m.ReadOnly {
+			atHost = true
+		}
+	}
+	if !atHost {
+		t.Errorf("vmnicd mounts %+v: want the CNI bin dir read-only at its host path", vmnicd.VolumeMounts)
 	}
 	if want := `request.userInfo.username == "system:serviceaccount:vmnic-system:edge"`; r.policy.Spec.MatchConditions[0].Expression != want {
 		t.Errorf("policy matches %s, want %s", r.policy.Spec.MatchConditions[0].Expression, want)
