@@ -53,8 +53,8 @@ func (n *Node) CreateVMI(ctx context.Context, vmi *kubevirtv1.VirtualMachineInst
 // is not here; the tests boot the guest's QEMU into the pod's netns
 // themselves), without the devices.kubevirt.io resources (no KubeVirt device
 // plugin runs) and without KubeVirt's volumes and init containers.
-func LauncherPod(ctx context.Context, vmi *kubevirtv1.VirtualMachineInstance, kv *kubevirtv1.KubeVirt) (*corev1.Pod, error) {
-	pod, err := kvoracle.LauncherPod(ctx, kvoracle.LauncherInput{VMI: vmi, KubeVirt: kv})
+func LauncherPod(ctx context.Context, vmi *kubevirtv1.VirtualMachineInstance, kv *kubevirtv1.KubeVirt, nads ...kvoracle.NAD) (*corev1.Pod, error) {
+	pod, err := kvoracle.LauncherPod(ctx, kvoracle.LauncherInput{VMI: vmi, KubeVirt: kv, NADs: nads})
 	if err != nil {
 		return nil, err
 	}

@@ -1,17 +1,30 @@
 package node_test
 
 import (
+	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/containernetworking/plugins/pkg/ns"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	kubevirtv1 "kubevirt.io/api/core/v1"
+
+	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/nft"
+	"github.com/vmnic/vmnic/test/cluster"
+	"github.com/vmnic/vmnic/test/guest"
+	"github.com/vmnic/vmnic/test/kvoracle"
 	"github.com/vmnic/vmnic/test/need"
 	"github.com/vmnic/vmnic/test/node"
+	"github.com/vmnic/vmnic/test/ovs"
+	"github.com/vmnic/vmnic/test/spiderpool"
 )
 
 // TestMultusOnNode puts Multus thick in front of Flannel and vmnic, as a
@@ -96,4 +109,195 @@ func TestMultusOnNode(t *testing.T) {
 	if !strings.Contains(status, pod.Status.PodIP) || !strings.Contains(status, `"default": true`) && !strings.Contains(status, `"default":true`) {
 		t.Errorf("Multus' network-status %s lacks the default network with the pod IP %s", status, pod.Status.PodIP)
 	}
+	if t.Failed() {
+		return
+	}
+
+	t.Run("bridge NAD with Spiderpool", func(t *testing.T) {
+		testBridgeNAD(ctx, t, n)
+	})
+}
+
+// testBridgeNAD adds a bridge-mode NetworkAttachmentDefinition (OVS,
+// userspace datapath, in the node's namespace) with Spiderpool's IPAM (the
+// agent against this API server, in the node's namespace) and a VM pod
+// with the networks annotation KubeVirt writes: Multus calls vmnic for
+// pod<hash>, its network-status carries the pool's IP and the MAC, and a
+// guest booted as KubeVirt boots it takes that IP by DHCP. Two pools: the
+// NAD's default pool ("use default IP pool" on) and the one the pod's
+// ipam.spidernet.io/ippools annotation names for the interface (off).
+func testBridgeNAD(ctx context.Context, t *testing.T, n *node.Node) {
+	nodeNS, err := ns.GetNS(n.NetNS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = nodeNS.Close() }()
+	o, err := ovs.Start(n.OVSRunDir(), ovs.WithNetNS(nodeNS))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = o.Stop() })
+	if _, err := o.Vsctl("add-br", "br1", "--", "set", "bridge", "br1", "datapath_type=netdev"); err != nil {
+		t.Fatal(err)
+	}
+	plugin, err := cluster.Binaries(ctx, "spiderpool")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := copyBinary(plugin[0], filepath.Join(n.CNIBinDir, spiderpool.PluginName)); err != nil {
+		t.Fatal(err)
+	}
+	agent, err := spiderpool.StartAgent(ctx, n.Cluster, n.SpiderpoolSocketDir(), spiderpool.AgentOptions{
+		Launcher: n.Launcher(), NodeName: n.Name, Namespace: "kube-system", PodName: "spiderpool-agent-" + n.Name,
+		MultusClusterNetwork: "kube-system/multus-cni-network",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(agent.Stop)
+	apply := func(m string) {
+		t.Helper()
+		if err := n.Cluster.Apply(ctx, []byte(m)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, p := range []struct{ name, ips string }{{"blue-default", "198.51.100.10-198.51.100.19"}, {"blue-picked", "198.51.100.20-198.51.100.29"}} {
+		apply(fmt.Sprintf(`apiVersion: spiderpool.spidernet.io/v2beta1
+kind: SpiderIPPool
+metadata: {name: %s}
+spec: {ipVersion: 4, subnet: 198.51.100.0/24, ips: [%q]}
+`, p.name, p.ips))
+	}
+	conf, err := json.Marshal(map[string]any{
+		"cniVersion": "1.0.0", "name": "blue",
+		"plugins": []any{map[string]any{
+			"type": "vmnic", "mode": "bridge", "bridge": "br1",
+			"socket": filepath.Join(n.VmnicRunDir(), "vmnic.sock"), "spoolDir": filepath.Join(n.VmnicStateDir(), "spool"),
+			"ipam": agent.IPAMConfig("blue-default"),
+		}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	nad := kvoracle.NAD{
+		TypeMeta:   metav1.TypeMeta{APIVersion: "k8s.cni.cncf.io/v1", Kind: "NetworkAttachmentDefinition"},
+		ObjectMeta: metav1.ObjectMeta{Name: "blue", Namespace: "default"},
+		Spec:       kvoracle.NADSpec{Config: string(conf)},
+	}
+	nadYAML, err := json.Marshal(nad)
+	if err != nil {
+		t.Fatal(err)
+	}
+	apply(string(nadYAML))
+	gimg, err := guest.Build(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	podIf := kubevirt.HashedIfName("blue")
+	for _, c := range []struct {
+		name, pool, prefix string
+		annotate           bool
+	}{
+		{name: "default pool", pool: "blue-default", prefix: "198.51.100.1"},
+		{name: "annotated pool", pool: "blue-picked", prefix: "198.51.100.2", annotate: true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			vmName := "vm-" + c.pool
+			vmi := vmnicVMI(vmName)
+			vmi.Spec.Networks = append(vmi.Spec.Networks, kubevirtv1.Network{Name: "blue", NetworkSource: kubevirtv1.NetworkSource{Multus: &kubevirtv1.MultusNetwork{NetworkName: "blue"}}})
+			vmi.Spec.Domain.Devices.Interfaces = append(vmi.Spec.Domain.Devices.Interfaces, kubevirtv1.Interface{Name: "blue", Binding: &kubevirtv1.PluginBinding{Name: kubevirt.DefaultBinding}})
+			created, err := n.CreateVMI(ctx, vmi)
+			if err != nil {
+				t.Fatal(err)
+			}
+			launcher, err := node.LauncherPod(ctx, created, kubeVirtCR(), nad)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.annotate {
+				// The product's switch off: the user's pool for the NIC.
+				launcher.Annotations["ipam.spidernet.io/ippools"] = fmt.Sprintf(`[{"interface":%q,"ipv4":[%q]}]`, podIf, c.pool)
+			}
+			pod, err := n.Kube.CoreV1().Pods("default").Create(ctx, launcher, metav1.CreateOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if pod, err = n.WaitPodReady(ctx, pod.Namespace, pod.Name, 3*time.Minute); err != nil {
+				t.Fatal(err)
+			}
+			var status []struct {
+				Name      string   `json:"name"`
+				Interface string   `json:"interface"`
+				IPs       []string `json:"ips"`
+				MAC       string   `json:"mac"`
+			}
+			raw := pod.Annotations["k8s.v1.cni.cncf.io/network-status"]
+			if err := json.Unmarshal([]byte(raw), &status); err != nil {
+				t.Fatalf("network-status %q: %v", raw, err)
+			}
+			var ip, mac string
+			for _, s := range status {
+				if s.Name == "default/blue" && s.Interface == podIf && len(s.IPs) == 1 {
+					ip, mac = s.IPs[0], s.MAC
+				}
+			}
+			if !strings.HasPrefix(ip, c.prefix) || mac == "" {
+				t.Fatalf("network-status %s: want %s on %s with an address of pool %s and a MAC", raw, "default/blue", podIf, c.pool)
+			}
+			t.Logf("Multus reports %s on %s, MAC %s", ip, podIf, mac)
+			path, err := n.PodNetns(pod.Namespace, pod.Name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ifaces, err := kvoracle.Domain(ctx, kvoracle.DomainInput{Netns: path, VMI: created, Bindings: vmnicBindings})
+			if err != nil {
+				t.Fatalf("KubeVirt's domain interfaces: %v", err)
+			}
+			if len(ifaces) != 2 || ifaces[1].PodInterface != podIf {
+				t.Fatalf("KubeVirt's domain interfaces %+v: want eth0 and %s", ifaces, podIf)
+			}
+			if ifaces[1].MAC != mac {
+				t.Errorf("KubeVirt gives the guest MAC %s on %s, Multus reports %s", ifaces[1].MAC, podIf, mac)
+			}
+			var logf func(string)
+			if testing.Verbose() {
+				logf = func(s string) { t.Log("guest: " + s) }
+			}
+			script := `
+udhcpc -i eth1 -q -f -n -t 15 -T 2 || echo DHCP-FAILED
+echo "ADDR1 $(ip -4 -o addr show dev eth1 | awk '{print $4}' | head -1)"
+`
+			g, err := guest.Start(ctx, gimg, guest.Options{
+				NetnsPath: path, Tap: ifaces[0].Target, MAC: ifaces[0].MAC,
+				More:   []guest.NIC{{Tap: ifaces[1].Target, MAC: ifaces[1].MAC}},
+				Script: script, Timeout: 4 * time.Minute, Log: logf,
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer g.Kill()
+			if _, err := g.WaitFor(ctx, regexp.MustCompile(`ADDR1 `)); err != nil {
+				t.Fatalf("guest: %v\n%s", err, g.Output())
+			}
+			if !strings.Contains(g.Output(), "ADDR1 "+ip+"/24") {
+				t.Errorf("the guest's eth1 did not take %s/24 by DHCP:\n%s", ip, g.Output())
+			}
+			g.Kill()
+			if err := n.DeletePod(ctx, pod.Namespace, pod.Name, time.Minute); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+func copyBinary(src, dst string) error {
+	b, err := os.ReadFile(src)
+	if err != nil {
+		return err
+	}
+	tmp := dst + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o755); err != nil {
+		return err
+	}
+	return os.Rename(tmp, dst)
 }

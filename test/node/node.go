@@ -599,6 +599,10 @@ func (n *Node) proc(name string) *proc.Proc {
 	return nil
 }
 
+// Launcher starts processes inside the node's network namespace (for
+// daemons a test adds to the node, such as Spiderpool's agent).
+func (n *Node) Launcher() *proc.Launcher { return n.launcher }
+
 // Crictl runs crictl against the node's containerd.
 func (n *Node) Crictl(args ...string) (string, error) {
 	conf := filepath.Join(n.Dir, "crictl.yaml")

@@ -69,6 +69,10 @@ type AgentOptions struct {
 	// BinDir holds spiderpool-agent. Empty: test/tools/build.sh builds it
 	// (when missing or stale) into the repository's .tools/bin.
 	BinDir string
+	// Launcher starts the agent; one made with proc.NewLauncherIn runs it
+	// in another network namespace (a node's, whose API server it
+	// reaches). The caller keeps it. nil: the agent's own.
+	Launcher *proc.Launcher
 	// ReadyTimeout bounds the wait for the agent's health endpoint
 	// (building the binary is bounded only by StartAgent's context).
 	// Default 60s.
@@ -89,6 +93,7 @@ type Agent struct {
 	HealthPort int
 
 	launcher *proc.Launcher
+	own      bool // launcher is the agent's own: Stop closes it
 	proc     *proc.Proc
 	stopOnce sync.Once
 }
@@ -137,7 +142,10 @@ func StartAgent(ctx context.Context, c *cluster.Cluster, dir string, opts AgentO
 		return nil, fmt.Errorf("write agent config: %w", err)
 	}
 
-	a.launcher = proc.NewLauncher()
+	a.launcher = opts.Launcher
+	if a.launcher == nil {
+		a.launcher, a.own = proc.NewLauncher(), true
+	}
 	if err := a.start(ctx, bin, conf, c.Kubeconfig, opts); err != nil {
 		a.Stop()
 		return nil, fmt.Errorf("%w\n--- %s (last 40 lines)\n%s", err, a.Log, a.LogTail(40))
@@ -168,7 +176,9 @@ func StartAgentT(t testing.TB, c *cluster.Cluster, opts AgentOptions) *Agent {
 func (a *Agent) Stop() {
 	a.stopOnce.Do(func() {
 		a.proc.Kill()
-		a.launcher.Close()
+		if a.own {
+			a.launcher.Close()
+		}
 	})
 }
 
