@@ -125,7 +125,8 @@ func TestMultusOnNode(t *testing.T) {
 // pod<hash>, its network-status carries the pool's IP and the MAC, and a
 // guest booted as KubeVirt boots it takes that IP by DHCP. Two pools: the
 // NAD's default pool ("use default IP pool" on) and the one the pod's
-// ipam.spidernet.io/ippools annotation names for the interface (off).
+// ipam.spidernet.io/ippools annotation names for the interface (off); and a
+// VM with a second NIC of the same mode on a second NAD.
 func testBridgeNAD(ctx context.Context, t *testing.T, n *node.Node) {
 	nodeNS, err := ns.GetNS(n.NetNS)
 	if err != nil {
@@ -161,62 +162,85 @@ func testBridgeNAD(ctx context.Context, t *testing.T, n *node.Node) {
 			t.Fatal(err)
 		}
 	}
-	for _, p := range []struct{ name, ips string }{{"blue-default", "198.51.100.10-198.51.100.19"}, {"blue-picked", "198.51.100.20-198.51.100.29"}} {
+	pools := []struct{ name, ips string }{
+		{"blue-default", "198.51.100.10-198.51.100.19"},
+		{"blue-picked", "198.51.100.20-198.51.100.29"},
+		{"green-default", "198.51.100.30-198.51.100.39"},
+	}
+	for _, p := range pools {
 		apply(fmt.Sprintf(`apiVersion: spiderpool.spidernet.io/v2beta1
 kind: SpiderIPPool
 metadata: {name: %s}
 spec: {ipVersion: 4, subnet: 198.51.100.0/24, ips: [%q]}
 `, p.name, p.ips))
 	}
-	conf, err := json.Marshal(map[string]any{
-		"cniVersion": "1.0.0", "name": "blue",
-		"plugins": []any{map[string]any{
-			"type": "vmnic", "mode": "bridge", "bridge": "br1",
-			"socket": filepath.Join(n.VmnicRunDir(), "vmnic.sock"), "spoolDir": filepath.Join(n.VmnicStateDir(), "spool"),
-			"ipam": agent.IPAMConfig("blue-default"),
-		}},
-	})
-	if err != nil {
-		t.Fatal(err)
+	// Two NADs of the same mode on the same bridge, each with its default
+	// pool (what a SpiderMultusConfig's ippools become in the NAD it
+	// generates; spiderpool-controller does not run here).
+	nads := map[string]kvoracle.NAD{}
+	for _, name := range []string{"blue", "green"} {
+		conf, err := json.Marshal(map[string]any{
+			"cniVersion": "1.0.0", "name": name,
+			"plugins": []any{map[string]any{
+				"type": "vmnic", "mode": "bridge", "bridge": "br1",
+				"socket": filepath.Join(n.VmnicRunDir(), "vmnic.sock"), "spoolDir": filepath.Join(n.VmnicStateDir(), "spool"),
+				"ipam": agent.IPAMConfig(name + "-default"),
+			}},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		nad := kvoracle.NAD{
+			TypeMeta:   metav1.TypeMeta{APIVersion: "k8s.cni.cncf.io/v1", Kind: "NetworkAttachmentDefinition"},
+			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default"},
+			Spec:       kvoracle.NADSpec{Config: string(conf)},
+		}
+		b, err := json.Marshal(nad)
+		if err != nil {
+			t.Fatal(err)
+		}
+		apply(string(b))
+		nads[name] = nad
 	}
-	nad := kvoracle.NAD{
-		TypeMeta:   metav1.TypeMeta{APIVersion: "k8s.cni.cncf.io/v1", Kind: "NetworkAttachmentDefinition"},
-		ObjectMeta: metav1.ObjectMeta{Name: "blue", Namespace: "default"},
-		Spec:       kvoracle.NADSpec{Config: string(conf)},
-	}
-	nadYAML, err := json.Marshal(nad)
-	if err != nil {
-		t.Fatal(err)
-	}
-	apply(string(nadYAML))
 	gimg, err := guest.Build(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
-	podIf := kubevirt.HashedIfName("blue")
+	type nic struct {
+		nad, prefix string
+		pick        string // the pool the ippools annotation names ("": the NAD's default)
+	}
 	for _, c := range []struct {
-		name, pool, prefix string
-		annotate           bool
+		name string
+		nics []nic
 	}{
-		{name: "default pool", pool: "blue-default", prefix: "198.51.100.1"},
-		{name: "annotated pool", pool: "blue-picked", prefix: "198.51.100.2", annotate: true},
+		{name: "default pool", nics: []nic{{nad: "blue", prefix: "198.51.100.1"}}},
+		{name: "annotated pool", nics: []nic{{nad: "blue", prefix: "198.51.100.2", pick: "blue-picked"}}},
+		{name: "two nics", nics: []nic{{nad: "blue", prefix: "198.51.100.1"}, {nad: "green", prefix: "198.51.100.3"}}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			vmName := "vm-" + c.pool
-			vmi := vmnicVMI(vmName)
-			vmi.Spec.Networks = append(vmi.Spec.Networks, kubevirtv1.Network{Name: "blue", NetworkSource: kubevirtv1.NetworkSource{Multus: &kubevirtv1.MultusNetwork{NetworkName: "blue"}}})
-			vmi.Spec.Domain.Devices.Interfaces = append(vmi.Spec.Domain.Devices.Interfaces, kubevirtv1.Interface{Name: "blue", Binding: &kubevirtv1.PluginBinding{Name: kubevirt.DefaultBinding}})
+			vmi := vmnicVMI("vm-" + strings.ReplaceAll(c.name, " ", "-"))
+			var used []kvoracle.NAD
+			var picks []string
+			for _, x := range c.nics {
+				vmi.Spec.Networks = append(vmi.Spec.Networks, kubevirtv1.Network{Name: x.nad, NetworkSource: kubevirtv1.NetworkSource{Multus: &kubevirtv1.MultusNetwork{NetworkName: x.nad}}})
+				vmi.Spec.Domain.Devices.Interfaces = append(vmi.Spec.Domain.Devices.Interfaces, kubevirtv1.Interface{Name: x.nad, Binding: &kubevirtv1.PluginBinding{Name: kubevirt.DefaultBinding}})
+				used = append(used, nads[x.nad])
+				if x.pick != "" {
+					picks = append(picks, fmt.Sprintf(`{"interface":%q,"ipv4":[%q]}`, kubevirt.HashedIfName(x.nad), x.pick))
+				}
+			}
 			created, err := n.CreateVMI(ctx, vmi)
 			if err != nil {
 				t.Fatal(err)
 			}
-			launcher, err := node.LauncherPod(ctx, created, kubeVirtCR(), nad)
+			launcher, err := node.LauncherPod(ctx, created, kubeVirtCR(), used...)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if c.annotate {
+			if len(picks) > 0 {
 				// The product's switch off: the user's pool for the NIC.
-				launcher.Annotations["ipam.spidernet.io/ippools"] = fmt.Sprintf(`[{"interface":%q,"ipv4":[%q]}]`, podIf, c.pool)
+				launcher.Annotations["ipam.spidernet.io/ippools"] = "[" + strings.Join(picks, ",") + "]"
 			}
 			pod, err := n.Kube.CoreV1().Pods("default").Create(ctx, launcher, metav1.CreateOptions{})
 			if err != nil {
@@ -235,16 +259,19 @@ spec: {ipVersion: 4, subnet: 198.51.100.0/24, ips: [%q]}
 			if err := json.Unmarshal([]byte(raw), &status); err != nil {
 				t.Fatalf("network-status %q: %v", raw, err)
 			}
-			var ip, mac string
-			for _, s := range status {
-				if s.Name == "default/blue" && s.Interface == podIf && len(s.IPs) == 1 {
-					ip, mac = s.IPs[0], s.MAC
+			ips, macs := make([]string, len(c.nics)), make([]string, len(c.nics))
+			for i, x := range c.nics {
+				podIf := kubevirt.HashedIfName(x.nad)
+				for _, s := range status {
+					if s.Name == "default/"+x.nad && s.Interface == podIf && len(s.IPs) == 1 {
+						ips[i], macs[i] = s.IPs[0], s.MAC
+					}
 				}
+				if !strings.HasPrefix(ips[i], x.prefix) || macs[i] == "" {
+					t.Fatalf("network-status %s: want default/%s on %s with an address %s* and a MAC", raw, x.nad, podIf, x.prefix)
+				}
+				t.Logf("Multus reports %s on %s, MAC %s", ips[i], podIf, macs[i])
 			}
-			if !strings.HasPrefix(ip, c.prefix) || mac == "" {
-				t.Fatalf("network-status %s: want %s on %s with an address of pool %s and a MAC", raw, "default/blue", podIf, c.pool)
-			}
-			t.Logf("Multus reports %s on %s, MAC %s", ip, podIf, mac)
 			path, err := n.PodNetns(pod.Namespace, pod.Name)
 			if err != nil {
 				t.Fatal(err)
@@ -253,34 +280,41 @@ spec: {ipVersion: 4, subnet: 198.51.100.0/24, ips: [%q]}
 			if err != nil {
 				t.Fatalf("KubeVirt's domain interfaces: %v", err)
 			}
-			if len(ifaces) != 2 || ifaces[1].PodInterface != podIf {
-				t.Fatalf("KubeVirt's domain interfaces %+v: want eth0 and %s", ifaces, podIf)
+			if len(ifaces) != 1+len(c.nics) {
+				t.Fatalf("KubeVirt's domain interfaces %+v: want eth0 and %d more", ifaces, len(c.nics))
 			}
-			if ifaces[1].MAC != mac {
-				t.Errorf("KubeVirt gives the guest MAC %s on %s, Multus reports %s", ifaces[1].MAC, podIf, mac)
+			var more []guest.NIC
+			script := ""
+			for i, x := range c.nics {
+				di := ifaces[1+i]
+				if di.PodInterface != kubevirt.HashedIfName(x.nad) || di.MAC != macs[i] {
+					t.Errorf("KubeVirt's domain interface %+v: want pod interface %s with MAC %s (Multus')", di, kubevirt.HashedIfName(x.nad), macs[i])
+				}
+				more = append(more, guest.NIC{Tap: di.Target, MAC: di.MAC})
+				script += fmt.Sprintf(`udhcpc -i eth%[1]d -q -f -n -t 15 -T 2 || echo DHCP-FAILED
+echo "ADDR%[1]d $(ip -4 -o addr show dev eth%[1]d | awk '{print $4}' | head -1)"
+`, i+1)
 			}
+			script += "echo GUEST-DONE\n"
 			var logf func(string)
 			if testing.Verbose() {
 				logf = func(s string) { t.Log("guest: " + s) }
 			}
-			script := `
-udhcpc -i eth1 -q -f -n -t 15 -T 2 || echo DHCP-FAILED
-echo "ADDR1 $(ip -4 -o addr show dev eth1 | awk '{print $4}' | head -1)"
-`
 			g, err := guest.Start(ctx, gimg, guest.Options{
-				NetnsPath: path, Tap: ifaces[0].Target, MAC: ifaces[0].MAC,
-				More:   []guest.NIC{{Tap: ifaces[1].Target, MAC: ifaces[1].MAC}},
+				NetnsPath: path, Tap: ifaces[0].Target, MAC: ifaces[0].MAC, More: more,
 				Script: script, Timeout: 4 * time.Minute, Log: logf,
 			})
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer g.Kill()
-			if _, err := g.WaitFor(ctx, regexp.MustCompile(`ADDR1 `)); err != nil {
+			if _, err := g.WaitFor(ctx, regexp.MustCompile(`GUEST-DONE`)); err != nil {
 				t.Fatalf("guest: %v\n%s", err, g.Output())
 			}
-			if !strings.Contains(g.Output(), "ADDR1 "+ip+"/24") {
-				t.Errorf("the guest's eth1 did not take %s/24 by DHCP:\n%s", ip, g.Output())
+			for i, ip := range ips {
+				if want := fmt.Sprintf("ADDR%d %s/24", i+1, ip); !strings.Contains(g.Output(), want) {
+					t.Errorf("the guest's eth%d did not take %s/24 by DHCP:\n%s", i+1, ip, g.Output())
+				}
 			}
 			g.Kill()
 			if err := n.DeletePod(ctx, pod.Namespace, pod.Name, time.Minute); err != nil {
