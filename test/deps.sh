@@ -52,7 +52,8 @@ fi
 # takes ~10 min cold on 2 cores, the real node's tools ~5 min more).
 bash test/tools/build.sh cnitool etcd kube-apiserver helm spiderpool-agent spiderpool coordinator golangci-lint kubevirt-oracle >/dev/null
 # The real node (test/node): kubelet and the controllers beside
-# kube-apiserver, containerd, crictl, Flannel and the plugins it delegates to.
+# kube-apiserver, containerd, crictl, Flannel and the plugins it delegates to,
+# Multus thick.
 bash test/tools/build.sh kube-controller-manager kube-scheduler kubelet containerd containerd-shim-runc-v2 ctr crictl \
-  flanneld flannel bridge host-local loopback portmap >/dev/null
+  flanneld flannel bridge host-local loopback portmap multus-daemon multus-shim >/dev/null
 echo "deps: ready"
