@@ -20,7 +20,7 @@ deps: ## install Debian packages and build the test tool binaries (.tools/)
 build: ## build vmnic (shim), vmnicd (daemon), vmnicctl (CLI, also kubectl-vmnic) into bin/
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/vmnic ./cmd/vmnicd ./cmd/vmnicctl
 
-image: build ## the node image from the Dockerfile (buildah, podman or docker), as the OCI archive bin/vmnic-image-$(VERSION).tar
+image: build ## the node image from the Dockerfile (buildah, podman or docker), as the OCI archive bin/vmnic-image-<version>.tar
 	@bash deploy/image/build.sh -t $(VERSION) >/dev/null
 
 demo: ## local demo: wire a VM NIC with vmnic masquerade and boot a real guest on it (installs only what it uses)
@@ -30,7 +30,7 @@ demo: ## local demo: wire a VM NIC with vmnic masquerade and boot a real guest o
 	echo "demo: packages and build ready in $$(( $$(date +%s) - start ))s"
 	$(BIN)/demo
 
-test: deps vet lint ## the whole suite (as root): vet, format, lint, unit, integration, guest, cluster, bounded fuzzing
+test: deps vet lint ## the whole suite (as root): vet, format, lint, unit, integration, guest, cluster, a real node (containerd, kubelet, Flannel, Multus), bounded fuzzing
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
 	FUZZTIME=5s bash test/fuzz.sh
 	$(GO) test -count=1 -timeout 40m ./...
