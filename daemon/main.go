@@ -250,7 +250,7 @@ func Main(args []string) int {
 	// vmnicd that installs and chains the shim removes them.
 	var rm *removal
 	if cfg != nil && *installFrom != "" && *chain && *podName != "" && *podNamespace != "" {
-		if rm, err = watchRemoval(ctx, cfg, *podNamespace, *podName, log); err != nil {
+		if rm, err = watchRemoval(ctx, cfg, *podNamespace, *podName); err != nil {
 			log.Warn("not watching the DaemonSet: an uninstall leaves the shim chained", "err", err)
 		}
 	}

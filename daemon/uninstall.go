@@ -34,13 +34,12 @@ type removal struct {
 	namespace string
 	name      string // the DaemonSet
 	gone      atomic.Bool
-	log       *slog.Logger
 }
 
 // watchRemoval finds the DaemonSet that controls pod namespace/name and
 // watches it. It returns nil when the pod has no DaemonSet (vmnicd run by
 // hand or by another controller).
-func watchRemoval(ctx context.Context, cfg *rest.Config, namespace, name string, log *slog.Logger) (*removal, error) {
+func watchRemoval(ctx context.Context, cfg *rest.Config, namespace, name string) (*removal, error) {
 	kube, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		return nil, err
@@ -53,7 +52,7 @@ func watchRemoval(ctx context.Context, cfg *rest.Config, namespace, name string,
 	if ref == nil || ref.Kind != "DaemonSet" {
 		return nil, nil
 	}
-	r := &removal{kube: kube, namespace: namespace, name: ref.Name, log: log}
+	r := &removal{kube: kube, namespace: namespace, name: ref.Name}
 	lw := cache.NewListWatchFromClient(kube.AppsV1().RESTClient(), "daemonsets", namespace, fields.OneTermEqualSelector("metadata.name", ref.Name))
 	inf := cache.NewSharedIndexInformer(lw, &appsv1.DaemonSet{}, 0, cache.Indexers{})
 	mark := func(obj any) {

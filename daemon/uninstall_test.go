@@ -1,7 +1,6 @@
 package daemon
 
 import (
-	"log/slog"
 	"testing"
 
 	appsv1 "k8s.io/api/apps/v1"
@@ -46,7 +45,7 @@ func TestRemovalDecision(t *testing.T) {
 					return true, nil, tc.getErr
 				})
 			}
-			r := &removal{kube: kube, namespace: "kube-system", name: "vmnic", log: slog.Default()}
+			r := &removal{kube: kube, namespace: "kube-system", name: "vmnic"}
 			r.gone.Store(tc.seen)
 			if got := r.removed(); got != tc.want {
 				t.Errorf("removed() = %v, want %v", got, tc.want)

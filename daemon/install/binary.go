@@ -26,25 +26,11 @@ func InstallBinary(opts Options) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	if c.SourceBinary == "" {
-		return false, fmt.Errorf("install %s: no source binary given", BinaryName)
-	}
-	src, err := os.Open(c.SourceBinary)
+	src, srcSum, err := openSource(c, "install")
 	if err != nil {
-		return false, fmt.Errorf("open source binary: %w", err)
+		return false, err
 	}
 	defer func() { _ = src.Close() }()
-	srcInfo, err := src.Stat()
-	if err != nil {
-		return false, fmt.Errorf("stat source binary %q: %w", c.SourceBinary, err)
-	}
-	if !srcInfo.Mode().IsRegular() {
-		return false, fmt.Errorf("source binary %q is not a regular file", c.SourceBinary)
-	}
-	srcSum, err := hashReader(src)
-	if err != nil {
-		return false, fmt.Errorf("hash source binary %q: %w", c.SourceBinary, err)
-	}
 
 	binDir, err := realDir(c.BinDir)
 	if err != nil {
@@ -100,6 +86,36 @@ func InstallBinary(opts Options) (bool, error) {
 	return true, nil
 }
 
+// openSource opens the regular file c.SourceBinary and returns it with its
+// sha256 (verb names the caller's operation in the errors).
+func openSource(c *config, verb string) (*os.File, []byte, error) {
+	if c.SourceBinary == "" {
+		return nil, nil, fmt.Errorf("%s %s: no source binary given", verb, BinaryName)
+	}
+	src, err := os.Open(c.SourceBinary)
+	if err != nil {
+		return nil, nil, fmt.Errorf("open source binary: %w", err)
+	}
+	sum, err := hashRegular(src)
+	if err != nil {
+		_ = src.Close()
+		return nil, nil, fmt.Errorf("source binary %q: %w", c.SourceBinary, err)
+	}
+	return src, sum, nil
+}
+
+// hashRegular returns the sha256 of f, which must be a regular file.
+func hashRegular(f *os.File) ([]byte, error) {
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, errors.New("not a regular file")
+	}
+	return hashReader(f)
+}
+
 // sameBinary reports whether the installed binary needs no rewrite.
 func sameBinary(path string, fi fs.FileInfo, sum []byte) (bool, error) {
 	if fi.Mode().Perm() != binaryPerm || fi.Mode()&(fs.ModeSetuid|fs.ModeSetgid|fs.ModeSticky) != 0 {
@@ -136,18 +152,11 @@ func RemoveBinary(opts Options) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	if c.SourceBinary == "" {
-		return false, fmt.Errorf("remove %s: no source binary given", BinaryName)
-	}
-	src, err := os.Open(c.SourceBinary)
+	src, sum, err := openSource(c, "remove")
 	if err != nil {
-		return false, fmt.Errorf("open source binary: %w", err)
+		return false, err
 	}
-	defer func() { _ = src.Close() }()
-	sum, err := hashReader(src)
-	if err != nil {
-		return false, fmt.Errorf("hash source binary %q: %w", c.SourceBinary, err)
-	}
+	_ = src.Close()
 	dst := filepath.Join(c.BinDir, BinaryName)
 	fi, err := os.Lstat(dst)
 	if errors.Is(err, fs.ErrNotExist) {

@@ -7,10 +7,10 @@ import (
 	"testing"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/vmnic/vmnic/test/guest"
+	"github.com/vmnic/vmnic/test/need"
 	"github.com/vmnic/vmnic/test/node"
 )
 
@@ -21,12 +21,8 @@ import (
 // helm install, the same pods with vmnic, then helm uninstall, so the two
 // arms alternate on one node. Medians over all rounds.
 func BenchmarkSandboxStart(b *testing.B) {
-	if err := node.Check(); err != nil {
-		b.Skip(err)
-	}
-	if err := guest.Check(); err != nil {
-		b.Skip(err)
-	}
+	need.NoError(b, node.Check())
+	need.NoError(b, guest.Check())
 	ctx := b.Context()
 	n := node.StartT(b, node.Options{})
 	if err := n.Cluster.InstallKubeVirtCRDs(ctx); err != nil {
@@ -47,21 +43,10 @@ func BenchmarkSandboxStart(b *testing.B) {
 			seq++
 			for _, kind := range []string{"plain", "vm"} {
 				name := fmt.Sprintf("%s-%d", kind, seq)
-				var pod *corev1.Pod
-				if kind == "plain" {
-					pod = &corev1.Pod{
-						ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default"},
-						Spec: corev1.PodSpec{
-							TerminationGracePeriodSeconds: ptr(int64(1)),
-							Containers:                    []corev1.Container{{Name: "c", Image: node.PauseImage, ImagePullPolicy: corev1.PullNever}},
-						},
-					}
-				} else {
-					vmi, err := n.CreateVMI(ctx, vmnicVMI(name))
-					if err != nil {
-						b.Fatal(err)
-					}
-					if pod, err = node.LauncherPod(ctx, vmi, kubeVirtCR()); err != nil {
+				pod := node.PlainPod(name)
+				if kind == "vm" {
+					var err error
+					if _, pod, err = launcherFor(ctx, n, vmnicVMI(name)); err != nil {
 						b.Fatal(err)
 					}
 				}
@@ -70,7 +55,7 @@ func BenchmarkSandboxStart(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				if err := waitReadyTight(ctx, n, created.Name); err != nil {
+				if _, err := n.WaitPodReadyEvery(ctx, "default", created.Name, 2*time.Minute, 20*time.Millisecond); err != nil {
 					b.Fatal(err)
 				}
 				times[kind+"-"+arm] = append(times[kind+"-"+arm], time.Since(start))
@@ -102,27 +87,6 @@ func BenchmarkSandboxStart(b *testing.B) {
 	b.StopTimer()
 	for _, k := range []string{"plain-unchained", "plain-chained", "vm-unchained", "vm-chained", "helm-install"} {
 		b.ReportMetric(float64(median(times[k]).Microseconds())/1000, k+"-ms-median")
-	}
-}
-
-// waitReadyTight polls the pod every 20 ms until Ready.
-func waitReadyTight(ctx context.Context, n *node.Node, name string) error {
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer cancel()
-	for {
-		p, err := n.Kube.CoreV1().Pods("default").Get(ctx, name, metav1.GetOptions{})
-		if err == nil {
-			for _, c := range p.Status.Conditions {
-				if c.Type == corev1.PodReady && c.Status == corev1.ConditionTrue {
-					return nil
-				}
-			}
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("pod %s not Ready: %w", name, ctx.Err())
-		case <-time.After(20 * time.Millisecond):
-		}
 	}
 }
 

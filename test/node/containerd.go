@@ -107,19 +107,15 @@ func (n *Node) startContainerd(ctx context.Context) error {
 	if _, err := n.startProc("containerd", nil, "--config", conf, "--log-level", "info"); err != nil {
 		return err
 	}
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if c, err := dialUnix(n.ContainerdSock); err == nil {
-			_ = c.Close()
-			break
+	if err := n.poll(ctx, 30*time.Second, 50*time.Millisecond, "containerd listening on "+n.ContainerdSock, func(context.Context) (bool, string, error) {
+		c, err := dialUnix(n.ContainerdSock)
+		if err != nil {
+			return false, err.Error(), nil
 		}
-		if err := n.exited(); err != nil {
-			return err
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("containerd did not listen on %s within 30s", n.ContainerdSock)
-		}
-		time.Sleep(50 * time.Millisecond)
+		_ = c.Close()
+		return true, "", nil
+	}); err != nil {
+		return err
 	}
 	pause, err := PauseArchive(ctx)
 	if err != nil {

@@ -19,7 +19,7 @@ func (n *Node) FlannelNetwork() string { return "cbr0-" + n.id }
 // subnet file, the plugin's scratch dir and host-local's dir under Dir.
 func (n *Node) installFlannelCNI() error {
 	for _, p := range []string{"flannel", "bridge", "host-local", "loopback", "portmap"} {
-		if err := copyFile(n.Bin[p], filepath.Join(n.CNIBinDir, p), 0o755); err != nil {
+		if err := n.AddCNIPlugin(n.Bin[p]); err != nil {
 			return err
 		}
 	}
@@ -67,6 +67,12 @@ func (n *Node) startFlannel() error {
 		"--v=1",
 	)
 	return err
+}
+
+// AddCNIPlugin copies a plugin binary into the CNI bin dir under its own
+// name (through a rename: containerd never runs half a binary).
+func (n *Node) AddCNIPlugin(bin string) error {
+	return copyFile(bin, filepath.Join(n.CNIBinDir, filepath.Base(bin)), 0o755)
 }
 
 // FlannelConflistPath is the primary CNI's config file.

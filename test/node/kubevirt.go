@@ -3,9 +3,11 @@ package node
 import (
 	"context"
 	"fmt"
+	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -80,6 +82,18 @@ func LauncherPod(ctx context.Context, vmi *kubevirtv1.VirtualMachineInstance, kv
 
 func ptr[T any](v T) *T { return &v }
 
+// PlainPod is an ordinary pod of the pause image (imagePullPolicy Never)
+// in namespace default.
+func PlainPod(name string) *corev1.Pod {
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default"},
+		Spec: corev1.PodSpec{
+			TerminationGracePeriodSeconds: ptr(int64(1)),
+			Containers:                    []corev1.Container{{Name: "c", Image: PauseImage, ImagePullPolicy: corev1.PullNever}},
+		},
+	}
+}
+
 // LabelSchedulable labels the Node as virt-handler does on a node that can
 // run VMs.
 func (n *Node) LabelSchedulable(ctx context.Context) error {
@@ -90,43 +104,35 @@ func (n *Node) LabelSchedulable(ctx context.Context) error {
 
 // WaitPodReady waits until the pod is Ready and returns it.
 func (n *Node) WaitPodReady(ctx context.Context, namespace, name string, timeout time.Duration) (*corev1.Pod, error) {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	var last string
-	for {
-		p, err := n.Kube.CoreV1().Pods(namespace).Get(ctx, name, metav1.GetOptions{})
-		if err == nil {
-			for _, c := range p.Status.Conditions {
-				if c.Type == corev1.PodReady && c.Status == corev1.ConditionTrue {
-					return p, nil
-				}
-			}
-			last = fmt.Sprintf("phase %s, conditions %+v", p.Status.Phase, p.Status.Conditions)
-		} else {
-			last = err.Error()
-		}
-		if err := n.exited(); err != nil {
-			return nil, err
-		}
-		select {
-		case <-ctx.Done():
-			return nil, fmt.Errorf("pod %s/%s not Ready after %v: %s\n%s", namespace, name, timeout, last, n.podEvents(namespace, name))
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
+	return n.WaitPodReadyEvery(ctx, namespace, name, timeout, 100*time.Millisecond)
 }
 
-// podEvents returns the pod's events, one a line.
-func (n *Node) podEvents(namespace, name string) string {
-	evs, err := n.Kube.CoreV1().Events(namespace).List(context.Background(), metav1.ListOptions{FieldSelector: "involvedObject.name=" + name})
+// WaitPodReadyEvery is WaitPodReady asking every interval (a benchmark
+// timing pod starts asks often). On a timeout the error lists the pod's
+// events.
+func (n *Node) WaitPodReadyEvery(ctx context.Context, namespace, name string, timeout, interval time.Duration) (*corev1.Pod, error) {
+	var pod *corev1.Pod
+	err := n.poll(ctx, timeout, interval, "pod "+namespace+"/"+name+" Ready", func(ctx context.Context) (bool, string, error) {
+		p, err := n.Kube.CoreV1().Pods(namespace).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return false, err.Error(), nil
+		}
+		for _, c := range p.Status.Conditions {
+			if c.Type == corev1.PodReady && c.Status == corev1.ConditionTrue {
+				pod = p
+				return true, "", nil
+			}
+		}
+		return false, fmt.Sprintf("phase %s, conditions %+v", p.Status.Phase, p.Status.Conditions), nil
+	})
 	if err != nil {
-		return ""
+		var evs strings.Builder
+		for _, e := range n.events(namespace, name) {
+			fmt.Fprintf(&evs, "event %s %s: %s\n", e.Type, e.Reason, e.Message)
+		}
+		return nil, fmt.Errorf("%w\n%s", err, evs.String())
 	}
-	var s string
-	for _, e := range evs.Items {
-		s += fmt.Sprintf("event %s %s: %s\n", e.Type, e.Reason, e.Message)
-	}
-	return s
+	return pod, nil
 }
 
 // DeletePod deletes a pod and waits until it is gone (its sandbox stopped,
@@ -135,27 +141,27 @@ func (n *Node) DeletePod(ctx context.Context, namespace, name string, timeout ti
 	if err := n.Kube.CoreV1().Pods(namespace).Delete(ctx, name, metav1.DeleteOptions{GracePeriodSeconds: ptr(int64(1))}); err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	for {
-		if _, err := n.Kube.CoreV1().Pods(namespace).Get(ctx, name, metav1.GetOptions{}); err != nil {
-			return nil
+	return n.poll(ctx, timeout, 100*time.Millisecond, "pod "+namespace+"/"+name+" gone", func(ctx context.Context) (bool, string, error) {
+		_, err := n.Kube.CoreV1().Pods(namespace).Get(ctx, name, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			return true, "", nil
 		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("pod %s/%s not gone after %v", namespace, name, timeout)
-		case <-time.After(100 * time.Millisecond):
-		}
+		return false, fmt.Sprint(err), nil
+	})
+}
+
+// events returns the events about the object namespace/name.
+func (n *Node) events(namespace, name string) []corev1.Event {
+	evs, err := n.Kube.CoreV1().Events(namespace).List(context.Background(), metav1.ListOptions{FieldSelector: "involvedObject.name=" + name})
+	if err != nil {
+		return nil
 	}
+	return evs.Items
 }
 
 // Events reports whether the object has an event with the reason.
 func (n *Node) Events(namespace, name, reason string) bool {
-	evs, err := n.Kube.CoreV1().Events(namespace).List(context.Background(), metav1.ListOptions{FieldSelector: "involvedObject.name=" + name})
-	if err != nil {
-		return false
-	}
-	for _, e := range evs.Items {
+	for _, e := range n.events(namespace, name) {
 		if e.Reason == reason {
 			return true
 		}

@@ -10,9 +10,6 @@ import (
 	"strings"
 	"time"
 
-	appsv1 "k8s.io/api/apps/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-
 	"github.com/vmnic/vmnic/test/cluster"
 )
 
@@ -200,41 +197,8 @@ func (n *Node) InstallMultus(ctx context.Context) error {
 	if err = n.Cluster.Apply(ctx, []byte(r.Replace(multusDaemonSet))); err != nil {
 		return fmt.Errorf("apply Multus' DaemonSet: %w", err)
 	}
-	if err = n.waitDaemonSet(ctx, "kube-system", MultusDaemonSet, "name=multus", 2*time.Minute); err != nil {
+	if _, err = n.waitDaemonSet(ctx, "kube-system", MultusDaemonSet, "name=multus", 2*time.Minute); err != nil {
 		return err
 	}
 	return n.waitFile(ctx, filepath.Join(n.CNIConfDir, MultusConf), time.Minute)
-}
-
-// waitDaemonSet waits until a DaemonSet is rolled out and ready.
-func (n *Node) waitDaemonSet(ctx context.Context, namespace, name, selector string, timeout time.Duration) error {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	var last string
-	for {
-		ds, err := n.Kube.AppsV1().DaemonSets(namespace).Get(ctx, name, metav1.GetOptions{})
-		if err == nil {
-			if dsReady(ds) {
-				return nil
-			}
-			last = fmt.Sprintf("ready %d of %d", ds.Status.NumberReady, ds.Status.DesiredNumberScheduled)
-		} else {
-			last = err.Error()
-		}
-		if why := n.stuckPodsIn(ctx, namespace, selector); why != "" {
-			return fmt.Errorf("DaemonSet %s/%s cannot roll out: %s", namespace, name, why)
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("DaemonSet %s/%s not ready after %v: %s", namespace, name, timeout, last)
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
-}
-
-func dsReady(ds *appsv1.DaemonSet) bool {
-	st := ds.Status
-	return st.ObservedGeneration >= ds.Generation && st.DesiredNumberScheduled > 0 &&
-		st.UpdatedNumberScheduled == st.DesiredNumberScheduled && st.NumberReady == st.DesiredNumberScheduled &&
-		st.NumberAvailable == st.DesiredNumberScheduled
 }

@@ -145,7 +145,7 @@ func testBridgeNAD(ctx context.Context, t *testing.T, n *node.Node) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := copyBinary(plugin[0], filepath.Join(n.CNIBinDir, spiderpool.PluginName)); err != nil {
+	if err := n.AddCNIPlugin(plugin[0]); err != nil {
 		t.Fatal(err)
 	}
 	agent, err := spiderpool.StartAgent(ctx, n.Cluster, n.SpiderpoolSocketDir(), spiderpool.AgentOptions{
@@ -230,11 +230,7 @@ spec: {ipVersion: 4, subnet: 198.51.100.0/24, ips: [%q]}
 					picks = append(picks, fmt.Sprintf(`{"interface":%q,"ipv4":[%q]}`, kubevirt.HashedIfName(x.nad), x.pick))
 				}
 			}
-			created, err := n.CreateVMI(ctx, vmi)
-			if err != nil {
-				t.Fatal(err)
-			}
-			launcher, err := node.LauncherPod(ctx, created, kubeVirtCR(), used...)
+			created, launcher, err := launcherFor(ctx, n, vmi, used...)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -322,16 +318,4 @@ echo "ADDR%[1]d $(ip -4 -o addr show dev eth%[1]d | awk '{print $4}' | head -1)"
 			}
 		})
 	}
-}
-
-func copyBinary(src, dst string) error {
-	b, err := os.ReadFile(src)
-	if err != nil {
-		return err
-	}
-	tmp := dst + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o755); err != nil {
-		return err
-	}
-	return os.Rename(tmp, dst)
 }

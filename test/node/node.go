@@ -36,7 +36,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -309,8 +308,6 @@ func (n *Node) start(ctx context.Context, opts Options) error {
 	return nil
 }
 
-func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }
-
 // runCtx is run bounded by ctx.
 func runCtx(ctx context.Context, name string, args ...string) (string, error) {
 	var stdout, stderr bytes.Buffer
@@ -328,10 +325,10 @@ func run(name string, args ...string) (string, error) {
 	return runCtx(context.Background(), name, args...)
 }
 
-// InNode runs a command inside the node's network namespace (ip netns
-// exec) and returns its combined output.
+// InNode runs a command inside the node's network namespace and returns
+// its standard output.
 func (n *Node) InNode(name string, args ...string) (string, error) {
-	return run("ip", append([]string{"netns", "exec", filepath.Base(n.NetNS), name}, args...)...)
+	return InNetns(n.NetNS, name, args...)
 }
 
 // InNetns runs a command inside the network namespace at path (a pod's,
@@ -439,68 +436,57 @@ func (n *Node) startControllers() error {
 	return err
 }
 
-// WaitReady waits until the Node reports Ready.
-func (n *Node) WaitReady(ctx context.Context, timeout time.Duration) error {
+// poll calls check every interval until it reports done, returns an
+// error, a node process dies, or timeout passes; the timeout's error says
+// "<what> not after <timeout>" with check's last reason.
+func (n *Node) poll(ctx context.Context, timeout, interval time.Duration, what string, check func(ctx context.Context) (done bool, reason string, err error)) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	last := "not registered"
 	for {
-		no, err := n.Kube.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
-		if err == nil {
-			if ready, why := NodeReady(no); ready {
-				return nil
-			} else {
-				last = why
-			}
+		done, reason, err := check(ctx)
+		if done || err != nil {
+			return err
 		}
 		if err := n.exited(); err != nil {
 			return err
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("node %s not Ready after %v: %s", n.Name, timeout, last)
-		case <-time.After(200 * time.Millisecond):
+			return fmt.Errorf("%s: not after %v: %s", what, timeout, reason)
+		case <-time.After(interval):
 		}
 	}
+}
+
+// WaitReady waits until the Node reports Ready.
+func (n *Node) WaitReady(ctx context.Context, timeout time.Duration) error {
+	return n.poll(ctx, timeout, 200*time.Millisecond, "node "+n.Name+" Ready", func(ctx context.Context) (bool, string, error) {
+		no, err := n.Kube.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
+		if err != nil {
+			return false, "not registered: " + err.Error(), nil
+		}
+		ready, why := NodeReady(no)
+		return ready, why, nil
+	})
 }
 
 // waitPodCIDR waits until the Node is registered with a podCIDR.
 func (n *Node) waitPodCIDR(ctx context.Context, timeout time.Duration) error {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	for {
+	return n.poll(ctx, timeout, 100*time.Millisecond, "node "+n.Name+" podCIDR", func(ctx context.Context) (bool, string, error) {
 		no, err := n.Kube.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
-		if err == nil && no.Spec.PodCIDR != "" {
-			return nil
+		if err != nil {
+			return false, err.Error(), nil
 		}
-		if xerr := n.exited(); xerr != nil {
-			return xerr
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("node %s has no podCIDR after %v (%v)", n.Name, timeout, err)
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
+		return no.Spec.PodCIDR != "", "none assigned", nil
+	})
 }
 
 // waitFile waits until path exists, or a node process dies.
 func (n *Node) waitFile(ctx context.Context, path string, timeout time.Duration) error {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	for {
-		if _, err := os.Stat(path); err == nil {
-			return nil
-		}
-		if err := n.exited(); err != nil {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%s not written after %v", path, timeout)
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
+	return n.poll(ctx, timeout, 100*time.Millisecond, path+" written", func(context.Context) (bool, string, error) {
+		_, err := os.Stat(path)
+		return err == nil, fmt.Sprint(err), nil
+	})
 }
 
 // NodeReady reports whether a Node's Ready condition is True, and its
@@ -642,7 +628,7 @@ func (n *Node) killLeftovers() error {
 	if err != nil {
 		return err
 	}
-	var killed []string
+	killed := false
 	for _, e := range entries {
 		pid := e.Name()
 		if pid[0] < '0' || pid[0] > '9' {
@@ -658,10 +644,10 @@ func (n *Node) killLeftovers() error {
 		var p int
 		if _, err := fmt.Sscan(pid, &p); err == nil {
 			_ = syscall.Kill(p, syscall.SIGKILL)
-			killed = append(killed, pid+" "+strings.ReplaceAll(string(bytes.TrimRight(cmdline, "\x00")), "\x00", " "))
+			killed = true
 		}
 	}
-	if len(killed) > 0 {
+	if killed {
 		time.Sleep(200 * time.Millisecond)
 	}
 	return nil

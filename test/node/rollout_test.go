@@ -226,23 +226,12 @@ func leaseGap(ls []leaseSample) (time.Duration, int) {
 
 // loadPlainPod starts a plain pod, waits until it is Ready and deletes it.
 func loadPlainPod(ctx context.Context, n *node.Node, name string) error {
-	pod := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default"},
-		Spec: corev1.PodSpec{
-			TerminationGracePeriodSeconds: ptr(int64(1)),
-			Containers:                    []corev1.Container{{Name: "c", Image: node.PauseImage, ImagePullPolicy: corev1.PullNever}},
-		},
-	}
-	return loadPod(ctx, n, pod)
+	return loadPod(ctx, n, node.PlainPod(name))
 }
 
 // loadVMPod does the same with a VMI and its launcher pod.
 func loadVMPod(ctx context.Context, n *node.Node, name string) error {
-	vmi, err := n.CreateVMI(ctx, vmnicVMI(name))
-	if err != nil {
-		return err
-	}
-	pod, err := node.LauncherPod(ctx, vmi, kubeVirtCR())
+	_, pod, err := launcherFor(ctx, n, vmnicVMI(name))
 	if err != nil {
 		return err
 	}

@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -104,35 +105,35 @@ func (n *Node) helmVmnic(ctx context.Context, verb string, img *VmnicImage, extr
 // WaitDaemonSet waits until vmnic's DaemonSet has rolled out: its pods are
 // all updated to the current template, available and ready.
 func (n *Node) WaitDaemonSet(ctx context.Context, timeout time.Duration) (*appsv1.DaemonSet, error) {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	var last string
-	for {
-		ds, err := n.Kube.AppsV1().DaemonSets(Namespace).Get(ctx, Release, metav1.GetOptions{})
-		if err == nil {
-			st := ds.Status
-			last = fmt.Sprintf("generation %d observed %d, desired %d updated %d ready %d available %d",
-				ds.Generation, st.ObservedGeneration, st.DesiredNumberScheduled, st.UpdatedNumberScheduled, st.NumberReady, st.NumberAvailable)
-			if st.ObservedGeneration >= ds.Generation && st.DesiredNumberScheduled > 0 &&
-				st.UpdatedNumberScheduled == st.DesiredNumberScheduled && st.NumberReady == st.DesiredNumberScheduled &&
-				st.NumberAvailable == st.DesiredNumberScheduled {
-				return ds, nil
-			}
-		} else {
-			last = err.Error()
+	return n.waitDaemonSet(ctx, Namespace, Release, "app.kubernetes.io/name=vmnic", timeout)
+}
+
+// waitDaemonSet waits until a DaemonSet has rolled out and returns it; it
+// fails at once when one of its pods (matching selector) waits for a reason
+// retrying does not cure.
+func (n *Node) waitDaemonSet(ctx context.Context, namespace, name, selector string, timeout time.Duration) (*appsv1.DaemonSet, error) {
+	var ds *appsv1.DaemonSet
+	err := n.poll(ctx, timeout, 200*time.Millisecond, "DaemonSet "+namespace+"/"+name+" rolled out", func(ctx context.Context) (bool, string, error) {
+		var err error
+		if ds, err = n.Kube.AppsV1().DaemonSets(namespace).Get(ctx, name, metav1.GetOptions{}); err != nil {
+			return false, err.Error(), nil
 		}
-		if err := n.exited(); err != nil {
-			return nil, err
+		st := ds.Status
+		if st.ObservedGeneration >= ds.Generation && st.DesiredNumberScheduled > 0 &&
+			st.UpdatedNumberScheduled == st.DesiredNumberScheduled && st.NumberReady == st.DesiredNumberScheduled &&
+			st.NumberAvailable == st.DesiredNumberScheduled {
+			return true, "", nil
 		}
-		if why := n.stuckPods(ctx, "app.kubernetes.io/name=vmnic"); why != "" {
-			return nil, fmt.Errorf("DaemonSet %s/%s cannot roll out: %s", Namespace, Release, why)
+		if why := n.stuckPods(ctx, namespace, selector); why != "" {
+			return false, "", fmt.Errorf("DaemonSet %s/%s cannot roll out: %s", namespace, name, why)
 		}
-		select {
-		case <-ctx.Done():
-			return nil, fmt.Errorf("DaemonSet %s/%s not rolled out after %v: %s", Namespace, Release, timeout, last)
-		case <-time.After(200 * time.Millisecond):
-		}
+		return false, fmt.Sprintf("generation %d observed %d, desired %d updated %d ready %d available %d",
+			ds.Generation, st.ObservedGeneration, st.DesiredNumberScheduled, st.UpdatedNumberScheduled, st.NumberReady, st.NumberAvailable), nil
+	})
+	if err != nil {
+		return nil, err
 	}
+	return ds, nil
 }
 
 // stuckReasons are container waiting reasons that retrying does not cure.
@@ -141,13 +142,9 @@ var stuckReasons = map[string]bool{
 	"CreateContainerError": true, "CreateContainerConfigError": true,
 }
 
-// stuckPods names a pod of vmnic's namespace (matching selector) whose
-// container waits for a reason that retrying does not cure, or returns "".
-func (n *Node) stuckPods(ctx context.Context, selector string) string {
-	return n.stuckPodsIn(ctx, Namespace, selector)
-}
-
-func (n *Node) stuckPodsIn(ctx context.Context, namespace, selector string) string {
+// stuckPods names a pod (in namespace, matching selector) whose container
+// waits for a reason that retrying does not cure, or returns "".
+func (n *Node) stuckPods(ctx context.Context, namespace, selector string) string {
 	pods, err := n.Kube.CoreV1().Pods(namespace).List(ctx, metav1.ListOptions{LabelSelector: selector})
 	if err != nil {
 		return ""
@@ -174,7 +171,7 @@ func (n *Node) ConflistPlugins() ([]string, error) {
 			Type string `json:"type"`
 		} `json:"plugins"`
 	}
-	if err := jsonUnmarshal(b, &conf); err != nil {
+	if err := json.Unmarshal(b, &conf); err != nil {
 		return nil, fmt.Errorf("%s: %w", n.FlannelConflistPath(), err)
 	}
 	var types []string
@@ -211,7 +208,7 @@ func (n *Node) PodNetns(namespace, name string) (string, error) {
 			} `json:"runtimeSpec"`
 		} `json:"info"`
 	}
-	if err := jsonUnmarshal([]byte(out), &insp); err != nil {
+	if err := json.Unmarshal([]byte(out), &insp); err != nil {
 		return "", err
 	}
 	for _, ns := range insp.Info.RuntimeSpec.Linux.Namespaces {

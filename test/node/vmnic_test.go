@@ -343,14 +343,10 @@ func assertNoLeaks(t *testing.T, n *node.Node) {
 }
 
 // createVMPod stores a VMI whose pod network interface is bound to vmnic
-// and the virt-launcher pod KubeVirt's controller makes for it.
+// and creates the virt-launcher pod KubeVirt's controller makes for it.
 func createVMPod(ctx context.Context, t testing.TB, n *node.Node, name string) (*kubevirtv1.VirtualMachineInstance, *corev1.Pod) {
 	t.Helper()
-	created, err := n.CreateVMI(ctx, vmnicVMI(name))
-	if err != nil {
-		t.Fatal(err)
-	}
-	launcher, err := node.LauncherPod(ctx, created, kubeVirtCR())
+	created, launcher, err := launcherFor(ctx, n, vmnicVMI(name))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -359,6 +355,21 @@ func createVMPod(ctx context.Context, t testing.TB, n *node.Node, name string) (
 		t.Fatal(err)
 	}
 	return created, pod
+}
+
+// launcherFor stores vmi and returns it as stored, with the virt-launcher
+// pod KubeVirt's controller makes for it (with nads, the Multus networks it
+// names), not created yet.
+func launcherFor(ctx context.Context, n *node.Node, vmi *kubevirtv1.VirtualMachineInstance, nads ...kvoracle.NAD) (*kubevirtv1.VirtualMachineInstance, *corev1.Pod, error) {
+	created, err := n.CreateVMI(ctx, vmi)
+	if err != nil {
+		return nil, nil, err
+	}
+	pod, err := node.LauncherPod(ctx, created, kubeVirtCR(), nads...)
+	if err != nil {
+		return nil, nil, err
+	}
+	return created, pod, nil
 }
 
 // vmnicVMI is a VMI in namespace default whose pod network interface is
@@ -373,14 +384,7 @@ func vmnicVMI(name string) *kubevirtv1.VirtualMachineInstance {
 // startPlainPod starts a pod of the pause image and waits for it.
 func startPlainPod(ctx context.Context, t *testing.T, n *node.Node, name string) *corev1.Pod {
 	t.Helper()
-	pod := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default"},
-		Spec: corev1.PodSpec{
-			TerminationGracePeriodSeconds: ptr(int64(1)),
-			Containers:                    []corev1.Container{{Name: "c", Image: node.PauseImage, ImagePullPolicy: corev1.PullNever}},
-		},
-	}
-	if _, err := n.Kube.CoreV1().Pods("default").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+	if _, err := n.Kube.CoreV1().Pods("default").Create(ctx, node.PlainPod(name), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	p, err := n.WaitPodReady(ctx, "default", name, time.Minute)
@@ -389,8 +393,6 @@ func startPlainPod(ctx context.Context, t *testing.T, n *node.Node, name string)
 	}
 	return p
 }
-
-func ptr[T any](v T) *T { return &v }
 
 // netnsShape is what a pod's netns looks like with its addresses, MACs and
 // indexes left out: links (name, kind, MTU, flags), address families and
