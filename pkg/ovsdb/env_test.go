@@ -39,7 +39,9 @@ func newEnv(t testing.TB) *env {
 	stopLog := testLogger(t) // registered first: its cleanup runs last
 	n := newNS(t)
 	o := ovs.StartT(t, ovs.WithNetNS(n))
-	vsctl(t, o, "add-br", "br1", "--", "set", "bridge", "br1", "datapath_type=netdev")
+	if err := o.AddBridge("br1"); err != nil {
+		t.Fatal(err)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	c, err := Dial(ctx, o.DB(), stopLog)

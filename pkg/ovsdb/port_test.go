@@ -193,7 +193,9 @@ func TestDeletePort(t *testing.T) {
 			t.Fatalf("add port %s: %v", n, err)
 		}
 	}
-	vsctl(t, e.ovs, "add-br", "br2", "--", "set", "bridge", "br2", "datapath_type=netdev")
+	if err := e.ovs.AddBridge("br2"); err != nil {
+		t.Fatal(err)
+	}
 
 	t.Run("owner mismatch refused", func(t *testing.T) {
 		err := e.c.DeletePort(ctx, "br1", "del0", map[string]string{"vmnic.io/owner": "someone-else"})

@@ -24,7 +24,22 @@ var buildMu sync.Mutex
 // under a second; a cold kube-apiserver build about 10 minutes on 2 cores,
 // so run `test/tools/build.sh kube-apiserver etcd` before `go test` with
 // its default 10-minute timeout. Build progress goes to os.Stderr.
+//
+// With ToolsBinEnv set, Binaries builds nothing and returns the binaries in
+// that directory, which must hold them all (the node VM, test/nodevm, reads
+// the repository read-only: its host builds them).
 func Binaries(ctx context.Context, names ...string) ([]string, error) {
+	if dir := os.Getenv(ToolsBinEnv); dir != "" {
+		var paths []string
+		for _, n := range names {
+			p := filepath.Join(dir, n)
+			if _, err := os.Stat(p); err != nil {
+				return nil, fmt.Errorf("%s=%s: %w", ToolsBinEnv, dir, err)
+			}
+			paths = append(paths, p)
+		}
+		return paths, nil
+	}
 	root, err := RepoRoot()
 	if err != nil {
 		return nil, err
@@ -49,6 +64,9 @@ func Binaries(ctx context.Context, names ...string) ([]string, error) {
 	}
 	return paths, nil
 }
+
+// ToolsBinEnv names a directory of prebuilt tool binaries for Binaries.
+const ToolsBinEnv = "VMNIC_TEST_TOOLS_BIN"
 
 // RepoRoot finds the repository root (the directory of the go.mod of module
 // github.com/vmnic/vmnic) at or above the working directory.

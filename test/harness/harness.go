@@ -66,6 +66,9 @@ var ReferencePlugins = []string{
 	"github.com/containernetworking/plugins/plugins/ipam/host-local",
 }
 
+// CNIBinEnv names a directory of prebuilt CNI binaries for BinDir.
+const CNIBinEnv = "VMNIC_TEST_CNI_BIN"
+
 var (
 	buildOnce sync.Once
 	buildDir  string
@@ -75,8 +78,22 @@ var (
 // BinDir builds, once per process, the vmnic shim and the reference plugins
 // into the repository's git-ignored .tools/cni-bin and returns that
 // directory. Go's build cache makes this cheap after the first time.
+//
+// With CNIBinEnv set, BinDir builds nothing and returns that directory,
+// which must hold what BinDir would build (the node VM, test/nodevm,
+// has no Go toolchain to build with: its host builds them).
 func BinDir() (string, error) {
 	buildOnce.Do(func() {
+		if dir := os.Getenv(CNIBinEnv); dir != "" {
+			for _, pkg := range append(ReferencePlugins, "vmnic") {
+				if _, err := os.Stat(filepath.Join(dir, filepath.Base(pkg))); err != nil {
+					buildErr = fmt.Errorf("%s=%s: %w", CNIBinEnv, dir, err)
+					return
+				}
+			}
+			buildDir = dir
+			return
+		}
 		root, err := RepoRoot()
 		if err != nil {
 			buildErr = err

@@ -126,7 +126,9 @@ func (n *ovsNode) nodeVeths(b testing.TB, prefix string) int {
 
 func (n *ovsNode) addBridge(b testing.TB, name string) {
 	b.Helper()
-	n.vsctl(b, "add-br", name, "--", "set", "bridge", name, "datapath_type=netdev")
+	if err := n.sw.AddBridge(name); err != nil {
+		b.Fatal(err)
+	}
 }
 
 // peerArm is one plugin configuration of a side-by-side run: a benchArm

@@ -2,7 +2,6 @@ package integration
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -63,8 +62,8 @@ func newOVSNodeBare(t testing.TB) *ovsNode {
 	t.Helper()
 	node, _ := newNode(t, false)
 	sw := ovs.StartT(t, ovs.WithNetNS(node.NS))
-	if out, err := sw.Vsctl("add-br", "br1", "--", "set", "bridge", "br1", "datapath_type=netdev"); err != nil {
-		t.Fatalf("add-br: %v\n%s", err, out)
+	if err := sw.AddBridge("br1"); err != nil {
+		t.Fatalf("add-br: %v", err)
 	}
 	return &ovsNode{Node: node, sw: sw}
 }
@@ -132,15 +131,7 @@ func (n *ovsNode) bridgeList(t testing.TB, name string, keys map[string]any, ipa
 	if version == "" {
 		version = "1.1.0"
 	}
-	b, err := json.Marshal(map[string]any{"cniVersion": version, "name": name, "plugins": []any{plugin}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := harness.List(b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return l
+	return confList(t, version, name, plugin)
 }
 
 // addPod runs ADD for a pod on the network and returns its result.

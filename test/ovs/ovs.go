@@ -190,6 +190,49 @@ func hasTimeout(args []string) bool {
 	return false
 }
 
+// DatapathEnv selects the datapath AddBridge gives bridges: "netdev" (the
+// default, the userspace datapath: this project's machines have no
+// openvswitch kernel module) or "system" (the kernel datapath; the node VM,
+// test/nodevm, sets it).
+const DatapathEnv = "VMNIC_TEST_OVS_DATAPATH"
+
+// Datapath is the datapath_type tests give their bridges (DatapathEnv).
+func Datapath() (string, error) {
+	switch v := os.Getenv(DatapathEnv); v {
+	case "", "netdev":
+		return "netdev", nil
+	case "system":
+		return v, nil
+	default:
+		return "", fmt.Errorf("%s=%q: want netdev or system", DatapathEnv, v)
+	}
+}
+
+// AddBridge adds bridge name on the datapath Datapath selects. On the
+// kernel datapath it also checks that ovs-vswitchd really runs the bridge
+// there (dpif/show lists it under system@ovs-system), so a test meant for
+// the kernel datapath cannot pass on another.
+func (o *OVS) AddBridge(name string) error {
+	dp, err := Datapath()
+	if err != nil {
+		return err
+	}
+	if out, verr := o.Vsctl("add-br", name, "--", "set", "bridge", name, "datapath_type="+dp); verr != nil {
+		return fmt.Errorf("%w: %s", verr, out)
+	}
+	if dp != "system" {
+		return nil
+	}
+	out, err := o.Appctl("dpif/show")
+	if err != nil {
+		return fmt.Errorf("%w: %s", err, out)
+	}
+	if !strings.Contains(out, "system@ovs-system") || !strings.Contains(out, "\n  "+name+":") {
+		return fmt.Errorf("bridge %s is not on the kernel datapath; dpif/show:\n%s", name, out)
+	}
+	return nil
+}
+
 // Appctl runs ovs-appctl against ovs-vswitchd ("dpif/show", "vlog/list" …).
 func (o *OVS) Appctl(args ...string) (string, error) {
 	full := append([]string{"-t", filepath.Join(o.dir, "ovs-vswitchd.ctl"), "--timeout=10"}, args...)
