@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -105,7 +106,14 @@ func passtUnderlay(t *testing.T, a, b *harness.Node) ns.NetNS {
 // port 8080 to the guest over IPv4 and IPv6.
 func startPasst(t *testing.T, p *harness.Pod, sock string) {
 	t.Helper()
-	cmd := exec.Command("nsenter", "--net="+p.NS.Path(), "passt", "-f", "-e", "-s", sock, "-i", p.IfName, "-t", "8080")
+	startPasstPort(t, p, sock, 8080)
+}
+
+// startPasstPort is startPasst forwarding TCP port port (one passt per
+// pod interface binds its own).
+func startPasstPort(t *testing.T, p *harness.Pod, sock string, port int) {
+	t.Helper()
+	cmd := exec.Command("nsenter", "--net="+p.NS.Path(), "passt", "-f", "-e", "-s", sock, "-i", p.IfName, "-t", strconv.Itoa(port))
 	var out strings.Builder
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
@@ -353,13 +361,8 @@ sleep 600
 	})
 	completed := time.Now()
 	bed.finish(t, m, vmi, src, dst, false)
-	for time.Since(completed) < 5*time.Second && neighMAC(t, peer, ip) != dstMAC {
-		time.Sleep(5 * time.Millisecond)
-	}
-	if got := neighMAC(t, peer, ip); got != dstMAC {
-		t.Fatalf("after the switchover the underlay resolves %s to %q, want the target's %s", ip, got, dstMAC)
-	}
-	t.Logf("the underlay's neighbour entry moved to the target %s after QEMU reported the migration completed", time.Since(completed).Round(time.Millisecond))
+	took := awaitNeigh(t, peer, ip, dstMAC, completed)
+	t.Logf("the underlay's neighbour entry moved to the target %s after QEMU reported the migration completed", took.Round(time.Millisecond))
 	for time.Since(completed) < 5*time.Second && neighMAC(t, peer, ip6) != dstMAC {
 		time.Sleep(5 * time.Millisecond)
 	}
