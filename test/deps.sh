@@ -23,6 +23,7 @@ if [[ $what != demo ]]; then
     passt # the passt mode's live-migration test runs KubeVirt's user-mode network back end
     runc buildah # the real node's containers (containerd runs Debian's runc) and its images (make image)
     iptables # flanneld's masquerade rules, inside the real node's namespace
+    mmdebstrap e2fsprogs # the node VM's root filesystem (test/nodevm/rootfs.sh)
   )
 fi
 missing=()
@@ -56,4 +57,7 @@ bash test/tools/build.sh cnitool etcd kube-apiserver helm spiderpool-agent spide
 # Multus thick.
 bash test/tools/build.sh kube-controller-manager kube-scheduler kubelet containerd containerd-shim-runc-v2 ctr crictl \
   flanneld flannel bridge host-local loopback portmap multus-daemon multus-shim >/dev/null
+# The node VM (test/nodevm): Debian's kernel with ipvlan, openvswitch and
+# 8021q, on a root filesystem from Debian's packages, built once (~70 s).
+bash test/nodevm/rootfs.sh >/dev/null
 echo "deps: ready"

@@ -280,6 +280,9 @@ func TestPublishToAPIServer(t *testing.T) {
 		t.Errorf("object meta/spec: %+v %+v", n.ObjectMeta, n.Spec)
 	}
 	k := n.Status.Kernel
+	if need.InNodeVM() && !k.Ipvlan {
+		t.Fatalf("in the node VM the kernel report says no ipvlan: %+v", k)
+	}
 	wantCond := map[string]metav1.ConditionStatus{
 		v1alpha1.ConditionMasqueradeReady:   metav1.ConditionTrue,
 		v1alpha1.ConditionPasstMacvlanReady: metav1.ConditionTrue,
