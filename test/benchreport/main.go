@@ -49,6 +49,9 @@ const (
 	noPeerHere   = "no peer runs here: KubeVirt's own bindings wire inside virt-launcher, with no CNI step to time"
 )
 
+// nodeVMNote follows peerNote.
+const nodeVMNote = "The node VM rows come from `go run ./test/nodevm/bench`: QEMU boots Debian's own kernel (linux-image-amd64, which has the openvswitch module this machine's kernel lacks) on a root filesystem made from Debian's packages, and runs BenchmarkScaleBridge and BenchmarkAddDeletePort inside it, on the kernel datapath (`system`) and then on the userspace one (`netdev`), with the same ovs-vswitchd, one after the other in one boot. Without KVM the VM's CPUs are emulated (TCG), so its milliseconds are not this machine's: compare the two datapaths with each other, and the ratios with the rows above."
+
 // peerNote follows the table: how the peers were run.
 const peerNote = "The peers column holds figures of the same run, the ratio in brackets being vmnic's figure over the peer's. ovs-cni is v0.39.0, built from its Go module (`test/tools/ovscni`), run through libcni beside vmnic on the same ovsdb-server and ovs-vswitchd (userspace datapath) in the same node netns, arms interleaved. The two wait for different things: vmnic's ADD returns once ovs-vswitchd has applied the port (its Interface row has an ofport), so the guest's first frame is switched; ovs-cni without IPAM returns after its OVSDB commit, and with IPAM polls the port's link_state every 600 ms until it is up. On the userspace datapath ovs-vswitchd's apply of one port grows with every port it has (the apply-wait rows), so at 250 ports per bridge vmnic pays that growth and ovs-cni does not; the rows without the apply wait compare the plugins' own work. ovs-cni opens one OVSDB connection per plugin process; vmnicd keeps one. Where no peer can run here, the row names a published figure and its source, or says why none exists."
 
@@ -60,6 +63,12 @@ func ovsCNIPeers(bench, unit, format string) []peer {
 }
 
 const peerBridge = "BenchmarkPeerBridgeAddDel"
+
+// The node VM's benchmarks (test/nodevm/bench), renamed by datapath.
+const (
+	nodeVMSystem = "BenchmarkNodeVMSystem"
+	nodeVMNetdev = "BenchmarkNodeVMNetdev"
+)
 
 var rows = []row{
 	{
@@ -117,6 +126,22 @@ var rows = []row{
 		bench: "BenchmarkAddDeletePort/bg=100", unit: "vsctl/libovsdb", invert: true, what: "the same with 100 ports on the bridge", goal: "< 0.2",
 		vs: []peer{{label: "ovs-vsctl", bench: "BenchmarkAddDeletePort/bg=100", unit: "vsctl-ms/op", format: "%.1f ms/op"}, {label: "libovsdb", bench: "BenchmarkAddDeletePort/bg=100", unit: "libovsdb-ms/op", format: "%.2f ms/op"}}, format: "%.2f",
 	},
+	{
+		bench: nodeVMSystem + "AddDeletePort/bg=0", unit: "vsctl/libovsdb", invert: true, what: "node VM, kernel datapath: OVS port add+delete, libovsdb / ovs-vsctl (empty bridge)", goal: "< 0.2",
+		vs: []peer{{label: "ovs-vsctl", bench: nodeVMSystem + "AddDeletePort/bg=0", unit: "vsctl-ms/op", format: "%.1f ms/op"}, {label: "libovsdb", bench: nodeVMSystem + "AddDeletePort/bg=0", unit: "libovsdb-ms/op", format: "%.2f ms/op"}}, format: "%.2f",
+	},
+	{
+		bench: nodeVMSystem + "AddDeletePort/bg=100", unit: "vsctl/libovsdb", invert: true, what: "node VM, kernel datapath: OVS port add+delete, libovsdb / ovs-vsctl (100 ports on the bridge)", goal: "< 0.2",
+		vs: []peer{{label: "ovs-vsctl", bench: nodeVMSystem + "AddDeletePort/bg=100", unit: "vsctl-ms/op", format: "%.1f ms/op"}, {label: "libovsdb", bench: nodeVMSystem + "AddDeletePort/bg=100", unit: "libovsdb-ms/op", format: "%.2f ms/op"}}, format: "%.2f",
+	},
+	{
+		bench: nodeVMNetdev + "AddDeletePort/bg=0", unit: "vsctl/libovsdb", invert: true, what: "node VM, userspace datapath: OVS port add+delete, libovsdb / ovs-vsctl (empty bridge)", goal: "< 0.2",
+		vs: []peer{{label: "ovs-vsctl", bench: nodeVMNetdev + "AddDeletePort/bg=0", unit: "vsctl-ms/op", format: "%.1f ms/op"}, {label: "libovsdb", bench: nodeVMNetdev + "AddDeletePort/bg=0", unit: "libovsdb-ms/op", format: "%.2f ms/op"}}, format: "%.2f",
+	},
+	{
+		bench: nodeVMNetdev + "AddDeletePort/bg=100", unit: "vsctl/libovsdb", invert: true, what: "node VM, userspace datapath: OVS port add+delete, libovsdb / ovs-vsctl (100 ports on the bridge)", goal: "< 0.2",
+		vs: []peer{{label: "ovs-vsctl", bench: nodeVMNetdev + "AddDeletePort/bg=100", unit: "vsctl-ms/op", format: "%.1f ms/op"}, {label: "libovsdb", bench: nodeVMNetdev + "AddDeletePort/bg=100", unit: "libovsdb-ms/op", format: "%.2f ms/op"}}, format: "%.2f",
+	},
 	{bench: "BenchmarkScaleMasquerade", unit: "add-first50-p50-ms", what: "250 masquerade VM NICs on one node: ADD p50 of the first 50", goal: "pod start p99 ≤ 5 s", peers: noPeerHere, format: "%.0f ms"},
 	{bench: "BenchmarkScaleMasquerade", unit: "add-first50-p99-ms", what: "… ADD p99 of the first 50", format: "%.0f ms"},
 	{bench: "BenchmarkScaleMasquerade", unit: "add-last50-p50-ms", what: "… ADD p50 of the last 50", format: "%.0f ms"},
@@ -167,6 +192,32 @@ var rows = []row{
 	{bench: "BenchmarkScaleBridge", unit: "last/first-without-ovs-apply", what: "… last/first without the apply wait", format: "%.2f"},
 	{bench: "BenchmarkScaleBridge", unit: "gc-pass-ms", what: "… one CNI GC pass over the 250", peers: "ovs-cni has no GC", format: "%.0f ms"},
 	{bench: "BenchmarkScaleBridge", unit: "del-ms-median", what: "… DEL median", format: "%.0f ms"},
+	{
+		bench: nodeVMSystem + "ScaleBridge", unit: "last/first", what: "node VM (Debian's kernel, below): 250 VM NICs on one OVS bridge on the kernel datapath: ADD median of the last 25 / the first 25", goal: "flat, < 1.5",
+		vs: []peer{
+			{label: "the userspace datapath, same VM and ovs-vswitchd", bench: nodeVMNetdev + "ScaleBridge", unit: "last/first", format: "%.2f"},
+			{label: "the userspace datapath on this machine (the row above)", bench: "BenchmarkScaleBridge", unit: "last/first", format: "%.2f"},
+		}, format: "%.2f",
+	},
+	{
+		bench: nodeVMSystem + "ScaleBridge", unit: "last/first-without-ovs-apply", what: "… last/first without the wait for ovs-vswitchd's apply",
+		vs: []peer{{label: "userspace, same VM", bench: nodeVMNetdev + "ScaleBridge", unit: "last/first-without-ovs-apply", format: "%.2f"}}, format: "%.2f",
+	},
+	{
+		bench: nodeVMSystem + "ScaleBridge", unit: "ovs-apply-last25-ms-median", what: "… ovs-vswitchd's apply wait, the last 25",
+		vs: []peer{
+			{label: "the first 25", bench: nodeVMSystem + "ScaleBridge", unit: "ovs-apply-first25-ms-median", format: "%.1f ms"},
+			{label: "userspace, same VM, the last 25", bench: nodeVMNetdev + "ScaleBridge", unit: "ovs-apply-last25-ms-median", format: "%.1f ms", ratio: true},
+		}, format: "%.1f ms",
+	},
+	{
+		bench: nodeVMSystem + "ScaleBridge", unit: "add-first25-ms-median", what: "… ADD median of the first 25 (emulated CPU: compare within the VM)",
+		vs: []peer{{label: "userspace, same VM", bench: nodeVMNetdev + "ScaleBridge", unit: "add-first25-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
+	},
+	{
+		bench: nodeVMSystem + "ScaleBridge", unit: "add-last25-ms-median", what: "… of the last 25",
+		vs: []peer{{label: "userspace, same VM", bench: nodeVMNetdev + "ScaleBridge", unit: "add-last25-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
+	},
 	{
 		bench: "BenchmarkPeerConcurrentAdd", unit: "vmnic-plain-ADD/s", what: "100 concurrent ADDs of ordinary pods' ports on one bridge, failed ones retried at once until all are up: throughput", goal: "a burst of max-pods (110-250) per node",
 		vs:    []peer{{label: peerOVSCNI, bench: "BenchmarkPeerConcurrentAdd", unit: "ovscni-ADD/s", format: "%.1f/s", ratio: true}},
@@ -255,7 +306,7 @@ func main() {
 	lines = append(lines, in.demoLines()...)
 	var b strings.Builder
 	fmt.Fprintf(&b, "# vmnic benchmarks\n\nGenerated by `make bench` on %s. Medians, arms interleaved in one run; the machines are noisy, so compare figures of one run with each other.\n\n", time.Now().UTC().Format("2006-01-02"))
-	fmt.Fprintf(&b, "Machine: %s, %d CPUs, %s RAM, kernel %s, %s. OVS runs its userspace datapath (no kernel module); QEMU runs under TCG.\n\n", cpuModel(), runtime.NumCPU(), memTotal(), strings.TrimSpace(readFile("/proc/sys/kernel/osrelease")), runtime.Version())
+	fmt.Fprintf(&b, "Machine: %s, %d CPUs, %s RAM, kernel %s, %s. OVS runs its userspace datapath here (no kernel module), and both datapaths in the node VM rows; QEMU runs under TCG.\n\n", cpuModel(), runtime.NumCPU(), memTotal(), strings.TrimSpace(readFile("/proc/sys/kernel/osrelease")), runtime.Version())
 	b.WriteString("| figure | value | goal | peers |\n|---|---|---|---|\n")
 	missing := 0
 	for _, l := range lines {
@@ -264,7 +315,7 @@ func main() {
 		}
 		fmt.Fprintf(&b, "| %s | %s | %s | %s |\n", l.what, l.val, dash(l.goal), dash(l.peers))
 	}
-	b.WriteString("\n" + peerNote + "\n\n" + migrationNote + "\n\n" + fuzzNote + "\n")
+	b.WriteString("\n" + peerNote + "\n\n" + nodeVMNote + in.nodeVMBoot + "\n\n" + migrationNote + "\n\n" + fuzzNote + "\n")
 	if err := os.WriteFile(*out, []byte(b.String()), 0o644); err != nil {
 		fmt.Fprintln(os.Stderr, "benchreport:", err)
 		os.Exit(1)
@@ -297,6 +348,8 @@ type input struct {
 	fuzz      map[string]*fuzzRun
 	fuzzes    []string // fuzz targets in the order seen
 	demo      *demoRun
+	// nodeVMBoot is what test/nodevm/bench said of the boot.
+	nodeVMBoot string
 	// pending is a benchmark whose name line came without its figures.
 	pending string
 }
@@ -326,12 +379,18 @@ func (in *input) read(path string) error {
 		test = in.migrationLine(l, test)
 		target = in.fuzzLine(l, target)
 		in.demoLine(l)
+		if m := nodeVMBootRE.FindStringSubmatch(l); m != nil {
+			in.nodeVMBoot = fmt.Sprintf(" In this run the VM ran under %s, booted in %s s, and took %s s for the four runs.", strings.ToUpper(m[1]), m[2], m[3])
+		}
 	}
 	if err := sc.Err(); err != nil {
 		return fmt.Errorf("%s: %w", path, err)
 	}
 	return nil
 }
+
+// nodeVMBootRE is test/nodevm/bench's line on the boot.
+var nodeVMBootRE = regexp.MustCompile(`^nodevm: accel=(\S+) boot=([0-9.]+)s wall=([0-9.]+)s`)
 
 // outcome is go test's verdict line of a test, benchmark or fuzz target.
 var outcome = regexp.MustCompile(`^\s*--- (PASS|FAIL|SKIP): (\S+)`)
