@@ -205,10 +205,10 @@ func neighMAC(t *testing.T, peer ns.NetNS, ip string) string {
 }
 
 // awaitNeigh waits until the underlay's host in peer resolves ip to mac,
-// at most 5 s after since, and returns how long after since it did.
+// for at most 5 s, and returns how long after since it did.
 func awaitNeigh(t *testing.T, peer ns.NetNS, ip, mac string, since time.Time) time.Duration {
 	t.Helper()
-	for time.Since(since) < 5*time.Second && neighMAC(t, peer, ip) != mac {
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline) && neighMAC(t, peer, ip) != mac; {
 		time.Sleep(5 * time.Millisecond)
 	}
 	if got := neighMAC(t, peer, ip); got != mac {
