@@ -16,7 +16,6 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/vmnic/vmnic/pkg/capabilities"
@@ -438,9 +437,7 @@ func TestPasstMacvlanOnVLAN(t *testing.T) {
 				return err
 			}
 			if cidr != "" {
-				a, _ := netlink.ParseAddr(cidr)
-				a.Flags = unix.IFA_F_NODAD
-				if err := netlink.AddrAdd(l, a); err != nil {
+				if err := addrsNoDAD(l, cidr); err != nil {
 					return err
 				}
 			}

@@ -88,18 +88,30 @@ func passtUnderlay(t *testing.T, a, b *harness.Node) ns.NetNS {
 		if err != nil {
 			return err
 		}
-		for _, cidr := range []string{"10.50.0.1/24", "fd00:50::1/64"} {
-			addr, _ := netlink.ParseAddr(cidr)
-			addr.Flags = unix.IFA_F_NODAD
-			if err := netlink.AddrAdd(l, addr); err != nil {
-				return err
-			}
+		if err := addrsNoDAD(l, "10.50.0.1/24", "fd00:50::1/64"); err != nil {
+			return err
 		}
 		return netlink.LinkSetUp(l)
 	}); err != nil {
 		t.Fatal(err)
 	}
 	return peer
+}
+
+// addrsNoDAD gives l the addresses, IPv6 ones without duplicate address
+// detection (usable at once).
+func addrsNoDAD(l netlink.Link, cidrs ...string) error {
+	for _, cidr := range cidrs {
+		addr, err := netlink.ParseAddr(cidr)
+		if err != nil {
+			return err
+		}
+		addr.Flags = unix.IFA_F_NODAD
+		if err := netlink.AddrAdd(l, addr); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // startPasst runs passt in the pod's netns, serving sock, forwarding TCP
