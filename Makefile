@@ -5,6 +5,9 @@ GO      ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/vmnic/vmnic/pkg/version.Version=$(VERSION)
 BIN     := bin
+# The tests run the binaries `make build` writes (test/harness.Built): each
+# target that runs tests builds them first.
+export VMNIC_TEST_BIN := $(CURDIR)/$(BIN)
 # Packages whose tests need no root and no namespaces run in test-unit.
 UNIT_PKGS := ./pkg/netconf/... ./pkg/proto/... ./pkg/spool/... ./pkg/state/... ./pkg/kubevirt/... ./pkg/fsutil/... \
              ./pkg/apis/... ./plugins/... ./daemon/ ./daemon/install/...
@@ -26,11 +29,11 @@ image: build ## the node image from the Dockerfile (buildah, podman or docker), 
 demo: ## local demo: wire a VM NIC with vmnic masquerade and boot a real guest on it (installs only what it uses)
 	@start=$$(date +%s); bash test/deps.sh demo & deps=$$!; \
 	echo "demo: building test/demo (it links vmnicd's packages, so building vmnicd next is mostly cached) ..."; \
-	CGO_ENABLED=0 $(GO) build -o $(BIN)/demo ./test/demo; rc=$$?; wait $$deps || exit 1; [ $$rc = 0 ] || exit $$rc; \
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/demo ./test/demo && $(MAKE) -s build; rc=$$?; wait $$deps || exit 1; [ $$rc = 0 ] || exit $$rc; \
 	echo "demo: packages and build ready in $$(( $$(date +%s) - start ))s"
 	$(BIN)/demo
 
-test: deps vet lint ## the whole suite (as root): vet, format, lint, unit, integration, guest, cluster, a real node (containerd, kubelet, Flannel, Multus), bounded fuzzing, then the node VM (Debian's kernel: passt over ipvlan, a VLAN underlay, the OVS kernel datapath)
+test: deps build vet lint ## the whole suite (as root): vet, format, lint, unit, integration, guest, cluster, a real node (containerd, kubelet, Flannel, Multus), bounded fuzzing, then the node VM (Debian's kernel: passt over ipvlan, a VLAN underlay, the OVS kernel datapath)
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
 	FUZZTIME=5s bash test/fuzz.sh
 	$(GO) test -count=1 -timeout 40m $$($(GO) list ./... | grep -v /test/nodevm$$)
@@ -42,10 +45,10 @@ fuzz: ## run each fuzz target (FUZZTIME, default 20s)
 test-unit: ## fast tests, no root needed
 	$(GO) test -count=1 $(UNIT_PKGS)
 
-test-integration: deps ## root tests in real namespaces (nftables, DHCP, libcni, guest)
+test-integration: deps build ## root tests in real namespaces (nftables, DHCP, libcni, guest)
 	$(GO) test -count=1 -timeout 30m ./plugins/... ./daemon/... ./pkg/nft/... ./pkg/dhcp/... ./test/...
 
-bench: deps ## benchmarks (medians, arms interleaved, each next to a peer measured in the same run: ovs-cni, the reference plugins, ovs-vsctl, a minimal Go binary) and their report docs/benchmarks.md: ADD+DEL per mode, pass-through overhead, shim exec, STATUS, daemon RSS, OVSDB vs ovs-vsctl, 250 ports on one bridge, 100 concurrent ADDs/DELs, SIGKILL mid-ADD, live-migration gap (5 runs), fuzz executions (10s per target), make demo on a fresh clone, pod start on the real node with vmnic chained and without, the 250-port and OVSDB runs on both datapaths in the node VM
+bench: deps build ## benchmarks (medians, arms interleaved, each next to a peer measured in the same run: ovs-cni, the reference plugins, ovs-vsctl, a minimal Go binary) and their report docs/benchmarks.md: ADD+DEL per mode, pass-through overhead, shim exec, STATUS, daemon RSS, OVSDB vs ovs-vsctl, 250 ports on one bridge, 100 concurrent ADDs/DELs, SIGKILL mid-ADD, live-migration gap (5 runs), fuzz executions (10s per target), make demo on a fresh clone, pod start on the real node with vmnic chained and without, the 250-port and OVSDB runs on both datapaths in the node VM
 	@mkdir -p .tools/bench
 	set -o pipefail; $(GO) test -run '^$$' -bench . -skip 'Scale|Concurrent|Kill' -benchtime 200x -count 1 -timeout 30m ./test/integration/ | tee .tools/bench/integration.txt
 	set -o pipefail; $(GO) test -run '^$$' -bench 'Scale|Kill' -benchtime 1x -count 1 -timeout 30m ./test/integration/ | tee .tools/bench/scale.txt
@@ -66,10 +69,11 @@ fmt: ## format the tree (gofumpt, through golangci-lint)
 	@bash test/tools/build.sh golangci-lint >/dev/null
 	.tools/bin/golangci-lint fmt ./...
 
-lint: ## golangci-lint (version pinned in test/tools; errcheck, govet shadow, staticcheck, gofumpt, no os/exec in product code) and the import direction (cmd -> daemon -> plugins -> pkg)
+lint: ## golangci-lint (version pinned in test/tools; errcheck, govet shadow, staticcheck, gofumpt, no os/exec in product code), the import direction (cmd -> daemon -> plugins -> pkg), and that tests start vmnicd only as its binary or through daemon.Run
 	@bash test/tools/build.sh golangci-lint >/dev/null
 	.tools/bin/golangci-lint run --allow-parallel-runners ./...
 	bash test/imports.sh
+	bash test/entrypoint.sh
 
 clean: ## remove build outputs
 	rm -rf $(BIN) .tools

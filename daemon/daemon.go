@@ -31,6 +31,17 @@ const (
 	DefaultStateDir       = "/var/lib/vmnic"
 	DefaultResyncInterval = 5 * time.Minute
 	DefaultDrainTimeout   = 20 * time.Second
+	// DefaultSyncTimeout bounds one wait for the informers' first sync:
+	// past it vmnicd says in one log line which informer it still waits
+	// for, and why, and waits again. It never exits for it.
+	DefaultSyncTimeout = 2 * time.Minute
+	// DefaultWatchDownThreshold is how long a watch may be down before
+	// /readyz fails. client-go's reflector retries a failed list or watch
+	// with a backoff capped at 30 s and jittered up to twice that: after
+	// an API server outage of 20 s the watches came back 53 s after the
+	// server did. Twice the longest retry gap is past any blip: a daemon
+	// deciding on a stale cache.
+	DefaultWatchDownThreshold = 2 * time.Minute
 	// requestTimeout bounds one request's work inside the daemon.
 	requestTimeout = 2 * time.Minute
 )
@@ -47,9 +58,17 @@ type Options struct {
 	DrainTimeout   time.Duration
 	// Ready, if set, is closed once the daemon serves requests.
 	Ready chan<- struct{}
-	// Prepare, if set, runs after the socket listens and before the daemon
-	// is ready (informer sync): requests meanwhile get "try again later".
-	Prepare func(ctx context.Context) error
+	// prepare, if set, runs after the socket listens and before the
+	// daemon is ready (the shim's install, the informers' first sync):
+	// requests meanwhile get "try again later". Its ctx is Run's: what it
+	// starts lives as long as the daemon. Only Run (main.go) sets it, so
+	// that every vmnicd, the binary's and a test's, is prepared alike.
+	prepare func(ctx context.Context) error
+	// Watches reports the facts source's watches on the API server (nil
+	// standalone); WatchDownThreshold is how long one may be down before
+	// /readyz fails and vmnicctl status says so.
+	Watches            func() []kubevirt.WatchHealth
+	WatchDownThreshold time.Duration
 	// OVSDB is the default ovsdb-server endpoint of the modes that add OVS
 	// ports (mode.Env); a network config's ovsdbSocket overrides it.
 	OVSDB string
@@ -118,6 +137,9 @@ func New(opts Options) (*Daemon, error) {
 	if opts.DrainTimeout == 0 {
 		opts.DrainTimeout = DefaultDrainTimeout
 	}
+	if opts.WatchDownThreshold == 0 {
+		opts.WatchDownThreshold = DefaultWatchDownThreshold
+	}
 	store, err := state.Open(filepath.Join(opts.StateDir, "attachments"))
 	if err != nil {
 		return nil, err
@@ -163,12 +185,16 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}()
 
 	// Until ready, requests get "try again later" and the shim retries.
-	if d.opts.Prepare != nil {
-		if err := d.opts.Prepare(ctx); err != nil {
+	if d.opts.prepare != nil {
+		if err := d.opts.prepare(ctx); err != nil {
 			d.socketIno.Store(0)
 			_ = ln.Close()
 			<-serveDone
 			removeSocket(d.opts.Socket, ino)
+			if ctx.Err() != nil {
+				d.log.Info("stopped before ready")
+				return nil
+			}
 			return fmt.Errorf("prepare: %w", err)
 		}
 	}

@@ -7,10 +7,12 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/vmnic/vmnic/pkg/api"
+	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/proto"
 )
 
@@ -59,13 +61,43 @@ func (d *Daemon) serveHealthz(w http.ResponseWriter, r *http.Request) {
 	_, _ = w.Write([]byte("ok\n"))
 }
 
-// serveReadyz answers the readiness probe.
+// serveReadyz answers the readiness probe: ready once the daemon serves
+// CNI requests, and not while a watch on the API server has been down for
+// longer than the threshold (the daemon then serves from a cache that no
+// longer follows the cluster: migrations would wait on it).
 func (d *Daemon) serveReadyz(w http.ResponseWriter, _ *http.Request) {
 	if !d.ready.Load() {
 		http.Error(w, "starting or stopping", http.StatusServiceUnavailable)
 		return
 	}
+	if stale := d.staleWatches(time.Now()); len(stale) > 0 {
+		http.Error(w, strings.Join(stale, "\n"), http.StatusServiceUnavailable)
+		return
+	}
 	_, _ = w.Write([]byte("ok\n"))
+}
+
+// staleWatches describes each watch down for longer than the threshold.
+func (d *Daemon) staleWatches(now time.Time) []string {
+	var out []string
+	for _, h := range d.watches() {
+		if down := h.Down(now); down > d.opts.WatchDownThreshold {
+			m := fmt.Sprintf("watch on %s down for %s (over %s)", h.Resource, down.Round(time.Second), d.opts.WatchDownThreshold)
+			if h.LastError != "" {
+				m += ": " + h.LastError
+			}
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// watches is what the facts source says of its watches (none standalone).
+func (d *Daemon) watches() []kubevirt.WatchHealth {
+	if d.opts.Watches == nil {
+		return nil
+	}
+	return d.opts.Watches()
 }
 
 // defaultHealthTimeout bounds one liveness check: under the chart's probe

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"net"
 	"sort"
+	"time"
 
 	"github.com/vmnic/vmnic/pkg/api"
 	"github.com/vmnic/vmnic/pkg/dhcp"
@@ -159,5 +160,26 @@ func (d *Daemon) status() api.Status {
 		DHCPServers: st.dhcpServers, PendingDELs: st.pendingDELs,
 		Requests:    d.Metrics().requestCounts(),
 		MetricsAddr: d.opts.Observe.MetricsAddr,
+		Watches:     d.watchViews(time.Now()),
+
+		WatchDownThreshold: api.Duration(d.opts.WatchDownThreshold),
 	}
+}
+
+// watchViews are the watches for VMNIC_STATUS.
+func (d *Daemon) watchViews(now time.Time) []api.Watch {
+	hs := d.watches()
+	if len(hs) == 0 {
+		return nil
+	}
+	out := make([]api.Watch, 0, len(hs))
+	for _, h := range hs {
+		down := h.Down(now)
+		out = append(out, api.Watch{
+			Resource: h.Resource, Synced: h.Synced, Watching: h.Watching,
+			Down: api.Duration(down), LastEvent: h.LastEvent.UTC(), LastError: h.LastError,
+			Stale: down > d.opts.WatchDownThreshold,
+		})
+	}
+	return out
 }

@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -90,6 +91,101 @@ func restConfig(kubeconfig string) (*rest.Config, error) {
 	return nil, nil
 }
 
+// Config is how vmnicd is started. Each field but the last three is one of
+// its flags (Flags binds them); Logger, Metrics and OnReady are for a
+// program that runs vmnicd in its own process (the test harness), which
+// passes them instead. Run is the one way to start the daemon: the binary,
+// the chart and the tests all go through it.
+type Config struct {
+	Socket   string
+	StateDir string
+	SpoolDir string
+	// Kubeconfig of the cluster; empty: the in-cluster config inside a pod,
+	// standalone (VM facts from the network config) outside one.
+	Kubeconfig string
+	NodeName   string
+	// Bindings are the KubeVirt binding names vmnic serves.
+	Bindings         []string
+	InstallFrom      string
+	CNIBinDir        string
+	CNIConfDir       string
+	Chain            bool
+	OVSDB            string
+	HostNetns        string
+	SpiderpoolSocket string
+	Capabilities     bool
+	MetricsAddr      string
+	Events           bool
+	PodName          string
+	PodNamespace     string
+	DrainTimeout     time.Duration
+	// SyncTimeout bounds one wait for the informers' first sync
+	// (DefaultSyncTimeout); WatchDownThreshold is how long a watch may be
+	// down before /readyz fails (DefaultWatchDownThreshold).
+	SyncTimeout        time.Duration
+	WatchDownThreshold time.Duration
+
+	// Logger is the daemon's log (nil: slog.Default()).
+	Logger *slog.Logger
+	// Metrics are the daemon's counters (nil: new ones).
+	Metrics *Metrics
+	// OnReady, if set, is called with the daemon once it is ready, for a
+	// program that runs vmnicd in process to read its state.
+	OnReady func(*Daemon)
+}
+
+// DefaultConfig is the configuration of a vmnicd started with no flags,
+// less what the environment gives (KUBECONFIG, NODE_NAME, POD_NAME,
+// POD_NAMESPACE: the flags take their defaults from it).
+func DefaultConfig() Config {
+	return Config{
+		Socket: netconf.DefaultSocket, StateDir: DefaultStateDir, SpoolDir: netconf.DefaultSpoolDir,
+		Bindings:  []string{kubevirt.DefaultBinding},
+		CNIBinDir: install.DefaultBinDir, CNIConfDir: install.DefaultConfDir, Chain: true,
+		OVSDB:            "unix:/var/run/openvswitch/db.sock",
+		SpiderpoolSocket: capabilities.DefaultSpiderpoolSocket,
+		Capabilities:     true, MetricsAddr: DefaultMetricsAddr, Events: true,
+		DrainTimeout: DefaultDrainTimeout, SyncTimeout: DefaultSyncTimeout, WatchDownThreshold: DefaultWatchDownThreshold,
+	}
+}
+
+// Flags binds c's flag fields to fs, with c's values as their defaults.
+func (c *Config) Flags(fs *flag.FlagSet) {
+	fs.StringVar(&c.Socket, "socket", c.Socket, "unix socket the shim talks to")
+	fs.StringVar(&c.StateDir, "state-dir", c.StateDir, "directory of attachment records")
+	fs.StringVar(&c.SpoolDir, "spool-dir", c.SpoolDir, "directory where the shim spools DELs while the daemon is away")
+	fs.StringVar(&c.Kubeconfig, "kubeconfig", c.Kubeconfig, "kubeconfig of the cluster (empty: the in-cluster config in a pod, standalone with VM facts from the network config outside one)")
+	fs.StringVar(&c.NodeName, "node-name", c.NodeName, "this node's name (with an API server)")
+	fs.Func("bindings", "comma-separated KubeVirt binding names vmnic serves (default "+strings.Join(c.Bindings, ",")+")", func(v string) error {
+		c.Bindings = strings.Split(v, ",")
+		return nil
+	})
+	fs.StringVar(&c.InstallFrom, "install-from", c.InstallFrom, "shim binary to install into --cni-bin-dir (empty: do not install)")
+	fs.StringVar(&c.CNIBinDir, "cni-bin-dir", c.CNIBinDir, "the host's CNI bin dir as this process sees it")
+	fs.StringVar(&c.CNIConfDir, "cni-conf-dir", c.CNIConfDir, "the host's CNI config dir as this process sees it")
+	fs.BoolVar(&c.Chain, "chain", c.Chain, "chain vmnic's entry into the primary CNI's conflist and keep it chained")
+	fs.StringVar(&c.OVSDB, "ovsdb", c.OVSDB, "OVSDB endpoint of bridge mode: ports are added there and it is probed for the capability report (empty: no OVS)")
+	fs.StringVar(&c.HostNetns, "host-netns", c.HostNetns, "the node's network namespace (a path), where modes put the node end of their links, when vmnicd does not run in it (empty: its own, as a hostNetwork DaemonSet pod)")
+	fs.StringVar(&c.SpiderpoolSocket, "spiderpool-socket", c.SpiderpoolSocket, "Spiderpool agent socket the capability probe checks")
+	fs.BoolVar(&c.Capabilities, "capabilities", c.Capabilities, "probe the node and publish a NodeNetworkCapability (with an API server)")
+	fs.StringVar(&c.MetricsAddr, "metrics-addr", c.MetricsAddr, "address of the Prometheus metrics, /healthz and /readyz HTTP endpoint (empty: none)")
+	fs.BoolVar(&c.Events, "events", c.Events, "report failed ADDs as Kubernetes Events on the pod and its VMI (with an API server)")
+	fs.StringVar(&c.PodName, "pod-name", c.PodName, "this vmnicd's pod (in a DaemonSet): when the DaemonSet is deleted, vmnicd unchains itself and removes the shim on exit")
+	fs.StringVar(&c.PodNamespace, "pod-namespace", c.PodNamespace, "the namespace of --pod-name")
+	fs.DurationVar(&c.DrainTimeout, "drain-timeout", c.DrainTimeout, "how long a stopping vmnicd waits for the requests in flight")
+	fs.DurationVar(&c.SyncTimeout, "sync-timeout", c.SyncTimeout, "how long one wait for the API server caches' first sync lasts before vmnicd logs what it still waits for (it waits on, not ready, and never exits for it)")
+	fs.DurationVar(&c.WatchDownThreshold, "watch-down-threshold", c.WatchDownThreshold, "how long a watch on the API server may be down before /readyz fails and vmnicctl status reports it")
+}
+
+// installOptions are the shim install and chaining c asks for.
+func (c *Config) installOptions(log *slog.Logger) install.Options {
+	return install.Options{
+		BinDir: c.CNIBinDir, ConfDir: c.CNIConfDir, SourceBinary: c.InstallFrom, Logger: log,
+		CNIVersions: shim.Supported.SupportedVersions(),
+		Entry:       chainEntry(c.Socket, c.SpoolDir),
+	}
+}
+
 // Main is vmnicd's command line; it returns the exit code.
 //
 //	vmnicd [flags]            serve (installing the shim and chaining first when --install-from is set)
@@ -100,26 +196,14 @@ func Main(args []string) int {
 	if len(args) > 0 && (args[0] == "install" || args[0] == "uninstall") {
 		cmd, args = args[0], args[1:]
 	}
+	cfg := DefaultConfig()
+	cfg.Kubeconfig = os.Getenv("KUBECONFIG")
+	cfg.NodeName = os.Getenv("NODE_NAME")
+	cfg.PodName, cfg.PodNamespace = os.Getenv("POD_NAME"), os.Getenv("POD_NAMESPACE")
 	fs := flag.NewFlagSet("vmnicd", flag.ContinueOnError)
-	socket := fs.String("socket", netconf.DefaultSocket, "unix socket the shim talks to")
-	stateDir := fs.String("state-dir", DefaultStateDir, "directory of attachment records")
-	spoolDir := fs.String("spool-dir", netconf.DefaultSpoolDir, "directory where the shim spools DELs while the daemon is away")
+	cfg.Flags(fs)
 	level := fs.String("log-level", "info", "debug, info, warn or error")
-	kubeconfig := fs.String("kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig of the cluster (empty: standalone, VM facts from the network config)")
-	nodeName := fs.String("node-name", os.Getenv("NODE_NAME"), "this node's name (with an API server)")
-	bindings := fs.String("bindings", kubevirt.DefaultBinding, "comma-separated KubeVirt binding names vmnic serves")
-	installFrom := fs.String("install-from", "", "shim binary to install into --cni-bin-dir (empty: do not install)")
-	binDir := fs.String("cni-bin-dir", install.DefaultBinDir, "the host's CNI bin dir as this process sees it")
-	confDir := fs.String("cni-conf-dir", install.DefaultConfDir, "the host's CNI config dir as this process sees it")
-	chain := fs.Bool("chain", true, "chain vmnic's entry into the primary CNI's conflist and keep it chained")
-	ovsdbEndpoint := fs.String("ovsdb", "unix:/var/run/openvswitch/db.sock", "OVSDB endpoint of bridge mode: ports are added there and it is probed for the capability report (empty: no OVS)")
-	spiderSock := fs.String("spiderpool-socket", capabilities.DefaultSpiderpoolSocket, "Spiderpool agent socket the capability probe checks")
-	probe := fs.Bool("capabilities", true, "probe the node and publish a NodeNetworkCapability (with an API server)")
-	metricsAddr := fs.String("metrics-addr", DefaultMetricsAddr, "address of the Prometheus metrics, /healthz and /readyz HTTP endpoint (empty: none)")
-	events := fs.Bool("events", true, "report failed ADDs as Kubernetes Events on the pod and its VMI (with an API server)")
 	version := fs.Bool("version", false, "print the version and exit")
-	podName := fs.String("pod-name", os.Getenv("POD_NAME"), "this vmnicd's pod (in a DaemonSet): when the DaemonSet is deleted, vmnicd unchains itself and removes the shim on exit")
-	podNamespace := fs.String("pod-namespace", os.Getenv("POD_NAMESPACE"), "the namespace of --pod-name")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -132,17 +216,13 @@ func Main(args []string) int {
 		fmt.Fprintf(os.Stderr, "vmnicd: --log-level: %v\n", err)
 		return 2
 	}
-	metrics := NewMetrics()
 	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
 	slog.SetDefault(log)
-	iopts := install.Options{
-		BinDir: *binDir, ConfDir: *confDir, SourceBinary: *installFrom, Logger: log,
-		CNIVersions: shim.Supported.SupportedVersions(),
-		Entry:       chainEntry(*socket, *spoolDir),
-	}
+	cfg.Logger = log
+	iopts := cfg.installOptions(log)
 	switch cmd {
 	case "install":
-		if err := installOnce(iopts, *chain); err != nil {
+		if err := installOnce(iopts, cfg.Chain); err != nil {
 			log.Error("install", "err", err)
 			return 1
 		}
@@ -154,52 +234,77 @@ func Main(args []string) int {
 		}
 		return 0
 	}
-
-	opts := Options{Socket: *socket, StateDir: *stateDir, SpoolDir: *spoolDir, Logger: log, OVSDB: *ovsdbEndpoint}
-	opts.Observe = ObserveOptions{Metrics: metrics, Node: *nodeName}
-	mode := "standalone"
-	cfg, err := restConfig(*kubeconfig)
-	if err != nil {
-		log.Error("kubeconfig", "err", err)
-		return 2
-	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	if cfg != nil {
+	if err := Run(ctx, cfg); err != nil {
+		log.Error("run", "err", err)
+		var ce configError
+		if errors.As(err, &ce) {
+			return 2
+		}
+		return 1
+	}
+	return 0
+}
+
+// configError is a Run error about the configuration (exit code 2).
+type configError struct{ error }
+
+func (e configError) Unwrap() error { return e.error }
+
+// Run serves as vmnicd until ctx ends: the socket, the informers (which
+// live as long as ctx), the shim's install and its chain watch, events,
+// metrics and the capability publisher.
+func Run(ctx context.Context, cfg Config) error {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	metrics := cfg.Metrics
+	if metrics == nil {
+		metrics = NewMetrics()
+	}
+	iopts := cfg.installOptions(log)
+	opts := Options{
+		Socket: cfg.Socket, StateDir: cfg.StateDir, SpoolDir: cfg.SpoolDir, Logger: log, OVSDB: cfg.OVSDB,
+		HostNetns: cfg.HostNetns, DrainTimeout: cfg.DrainTimeout, WatchDownThreshold: cfg.WatchDownThreshold,
+	}
+	opts.Observe = ObserveOptions{Metrics: metrics, Node: cfg.NodeName}
+	mode := "standalone"
+	rcfg, err := restConfig(cfg.Kubeconfig)
+	if err != nil {
+		return configError{fmt.Errorf("kubeconfig: %w", err)}
+	}
+	if rcfg != nil {
 		mode = "cluster"
 		opts.Observe.Cluster = true
-		if *events {
-			kube, kerr := kubernetes.NewForConfig(cfg)
+		if cfg.Events {
+			kube, kerr := kubernetes.NewForConfig(rcfg)
 			if kerr != nil {
-				log.Error("kubernetes client", "err", kerr)
-				return 2
+				return configError{fmt.Errorf("kubernetes client: %w", kerr)}
 			}
-			ev := NewEvents(EventsOptions{Client: kube, Node: *nodeName, Logger: log, Metrics: metrics})
+			ev := NewEvents(EventsOptions{Client: kube, Node: cfg.NodeName, Logger: log, Metrics: metrics})
 			go ev.Run(ctx)
 			opts.Observe.Events = ev
 		}
 		src, serr := kubevirt.NewCluster(kubevirt.ClusterOptions{
-			Config: cfg, NodeName: *nodeName, Bindings: strings.Split(*bindings, ","), Logger: log,
+			Config: rcfg, NodeName: cfg.NodeName, Bindings: cfg.Bindings, Logger: log,
 		})
 		if serr != nil {
-			log.Error("cluster source", "err", serr)
-			return 2
+			return configError{fmt.Errorf("cluster source: %w", serr)}
 		}
 		opts.Facts = src
-		opts.Prepare = func(ctx context.Context) error {
-			ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-			defer cancel()
-			return src.Start(ctx)
-		}
+		opts.Watches = src.Health
+		opts.prepare = syncInformers(src, cfg.SyncTimeout, log)
 	}
-	if *installFrom != "" {
+	if cfg.InstallFrom != "" {
 		// Ready only once the shim and the chain are in place.
-		prev := opts.Prepare
-		opts.Prepare = func(ctx context.Context) error {
-			if ierr := installOnce(iopts, *chain); ierr != nil {
+		prev := opts.prepare
+		opts.prepare = func(ctx context.Context) error {
+			if ierr := installOnce(iopts, cfg.Chain); ierr != nil {
 				return ierr
 			}
-			if *chain {
+			if cfg.Chain {
 				go func() {
 					if werr := install.Watch(ctx, iopts); werr != nil {
 						log.Error("config watch stopped", "err", werr)
@@ -213,19 +318,35 @@ func Main(args []string) int {
 		}
 	}
 	var metricsLn net.Listener
-	if *metricsAddr != "" {
+	if cfg.MetricsAddr != "" {
 		// Metrics are for people: the daemon serves CNI without them.
-		if metricsLn, err = net.Listen("tcp", *metricsAddr); err != nil {
-			log.Error("metrics endpoint not served", "addr", *metricsAddr, "err", err)
+		if metricsLn, err = net.Listen("tcp", cfg.MetricsAddr); err != nil {
+			log.Error("metrics endpoint not served", "addr", cfg.MetricsAddr, "err", err)
 			metricsLn = nil
 		} else {
 			opts.Observe.MetricsAddr = metricsLn.Addr().String()
 		}
 	}
+	ready, ended := make(chan struct{}), make(chan struct{})
+	defer close(ended)
+	if cfg.OnReady != nil {
+		opts.Ready = ready
+	}
 	d, err := New(opts)
 	if err != nil {
-		log.Error("start", "err", err)
-		return 1
+		if metricsLn != nil {
+			_ = metricsLn.Close()
+		}
+		return err
+	}
+	if cfg.OnReady != nil {
+		go func() {
+			select {
+			case <-ready:
+				cfg.OnReady(d)
+			case <-ended:
+			}
+		}()
 	}
 	if metricsLn != nil {
 		go func() {
@@ -234,11 +355,10 @@ func Main(args []string) int {
 			}
 		}()
 	}
-	if cfg != nil && *probe {
-		run, cerr := capabilityRunner(cfg, *nodeName, *ovsdbEndpoint, *spiderSock, *confDir, log, metrics)
+	if rcfg != nil && cfg.Capabilities {
+		run, cerr := capabilityRunner(rcfg, cfg.NodeName, cfg.OVSDB, cfg.SpiderpoolSocket, cfg.CNIConfDir, log, metrics)
 		if cerr != nil {
-			log.Error("capabilities", "err", cerr)
-			return 2
+			return configError{fmt.Errorf("capabilities: %w", cerr)}
 		}
 		go func() {
 			if rerr := run.Run(ctx); rerr != nil {
@@ -249,21 +369,44 @@ func Main(args []string) int {
 	// Taken off the node with its DaemonSet (helm uninstall): only a
 	// vmnicd that installs and chains the shim removes them.
 	var rm *removal
-	if cfg != nil && *installFrom != "" && *chain && *podName != "" && *podNamespace != "" {
-		if rm, err = watchRemoval(ctx, cfg, *podNamespace, *podName); err != nil {
+	if rcfg != nil && cfg.InstallFrom != "" && cfg.Chain && cfg.PodName != "" && cfg.PodNamespace != "" {
+		if rm, err = watchRemoval(ctx, rcfg, cfg.PodNamespace, cfg.PodName); err != nil {
 			log.Warn("not watching the DaemonSet: an uninstall leaves the shim chained", "err", err)
 		}
 	}
-	log.Info("vmnicd starting", "version", release.Version, "mode", mode, "node", *nodeName)
+	log.Info("vmnicd starting", "version", release.Version, "mode", mode, "node", cfg.NodeName)
 	if err := d.Run(ctx); err != nil {
-		log.Error("run", "err", err)
-		return 1
+		return err
 	}
 	if rm != nil && rm.removed() {
 		if err := uninstall(iopts, log); err != nil {
-			log.Error("uninstall", "err", err)
-			return 1
+			return fmt.Errorf("uninstall: %w", err)
 		}
 	}
-	return 0
+	return nil
+}
+
+// syncInformers is the prepare step of a daemon with an API server: it
+// starts the informers for as long as the daemon runs (ctx is Run's), and
+// waits for their first sync. Each wait is bounded by timeout; past it the
+// daemon stays not ready, says in one line what it still waits for and
+// why, and waits again: the informers retry by themselves, and a daemon
+// that exits instead only restarts into the same wait.
+func syncInformers(src *kubevirt.Cluster, timeout time.Duration, log *slog.Logger) func(context.Context) error {
+	if timeout <= 0 {
+		timeout = DefaultSyncTimeout
+	}
+	return func(ctx context.Context) error {
+		src.Start(ctx)
+		for {
+			err := src.WaitForSync(ctx, timeout)
+			if err == nil {
+				return nil
+			}
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			log.Error("not ready: the API server caches did not sync; still waiting", "err", err)
+		}
+	}
 }

@@ -19,6 +19,7 @@ import (
 
 	"github.com/vmnic/vmnic/pkg/apis/v1alpha1"
 	"github.com/vmnic/vmnic/pkg/dhcp"
+	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/version"
 )
 
@@ -316,6 +317,7 @@ type nodeState struct {
 	dhcpServers int
 	pendingDELs int
 	dhcp        dhcpCounts
+	watches     []kubevirt.WatchHealth
 }
 
 func (d *Daemon) nodeState() nodeState {
@@ -340,6 +342,7 @@ func (d *Daemon) nodeState() nodeState {
 	st.dhcpServers = len(running)
 	st.dhcp = d.Metrics().updateDHCP(running)
 	st.pendingDELs = d.pendingDELs()
+	st.watches = d.watches()
 	return st
 }
 
@@ -360,6 +363,10 @@ var (
 	rasDesc         = prometheus.NewDesc("vmnic_router_advertisements_total", "IPv6 Router Advertisements sent to guests.", nil, nil)
 	eventsDesc      = prometheus.NewDesc("vmnic_kube_events_total", "Kubernetes Events about wiring failures, by result (recorded, dropped, failed).", []string{"result"}, nil)
 	capabilityDesc  = prometheus.NewDesc("vmnic_capability_ready", "1 when the node's last capability probe found everything a mode needs (NodeNetworkCapability conditions).", []string{"mode"}, nil)
+	syncedDesc      = prometheus.NewDesc("vmnic_informer_synced", "1 once the informer of an API resource (pods, virtualmachineinstances, virtualmachineinstancemigrations) has synced its cache.", []string{"resource"}, nil)
+	watchUpDesc     = prometheus.NewDesc("vmnic_informer_watch_up", "1 while a watch on the API resource is open.", []string{"resource"}, nil)
+	watchDownDesc   = prometheus.NewDesc("vmnic_informer_watch_down_seconds", "How long no watch on the API resource has been open (0 while one is); /readyz fails past --watch-down-threshold.", []string{"resource"}, nil)
+	lastEventDesc   = prometheus.NewDesc("vmnic_informer_last_event_age_seconds", "Age of the last thing the API server sent on the resource: a list, a new watch, an event or a bookmark (about every minute on a quiet watch).", []string{"resource"}, nil)
 )
 
 // nodeCollector reads the daemon's state once per scrape: readiness, the
@@ -370,6 +377,7 @@ func (nodeCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		buildInfoDesc, readyDesc, startTimeDesc, attachmentsDesc, incompleteDesc, unreadableDesc,
 		heldDesc, spooledDesc, dhcpServersDesc, leasesDesc, naksDesc, rasDesc,
+		syncedDesc, watchUpDesc, watchDownDesc, lastEventDesc,
 	} {
 		ch <- d
 	}
@@ -398,6 +406,15 @@ func (c nodeCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(leasesDesc, st.dhcp.v6Replies, "v6")
 	counter(naksDesc, st.dhcp.v4Naks)
 	counter(rasDesc, st.dhcp.ras)
+	now := time.Now()
+	for _, w := range st.watches {
+		gauge(syncedDesc, boolValue(w.Synced), w.Resource)
+		gauge(watchUpDesc, boolValue(w.Watching), w.Resource)
+		gauge(watchDownDesc, w.Down(now).Seconds(), w.Resource)
+		if !w.LastEvent.IsZero() {
+			gauge(lastEventDesc, now.Sub(w.LastEvent).Seconds(), w.Resource)
+		}
+	}
 }
 
 // metricsCollector serves what Metrics keep under their lock rather than

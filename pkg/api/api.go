@@ -43,6 +43,40 @@ type Status struct {
 	Requests map[string]map[string]uint64 `json:"requests,omitempty"`
 	// MetricsAddr is where Prometheus metrics are served ("" if not).
 	MetricsAddr string `json:"metricsAddr,omitempty"`
+	// Watches are the daemon's watches on the API server (empty
+	// standalone); WatchDownThreshold is how long one may be down before
+	// the daemon reports itself not ready on /readyz.
+	Watches            []Watch  `json:"watches,omitempty"`
+	WatchDownThreshold Duration `json:"watchDownThreshold,omitempty"`
+}
+
+// Watch is one informer of vmnicd's: what it lists and watches, whether a
+// watch is open now, and when the API server last sent anything on it.
+type Watch struct {
+	Resource string `json:"resource"`
+	Synced   bool   `json:"synced"`
+	Watching bool   `json:"watching"`
+	// Down is how long no watch has been open (0 while one is).
+	Down Duration `json:"down,omitempty"`
+	// LastEvent is when the API server last sent anything: a list, a new
+	// watch, an event or a bookmark.
+	LastEvent time.Time `json:"lastEvent,omitzero"`
+	LastError string    `json:"lastError,omitempty"`
+	// Stale: down for longer than the daemon's threshold.
+	Stale bool `json:"stale,omitempty"`
+}
+
+// Duration is a time.Duration written as a string ("1m30s") in JSON.
+type Duration time.Duration
+
+// MarshalText implements encoding.TextMarshaler.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	*d = Duration(v)
+	return err
 }
 
 // TotalAttachments sums Attachments.

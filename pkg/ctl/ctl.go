@@ -33,6 +33,10 @@ const (
 	// ExitStarting: status found the daemon starting (or stopping): it
 	// answers, but serves no request yet.
 	ExitStarting = 3
+	// ExitDegraded: status found the daemon serving, but a watch of its
+	// on the API server down for longer than its threshold: it decides
+	// on a cache that no longer follows the cluster.
+	ExitDegraded = 4
 )
 
 // Version is vmnicctl's version: the release of this build.

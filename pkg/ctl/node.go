@@ -65,8 +65,9 @@ func Attachments(ctx context.Context, socket string) (*api.Attachments, error) {
 	return a, nil
 }
 
-// StatusReport is `status -o json`: State is "ready", "starting" or
-// "unreachable"; Daemon is what a ready daemon told.
+// StatusReport is `status -o json`: State is "ready", "degraded" (ready,
+// but a watch on the API server is down past the daemon's threshold),
+// "starting" or "unreachable"; Daemon is what a ready daemon told.
 type StatusReport struct {
 	State    string      `json:"state"`
 	Socket   string      `json:"socket"`
@@ -85,8 +86,11 @@ func runStatus(ctx context.Context, e *env, args []string) int {
 	switch {
 	case err == nil:
 		rep.State, rep.Daemon = "ready", st
-		if !st.Ready {
+		switch {
+		case !st.Ready:
 			rep.State, code = "starting", ExitStarting
+		case slices.ContainsFunc(st.Watches, func(w api.Watch) bool { return w.Stale }):
+			rep.State, code = "degraded", ExitDegraded
 		}
 	case errors.Is(err, ErrStarting):
 		rep.State, rep.Error, code = "starting", err.Error(), ExitStarting
@@ -123,7 +127,11 @@ func printStatus(w io.Writer, rep StatusReport, now time.Time) {
 		return
 	}
 	st := rep.Daemon
-	row("vmnicd", "ready")
+	if rep.State == "degraded" {
+		row("vmnicd", "degraded (it serves, but a watch on the API server is down: migrations wait on a stale cache)")
+	} else {
+		row("vmnicd", "ready")
+	}
 	row("version", fmt.Sprintf("vmnicd %s, vmnicctl %s", st.Version, rep.Vmnicctl))
 	source := "standalone (VM facts from the network config)"
 	if st.Source == "cluster" {
@@ -149,6 +157,37 @@ func printStatus(w io.Writer, rep StatusReport, now time.Time) {
 	if st.MetricsAddr != "" {
 		row("metrics", "http://"+st.MetricsAddr+"/metrics")
 	}
+	for _, w := range st.Watches {
+		row("watch "+watchNames[w.Resource], watchSummary(w, time.Duration(st.WatchDownThreshold), now))
+	}
+}
+
+// watchNames are the short names of the resources vmnicd watches.
+var watchNames = map[string]string{
+	"pods": "pods", "virtualmachineinstances": "VMIs", "virtualmachineinstancemigrations": "VMIMs",
+}
+
+// watchSummary is one watch's line: "up, last event 12s ago" or "DOWN
+// for 1m30s (over 1m0s): <error>".
+func watchSummary(w api.Watch, threshold time.Duration, now time.Time) string {
+	var s string
+	switch {
+	case !w.Synced:
+		s = "not synced"
+	case w.Watching:
+		s = "up"
+	case w.Stale:
+		s = fmt.Sprintf("DOWN for %s (over %s)", time.Duration(w.Down).Round(time.Second), threshold)
+	default:
+		s = fmt.Sprintf("reconnecting for %s", time.Duration(w.Down).Round(time.Second))
+	}
+	if !w.LastEvent.IsZero() {
+		s += ", last event " + age(now, w.LastEvent) + " ago"
+	}
+	if w.LastError != "" && !w.Watching {
+		s += ": " + w.LastError
+	}
+	return s
 }
 
 func attachmentSummary(st *api.Status) string {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"sync"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -14,7 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
-	"k8s.io/client-go/informers"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
@@ -37,13 +38,15 @@ type ClusterOptions struct {
 // (field selector, trimmed objects) and the VMIs, with a bounded live read
 // when the cache has not seen an object yet (a pod created a moment ago).
 type Cluster struct {
-	opts    ClusterOptions
-	kube    kubernetes.Interface
-	kv      rest.Interface
-	pods    cache.SharedIndexInformer
-	vmis    cache.SharedIndexInformer
-	vmims   cache.SharedIndexInformer
-	factory informers.SharedInformerFactory
+	opts  ClusterOptions
+	kube  kubernetes.Interface
+	kv    rest.Interface
+	pods  cache.SharedIndexInformer
+	vmis  cache.SharedIndexInformer
+	vmims cache.SharedIndexInformer
+	// trackers see each informer's lists and watches (Health).
+	trackers []*watchTracker
+	start    sync.Once
 	changeState
 }
 
@@ -95,24 +98,26 @@ func NewCluster(opts ClusterOptions) (*Cluster, error) {
 		return nil, fmt.Errorf("kubevirt client: %w", err)
 	}
 	c := &Cluster{opts: opts, kube: kube, kv: kv}
-	c.factory = informers.NewSharedInformerFactoryWithOptions(kube, opts.Resync,
-		informers.WithTweakListOptions(func(lo *metav1.ListOptions) {
-			lo.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", opts.NodeName).String()
-		}))
-	c.pods = c.factory.Core().V1().Pods().Informer()
-	if err := c.pods.SetTransform(trimPod); err != nil {
+	onNode := fields.OneTermEqualSelector("spec.nodeName", opts.NodeName).String()
+	podLW := &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, lo metav1.ListOptions) (runtime.Object, error) {
+			lo.FieldSelector = onNode
+			return kube.CoreV1().Pods(metav1.NamespaceAll).List(ctx, lo)
+		},
+		WatchFuncWithContext: func(ctx context.Context, lo metav1.ListOptions) (watch.Interface, error) {
+			lo.FieldSelector = onNode
+			return kube.CoreV1().Pods(metav1.NamespaceAll).Watch(ctx, lo)
+		},
+	}
+	if c.pods, err = c.informer(podLW, "pods", kube, &corev1.Pod{}, trimPod); err != nil {
 		return nil, err
 	}
 	lw := cache.NewListWatchFromClient(kv, "virtualmachineinstances", metav1.NamespaceAll, fields.Everything())
-	c.vmis = cache.NewSharedIndexInformer(lw, &kubevirtv1.VirtualMachineInstance{}, opts.Resync,
-		cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
-	if err := c.vmis.SetTransform(trimVMI); err != nil {
+	if c.vmis, err = c.informer(lw, "virtualmachineinstances", kv, &kubevirtv1.VirtualMachineInstance{}, trimVMI); err != nil {
 		return nil, err
 	}
 	mlw := cache.NewListWatchFromClient(kv, "virtualmachineinstancemigrations", metav1.NamespaceAll, fields.Everything())
-	c.vmims = cache.NewSharedIndexInformer(mlw, &kubevirtv1.VirtualMachineInstanceMigration{}, opts.Resync,
-		cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
-	if err := c.vmims.SetTransform(trimVMIM); err != nil {
+	if c.vmims, err = c.informer(mlw, "virtualmachineinstancemigrations", kv, &kubevirtv1.VirtualMachineInstanceMigration{}, trimVMIM); err != nil {
 		return nil, err
 	}
 	if err := c.watchChanges(); err != nil {
@@ -121,15 +126,67 @@ func NewCluster(opts ClusterOptions) (*Cluster, error) {
 	return c, nil
 }
 
-// Start runs the informers and waits for their first sync.
-func (c *Cluster) Start(ctx context.Context) error {
-	c.factory.Start(ctx.Done())
-	go c.vmis.Run(ctx.Done())
-	go c.vmims.Run(ctx.Done())
-	if !cache.WaitForCacheSync(ctx.Done(), c.pods.HasSynced, c.vmis.HasSynced, c.vmims.HasSynced) {
-		return fmt.Errorf("informers did not sync: %w", ctx.Err())
+// informer builds one informer over lw, with a tracker between them.
+func (c *Cluster) informer(lw *cache.ListWatch, resource string, client any, obj runtime.Object, trim cache.TransformFunc) (cache.SharedIndexInformer, error) {
+	t := newWatchTracker(lw, resource, client)
+	inf := cache.NewSharedIndexInformer(t, obj, c.opts.Resync,
+		cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
+	if err := inf.SetTransform(trim); err != nil {
+		return nil, err
 	}
-	return nil
+	t.synced = inf.HasSynced
+	c.trackers = append(c.trackers, t)
+	return inf, nil
+}
+
+// Start runs the informers until ctx ends, which must be when the daemon
+// ends: the caches are what migrations are decided on, long after the
+// first sync. It does not wait; WaitForSync does. A second Start does
+// nothing.
+func (c *Cluster) Start(ctx context.Context) {
+	c.start.Do(func() {
+		for _, t := range c.trackers {
+			t.started()
+		}
+		for _, inf := range []cache.SharedIndexInformer{c.pods, c.vmis, c.vmims} {
+			go inf.Run(ctx.Done())
+		}
+	})
+}
+
+// WaitForSync waits up to timeout (or until ctx ends) for the informers'
+// first sync. Its error names each informer not synced and the last error
+// its list or watch met; the informers keep trying either way.
+func (c *Cluster) WaitForSync(ctx context.Context, timeout time.Duration) error {
+	wctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	if cache.WaitForCacheSync(wctx.Done(), c.pods.HasSynced, c.vmis.HasSynced, c.vmims.HasSynced) {
+		return nil
+	}
+	var missing []string
+	for _, h := range c.Health() {
+		if h.Synced {
+			continue
+		}
+		m := h.Resource
+		if h.LastError != "" {
+			m += " (" + h.LastError + ")"
+		}
+		missing = append(missing, m)
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return fmt.Errorf("not synced within %s: %s", timeout, strings.Join(missing, "; "))
+}
+
+// Health reports each informer: pods, VMIs, VMIMs.
+func (c *Cluster) Health() []WatchHealth {
+	out := make([]WatchHealth, 0, len(c.trackers))
+	for _, t := range c.trackers {
+		out = append(out, t.health())
+	}
+	return out
 }
 
 // Lookup implements Source.

@@ -25,10 +25,12 @@ import (
 	"encoding/hex"
 	"encoding/pem"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -110,7 +112,11 @@ type Cluster struct {
 	dial      func(ctx context.Context, network, addr string) (net.Conn, error)
 	etcd      *proc.Proc
 	apiserver *proc.Proc
-	stopOnce  sync.Once
+	// apiserverArgs and apiserverBin start it again (RestartAPIServer).
+	apiserverArgs []string
+	apiserverBin  string
+	readyTimeout  time.Duration
+	stopOnce      sync.Once
 }
 
 // Start starts etcd and kube-apiserver with their state in dir (which must
@@ -183,6 +189,98 @@ func (c *Cluster) Stop() {
 			c.launcher.Close()
 		}
 	})
+}
+
+// RestartAPIServer kills kube-apiserver (SIGKILL, as a crashed control
+// plane), keeps it down for down, and starts it again on the same address,
+// port and certificates with etcd untouched; it returns once /readyz
+// answers. The clients' connections break meanwhile, as in a real outage.
+func (c *Cluster) RestartAPIServer(ctx context.Context, down time.Duration) error {
+	c.apiserver.Kill()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(down):
+	}
+	p, err := proc.Start(c.launcher, "kube-apiserver", c.apiserverBin, filepath.Join(c.Dir, "kube-apiserver-restarted.log"), c.apiserverArgs)
+	if err != nil {
+		return err
+	}
+	c.apiserver = p
+	insecure := &tls.Config{InsecureSkipVerify: true} //nolint:gosec // readiness probe only
+	if err := waitHTTP(ctx, p, c.readyTimeout, c.URL+"/readyz", insecure, c.dial, nil); err != nil {
+		return fmt.Errorf("kube-apiserver after a restart: %w", err)
+	}
+	return nil
+}
+
+// WatchCounts reads the API server's own count of the watches open on it
+// now, by resource: apiserver_longrunning_requests{verb="WATCH"} summed
+// over its other labels (a stable metric).
+func (c *Cluster) WatchCounts(ctx context.Context) (map[string]int, error) {
+	return c.SumByResource(ctx, "apiserver_longrunning_requests", "WATCH")
+}
+
+// SumByResource sums the API server's metric name for verb by resource,
+// over the metric's other labels: apiserver_request_total with "WATCH",
+// say, counts the watch requests that have ended.
+func (c *Cluster) SumByResource(ctx context.Context, name, verb string) (map[string]int, error) {
+	body, err := c.Metrics(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]int{}
+	for line := range strings.Lines(body) {
+		rest, ok := strings.CutPrefix(line, name+"{")
+		if !ok {
+			continue
+		}
+		labels, value, ok := strings.Cut(rest, "} ")
+		if !ok {
+			continue
+		}
+		l := map[string]string{}
+		for _, m := range labelRE.FindAllStringSubmatch(labels, -1) {
+			l[m[1]] = m[2]
+		}
+		if l["verb"] != verb {
+			continue
+		}
+		v, err := strconv.ParseFloat(strings.TrimSpace(value), 64)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %q: %w", name, line, err)
+		}
+		out[l["resource"]] += int(v)
+	}
+	return out, nil
+}
+
+var labelRE = regexp.MustCompile(`(\w+)="((?:[^"\\]|\\.)*)"`)
+
+// Metrics returns the API server's /metrics, as the admin reads it.
+func (c *Cluster) Metrics(ctx context.Context) (string, error) {
+	rc, err := rest.HTTPClientFor(c.Config)
+	if err != nil {
+		return "", err
+	}
+	defer rc.CloseIdleConnections()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.URL+"/metrics", nil)
+	if err != nil {
+		return "", err
+	}
+	resp, err := rc.Do(req)
+	if err != nil {
+		return "", fmt.Errorf("API server metrics: %w", err)
+	}
+	defer func() { _ = resp.Body.Close() }()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return "", fmt.Errorf("API server metrics: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("API server metrics: %s: %s", resp.Status, b)
+	}
+	return string(b), nil
 }
 
 // Pids returns the process ids of etcd and kube-apiserver (0 when not
@@ -374,7 +472,7 @@ func (c *Cluster) startAPIServer(ctx context.Context, bin string, opts Options) 
 		if err != nil {
 			return err
 		}
-		c.apiserver = p
+		c.apiserver, c.apiserverArgs, c.apiserverBin, c.readyTimeout = p, args, bin, opts.ReadyTimeout
 		c.URL = "https://" + net.JoinHostPort(opts.Address, strconv.Itoa(ports[0]))
 		// The certificate is not known before the server writes it: the
 		// readiness probe skips verification, later clients verify.

@@ -33,6 +33,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/vmnic/vmnic/daemon"
+	"github.com/vmnic/vmnic/pkg/api"
+	"github.com/vmnic/vmnic/pkg/ctl"
 )
 
 // RepoRoot finds the repository root from the working directory.
@@ -75,9 +77,10 @@ var (
 	buildErr  error
 )
 
-// BinDir builds, once per process, the vmnic shim and the reference plugins
-// into the repository's git-ignored .tools/cni-bin and returns that
-// directory. Go's build cache makes this cheap after the first time.
+// BinDir builds, once per process, the reference plugins into the
+// repository's git-ignored .tools/cni-bin, links the vmnic shim that make
+// build writes (Built) in beside them, and returns that directory. Go's
+// build cache makes this cheap after the first time.
 //
 // With CNIBinEnv set, BinDir builds nothing and returns that directory,
 // which must hold what BinDir would build (the node VM, test/nodevm,
@@ -100,15 +103,29 @@ func BinDir() (string, error) {
 			return
 		}
 		dir := filepath.Join(root, ".tools", "cni-bin")
-		if err := os.MkdirAll(dir, 0o755); err != nil {
+		if err = os.MkdirAll(dir, 0o755); err != nil {
 			buildErr = err
 			return
 		}
-		if err := goBuild(filepath.Join(root, "test", "tools", "cni"), dir, ReferencePlugins...); err != nil {
+		if err = goBuild(filepath.Join(root, "test", "tools", "cni"), dir, ReferencePlugins...); err != nil {
 			buildErr = err
 			return
 		}
-		if err := goBuild(root, filepath.Join(dir, "vmnic"), "./cmd/vmnic"); err != nil {
+		// The shim is the one make build writes, linked in beside them.
+		shim, err := Built("vmnic")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		// Renamed into place: test processes running side by side share it.
+		link := filepath.Join(dir, "vmnic")
+		tmp := fmt.Sprintf("%s.%d", link, os.Getpid())
+		_ = os.Remove(tmp)
+		if err := os.Symlink(shim, tmp); err != nil {
+			buildErr = err
+			return
+		}
+		if err := os.Rename(tmp, link); err != nil {
 			buildErr = err
 			return
 		}
@@ -175,11 +192,26 @@ func (n *Node) Socket() string   { return filepath.Join(n.Dir, "run", "vmnic.soc
 func (n *Node) StateDir() string { return filepath.Join(n.Dir, "state") }
 func (n *Node) SpoolDir() string { return filepath.Join(n.Dir, "state", "spool") }
 
-// Daemon is an in-process vmnicd.
+// Daemon is vmnicd run in this process through daemon.Run, the entry
+// point the binary's main runs: the same configuration, preparation and
+// informers, without a process around them. Tests that talk to an API
+// server run the binary instead (StartVmnicd).
 type Daemon struct {
 	*daemon.Daemon
 	cancel context.CancelFunc
 	done   chan error
+}
+
+// DaemonConfig is the configuration StartDaemon runs: this node's socket,
+// state and spool, no metrics endpoint, no OVSDB, a short drain.
+func (n *Node) DaemonConfig(log *slog.Logger) daemon.Config {
+	cfg := daemon.DefaultConfig()
+	cfg.Socket, cfg.StateDir, cfg.SpoolDir = n.Socket(), n.StateDir(), n.SpoolDir()
+	cfg.Logger = log
+	cfg.MetricsAddr = ""
+	cfg.OVSDB = ""
+	cfg.DrainTimeout = 5 * time.Second
+	return cfg
 }
 
 // StartDaemon runs vmnicd for this node and waits until it is ready.
@@ -187,26 +219,21 @@ func (n *Node) StartDaemon(log *slog.Logger) (*Daemon, error) {
 	return n.StartDaemonWith(log, nil)
 }
 
-// StartDaemonWith is StartDaemon with a hook to adjust the options (a VM
-// facts source backed by an API server, say).
-func (n *Node) StartDaemonWith(log *slog.Logger, adjust func(*daemon.Options)) (*Daemon, error) {
-	ready := make(chan struct{})
-	opts := daemon.Options{
-		Socket: n.Socket(), StateDir: n.StateDir(), SpoolDir: n.SpoolDir(),
-		Logger: log, Ready: ready, DrainTimeout: 5 * time.Second,
-	}
+// StartDaemonWith is StartDaemon with a hook on the configuration: the
+// flags a node's vmnicd would be given (an OVSDB endpoint, the node's
+// network namespace), and its metrics.
+func (n *Node) StartDaemonWith(log *slog.Logger, adjust func(*daemon.Config)) (*Daemon, error) {
+	cfg := n.DaemonConfig(log)
 	if adjust != nil {
-		adjust(&opts)
+		adjust(&cfg)
 	}
-	d, err := daemon.New(opts)
-	if err != nil {
-		return nil, err
-	}
+	got := make(chan *daemon.Daemon, 1)
+	cfg.OnReady = func(d *daemon.Daemon) { got <- d }
 	ctx, cancel := context.WithCancel(context.Background())
-	dd := &Daemon{Daemon: d, cancel: cancel, done: make(chan error, 1)}
-	go func() { dd.done <- d.Run(ctx) }()
+	dd := &Daemon{cancel: cancel, done: make(chan error, 1)}
+	go func() { dd.done <- daemon.Run(ctx, cfg) }()
 	select {
-	case <-ready:
+	case dd.Daemon = <-got:
 		return dd, nil
 	case err := <-dd.done:
 		cancel()
@@ -504,24 +531,139 @@ func BuildDaemon(dir string, tags ...string) (string, error) {
 
 // DaemonProcess is vmnicd running as its own process in the node netns.
 type DaemonProcess struct {
-	Cmd  *exec.Cmd
-	Log  string
-	done chan struct{}
-	err  error
+	Cmd    *exec.Cmd
+	Log    string
+	Socket string
+	done   chan struct{}
+	err    error
 }
 
-// StartDaemonProcess builds vmnicd and runs it inside the node namespace,
-// standalone, logging to Dir/vmnicd.log; it returns once the socket answers.
+// WaitReady waits until the daemon says it is ready (vmnicctl status).
+func (p *DaemonProcess) WaitReady(timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	var last error
+	for {
+		st, err := ctl.Status(ctx, p.Socket)
+		if err == nil && st.Ready {
+			return nil
+		}
+		last = err
+		select {
+		case <-p.done:
+			return fmt.Errorf("vmnicd exited before ready: %v (log: %s)", p.err, p.Log)
+		case <-ctx.Done():
+			return fmt.Errorf("vmnicd not ready within %s: %v (log: %s)", timeout, last, p.Log)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// Status is what the daemon tells vmnicctl status.
+func (p *DaemonProcess) Status(ctx context.Context) (*api.Status, error) {
+	return ctl.Status(ctx, p.Socket)
+}
+
+// BuiltEnv names the directory of the binaries `make build` writes
+// (vmnic, vmnicd, vmnicctl) that the tests run: `make test` sets it to bin/,
+// the node VM to the bin/ its host built.
+const BuiltEnv = "VMNIC_TEST_BIN"
+
+var (
+	builtOnce sync.Once
+	builtDir  string
+	builtErr  error
+)
+
+// Built is the path of one of the binaries users run (vmnic, vmnicd,
+// vmnicctl): in BuiltEnv's directory, or else in the bin/ that `make
+// build` writes (make runs once per test process, one process at a time,
+// so the binary is the release build of this tree).
+func Built(name string) (string, error) {
+	builtOnce.Do(func() {
+		if dir := os.Getenv(BuiltEnv); dir != "" {
+			builtDir = dir
+			return
+		}
+		root, err := RepoRoot()
+		if err != nil {
+			builtErr = err
+			return
+		}
+		dir := filepath.Join(root, "bin")
+		if err = os.MkdirAll(dir, 0o755); err != nil {
+			builtErr = err
+			return
+		}
+		lock, err := os.OpenFile(filepath.Join(dir, ".build.lock"), os.O_CREATE|os.O_RDWR, 0o644)
+		if err != nil {
+			builtErr = err
+			return
+		}
+		defer func() { _ = lock.Close() }()
+		if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
+			builtErr = err
+			return
+		}
+		cmd := exec.Command("make", "-s", "build")
+		cmd.Dir = root
+		if b, err := cmd.CombinedOutput(); err != nil {
+			builtErr = fmt.Errorf("make build: %w\n%s", err, b)
+			return
+		}
+		builtDir = dir
+	})
+	if builtErr != nil {
+		return "", builtErr
+	}
+	bin := filepath.Join(builtDir, name)
+	if _, err := os.Stat(bin); err != nil {
+		return "", fmt.Errorf("%s (what make build writes): %w", name, err)
+	}
+	return bin, nil
+}
+
+// Vmnicd is the vmnicd binary users run (Built).
+func Vmnicd() (string, error) { return Built("vmnicd") }
+
+// StartDaemonProcess runs the vmnicd binary (Vmnicd) inside the node
+// namespace (or the test's, with DaemonInHostNetns), logging to
+// Dir/vmnicd.log; it returns once the socket answers.
 func (n *Node) StartDaemonProcess(extraArgs ...string) (*DaemonProcess, error) {
-	root, err := RepoRoot()
+	bin, err := Vmnicd()
 	if err != nil {
 		return nil, err
 	}
-	bin := filepath.Join(n.Dir, "vmnicd")
-	if err := goBuild(root, bin, "./cmd/vmnicd"); err != nil {
+	return n.StartDaemonBinary(bin, "vmnicd.log", extraArgs...)
+}
+
+// StartVmnicd is StartDaemonProcess that returns once the daemon is ready:
+// its informers synced, its shim installed when it installs one.
+func (n *Node) StartVmnicd(extraArgs ...string) (*DaemonProcess, error) {
+	bin, err := Vmnicd()
+	if err != nil {
 		return nil, err
 	}
-	return n.StartDaemonBinary(bin, "vmnicd.log", extraArgs...)
+	return n.StartVmnicdBinary(bin, extraArgs...)
+}
+
+// StartVmnicdBinary is StartVmnicd with another build of vmnicd (one with
+// the failpoints tag, say); each start on the node logs to a file of its
+// own.
+func (n *Node) StartVmnicdBinary(bin string, extraArgs ...string) (*DaemonProcess, error) {
+	logName := "vmnicd.log"
+	if len(n.procs) > 0 {
+		logName = fmt.Sprintf("vmnicd-%d.log", len(n.procs)+1)
+	}
+	p, err := n.StartDaemonBinary(bin, logName, extraArgs...)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.WaitReady(60 * time.Second); err != nil {
+		p.kill()
+		return nil, err
+	}
+	return p, nil
 }
 
 // StartDaemonBinary runs the given vmnicd binary like StartDaemonProcess,
@@ -550,7 +692,7 @@ func (n *Node) StartDaemonBinary(bin, logName string, extraArgs ...string) (*Dae
 	for time.Now().Before(deadline) {
 		if c, err := net.Dial("unix", n.Socket()); err == nil {
 			_ = c.Close()
-			p := &DaemonProcess{Cmd: cmd, Log: logPath, done: make(chan struct{})}
+			p := &DaemonProcess{Cmd: cmd, Log: logPath, Socket: n.Socket(), done: make(chan struct{})}
 			go func() { p.err = cmd.Wait(); close(p.done) }()
 			n.procs = append(n.procs, p)
 			return p, nil

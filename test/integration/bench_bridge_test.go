@@ -61,7 +61,7 @@ func BenchmarkScaleBridge(b *testing.B) {
 	const count, window = 250, 25
 	ctx := benchCtx(b)
 	applied := &applyLog{}
-	n := newOVSNodeWith(b, func(o *daemon.Options) { o.Logger = slog.New(applied) })
+	n := newOVSNodeWith(b, func(c *daemon.Config) { c.Logger = slog.New(applied) })
 	ipam := n.hostLocalOn("10.64.0.0/16", "10.64.0.1", "10.64.0.10", "10.64.3.250")
 	l := n.bridgeList(b, "scale", map[string]any{"vlan": 100}, ipam)
 	var pods []*harness.Pod

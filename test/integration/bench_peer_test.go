@@ -213,7 +213,7 @@ func BenchmarkPeerScaleBridge(b *testing.B) {
 	const count, window, rounds = 250, 25, 15
 	ctx := benchCtx(b)
 	applied := &applyLog{}
-	n := newOVSNodeWith(b, func(o *daemon.Options) { o.Logger = slog.New(applied) })
+	n := newOVSNodeWith(b, func(c *daemon.Config) { c.Logger = slog.New(applied) })
 	n.addBridge(b, "br2")
 	o := newOVSCNI(b, n)
 	vmnic, _, peer, _ := peerArms(b, n, o, "br1", "br2")

@@ -22,7 +22,6 @@ import (
 	"k8s.io/client-go/rest"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
-	"github.com/vmnic/vmnic/daemon"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/test/cluster"
 	"github.com/vmnic/vmnic/test/harness"
@@ -68,34 +67,69 @@ func newClusterBed(t *testing.T, timeout time.Duration) (*migrationBed, string) 
 
 func newMigrationBed(t *testing.T) *migrationBed {
 	t.Helper()
-	b, pluginDir := newClusterBed(t, 4*time.Minute)
-	ctx := b.ctx
+	b, pluginDir := newMigrationBedNoDaemon(t, 4*time.Minute)
+	b.startNode(t, pluginDir)
+	return b
+}
+
+// newMigrationBedNoDaemon is the API server, Spiderpool's agent and pool
+// of a migration bed, without its node: a test makes objects before
+// vmnicd starts, then calls startNode.
+func newMigrationBedNoDaemon(t *testing.T, timeout time.Duration) (*migrationBed, string) {
+	t.Helper()
+	b, pluginDir := newClusterBed(t, timeout)
 	b.agent = spiderpool.StartAgentT(t, b.c, spiderpool.AgentOptions{NodeName: testNode})
-	applyPool(ctx, t, b.c, "vlan100-v4", "10.100.0.0/24", "10.100.0.20-10.100.0.40", "10.100.0.1")
-	dctx, dcancel := context.WithCancel(context.Background())
-	t.Cleanup(dcancel)
-	// A fresh facts source for every daemon start, as a restarted vmnicd has.
-	b.n = newOVSNodeWith(t, clusterFacts(t, b.c, testNode, dctx))
+	applyPool(b.ctx, t, b.c, "vlan100-v4", "10.100.0.0/24", "10.100.0.20-10.100.0.40", "10.100.0.1")
+	return b, pluginDir
+}
+
+// startNode starts the bed's OVS node with the vmnicd binary (extra
+// flags after the bed's), its network and a peer pod on VLAN 100.
+func (b *migrationBed) startNode(t *testing.T, pluginDir string, extraFlags ...string) {
+	t.Helper()
+	b.n = newOVSNodeBare(t)
+	b.n.vmnicdFlags = append(clusterFlags(b.c, testNode), extraFlags...)
+	b.n.start(t)
 	b.n.cniVersion = "1.0.0"
 	b.n.CNI = libcni.NewCNIConfigWithCacheDir([]string{b.n.BinDir, pluginDir}, filepath.Join(b.n.Dir, "cni-cache"), nil)
 	b.l = b.n.bridgeList(t, "vlan100", map[string]any{"vlan": 100}, b.agent.IPAMConfig("vlan100-v4"))
 	peerNet := b.n.bridgeList(t, "peer", map[string]any{"vlan": 100}, b.n.hostLocalOn("10.100.0.0/24", "10.100.0.1", "10.100.0.100", "10.100.0.150"))
 	b.peer, _ = b.n.addPod(t, peerNet, "peer-1")
-	return b
 }
 
-// clusterFacts has each daemon start take its VM facts from the API server
-// for node, with a fresh source every time, as a restarted vmnicd has; the
-// informers run until dctx ends.
-func clusterFacts(t *testing.T, c *cluster.Cluster, node string, dctx context.Context) func(*daemon.Options) {
-	return func(o *daemon.Options) {
-		src, err := kubevirt.NewCluster(kubevirt.ClusterOptions{Config: c.Config, NodeName: node, Logger: logger(t)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		o.Facts = src
-		o.Prepare = func(context.Context) error { return src.Start(dctx) }
+// clusterFlags are the flags of a vmnicd binary that watches c's API
+// server as node, as the chart starts it but for what the sandbox node
+// differs in: its metrics on a free port, no capability publisher (these
+// clusters have no NodeNetworkCapability CRD), a short drain.
+func clusterFlags(c *cluster.Cluster, node string) []string {
+	return []string{
+		"--kubeconfig", c.Kubeconfig, "--node-name", node,
+		"--metrics-addr", "127.0.0.1:0", "--capabilities=false", "--drain-timeout", "5s",
 	}
+}
+
+// startClusterVmnicd runs the vmnicd binary for node on a sandbox node,
+// watching c's API server.
+func startClusterVmnicd(t *testing.T, n *harness.Node, c *cluster.Cluster, node string) *harness.DaemonProcess {
+	t.Helper()
+	bin, err := harness.Vmnicd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return startClusterVmnicdBinary(t, n, c, node, bin)
+}
+
+// startClusterVmnicdBinary is startClusterVmnicd with another build of
+// vmnicd (n.DaemonEnv goes to its environment).
+func startClusterVmnicdBinary(t *testing.T, n *harness.Node, c *cluster.Cluster, node, bin string) *harness.DaemonProcess {
+	t.Helper()
+	n.DaemonInHostNetns = true
+	p, err := n.StartVmnicdBinary(bin, append(clusterFlags(c, node), "--host-netns", n.NS.Path())...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = p.Stop() })
+	return p
 }
 
 // createVMIM creates the migration object of vmi, as a user would.
@@ -262,7 +296,7 @@ func TestBridgeMigrationHold(t *testing.T) {
 	}
 
 	// The daemon restarts in the middle: the hold is on record.
-	if err := b.n.d.Stop(); err != nil {
+	if err := b.n.stop(); err != nil {
 		t.Fatal(err)
 	}
 	b.n.start(t)

@@ -18,7 +18,6 @@ import (
 	"k8s.io/client-go/kubernetes"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
-	"github.com/vmnic/vmnic/daemon"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/plugins/bridge"
 	"github.com/vmnic/vmnic/test/cluster"
@@ -115,8 +114,16 @@ spec:
 // not seen a just-created SpiderEndpoint or pod in its cache yet.
 func addRetry(ctx context.Context, t *testing.T, n *harness.Node, l *libcni.NetworkConfigList, p *harness.Pod) *current.Result {
 	t.Helper()
+	return addRetryFor(ctx, t, n, l, p, 10*time.Second)
+}
+
+// addRetryFor is addRetry for up to d: after an API server restart the
+// agent's informers come back only after client-go's backoff (up to a
+// minute).
+func addRetryFor(ctx context.Context, t *testing.T, n *harness.Node, l *libcni.NetworkConfigList, p *harness.Pod, d time.Duration) *current.Result {
+	t.Helper()
 	var err error
-	for range 20 {
+	for range int(d / (500 * time.Millisecond)) {
 		var res types.Result
 		res, err = n.Add(ctx, l, p)
 		if err == nil {
@@ -164,16 +171,7 @@ func TestBridgeSpiderpoolVMs(t *testing.T) {
 	vmA, vmB := createBridgeVMI(ctx, t, c, "vm-a"), createBridgeVMI(ctx, t, c, "vm-b")
 	podA, podB := launcher(ctx, t, kube, vmA, "virt-launcher-vm-a-1"), launcher(ctx, t, kube, vmB, "virt-launcher-vm-b-1")
 
-	src, err := kubevirt.NewCluster(kubevirt.ClusterOptions{Config: c.Config, NodeName: testNode, Logger: logger(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	dctx, dcancel := context.WithCancel(context.Background())
-	t.Cleanup(dcancel)
-	n := newOVSNodeWith(t, func(o *daemon.Options) {
-		o.Facts = src
-		o.Prepare = func(context.Context) error { return src.Start(dctx) }
-	})
+	n := newOVSNodeCluster(t, c, testNode)
 	n.cniVersion = "1.0.0" // Spiderpool's IPAM plugin speaks up to 1.0.0
 	n.CNI = libcni.NewCNIConfigWithCacheDir([]string{n.BinDir, pluginDir}, filepath.Join(n.Dir, "cni-cache"), nil)
 	l := n.bridgeList(t, "vlan100", map[string]any{"vlan": 100}, agent.IPAMConfig("vlan100-v4"))

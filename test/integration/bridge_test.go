@@ -24,6 +24,7 @@ import (
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/state"
 	"github.com/vmnic/vmnic/plugins/bridge"
+	"github.com/vmnic/vmnic/test/cluster"
 	"github.com/vmnic/vmnic/test/guest"
 	"github.com/vmnic/vmnic/test/harness"
 	"github.com/vmnic/vmnic/test/need"
@@ -36,7 +37,12 @@ type ovsNode struct {
 	*harness.Node
 	sw     *ovs.OVS
 	d      *harness.Daemon
-	adjust func(*daemon.Options)
+	adjust func(*daemon.Config)
+	// vmnicdFlags, when set, run the vmnicd binary with these flags (and
+	// the node's OVSDB and network namespace) instead of an in-process
+	// daemon: a vmnicd that watches an API server (clusterFlags).
+	vmnicdFlags []string
+	p           *harness.DaemonProcess
 	// cniVersion of the networks bridgeList builds; default 1.1.0.
 	cniVersion string
 }
@@ -46,12 +52,21 @@ func newOVSNode(t testing.TB) *ovsNode {
 	return newOVSNodeWith(t, nil)
 }
 
-// newOVSNodeWith is newOVSNode with a hook on the daemon's options (a VM
-// facts source backed by an API server, say).
-func newOVSNodeWith(t testing.TB, adjust func(*daemon.Options)) *ovsNode {
+// newOVSNodeWith is newOVSNode with a hook on the daemon's configuration.
+func newOVSNodeWith(t testing.TB, adjust func(*daemon.Config)) *ovsNode {
 	t.Helper()
 	n := newOVSNodeBare(t)
 	n.adjust = adjust
+	n.start(t)
+	return n
+}
+
+// newOVSNodeCluster is newOVSNode with the vmnicd binary watching c's API
+// server as node.
+func newOVSNodeCluster(t testing.TB, c *cluster.Cluster, node string) *ovsNode {
+	t.Helper()
+	n := newOVSNodeBare(t)
+	n.vmnicdFlags = clusterFlags(c, node)
 	n.start(t)
 	return n
 }
@@ -70,7 +85,17 @@ func newOVSNodeBare(t testing.TB) *ovsNode {
 
 func (n *ovsNode) start(t testing.TB) {
 	t.Helper()
-	d, err := n.StartDaemonWith(logger(t), func(o *daemon.Options) {
+	if n.vmnicdFlags != nil {
+		n.DaemonInHostNetns = true
+		p, err := n.StartVmnicd(append([]string{"--ovsdb", n.sw.DB(), "--host-netns", n.NS.Path()}, n.vmnicdFlags...)...)
+		if err != nil {
+			t.Fatalf("vmnicd: %v", err)
+		}
+		n.p = p
+		t.Cleanup(func() { _ = p.Stop() })
+		return
+	}
+	d, err := n.StartDaemonWith(logger(t), func(o *daemon.Config) {
 		o.OVSDB = n.sw.DB()
 		o.HostNetns = n.NS.Path()
 		if n.adjust != nil {
@@ -82,6 +107,14 @@ func (n *ovsNode) start(t testing.TB) {
 	}
 	n.d = d
 	t.Cleanup(func() { _ = d.Stop() })
+}
+
+// stop stops the node's vmnicd, as SIGTERM does.
+func (n *ovsNode) stop() error {
+	if n.p != nil {
+		return n.p.Stop()
+	}
+	return n.d.Stop()
 }
 
 func (n *ovsNode) vsctl(t testing.TB, args ...string) string {
@@ -444,7 +477,7 @@ func TestBridgeGC(t *testing.T) {
 	}
 
 	// g2 goes the same way while the daemon is down; its start cleans up.
-	if err := n.d.Stop(); err != nil {
+	if err := n.stop(); err != nil {
 		t.Fatal(err)
 	}
 	forget(g2)

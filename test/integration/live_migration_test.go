@@ -33,10 +33,10 @@ import (
 // clusterOVSNode is a simulated node of a cluster: its own netns, OVS
 // switch, vmnicd (facts from the API server for its node name) and
 // Spiderpool agent.
-func clusterOVSNode(t *testing.T, c *cluster.Cluster, name, pluginDir string, dctx context.Context) (*ovsNode, *libcni.NetworkConfigList) {
+func clusterOVSNode(t *testing.T, c *cluster.Cluster, name, pluginDir string) (*ovsNode, *libcni.NetworkConfigList) {
 	t.Helper()
 	agent := spiderpool.StartAgentT(t, c, spiderpool.AgentOptions{NodeName: name, PodName: "spiderpool-agent-" + name})
-	n := newOVSNodeWith(t, clusterFacts(t, c, name, dctx))
+	n := newOVSNodeCluster(t, c, name)
 	n.cniVersion = "1.0.0"
 	n.CNI = libcni.NewCNIConfigWithCacheDir([]string{n.BinDir, pluginDir}, filepath.Join(n.Dir, "cni-cache"), nil)
 	return n, n.bridgeList(t, "vlan100", map[string]any{"vlan": 100}, agent.IPAMConfig("vlan100-v4"))
@@ -230,10 +230,8 @@ func TestBridgeLiveMigration(t *testing.T) {
 	}
 	bed, pluginDir := newClusterBed(t, 5*time.Minute)
 	ctx, c, kube := bed.ctx, bed.c, bed.kube
-	dctx, dcancel := context.WithCancel(context.Background())
-	t.Cleanup(dcancel)
-	a, la := clusterOVSNode(t, c, "node-a", pluginDir, dctx)
-	b, lb := clusterOVSNode(t, c, "node-b", pluginDir, dctx)
+	a, la := clusterOVSNode(t, c, "node-a", pluginDir)
+	b, lb := clusterOVSNode(t, c, "node-b", pluginDir)
 	linkNodes(t, a, b)
 	applyPool(ctx, t, c, "vlan100-v4", "10.100.0.0/24", "10.100.0.20-10.100.0.40", "10.100.0.1")
 	peerNet := a.bridgeList(t, "peer", map[string]any{"vlan": 100}, a.hostLocalOn("10.100.0.0/24", "10.100.0.1", "10.100.0.100", "10.100.0.150"))

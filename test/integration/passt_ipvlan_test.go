@@ -297,19 +297,13 @@ func TestPasstIpvlanMigrationHold(t *testing.T) {
 	needIpvlan(t)
 	bed, pluginDir := newClusterBed(t, 6*time.Minute)
 	ctx, c, kube := bed.ctx, bed.c, bed.kube
-	dctx, dcancel := context.WithCancel(context.Background())
-	t.Cleanup(dcancel)
 	lan := newLAN(t)
 	var nodes []*harness.Node
 	var lists []*libcni.NetworkConfigList
 	for _, name := range []string{"node-a", "node-b"} {
 		agent := spiderpool.StartAgentT(t, c, spiderpool.AgentOptions{NodeName: name, PodName: "spiderpool-agent-" + name})
 		node, _ := newNode(t, false)
-		d, err := node.StartDaemonWith(logger(t), clusterFacts(t, c, name, dctx))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = d.Stop() })
+		startClusterVmnicd(t, node, c, name)
 		node.CNI = libcni.NewCNIConfigWithCacheDir([]string{node.BinDir, pluginDir}, filepath.Join(node.Dir, "cni-cache"), nil)
 		joinLAN(t, lan, "lan0", "10.50.0.1/24", node, "uplink0")
 		nodes = append(nodes, node)

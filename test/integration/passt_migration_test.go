@@ -2,7 +2,6 @@ package integration
 
 import (
 	"bufio"
-	"context"
 	"fmt"
 	"net"
 	"os"
@@ -35,15 +34,11 @@ import (
 // passtNode is a simulated node for passt: its netns with the underlay
 // uplink, vmnicd with facts from the API server, and a dual-stack
 // Spiderpool agent.
-func passtNode(t *testing.T, c *cluster.Cluster, name, pluginDir string, dctx context.Context) (*harness.Node, *libcni.NetworkConfigList) {
+func passtNode(t *testing.T, c *cluster.Cluster, name, pluginDir string) (*harness.Node, *libcni.NetworkConfigList) {
 	t.Helper()
 	agent := spiderpool.StartAgentT(t, c, spiderpool.AgentOptions{NodeName: name, PodName: "spiderpool-agent-" + name, EnableIPv6: true})
 	node, _ := newNode(t, false)
-	d, err := node.StartDaemonWith(logger(t), clusterFacts(t, c, name, dctx))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = d.Stop() })
+	startClusterVmnicd(t, node, c, name)
 	node.CNI = libcni.NewCNIConfigWithCacheDir([]string{node.BinDir, pluginDir}, filepath.Join(node.Dir, "cni-cache"), nil)
 	return node, passtList(t, node, "1.0.0", agent.IPAMConfigDual([]string{"under-v4"}, []string{"under-v6"}), nil)
 }
@@ -239,10 +234,8 @@ func TestPasstLiveMigration(t *testing.T) {
 	}
 	bed, pluginDir := newClusterBed(t, 5*time.Minute)
 	ctx, c, kube := bed.ctx, bed.c, bed.kube
-	dctx, dcancel := context.WithCancel(context.Background())
-	t.Cleanup(dcancel)
-	a, la := passtNode(t, c, "node-a", pluginDir, dctx)
-	b, lb := passtNode(t, c, "node-b", pluginDir, dctx)
+	a, la := passtNode(t, c, "node-a", pluginDir)
+	b, lb := passtNode(t, c, "node-b", pluginDir)
 	applyPool(ctx, t, c, "under-v4", "10.50.0.0/24", "10.50.0.20-10.50.0.40", "10.50.0.1")
 	applyPool(ctx, t, c, "under-v6", "fd00:50::/64", "fd00:50::20-fd00:50::40", "fd00:50::1")
 	peer := passtUnderlay(t, a, b)

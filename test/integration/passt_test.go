@@ -3,7 +3,6 @@ package integration
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"maps"
 	"net"
@@ -22,7 +21,6 @@ import (
 
 	"github.com/vmnic/vmnic/pkg/apis/v1alpha1"
 	"github.com/vmnic/vmnic/pkg/capabilities"
-	"github.com/vmnic/vmnic/pkg/failpoint"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/netconf"
 	"github.com/vmnic/vmnic/pkg/nft"
@@ -229,17 +227,8 @@ func TestPasstMigrationHold(t *testing.T) {
 	ctx, c, kube := bed.ctx, bed.c, bed.kube
 	agent := spiderpool.StartAgentT(t, c, spiderpool.AgentOptions{NodeName: testNode})
 	applyPool(ctx, t, c, "under-v4", "10.50.0.0/24", "10.50.0.20-10.50.0.40", "")
-	dctx, dcancel := context.WithCancel(context.Background())
-	t.Cleanup(dcancel)
 	node, _ := newNode(t, false)
-	startD := func() *harness.Daemon {
-		d, err := node.StartDaemonWith(logger(t), clusterFacts(t, c, testNode, dctx))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = d.Stop() })
-		return d
-	}
+	startD := func() *harness.DaemonProcess { return startClusterVmnicd(t, node, c, testNode) }
 	d := startD()
 	peer := underlay(t, node)
 	node.CNI = libcni.NewCNIConfigWithCacheDir([]string{node.BinDir, pluginDir}, filepath.Join(node.Dir, "cni-cache"), nil)
@@ -268,13 +257,14 @@ func TestPasstMigrationHold(t *testing.T) {
 	waitDADGuard(t, src, true)
 	dst := launcherOn(ctx, t, kube, vmi, "virt-launcher-vm-p-dst", testNode, m)
 	// A failure right after the hold is taken leaves no hold behind; the
-	// runtime's DEL and a new ADD then work.
-	failpoint.Set(func(mode, step string) error {
-		if mode == netconf.ModePasst && step == "hold" {
-			return errors.New("injected failure after the hold")
-		}
-		return nil
-	})
+	// runtime's DEL and a new ADD then work. vmnicd built with the
+	// failpoints tag fails there.
+	if err := d.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	node.DaemonEnv = []string{"VMNIC_FAILPOINT=" + netconf.ModePasst + "/hold=error"}
+	fp := startClusterVmnicdBinary(t, node, c, testNode, failpointDaemon(t))
+	node.DaemonEnv = nil
 	var err error
 	for range 20 { // past Spiderpool's cache lag, as addRetry
 		if _, err = node.Add(ctx, l, dst); err == nil || !strings.Contains(err.Error(), "not found") {
@@ -282,8 +272,11 @@ func TestPasstMigrationHold(t *testing.T) {
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
-	failpoint.Set(nil)
-	if err == nil || !strings.Contains(err.Error(), "injected failure after the hold") {
+	if serr := fp.Stop(); serr != nil {
+		t.Fatal(serr)
+	}
+	d = startD()
+	if err == nil || !strings.Contains(err.Error(), "injected failure after passt/hold") {
 		t.Fatalf("target ADD = %v, want the injected failure", err)
 	}
 	if held, herr := nft.Held(dst.NS.Path(), "eth0"); herr != nil || held {

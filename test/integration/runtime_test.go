@@ -63,7 +63,7 @@ func TestStatusBridge(t *testing.T) {
 	}
 	wantNotReady("without its OVS bridge", n.bridgeList(t, "st", map[string]any{"bridge": "nobr"}, ipam), `"nobr"`)
 	wantNotReady("with an IPAM plugin that is not installed", n.bridgeList(t, "st", nil, map[string]any{"type": "no-such-ipam"}), "no-such-ipam")
-	if err := n.d.Stop(); err != nil {
+	if err := n.stop(); err != nil {
 		t.Fatal(err)
 	}
 	wantNotReady("with vmnicd away", n.bridgeList(t, "st", nil, ipam), "daemon unavailable")

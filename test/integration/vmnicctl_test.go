@@ -13,7 +13,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -38,40 +37,16 @@ import (
 	"github.com/vmnic/vmnic/test/spiderpool"
 )
 
-var (
-	ctlOnce sync.Once
-	ctlBin  string
-	ctlErr  error
-)
-
-// vmnicctlBinary builds cmd/vmnicctl once per test process into the
-// repository's .tools/vmnicctl-bin.
+// vmnicctlBinary is the vmnicctl that make build writes.
 func vmnicctlBinary(t *testing.T) string {
 	t.Helper()
-	ctlOnce.Do(func() {
-		root, err := harness.RepoRoot()
-		if err != nil {
-			ctlErr = err
-			return
-		}
-		// Next to the shim harness.BinDir builds, in the git-ignored .tools.
-		dir := filepath.Join(root, ".tools", "vmnicctl-bin")
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			ctlErr = err
-			return
-		}
-		ctlBin = filepath.Join(dir, "vmnicctl")
-		cmd := exec.Command("go", "build", "-o", ctlBin, "./cmd/vmnicctl")
-		cmd.Dir = root
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			ctlErr = fmt.Errorf("go build ./cmd/vmnicctl: %w\n%s", err, out)
-		}
-	})
-	if ctlErr != nil {
-		t.Fatal(ctlErr)
+	bin, err := harness.Built("vmnicctl")
+	if err != nil {
+		t.Fatal(err)
 	}
-	return ctlBin
+	// The kubectl plugin's name is a link beside it, in a directory of
+	// the test's own.
+	return bin
 }
 
 // vmnicctl runs the binary (as name, for the kubectl plugin's name) and
@@ -80,7 +55,7 @@ func vmnicctl(t *testing.T, name string, args ...string) (int, string) {
 	t.Helper()
 	bin := vmnicctlBinary(t)
 	if name != "vmnicctl" {
-		link := filepath.Join(filepath.Dir(bin), name)
+		link := filepath.Join(t.TempDir(), name)
 		if _, err := os.Lstat(link); err != nil {
 			if err := os.Symlink(bin, link); err != nil {
 				t.Fatal(err)
@@ -181,8 +156,8 @@ func TestVmnicctlAttachments(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(node.Close)
-	d, err := node.StartDaemonWith(logger(t), func(o *daemon.Options) {
-		o.Observe = daemon.ObserveOptions{Metrics: daemon.NewMetrics(), Node: "node-a"}
+	d, err := node.StartDaemonWith(logger(t), func(c *daemon.Config) {
+		c.Metrics, c.NodeName = daemon.NewMetrics(), "node-a"
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -328,7 +303,7 @@ func TestVmnicctlMetrics(t *testing.T) {
 	m := daemon.NewMetrics()
 	// As vmnicd's main does: the GC's removal logs count.
 	log := logger(t)
-	d, err := node.StartDaemonWith(log, func(o *daemon.Options) { o.Observe = daemon.ObserveOptions{Metrics: m} })
+	d, err := node.StartDaemonWith(log, func(c *daemon.Config) { c.Metrics = m })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -622,24 +597,7 @@ func TestVmnicctlEvents(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(node.Close)
-	src, err := kubevirt.NewCluster(kubevirt.ClusterOptions{Config: c.Config, NodeName: testNode, Logger: logger(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	dctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	m := daemon.NewMetrics()
-	ev := daemon.NewEvents(daemon.EventsOptions{Client: kube, Node: testNode, Logger: logger(t), Metrics: m})
-	go ev.Run(dctx)
-	d, err := node.StartDaemonWith(logger(t), func(o *daemon.Options) {
-		o.Facts = src
-		o.Prepare = func(context.Context) error { return src.Start(dctx) }
-		o.Observe = daemon.ObserveOptions{Metrics: m, Events: ev, Node: testNode, Cluster: true}
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = d.Stop() })
+	startClusterVmnicd(t, node, c, testNode)
 
 	l := list(t, node, harness.NetOptions{Vmnic: true})
 	p := newPod(t, podName)

@@ -79,6 +79,13 @@ func TestVmnicOnNode(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// The API server's own count of the watches on what vmnicd watches,
+	// before vmnicd is there (kubelet and the controllers watch pods too).
+	baseWatches, err := n.Cluster.WatchCounts(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var vmnicdReady time.Time
 	t.Run("install", func(t *testing.T) {
 		start := time.Now()
 		if err := n.InstallVmnic(ctx, img); err != nil {
@@ -87,6 +94,7 @@ func TestVmnicOnNode(t *testing.T) {
 		if _, err := n.WaitDaemonSet(ctx, 2*time.Minute); err != nil {
 			t.Fatal(err)
 		}
+		vmnicdReady = time.Now()
 		t.Logf("helm install to DaemonSet Ready: %v", time.Since(start).Round(time.Millisecond))
 		shim, err := os.ReadFile(filepath.Join(n.CNIBinDir, "vmnic"))
 		if err != nil {
@@ -282,6 +290,22 @@ ping -c 3 -W 3 %s >/dev/null 2>&1 && echo PEER-OK || echo PEER-FAILED
 		return
 	}
 
+	// The DaemonSet's vmnicd (the image's binary) keeps its watches open
+	// after Ready: 30 s on at least, by the API server's count.
+	var withWatches map[string]int
+	t.Run("watches", func(t *testing.T) {
+		time.Sleep(time.Until(vmnicdReady.Add(30 * time.Second)))
+		if withWatches, err = n.Cluster.WatchCounts(ctx); err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range []string{"pods", "virtualmachineinstances", "virtualmachineinstancemigrations"} {
+			if withWatches[r] <= baseWatches[r] {
+				t.Errorf("%s after vmnicd was Ready: the API server counts %d watches on %s, %d before vmnicd", time.Since(vmnicdReady).Round(time.Second), withWatches[r], r, baseWatches[r])
+			}
+		}
+		t.Logf("%s after Ready: watches %v (before vmnicd %v)", time.Since(vmnicdReady).Round(time.Second), withWatches, baseWatches)
+	})
+
 	t.Run("uninstall", func(t *testing.T) {
 		if _, err := n.Helm(ctx, "uninstall", node.Release, "--namespace", node.Namespace, "--wait", "--timeout", "2m"); err != nil {
 			t.Fatal(err)
@@ -313,6 +337,18 @@ ping -c 3 -W 3 %s >/dev/null 2>&1 && echo PEER-OK || echo PEER-FAILED
 		startPlainPod(ctx, t, n, "plain-uninstalled")
 		if worst := n.WatchReady(ctx); worst.Stop() > 0 {
 			t.Error("the Node is not Ready after the uninstall")
+		}
+		// The VMI and VMIM watches were vmnicd's: they went with it.
+		if withWatches != nil {
+			gone, err := n.Cluster.WatchCounts(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, r := range []string{"virtualmachineinstances", "virtualmachineinstancemigrations"} {
+				if gone[r] >= withWatches[r] {
+					t.Errorf("after the uninstall the API server still counts %d watches on %s (%d with vmnicd)", gone[r], r, withWatches[r])
+				}
+			}
 		}
 	})
 }

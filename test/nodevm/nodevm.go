@@ -275,7 +275,8 @@ type Setup struct {
 	Binaries map[string]string
 	// Options shares the repository, the Go toolchain and the module cache
 	// and loads the modules the suite needs; its Env points the tests at
-	// the prebuilt binaries (harness.CNIBinEnv, cluster.ToolsBinEnv).
+	// the prebuilt binaries (harness.CNIBinEnv, harness.BuiltEnv,
+	// cluster.ToolsBinEnv).
 	Options Options
 }
 
@@ -285,7 +286,8 @@ var Modules = []string{"ipvlan", "macvlan", "8021q", "openvswitch", "veth", "tun
 
 // Prepare builds on the host what the VM cannot (it has no Go build
 // cache): the test binaries of pkgs (package directories from root) into
-// dir, vmnic's shim and the reference plugins, and the cluster's tools.
+// dir, vmnic's shim and the reference plugins, vmnicd (the binary make
+// build writes), and the cluster's tools.
 func Prepare(ctx context.Context, root, dir string, pkgs ...string) (*Setup, error) {
 	s := &Setup{Root: root, Binaries: map[string]string{}}
 	for _, pkg := range pkgs {
@@ -298,6 +300,10 @@ func Prepare(ctx context.Context, root, dir string, pkgs ...string) (*Setup, err
 		s.Binaries[pkg] = bin
 	}
 	cniBin, err := harness.BinDir()
+	if err != nil {
+		return nil, err
+	}
+	vmnicd, err := harness.Vmnicd()
 	if err != nil {
 		return nil, err
 	}
@@ -324,7 +330,8 @@ func Prepare(ctx context.Context, root, dir string, pkgs ...string) (*Setup, err
 		Shares:  []string{root, goroot, modcache},
 		Modules: Modules,
 		Env: []string{
-			need.NodeVMEnv + "=1", harness.CNIBinEnv + "=" + cniBin, cluster.ToolsBinEnv + "=" + filepath.Dir(tools[0]),
+			need.NodeVMEnv + "=1", harness.CNIBinEnv + "=" + cniBin, harness.BuiltEnv + "=" + filepath.Dir(vmnicd),
+			cluster.ToolsBinEnv + "=" + filepath.Dir(tools[0]),
 			"CI=" + os.Getenv("CI"),
 			"PATH=" + filepath.Join(goroot, "bin") + ":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
 			// The module cache is read-only in the VM and nothing is

@@ -1,0 +1,347 @@
+package integration
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	kubevirtv1 "kubevirt.io/api/core/v1"
+
+	"github.com/vmnic/vmnic/pkg/ctl"
+	"github.com/vmnic/vmnic/pkg/state"
+	"github.com/vmnic/vmnic/test/cluster"
+	"github.com/vmnic/vmnic/test/harness"
+)
+
+// watchedResources are what vmnicd lists and watches.
+var watchedResources = []string{"pods", "virtualmachineinstances", "virtualmachineinstancemigrations"}
+
+// apiWatches is the API server's own count of the watches open on each
+// resource vmnicd watches.
+func apiWatches(ctx context.Context, t *testing.T, c *cluster.Cluster) map[string]int {
+	t.Helper()
+	all, err := c.WatchCounts(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]int{}
+	for _, r := range watchedResources {
+		out[r] = all[r]
+	}
+	return out
+}
+
+// waitWatches waits up to timeout until vmnicd p says each of its
+// watches is open and the API server counts, on every resource vmnicd
+// watches, more watches than base (the count without vmnicd) and at least
+// atLeast's. It returns the API server's counts. Which of them are
+// vmnicd's shows when it stops (wantWatchesGone).
+func waitWatches(ctx context.Context, t *testing.T, c *cluster.Cluster, p *harness.DaemonProcess, base, atLeast map[string]int, timeout time.Duration, when string) map[string]int {
+	t.Helper()
+	var got map[string]int
+	var open []string
+	for deadline := time.Now().Add(timeout); ; time.Sleep(500 * time.Millisecond) {
+		got, open = apiWatches(ctx, t, c), nil
+		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		st, err := p.Status(sctx)
+		cancel()
+		if err != nil {
+			t.Fatalf("%s: vmnicd status: %v", when, err)
+		}
+		for _, w := range st.Watches {
+			if w.Watching {
+				open = append(open, w.Resource)
+			}
+		}
+		ok := len(open) == len(watchedResources)
+		for _, r := range watchedResources {
+			ok = ok && got[r] > base[r] && got[r] >= atLeast[r]
+		}
+		if ok {
+			t.Logf("%s: the API server counts watches %v (%v before vmnicd)", when, got, base)
+			return got
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: the API server counts watches %v, %v before vmnicd started; vmnicd says open: %v", when, got, base, open)
+		}
+	}
+}
+
+// wantWatchesGone checks, once vmnicd has stopped, that the API server
+// counts fewer watches on each resource than with it (with): those were
+// vmnicd's.
+func wantWatchesGone(ctx context.Context, t *testing.T, c *cluster.Cluster, with map[string]int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		gone := apiWatches(ctx, t, c)
+		ok := true
+		for _, r := range watchedResources {
+			ok = ok && gone[r] < with[r]
+		}
+		if ok {
+			t.Logf("vmnicd stopped: the API server counts watches %v (with it %v)", gone, with)
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("vmnicd stopped, the API server still counts %v watches (with it %v): they were not vmnicd's", gone, with)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// within polls cond every 20 ms for up to d and returns how long it took
+// to hold; it fails the test if it never did.
+func within(t *testing.T, d time.Duration, what string, cond func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for {
+		if cond() {
+			took := time.Since(start)
+			t.Logf("%s after %s", what, took.Round(time.Millisecond))
+			return took
+		}
+		if time.Since(start) > d {
+			t.Fatalf("not within %s: %s", d, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// recordPhase is the migration phase vmnicd recorded for p's attachment.
+func recordPhase(t *testing.T, n *ovsNode, p *harness.Pod) string {
+	t.Helper()
+	st, err := state.Open(filepath.Join(n.StateDir(), "attachments"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec, err := st.Get(state.Key(p.ContainerID, p.IfName))
+	if err != nil || rec.Migration == nil {
+		return ""
+	}
+	return rec.Migration.Phase
+}
+
+// readyz is vmnicd's readiness probe: the status code and the body.
+func readyz(t *testing.T, p *harness.DaemonProcess) (int, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := p.Status(ctx)
+	if err != nil || st.MetricsAddr == "" {
+		t.Fatalf("vmnicd status (for its metrics address): %v %+v", err, st)
+	}
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+st.MetricsAddr+"/readyz", nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = resp.Body.Close() }()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// migrate starts a migration of a new VM: its VMI (made after vmnicd is
+// ready), the source wired, the VMIM and the target wired held. Each ADD
+// waits up to addWait for Spiderpool's agent to see the pod.
+func (b *migrationBed) migrate(t *testing.T, name string, addWait time.Duration) (vmi *kubevirtv1.VirtualMachineInstance, m *kubevirtv1.VirtualMachineInstanceMigration, src, dst *harness.Pod) {
+	t.Helper()
+	vmi = createBridgeVMI(b.ctx, t, b.c, name)
+	src = launcher(b.ctx, t, b.kube, vmi, "virt-launcher-"+name+"-src")
+	addRetryFor(b.ctx, t, b.n.Node, b.l, src, addWait)
+	m = b.createVMIM(t, "mig-"+name, vmi.Name)
+	dst = b.targetPod(t, vmi, m, "virt-launcher-"+name+"-dst")
+	addRetryFor(b.ctx, t, b.n.Node, b.l, dst, addWait)
+	if !held(t, dst) || held(t, src) {
+		t.Fatalf("%s after the target's ADD: target held %v, source held %v; want true, false", name, held(t, dst), held(t, src))
+	}
+	return vmi, m, src, dst
+}
+
+// TestVmnicdWatches runs the vmnicd binary against a real API server and
+// judges its watches by the API server's own count and by what vmnicd
+// does: changes made after it is ready reach it within 2 s (a VMI that
+// existed before it started, a VMI made after, a VMIM moved through its
+// phases to Succeeded and another to Failed); 30 s after ready its watches
+// are open; the API server killed for 20 s makes its readiness fail
+// naming the watch down, and once the API server is back the watches are
+// open again and a migration made then is still released.
+func TestVmnicdWatches(t *testing.T) {
+	b, pluginDir := newMigrationBedNoDaemon(t, 6*time.Minute)
+	ctx := b.ctx
+	// Before vmnicd starts: a VM and its launcher pod.
+	old := createBridgeVMI(ctx, t, b.c, "vm-old")
+	oldSrc := launcher(ctx, t, b.kube, old, "virt-launcher-vm-old-src")
+	base := apiWatches(ctx, t, b.c)
+	b.startNode(t, pluginDir, "--watch-down-threshold", "10s")
+	ready := time.Now()
+
+	// The VMI that existed before vmnicd started changes after it is
+	// ready: its VM migrated away from this pod, which vmnicd silences.
+	addRetry(ctx, t, b.n.Node, b.l, oldSrc)
+	if held(t, oldSrc) {
+		t.Fatal("vm-old's pod held before its VM moved")
+	}
+	b.setStatus(t, "virtualmachineinstances", old.Name, map[string]any{"migrationState": map[string]any{
+		"completed": true, "sourcePod": oldSrc.Name, "targetPod": "virt-launcher-vm-old-elsewhere", "migrationUID": "mig-old-uid",
+	}})
+	within(t, 2*time.Second, "vm-old (made before vmnicd started, changed after) moved away: its source silenced", func() bool { return held(t, oldSrc) })
+
+	// A VMI made after ready and a VMIM moved through its phases: the
+	// VMIM's Succeeded alone releases the target; the VMI's migration
+	// state then silences the source.
+	vmi, m, src, dst := b.migrate(t, "vm-new", 10*time.Second)
+	b.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Scheduling"})
+	b.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Running"})
+	time.Sleep(300 * time.Millisecond)
+	if !held(t, dst) {
+		t.Fatal("vm-new's target released while its VMIM is Running")
+	}
+	b.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Succeeded"})
+	within(t, 2*time.Second, "VMIM Succeeded (made after ready): vm-new's target released", func() bool { return !held(t, dst) })
+	b.setStatus(t, "virtualmachineinstances", vmi.Name, map[string]any{"migrationState": map[string]any{
+		"completed": true, "sourcePod": src.Name, "targetPod": dst.Name, "migrationUID": string(m.UID),
+	}})
+	within(t, 2*time.Second, "VMI vm-new (made after ready) migrated: its source silenced", func() bool { return held(t, src) })
+
+	// A migration that fails: the target stays held, the failure is
+	// recorded, the source is untouched.
+	_, mf, srcF, dstF := b.migrate(t, "vm-fail", 10*time.Second)
+	b.setStatus(t, "virtualmachineinstancemigrations", mf.Name, map[string]any{"phase": "Failed"})
+	within(t, 2*time.Second, "VMIM Failed: vm-fail's target recorded failed", func() bool { return recordPhase(t, b.n, dstF) == "Failed" })
+	if !held(t, dstF) || held(t, srcF) {
+		t.Errorf("after a failed migration: target held %v, source held %v; want true, false", held(t, dstF), held(t, srcF))
+	}
+
+	// 30 s after ready, by the API server's count.
+	time.Sleep(time.Until(ready.Add(30 * time.Second)))
+	during := waitWatches(ctx, t, b.c, b.n.p, base, nil, 0, "30 s after ready")
+	if code, body := readyz(t, b.n.p); code != http.StatusOK {
+		t.Fatalf("/readyz with the API server up: %d %s", code, body)
+	}
+
+	// The API server goes away for 20 s: past the threshold (10 s here)
+	// readiness fails and names the watch; status says degraded.
+	restarted := make(chan error, 1)
+	killed := time.Now()
+	go func() { restarted <- b.c.RestartAPIServer(ctx, 20*time.Second) }()
+	var body string
+	within(t, 18*time.Second, "/readyz failing with the API server down", func() bool {
+		var code int
+		code, body = readyz(t, b.n.p)
+		return code == http.StatusServiceUnavailable
+	})
+	if failed := time.Since(killed); failed < 10*time.Second || !strings.Contains(body, "watch on ") || !strings.Contains(body, "down for") {
+		t.Errorf("/readyz %s after the API server went: %q; want a watch named as down past 10s", failed.Round(time.Millisecond), body)
+	}
+	sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
+	st, err := b.n.p.Status(sctx)
+	scancel()
+	if err != nil || !st.Ready || len(st.Watches) != 3 {
+		t.Fatalf("status with the API server down: %+v %v", st, err)
+	}
+	stale := 0
+	for _, w := range st.Watches {
+		if w.Stale && !w.Watching && w.Synced {
+			stale++
+		}
+	}
+	if stale == 0 {
+		t.Errorf("status with the API server down %s: no watch reported stale: %+v", time.Since(killed).Round(time.Second), st.Watches)
+	}
+	code, out := vmnicctl(t, "vmnicctl", "status", "--socket", b.n.Socket())
+	if code != ctl.ExitDegraded || !strings.Contains(out, "degraded") || !strings.Contains(out, "DOWN for") {
+		t.Errorf("vmnicctl status with the API server down: exit %d\n%s", code, out)
+	}
+	if err := <-restarted; err != nil {
+		t.Fatal(err)
+	}
+	back := time.Now()
+	// client-go's reflector retries with a jittered backoff of up to 60 s;
+	// every watcher (vmnicd's and the Spiderpool agent's) back is as many
+	// as before the restart.
+	again := waitWatches(ctx, t, b.c, b.n.p, base, during, 100*time.Second, "after the API server's restart")
+	t.Logf("every watch (vmnicd's and the agent's) open again %s after the API server came back", time.Since(back).Round(time.Millisecond))
+	within(t, 30*time.Second, "/readyz ok again", func() bool {
+		code, _ := readyz(t, b.n.p)
+		return code == http.StatusOK
+	})
+
+	// A migration made after the restart is still released. (Spiderpool's
+	// agent, behind the same backoff, may take a while to see its pods.)
+	_, mr, _, dstR := b.migrate(t, "vm-after", 90*time.Second)
+	b.setStatus(t, "virtualmachineinstancemigrations", mr.Name, map[string]any{"phase": "Succeeded"})
+	within(t, 2*time.Second, "VMIM Succeeded after the API server's restart: the target released", func() bool { return !held(t, dstR) })
+
+	// Those watches were vmnicd's: they go with it.
+	if err := b.n.stop(); err != nil {
+		t.Fatal(err)
+	}
+	wantWatchesGone(ctx, t, b.c, again)
+}
+
+// TestVmnicdBeforeKubeVirt: vmnicd started before KubeVirt is installed
+// (no VMI or VMIM resource yet) is not ready and says why, one log line
+// per wait, naming what it waits for; it does not exit; once KubeVirt's
+// CRDs are there it becomes ready by itself, with its watches open.
+func TestVmnicdBeforeKubeVirt(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	c := cluster.StartT(t)
+	node, _ := newNode(t, false)
+	node.DaemonInHostNetns = true
+	p, err := node.StartDaemonProcess(append(clusterFlags(c, testNode), "--sync-timeout", "3s")...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = p.Stop() })
+	time.Sleep(8 * time.Second)
+	select {
+	case <-p.Done():
+		t.Fatalf("vmnicd exited while the caches could not sync: %v\n%s", p.Err(), tail(p.Log))
+	default:
+	}
+	if _, err := p.Status(ctx); !errors.Is(err, ctl.ErrStarting) {
+		t.Fatalf("status before KubeVirt is installed: %v, want starting", err)
+	}
+	log, _ := os.ReadFile(p.Log)
+	var waits []string
+	for l := range strings.Lines(string(log)) {
+		if strings.Contains(l, "caches did not sync") {
+			waits = append(waits, l)
+		}
+	}
+	if len(waits) < 2 || !strings.Contains(waits[0], "virtualmachineinstances (list: ") || strings.Contains(waits[0], "pods") {
+		t.Fatalf("want a log line per 3 s wait naming the VMI list's error (and not pods, which synced); got %d:\n%s", len(waits), strings.Join(waits, ""))
+	}
+	t.Logf("%d waits logged, the first: %s", len(waits), strings.TrimSpace(waits[0]))
+
+	if err := c.InstallKubeVirtCRDs(ctx); err != nil {
+		t.Fatal(err)
+	}
+	installed := time.Now()
+	// The reflector retries its list with a jittered backoff of up to 60 s.
+	if err := p.WaitReady(90 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("ready %s after KubeVirt's CRDs were installed", time.Since(installed).Round(time.Millisecond))
+	with := waitWatches(ctx, t, c, p, map[string]int{}, nil, 10*time.Second, "once ready")
+	if err := p.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	wantWatchesGone(ctx, t, c, with)
+}
+
+func tail(path string) string {
+	b, _ := os.ReadFile(path)
+	if len(b) > 4000 {
+		b = b[len(b)-4000:]
+	}
+	return string(b)
+}
