@@ -119,6 +119,31 @@ func IsNetns(path string) (bool, error) {
 	return st.Type == unix.NSFS_MAGIC || st.Type == unix.PROC_SUPER_MAGIC, nil
 }
 
+// SetDown takes the link name down in the namespace at path; a namespace
+// or link that is gone is success. For a pod interface that must not say a
+// word more before the plugin that made it deletes it.
+func SetDown(path, name string) error {
+	h, closeH, err := OpenHandle(path)
+	if errors.Is(err, ErrNetnsGone) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer closeH()
+	l, err := h.LinkByName(name)
+	if LinkGone(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("link %s in %s: %w", name, path, err)
+	}
+	if err := h.LinkSetDown(l); err != nil && !LinkGone(err) {
+		return fmt.Errorf("set %s down in %s: %w", name, path, err)
+	}
+	return nil
+}
+
 // LinkGone reports whether err means the link does not exist.
 func LinkGone(err error) bool {
 	var nf netlink.LinkNotFoundError

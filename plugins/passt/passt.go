@@ -175,7 +175,28 @@ func settleIPv6(h netlinksafe.Handle, l netlink.Link) error {
 
 // Del removes the hold and the DAD guard, if any. The sysctls go with the
 // netns.
+//
+// A held pod interface (a migration source that handed over, a target
+// whose migration failed) is taken down before its hold goes. vmnic's DEL
+// runs before the underlay plugin's, which deletes the interface: between
+// the two the interface would speak again. A source has traffic queued
+// behind its hold (passt's connections closing as the pod goes, the ARP
+// request for the peer they need), and an ARP request from the VM's
+// address with the source's MAC moves every neighbour on the underlay back
+// to the source, which is then deleted: the VM, running on the target, is
+// cut off until those entries expire. A busy node stretches that window;
+// a link that is down closes it.
 func Del(s *Spec) error {
+	held := s.Held || s.Silenced
+	if !held {
+		// A DEL without a record still finds a hold in the netns.
+		held, _ = nft.Held(s.Netns, s.PodIf)
+	}
+	if held {
+		if err := podnet.SetDown(s.Netns, s.PodIf); err != nil {
+			return fmt.Errorf("take held %s down before its hold goes: %w", s.PodIf, err)
+		}
+	}
 	return errors.Join(nft.DeleteHold(s.Netns, s.PodIf), nft.DeleteDADGuard(s.Netns, s.PodIf))
 }
 

@@ -336,11 +336,40 @@ func TestPasstMigrationHold(t *testing.T) {
 	if err := kube.CoreV1().Pods("default").Delete(ctx, src.Name, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	// The source's DEL: vmnic's part runs first, then the macvlan
+	// plugin's, which deletes eth0. Between the two the source must say
+	// nothing: here the window is held open (vmnic's DEL alone) and the
+	// source's kernel speaks as passt's closing connections make it, with
+	// an ARP request for the peer from the VM's address. Were eth0 still
+	// up, the peer would move the VM's address back to the source, which
+	// is about to go.
+	time.Sleep(1100 * time.Millisecond) // past the peer's neighbour locktime
+	if err := delPlugin(ctx, node, l, src, "vmnic"); err != nil {
+		t.Fatalf("vmnic's DEL of the source: %v", err)
+	}
+	_ = exec.Command("nsenter", "--net="+src.NS.Path(), "ping", "-c", "1", "-W", "1", "10.50.0.1").Run()
+	if got := neighMAC(t, peer, ip); got != dstMAC {
+		t.Errorf("the source spoke between vmnic's DEL and the underlay's: the peer resolves %s to %q, want the target's %s", ip, got, dstMAC)
+	}
 	for _, p := range []*harness.Pod{src, dst} {
 		if err := node.Del(ctx, l, p); err != nil {
 			t.Fatalf("DEL %s: %v", p.Name, err)
 		}
 	}
+}
+
+// delPlugin runs the DEL of one plugin of list l (by type) for p, alone:
+// what the runtime does between two plugins of the list's DEL.
+func delPlugin(ctx context.Context, n *harness.Node, l *libcni.NetworkConfigList, p *harness.Pod, typ string) error {
+	for _, pl := range l.Plugins {
+		if pl.Network.Type != typ {
+			continue
+		}
+		one := *l
+		one.Plugins = []*libcni.PluginConfig{pl}
+		return n.In(func() error { return n.CNI.DelNetworkList(ctx, &one, p.Runtime()) })
+	}
+	return fmt.Errorf("no %s plugin in %s", typ, l.Name)
 }
 
 // waitDADGuard waits (bounded) until the pod's eth0 has or has not its DAD
