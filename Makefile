@@ -36,7 +36,8 @@ demo: ## local demo: wire a VM NIC with vmnic masquerade and boot a real guest o
 test: deps build vet lint ## the whole suite (as root): vet, format, lint, unit, integration, guest, cluster, a real node (containerd, kubelet, Flannel, Multus), bounded fuzzing, then the node VM (Debian's kernel: passt over ipvlan, a VLAN underlay, the OVS kernel datapath)
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
 	FUZZTIME=5s bash test/fuzz.sh
-	$(GO) test -count=1 -timeout 40m $$($(GO) list ./... | grep -v /test/nodevm$$)
+	@# test/watch first: it waits ten minutes beside the other packages rather than after them.
+	$(GO) test -count=1 -timeout 40m ./test/watch $$($(GO) list ./... | grep -v -e /test/nodevm$$ -e /test/watch$$)
 	$(GO) test -count=1 -timeout 40m ./test/nodevm
 
 fuzz: ## run each fuzz target (FUZZTIME, default 20s)

@@ -152,7 +152,13 @@ func readyz(t *testing.T, p *harness.DaemonProcess) (int, string) {
 // waits up to addWait for Spiderpool's agent to see the pod.
 func (b *migrationBed) migrate(t *testing.T, name string, addWait time.Duration) (vmi *kubevirtv1.VirtualMachineInstance, m *kubevirtv1.VirtualMachineInstanceMigration, src, dst *harness.Pod) {
 	t.Helper()
-	vmi = createBridgeVMI(b.ctx, t, b.c, name)
+	return b.migrateVMI(t, createBridgeVMI(b.ctx, t, b.c, name), addWait)
+}
+
+// migrateVMI is migrate of a VMI that exists already.
+func (b *migrationBed) migrateVMI(t *testing.T, vmi *kubevirtv1.VirtualMachineInstance, addWait time.Duration) (_ *kubevirtv1.VirtualMachineInstance, m *kubevirtv1.VirtualMachineInstanceMigration, src, dst *harness.Pod) {
+	t.Helper()
+	name := vmi.Name
 	src = launcher(b.ctx, t, b.kube, vmi, "virt-launcher-"+name+"-src")
 	addRetryFor(b.ctx, t, b.n.Node, b.l, src, addWait)
 	m = b.createVMIM(t, "mig-"+name, vmi.Name)
@@ -168,16 +174,19 @@ func (b *migrationBed) migrate(t *testing.T, name string, addWait time.Duration)
 // judges its watches by the API server's own count and by what vmnicd
 // does: changes made after it is ready reach it within 2 s (a VMI that
 // existed before it started, a VMI made after, a VMIM moved through its
-// phases to Succeeded and another to Failed); 30 s after ready its watches
+// phases to Succeeded, two to Failed, one of them of a VM that existed
+// before vmnicd started); 30 s after ready its watches
 // are open; the API server killed for 20 s makes its readiness fail
 // naming the watch down, and once the API server is back the watches are
 // open again and a migration made then is still released.
 func TestVmnicdWatches(t *testing.T) {
 	b, pluginDir := newMigrationBedNoDaemon(t, 6*time.Minute)
 	ctx := b.ctx
-	// Before vmnicd starts: a VM and its launcher pod.
+	// Before vmnicd starts: a VM and its launcher pod, and a VM whose
+	// migration will fail.
 	old := createBridgeVMI(ctx, t, b.c, "vm-old")
 	oldSrc := launcher(ctx, t, b.kube, old, "virt-launcher-vm-old-src")
+	oldFail := createBridgeVMI(ctx, t, b.c, "vm-oldfail")
 	base := apiWatches(ctx, t, b.c)
 	b.startNode(t, pluginDir, "--watch-down-threshold", "10s")
 	ready := time.Now()
@@ -210,13 +219,20 @@ func TestVmnicdWatches(t *testing.T) {
 	}})
 	within(t, 2*time.Second, "VMI vm-new (made after ready) migrated: its source silenced", func() bool { return held(t, src) })
 
-	// A migration that fails: the target stays held, the failure is
+	// Migrations that fail, of a VM made after ready and of one that
+	// existed before vmnicd started: the target stays held, the failure is
 	// recorded, the source is untouched.
 	_, mf, srcF, dstF := b.migrate(t, "vm-fail", 10*time.Second)
+	_, mo, srcO, dstO := b.migrateVMI(t, oldFail, 10*time.Second)
 	b.setStatus(t, "virtualmachineinstancemigrations", mf.Name, map[string]any{"phase": "Failed"})
-	within(t, 2*time.Second, "VMIM Failed: vm-fail's target recorded failed", func() bool { return recordPhase(t, b.n, dstF) == "Failed" })
-	if !held(t, dstF) || held(t, srcF) {
-		t.Errorf("after a failed migration: target held %v, source held %v; want true, false", held(t, dstF), held(t, srcF))
+	b.setStatus(t, "virtualmachineinstancemigrations", mo.Name, map[string]any{"phase": "Failed"})
+	within(t, 2*time.Second, "VMIMs Failed: the targets of vm-fail and vm-oldfail recorded failed", func() bool {
+		return recordPhase(t, b.n, dstF) == "Failed" && recordPhase(t, b.n, dstO) == "Failed"
+	})
+	for _, p := range [][2]*harness.Pod{{srcF, dstF}, {srcO, dstO}} {
+		if !held(t, p[1]) || held(t, p[0]) {
+			t.Errorf("after a failed migration of %s: target held %v, source held %v; want true, false", p[0].Name, held(t, p[1]), held(t, p[0]))
+		}
 	}
 
 	// 30 s after ready, by the API server's count.
