@@ -221,6 +221,31 @@ func (c *Cluster) WatchCounts(ctx context.Context) (map[string]int, error) {
 	return c.SumByResource(ctx, "apiserver_longrunning_requests", "WATCH")
 }
 
+// WaitFewerWatches waits up to timeout until the API server counts fewer
+// watches than with on each of resources (a client that held them has
+// stopped) and returns the counts of resources then.
+func (c *Cluster) WaitFewerWatches(ctx context.Context, with map[string]int, resources []string, timeout time.Duration) (map[string]int, error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		now, err := c.WatchCounts(ctx)
+		if err != nil {
+			return nil, err
+		}
+		fewer, mine := true, map[string]int{}
+		for _, r := range resources {
+			fewer = fewer && now[r] < with[r]
+			mine[r] = now[r]
+		}
+		if fewer {
+			return mine, nil
+		}
+		if time.Now().After(deadline) {
+			return mine, fmt.Errorf("after %s the API server still counts watches %v (%v before)", timeout, mine, with)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
 // SumByResource sums the API server's metric name for verb by resource,
 // over the metric's other labels: apiserver_request_total with "WATCH",
 // say, counts the watch requests that have ended.

@@ -78,22 +78,11 @@ func waitWatches(ctx context.Context, t *testing.T, c *cluster.Cluster, p *harne
 // vmnicd's.
 func wantWatchesGone(ctx context.Context, t *testing.T, c *cluster.Cluster, with map[string]int) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		gone := apiWatches(ctx, t, c)
-		ok := true
-		for _, r := range watchedResources {
-			ok = ok && gone[r] < with[r]
-		}
-		if ok {
-			t.Logf("vmnicd stopped: the API server counts watches %v (with it %v)", gone, with)
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("vmnicd stopped, the API server still counts %v watches (with it %v): they were not vmnicd's", gone, with)
-		}
-		time.Sleep(200 * time.Millisecond)
+	gone, err := c.WaitFewerWatches(ctx, with, watchedResources, 10*time.Second)
+	if err != nil {
+		t.Fatalf("vmnicd stopped: %v: they were not vmnicd's", err)
 	}
+	t.Logf("vmnicd stopped: the API server counts watches %v (with it %v)", gone, with)
 }
 
 // within polls cond every 20 ms for up to d and returns how long it took

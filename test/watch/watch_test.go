@@ -164,20 +164,9 @@ func TestWatchesTenMinutes(t *testing.T) {
 	if err := p.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		gone := counts(ctx, t, c, "apiserver_longrunning_requests")
-		ok := true
-		for _, r := range resources {
-			ok = ok && gone[r] < with[r]
-		}
-		if ok {
-			t.Logf("vmnicd stopped: watches %v (with it %v)", gone, with)
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("vmnicd stopped, the API server still counts %v watches (with it %v)", gone, with)
-		}
-		time.Sleep(200 * time.Millisecond)
+	gone, err := c.WaitFewerWatches(ctx, with, resources, 10*time.Second)
+	if err != nil {
+		t.Fatalf("vmnicd stopped: %v: they were not vmnicd's", err)
 	}
+	t.Logf("vmnicd stopped: watches %v (with it %v)", gone, with)
 }
