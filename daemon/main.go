@@ -278,6 +278,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if rcfg != nil {
 		mode = "cluster"
 		opts.Observe.Cluster = true
+		countAPICalls(rcfg, metrics)
 		if cfg.Events {
 			kube, kerr := kubernetes.NewForConfig(rcfg)
 			if kerr != nil {

@@ -59,6 +59,7 @@ type Metrics struct {
 	holds     prometheus.Counter
 	switches  prometheus.Counter
 	failures  prometheus.Counter
+	apiCalls  *prometheus.CounterVec
 
 	// mu guards what metricsCollector reads at scrape time.
 	mu sync.Mutex
@@ -116,7 +117,11 @@ func NewMetrics() *Metrics {
 	// needs the series before the first removal.
 	m.gcRemoved.WithLabelValues(GCAttachment)
 	m.gcRemoved.WithLabelValues(GCOVSPort)
-	m.reg.MustRegister(m.requests, m.durations, m.errors, m.gcRemoved, m.holds, m.switches, m.failures, metricsCollector{m})
+	m.apiCalls = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "vmnic_kube_api_requests_total",
+		Help: "Requests vmnicd sent to the Kubernetes API server, by verb (get, list, watch, create, update, patch, delete), resource and result (2xx, 4xx, 5xx, error).",
+	}, []string{"verb", "resource", "code"})
+	m.reg.MustRegister(m.requests, m.durations, m.errors, m.gcRemoved, m.holds, m.switches, m.failures, m.apiCalls, metricsCollector{m})
 	return m
 }
 
@@ -128,6 +133,13 @@ func (d *Daemon) Metrics() *Metrics { return d.opts.Observe.Metrics }
 func (m *Metrics) MigrationHeld() {
 	if m != nil {
 		m.holds.Inc()
+	}
+}
+
+// apiCall counts one request to the API server.
+func (m *Metrics) apiCall(verb, resource, code string) {
+	if m != nil {
+		m.apiCalls.WithLabelValues(verb, resource, code).Inc()
 	}
 }
 

@@ -120,13 +120,19 @@ func recordPhase(t *testing.T, n *ovsNode, p *harness.Pod) string {
 // readyz is vmnicd's readiness probe: the status code and the body.
 func readyz(t *testing.T, p *harness.DaemonProcess) (int, string) {
 	t.Helper()
+	return vmnicdHTTP(t, p, "/readyz")
+}
+
+// vmnicdHTTP GETs path from vmnicd's metrics endpoint.
+func vmnicdHTTP(t *testing.T, p *harness.DaemonProcess, path string) (int, string) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	st, err := p.Status(ctx)
 	if err != nil || st.MetricsAddr == "" {
 		t.Fatalf("vmnicd status (for its metrics address): %v %+v", err, st)
 	}
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+st.MetricsAddr+"/readyz", nil)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+st.MetricsAddr+path, nil)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
@@ -230,6 +236,20 @@ func TestVmnicdWatches(t *testing.T) {
 	if code, body := readyz(t, b.n.p); code != http.StatusOK {
 		t.Fatalf("/readyz with the API server up: %d %s", code, body)
 	}
+	// vmnicd counts what it asks of the API server, and says so too.
+	_, metrics := vmnicdHTTP(t, b.n.p, "/metrics")
+	var calls []string
+	for l := range strings.Lines(metrics) {
+		if strings.HasPrefix(l, "vmnic_kube_api_requests_total{") {
+			calls = append(calls, strings.TrimSpace(strings.TrimPrefix(l, "vmnic_kube_api_requests_total")))
+		}
+	}
+	for _, r := range watchedResources {
+		if !strings.Contains(metrics, `vmnic_kube_api_requests_total{code="2xx",resource="`+r+`",verb="watch"}`) {
+			t.Errorf("vmnicd counts no watch on %s:\n%s", r, strings.Join(calls, "\n"))
+		}
+	}
+	t.Logf("vmnicd's API requests in its first 30 s: %s", strings.Join(calls, ", "))
 
 	// The API server goes away for 20 s: past the threshold (10 s here)
 	// readiness fails and names the watch; status says degraded.

@@ -1,0 +1,90 @@
+package daemon
+
+import (
+	"net/http"
+	"strings"
+
+	"k8s.io/client-go/rest"
+)
+
+// countAPICalls makes every client built from cfg count its requests to
+// the API server in m (vmnic_kube_api_requests_total): the informers'
+// lists and watches, the live reads, the events, the capability publisher
+// and the DaemonSet watch. What a daemon costs the API server then shows
+// per node, by verb and resource.
+func countAPICalls(cfg *rest.Config, m *Metrics) {
+	cfg.Wrap(func(rt http.RoundTripper) http.RoundTripper {
+		return roundTripFunc(func(req *http.Request) (*http.Response, error) {
+			verb, resource := apiCall(req)
+			resp, err := rt.RoundTrip(req)
+			code := "error"
+			if err == nil {
+				code = httpClass(resp.StatusCode)
+			}
+			m.apiCall(verb, resource, code)
+			return resp, err
+		})
+	})
+}
+
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// apiCall names a request as the API server's own metrics do: the verb
+// (get, list, watch, create, update, patch, delete) and the resource (its
+// subresource after a slash), "other" for what is not a resource request
+// (discovery, say).
+func apiCall(req *http.Request) (verb, resource string) {
+	// /api/v1/[namespaces/NS/]RES[/NAME[/SUB]] or /apis/G/V/...
+	parts := strings.Split(strings.Trim(req.URL.Path, "/"), "/")
+	switch {
+	case len(parts) >= 3 && parts[0] == "api":
+		parts = parts[2:]
+	case len(parts) >= 4 && parts[0] == "apis":
+		parts = parts[3:]
+	default:
+		return strings.ToLower(req.Method), "other"
+	}
+	if len(parts) >= 2 && parts[0] == "namespaces" && len(parts) > 2 {
+		parts = parts[2:]
+	}
+	if len(parts) == 0 {
+		return strings.ToLower(req.Method), "other"
+	}
+	resource = parts[0]
+	named := len(parts) >= 2
+	if len(parts) >= 3 {
+		resource += "/" + parts[2]
+	}
+	switch req.Method {
+	case http.MethodGet:
+		switch {
+		case req.URL.Query().Get("watch") == "true" || req.URL.Query().Get("watch") == "1":
+			verb = "watch"
+		case named:
+			verb = "get"
+		default:
+			verb = "list"
+		}
+	case http.MethodPost:
+		verb = "create"
+	case http.MethodPut:
+		verb = "update"
+	case http.MethodPatch:
+		verb = "patch"
+	case http.MethodDelete:
+		verb = "delete"
+	default:
+		verb = strings.ToLower(req.Method)
+	}
+	return verb, resource
+}
+
+// httpClass is "2xx", "4xx", ... of an HTTP status.
+func httpClass(code int) string {
+	if code < 100 || code > 599 {
+		return "other"
+	}
+	return string(rune('0'+code/100)) + "xx"
+}
