@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"net/http"
+	"strconv"
 	"strings"
 
 	"k8s.io/client-go/rest"
@@ -46,11 +47,8 @@ func apiCall(req *http.Request) (verb, resource string) {
 	default:
 		return strings.ToLower(req.Method), "other"
 	}
-	if len(parts) >= 2 && parts[0] == "namespaces" && len(parts) > 2 {
+	if parts[0] == "namespaces" && len(parts) > 2 {
 		parts = parts[2:]
-	}
-	if len(parts) == 0 {
-		return strings.ToLower(req.Method), "other"
 	}
 	resource = parts[0]
 	named := len(parts) >= 2
@@ -60,7 +58,7 @@ func apiCall(req *http.Request) (verb, resource string) {
 	switch req.Method {
 	case http.MethodGet:
 		switch {
-		case req.URL.Query().Get("watch") == "true" || req.URL.Query().Get("watch") == "1":
+		case isTrue(req.URL.Query().Get("watch")):
 			verb = "watch"
 		case named:
 			verb = "get"
@@ -79,6 +77,11 @@ func apiCall(req *http.Request) (verb, resource string) {
 		verb = strings.ToLower(req.Method)
 	}
 	return verb, resource
+}
+
+func isTrue(s string) bool {
+	b, _ := strconv.ParseBool(s)
+	return b
 }
 
 // httpClass is "2xx", "4xx", ... of an HTTP status.

@@ -58,6 +58,8 @@ type Options struct {
 	DrainTimeout   time.Duration
 	// Ready, if set, is closed once the daemon serves requests.
 	Ready chan<- struct{}
+	// onReady, if set, is called with the daemon then (Config.OnReady).
+	onReady func(*Daemon)
 	// prepare, if set, runs after the socket listens and before the
 	// daemon is ready (the shim's install, the informers' first sync):
 	// requests meanwhile get "try again later". Its ctx is Run's: what it
@@ -203,6 +205,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.ready.Store(true)
 	if d.opts.Ready != nil {
 		close(d.opts.Ready)
+	}
+	if d.opts.onReady != nil {
+		d.opts.onReady(d)
 	}
 	d.log.Info("ready")
 	// What the modes find without a record goes once the daemon serves:

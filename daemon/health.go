@@ -80,11 +80,11 @@ func (d *Daemon) serveReadyz(w http.ResponseWriter, _ *http.Request) {
 // staleWatches describes each watch down for longer than the threshold.
 func (d *Daemon) staleWatches(now time.Time) []string {
 	var out []string
-	for _, h := range d.watches() {
-		if down := h.Down(now); down > d.opts.WatchDownThreshold {
-			m := fmt.Sprintf("watch on %s down for %s (over %s)", h.Resource, down.Round(time.Second), d.opts.WatchDownThreshold)
-			if h.LastError != "" {
-				m += ": " + h.LastError
+	for _, w := range d.watchViews(now) {
+		if w.Stale {
+			m := fmt.Sprintf("watch on %s down for %s (over %s)", w.Resource, time.Duration(w.Down).Round(time.Second), d.opts.WatchDownThreshold)
+			if w.LastError != "" {
+				m += ": " + w.LastError
 			}
 			out = append(out, m)
 		}

@@ -268,6 +268,7 @@ func Run(ctx context.Context, cfg Config) error {
 	opts := Options{
 		Socket: cfg.Socket, StateDir: cfg.StateDir, SpoolDir: cfg.SpoolDir, Logger: log, OVSDB: cfg.OVSDB,
 		HostNetns: cfg.HostNetns, DrainTimeout: cfg.DrainTimeout, WatchDownThreshold: cfg.WatchDownThreshold,
+		onReady: cfg.OnReady,
 	}
 	opts.Observe = ObserveOptions{Metrics: metrics, Node: cfg.NodeName}
 	mode := "standalone"
@@ -328,26 +329,12 @@ func Run(ctx context.Context, cfg Config) error {
 			opts.Observe.MetricsAddr = metricsLn.Addr().String()
 		}
 	}
-	ready, ended := make(chan struct{}), make(chan struct{})
-	defer close(ended)
-	if cfg.OnReady != nil {
-		opts.Ready = ready
-	}
 	d, err := New(opts)
 	if err != nil {
 		if metricsLn != nil {
 			_ = metricsLn.Close()
 		}
 		return err
-	}
-	if cfg.OnReady != nil {
-		go func() {
-			select {
-			case <-ready:
-				cfg.OnReady(d)
-			case <-ended:
-			}
-		}()
 	}
 	if metricsLn != nil {
 		go func() {

@@ -15,7 +15,6 @@ import (
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
-	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
@@ -98,26 +97,14 @@ func NewCluster(opts ClusterOptions) (*Cluster, error) {
 		return nil, fmt.Errorf("kubevirt client: %w", err)
 	}
 	c := &Cluster{opts: opts, kube: kube, kv: kv}
-	onNode := fields.OneTermEqualSelector("spec.nodeName", opts.NodeName).String()
-	podLW := &cache.ListWatch{
-		ListWithContextFunc: func(ctx context.Context, lo metav1.ListOptions) (runtime.Object, error) {
-			lo.FieldSelector = onNode
-			return kube.CoreV1().Pods(metav1.NamespaceAll).List(ctx, lo)
-		},
-		WatchFuncWithContext: func(ctx context.Context, lo metav1.ListOptions) (watch.Interface, error) {
-			lo.FieldSelector = onNode
-			return kube.CoreV1().Pods(metav1.NamespaceAll).Watch(ctx, lo)
-		},
-	}
-	if c.pods, err = c.informer(podLW, "pods", kube, &corev1.Pod{}, trimPod); err != nil {
+	onNode := fields.OneTermEqualSelector("spec.nodeName", opts.NodeName)
+	if c.pods, err = c.informer(kube.CoreV1().RESTClient(), "pods", onNode, &corev1.Pod{}, trimPod); err != nil {
 		return nil, err
 	}
-	lw := cache.NewListWatchFromClient(kv, "virtualmachineinstances", metav1.NamespaceAll, fields.Everything())
-	if c.vmis, err = c.informer(lw, "virtualmachineinstances", kv, &kubevirtv1.VirtualMachineInstance{}, trimVMI); err != nil {
+	if c.vmis, err = c.informer(kv, "virtualmachineinstances", fields.Everything(), &kubevirtv1.VirtualMachineInstance{}, trimVMI); err != nil {
 		return nil, err
 	}
-	mlw := cache.NewListWatchFromClient(kv, "virtualmachineinstancemigrations", metav1.NamespaceAll, fields.Everything())
-	if c.vmims, err = c.informer(mlw, "virtualmachineinstancemigrations", kv, &kubevirtv1.VirtualMachineInstanceMigration{}, trimVMIM); err != nil {
+	if c.vmims, err = c.informer(kv, "virtualmachineinstancemigrations", fields.Everything(), &kubevirtv1.VirtualMachineInstanceMigration{}, trimVMIM); err != nil {
 		return nil, err
 	}
 	if err := c.watchChanges(); err != nil {
@@ -126,8 +113,10 @@ func NewCluster(opts ClusterOptions) (*Cluster, error) {
 	return c, nil
 }
 
-// informer builds one informer over lw, with a tracker between them.
-func (c *Cluster) informer(lw *cache.ListWatch, resource string, client any, obj runtime.Object, trim cache.TransformFunc) (cache.SharedIndexInformer, error) {
+// informer builds the informer of resource (all namespaces, sel) through
+// client, with a tracker between it and its ListWatch.
+func (c *Cluster) informer(client rest.Interface, resource string, sel fields.Selector, obj runtime.Object, trim cache.TransformFunc) (cache.SharedIndexInformer, error) {
+	lw := cache.NewListWatchFromClient(client, resource, metav1.NamespaceAll, sel)
 	t := newWatchTracker(lw, resource, client)
 	inf := cache.NewSharedIndexInformer(t, obj, c.opts.Resync,
 		cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
@@ -163,6 +152,9 @@ func (c *Cluster) WaitForSync(ctx context.Context, timeout time.Duration) error 
 	if cache.WaitForCacheSync(wctx.Done(), c.pods.HasSynced, c.vmis.HasSynced, c.vmims.HasSynced) {
 		return nil
 	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
 	var missing []string
 	for _, h := range c.Health() {
 		if h.Synced {
@@ -173,9 +165,6 @@ func (c *Cluster) WaitForSync(ctx context.Context, timeout time.Duration) error 
 			m += " (" + h.LastError + ")"
 		}
 		missing = append(missing, m)
-	}
-	if ctx.Err() != nil {
-		return ctx.Err()
 	}
 	return fmt.Errorf("not synced within %s: %s", timeout, strings.Join(missing, "; "))
 }

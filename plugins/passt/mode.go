@@ -12,6 +12,7 @@ import (
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/mode"
 	"github.com/vmnic/vmnic/pkg/netconf"
+	"github.com/vmnic/vmnic/pkg/nft"
 	"github.com/vmnic/vmnic/pkg/podnet"
 )
 
@@ -72,7 +73,11 @@ func (*Mode) Load(spec json.RawMessage) (mode.Attachment, error) {
 
 // Orphan implements mode.Mode: a hold or DAD guard may be left.
 func (*Mode) Orphan(req *mode.Request) mode.Attachment {
-	return &attachment{s: &Spec{Netns: req.Netns, PodIf: req.IfName, Owner: podnet.Alias(req.ContainerID, req.IfName)}}
+	s := &Spec{Netns: req.Netns, PodIf: req.IfName, Owner: podnet.Alias(req.ContainerID, req.IfName)}
+	// Without a record only the netns tells whether the interface is held
+	// (Del then keeps it silent through the DEL).
+	s.Held, _ = nft.Held(req.Netns, req.IfName)
+	return &attachment{s: s}
 }
 
 // attachment is one passt-prepared interface; it is stored as its Spec.

@@ -187,12 +187,7 @@ func settleIPv6(h netlinksafe.Handle, l netlink.Link) error {
 // cut off until those entries expire. A busy node stretches that window;
 // a link that is down closes it.
 func Del(s *Spec) error {
-	held := s.Held || s.Silenced
-	if !held {
-		// A DEL without a record still finds a hold in the netns.
-		held, _ = nft.Held(s.Netns, s.PodIf)
-	}
-	if held {
+	if s.Held || s.Silenced {
 		if err := podnet.SetDown(s.Netns, s.PodIf); err != nil {
 			return fmt.Errorf("take held %s down before its hold goes: %w", s.PodIf, err)
 		}

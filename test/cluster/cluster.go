@@ -25,7 +25,6 @@ import (
 	"encoding/hex"
 	"encoding/pem"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
@@ -216,9 +215,10 @@ func (c *Cluster) RestartAPIServer(ctx context.Context, down time.Duration) erro
 
 // WatchCounts reads the API server's own count of the watches open on it
 // now, by resource: apiserver_longrunning_requests{verb="WATCH"} summed
-// over its other labels (a stable metric).
-func (c *Cluster) WatchCounts(ctx context.Context) (map[string]int, error) {
-	return c.SumByResource(ctx, "apiserver_longrunning_requests", "WATCH")
+// over its other labels (a stable metric). With resources, only those
+// (0 for one without a watch).
+func (c *Cluster) WatchCounts(ctx context.Context, resources ...string) (map[string]int, error) {
+	return c.SumByResource(ctx, "apiserver_longrunning_requests", "WATCH", resources...)
 }
 
 // WaitFewerWatches waits up to timeout until the API server counts fewer
@@ -227,20 +227,19 @@ func (c *Cluster) WatchCounts(ctx context.Context) (map[string]int, error) {
 func (c *Cluster) WaitFewerWatches(ctx context.Context, with map[string]int, resources []string, timeout time.Duration) (map[string]int, error) {
 	deadline := time.Now().Add(timeout)
 	for {
-		now, err := c.WatchCounts(ctx)
+		now, err := c.WatchCounts(ctx, resources...)
 		if err != nil {
 			return nil, err
 		}
-		fewer, mine := true, map[string]int{}
+		fewer := true
 		for _, r := range resources {
 			fewer = fewer && now[r] < with[r]
-			mine[r] = now[r]
 		}
 		if fewer {
-			return mine, nil
+			return now, nil
 		}
 		if time.Now().After(deadline) {
-			return mine, fmt.Errorf("after %s the API server still counts watches %v (%v before)", timeout, mine, with)
+			return now, fmt.Errorf("after %s the API server still counts watches %v (%v before)", timeout, now, with)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
@@ -248,13 +247,17 @@ func (c *Cluster) WaitFewerWatches(ctx context.Context, with map[string]int, res
 
 // SumByResource sums the API server's metric name for verb by resource,
 // over the metric's other labels: apiserver_request_total with "WATCH",
-// say, counts the watch requests that have ended.
-func (c *Cluster) SumByResource(ctx context.Context, name, verb string) (map[string]int, error) {
+// say, counts the watch requests that have ended. With resources, only
+// those (0 for one the metric does not have).
+func (c *Cluster) SumByResource(ctx context.Context, name, verb string, resources ...string) (map[string]int, error) {
 	body, err := c.Metrics(ctx)
 	if err != nil {
 		return nil, err
 	}
 	out := map[string]int{}
+	for _, r := range resources {
+		out[r] = 0
+	}
 	for line := range strings.Lines(body) {
 		rest, ok := strings.CutPrefix(line, name+"{")
 		if !ok {
@@ -275,7 +278,9 @@ func (c *Cluster) SumByResource(ctx context.Context, name, verb string) (map[str
 		if err != nil {
 			return nil, fmt.Errorf("%s: %q: %w", name, line, err)
 		}
-		out[l["resource"]] += int(v)
+		if _, wanted := out[l["resource"]]; wanted || len(resources) == 0 {
+			out[l["resource"]] += int(v)
+		}
 	}
 	return out, nil
 }
@@ -284,26 +289,13 @@ var labelRE = regexp.MustCompile(`(\w+)="((?:[^"\\]|\\.)*)"`)
 
 // Metrics returns the API server's /metrics, as the admin reads it.
 func (c *Cluster) Metrics(ctx context.Context) (string, error) {
-	rc, err := rest.HTTPClientFor(c.Config)
+	dc, err := discovery.NewDiscoveryClientForConfig(c.Config)
 	if err != nil {
 		return "", err
 	}
-	defer rc.CloseIdleConnections()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.URL+"/metrics", nil)
-	if err != nil {
-		return "", err
-	}
-	resp, err := rc.Do(req)
+	b, err := dc.RESTClient().Get().AbsPath("/metrics").DoRaw(ctx)
 	if err != nil {
 		return "", fmt.Errorf("API server metrics: %w", err)
-	}
-	defer func() { _ = resp.Body.Close() }()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return "", fmt.Errorf("API server metrics: %w", err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("API server metrics: %s: %s", resp.Status, b)
 	}
 	return string(b), nil
 }

@@ -26,15 +26,11 @@ var watchedResources = []string{"pods", "virtualmachineinstances", "virtualmachi
 // resource vmnicd watches.
 func apiWatches(ctx context.Context, t *testing.T, c *cluster.Cluster) map[string]int {
 	t.Helper()
-	all, err := c.WatchCounts(ctx)
+	counts, err := c.WatchCounts(ctx, watchedResources...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	out := map[string]int{}
-	for _, r := range watchedResources {
-		out[r] = all[r]
-	}
-	return out
+	return counts
 }
 
 // waitWatches waits up to timeout until vmnicd p says each of its

@@ -32,15 +32,11 @@ const holdFor = 10*time.Minute + 30*time.Second
 
 func counts(ctx context.Context, t *testing.T, c *cluster.Cluster, metric string) map[string]int {
 	t.Helper()
-	all, err := c.SumByResource(ctx, metric, "WATCH")
+	got, err := c.SumByResource(ctx, metric, "WATCH", resources...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	out := map[string]int{}
-	for _, r := range resources {
-		out[r] = all[r]
-	}
-	return out
+	return got
 }
 
 // informerAge is vmnicd's vmnic_informer_last_event_age_seconds for
