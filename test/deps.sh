@@ -57,6 +57,10 @@ bash test/tools/build.sh cnitool etcd kube-apiserver helm spiderpool-agent spide
 # Multus thick.
 bash test/tools/build.sh kube-controller-manager kube-scheduler kubelet containerd containerd-shim-runc-v2 ctr crictl \
   flanneld flannel bridge host-local loopback portmap multus-daemon multus-shim >/dev/null
+# Real KubeVirt (test/virt): KubeVirt v1.8.2's components from its Go
+# module (test/tools/kubevirt) and their images, the launcher's on a Debian
+# trixie root filesystem (libvirt 11.3, QEMU 10.0, passt 2025), built once.
+bash test/tools/kubevirt/images.sh >/dev/null
 # The node VM (test/nodevm): Debian's kernel with ipvlan, openvswitch and
 # 8021q, on a root filesystem from Debian's packages, built once (~70 s).
 bash test/nodevm/rootfs.sh >/dev/null

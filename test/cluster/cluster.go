@@ -79,6 +79,10 @@ type Options struct {
 	// readiness probes, Config), for a cluster in another network
 	// namespace: proc.NetnsDialer.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Aggregation configures the API server for extension API servers and
+	// webhooks behind Services (a front-proxy CA and client certificate,
+	// routing to endpoints), as KubeVirt's virt-api needs.
+	Aggregation bool
 }
 
 // Cluster is a running etcd + kube-apiserver. Everything is under Dir:
@@ -482,6 +486,13 @@ func (c *Cluster) startAPIServer(ctx context.Context, bin string, opts Options) 
 			"--service-cluster-ip-range=10.96.0.0/16",
 			"--allow-privileged=true", // the DaemonSet is privileged
 			"--profiling=false",
+		}
+		if opts.Aggregation {
+			agg, aerr := aggregationArgs(pki)
+			if aerr != nil {
+				return aerr
+			}
+			args = append(args, agg...)
 		}
 		args = append(args, opts.APIServerArgs...)
 		started := time.Now()

@@ -244,3 +244,33 @@ func lastLines(s string, n int) string {
 	}
 	return strings.Join(lines, "\n")
 }
+
+// OperatorManifest returns KubeVirt's kubevirt-operator.yaml for the
+// operator image and version, as KubeVirt's manifest-templator makes it:
+// the namespace, the KubeVirt CRD, the operator's RBAC and Deployment.
+func OperatorManifest(ctx context.Context, operatorImage, version, namespace string) ([]byte, error) {
+	var out struct {
+		Manifest string `json:"manifest"`
+	}
+	if err := run(ctx, "operator", nil, &out, "-operator-image", operatorImage, "-version", version, "-namespace", namespace); err != nil {
+		return nil, err
+	}
+	return []byte(out.Manifest), nil
+}
+
+// OperatorImages are the image references virt-operator's install strategy
+// names for an operator image and version, and the component each is for.
+type OperatorImages struct {
+	References []string          `json:"references"`
+	Component  map[string]string `json:"component"`
+}
+
+// Images asks KubeVirt's install strategy which images virt-operator
+// deploys for the operator image and version.
+func Images(ctx context.Context, operatorImage, version, namespace string) (*OperatorImages, error) {
+	var out OperatorImages
+	if err := run(ctx, "images", nil, &out, "-operator-image", operatorImage, "-version", version, "-namespace", namespace); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}

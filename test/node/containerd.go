@@ -147,14 +147,17 @@ func PauseArchive(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	out := filepath.Join(root, ".tools", "images", "pause.tar")
-	src, err := os.ReadFile(filepath.Join(root, "test", "node", "pause", "main.go"))
+	bin, err := pauseBinary(ctx)
 	if err != nil {
 		return "", err
 	}
+	out := filepath.Join(root, ".tools", "images", "pause.tar")
 	stamp := out + ".stamp"
-	want := fmt.Sprintf("%x", hash(src))
-	if b, rerr := os.ReadFile(stamp); rerr == nil && string(b) == want {
+	want, err := os.ReadFile(bin + ".stamp")
+	if err != nil {
+		return "", err
+	}
+	if b, rerr := os.ReadFile(stamp); rerr == nil && string(b) == string(want) {
 		if _, serr := os.Stat(out); serr == nil {
 			return out, nil
 		}
@@ -164,11 +167,8 @@ func PauseArchive(ctx context.Context) (string, error) {
 		return "", err
 	}
 	defer func() { _ = os.RemoveAll(tmp) }()
-	build := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags=-s -w", "-o", filepath.Join(tmp, "pause"), "./test/node/pause")
-	build.Dir = root
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if b, err := build.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("build pause: %w: %s", err, b)
+	if err := copyFile(bin, filepath.Join(tmp, "pause"), 0o755); err != nil {
+		return "", err
 	}
 	df := "FROM scratch\nCOPY pause /pause\nENTRYPOINT [\"/pause\"]\n"
 	if err := os.WriteFile(filepath.Join(tmp, "Dockerfile"), []byte(df), 0o644); err != nil {
@@ -178,7 +178,7 @@ func PauseArchive(ctx context.Context) (string, error) {
 	if err := buildImage(ctx, root, "-n", name, "-t", tag, "-c", tmp, "-f", filepath.Join(tmp, "Dockerfile"), "-o", out); err != nil {
 		return "", err
 	}
-	return out, os.WriteFile(stamp, []byte(want), 0o644)
+	return out, os.WriteFile(stamp, want, 0o644)
 }
 
 // buildImage runs deploy/image/build.sh with args.

@@ -88,7 +88,7 @@ func (n *Node) startKubelet() error {
 		"--root-dir="+filepath.Join(dir, "root"),
 		"--cert-dir="+filepath.Join(dir, "pki"),
 		"--hostname-override="+n.Name,
-		"--node-ip="+NodeIP,
+		"--node-ip="+n.IP,
 		"--v=1",
 	)
 	return err

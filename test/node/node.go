@@ -86,11 +86,27 @@ type Options struct {
 	// ReadyTimeout bounds the wait for the Node to become Ready once
 	// everything runs. Default 2 minutes.
 	ReadyTimeout time.Duration
+	// Container runs the node in PID and mount namespaces of its own (see
+	// container.go), as real KubeVirt needs.
+	Container bool
+	// Join makes a worker node that joins the control plane of Join (a
+	// node this package started), on its LAN, at IP. It runs its own
+	// containerd, kubelet and flanneld, and no control plane. Stop it
+	// before Join.
+	Join *Node
+	// IP is the node's address on the LAN: NodeIP by default, another
+	// address of the LAN's /24 for a node that joins.
+	IP string
+	// Aggregation configures the API server for extension API servers and
+	// webhooks behind Services (cluster.Options.Aggregation).
+	Aggregation bool
 }
 
 // Node is a running single-node cluster.
 type Node struct {
 	Name string
+	// IP is the node's address on its LAN (eth0).
+	IP string
 	// Dir holds all state and logs: cluster/, containerd/, kubelet/,
 	// cni/{bin,net.d}, flannel/.
 	Dir string
@@ -114,6 +130,8 @@ type Node struct {
 
 	id         string // random suffix of names
 	lanNS      string
+	joined     *Node // the node whose control plane this one joined
+	initPid    int   // a node container's PID 1, in the machine's PID namespace
 	cgroupRoot string
 	launcher   *proc.Launcher
 	procs      []*proc.Proc // in start order
@@ -133,7 +151,11 @@ var tools = []string{
 
 // Check reports what the machine lacks for a node (Debian's runc, ip, nft,
 // buildah), or nil.
-func Check() error {
+func Check() error { return check(false) }
+
+// check is Check; a node container has a device-plugin directory of its
+// own, so a kubelet on the machine does not matter to it.
+func check(container bool) error {
 	var missing []string
 	for _, b := range []string{"runc", "ip", "nft", "buildah"} {
 		if _, err := exec.LookPath(b); err != nil {
@@ -149,6 +171,9 @@ func Check() error {
 	// kubelet's device manager always serves, and first empties, this
 	// fixed directory: a kubelet already running here would lose its
 	// device plugins.
+	if container {
+		return nil
+	}
 	if c, err := dialUnix(filepath.Join(kubeletDeviceDir, "kubelet.sock")); err == nil {
 		_ = c.Close()
 		return fmt.Errorf("a kubelet runs on this host (%s/kubelet.sock answers); the test node would take its device-plugin socket", kubeletDeviceDir)
@@ -191,11 +216,17 @@ func StartT(t testing.TB, opts Options) *Node {
 // bounds the start (tool builds included). On error everything started is
 // stopped again.
 func Start(ctx context.Context, dir string, opts Options) (*Node, error) {
-	if err := Check(); err != nil {
+	if err := check(opts.Container); err != nil {
 		return nil, err
 	}
 	if opts.Name == "" {
 		opts.Name = "node-1"
+	}
+	if opts.IP == "" {
+		opts.IP = NodeIP
+	}
+	if opts.Join != nil && opts.IP == opts.Join.IP {
+		return nil, fmt.Errorf("node %s joins %s: it needs an IP of its own (Options.IP)", opts.Name, opts.Join.Name)
 	}
 	if opts.ReadyTimeout <= 0 {
 		opts.ReadyTimeout = 2 * time.Minute
@@ -208,9 +239,10 @@ func Start(ctx context.Context, dir string, opts Options) (*Node, error) {
 	_, _ = rand.Read(idb)
 	id := hex.EncodeToString(idb)
 	n := &Node{
-		Name: opts.Name, Dir: dir, id: id,
+		Name: opts.Name, IP: opts.IP, Dir: dir, id: id,
 		NetNS:      "/run/netns/vmnic-node-" + id,
 		lanNS:      "vmnic-lan-" + id,
+		joined:     opts.Join,
 		cgroupRoot: "/vmnic-node-" + id,
 		CNIBinDir:  filepath.Join(dir, "cni", "bin"),
 		CNIConfDir: filepath.Join(dir, "cni", "net.d"),
@@ -246,6 +278,9 @@ func (n *Node) start(ctx context.Context, opts Options) error {
 	if err := unix.Mount("", n.Dir, "", unix.MS_SHARED|unix.MS_REC, ""); err != nil {
 		return fmt.Errorf("make %s shared: %w", n.Dir, err)
 	}
+	if n.joined != nil {
+		n.lanNS = n.joined.lanNS
+	}
 	if err := n.network(); err != nil {
 		return err
 	}
@@ -254,28 +289,40 @@ func (n *Node) start(ctx context.Context, opts Options) error {
 		return err
 	}
 	n.launcher = l
-	c, err := cluster.Start(ctx, filepath.Join(n.Dir, "cluster"), cluster.Options{
-		BinDir:   filepath.Dir(n.Bin["kube-apiserver"]),
-		Launcher: l,
-		Address:  NodeIP,
-		Dial:     proc.NetnsDialer(n.NetNS),
-		APIServerArgs: []string{
-			"--service-cluster-ip-range=" + ServiceCIDR,
-		},
-	})
-	if err != nil {
-		return err
+	if opts.Container {
+		if err := n.startContainer(ctx); err != nil {
+			return err
+		}
 	}
-	n.Cluster = c
-	if n.Kube, err = kubernetes.NewForConfig(c.Config); err != nil {
-		return err
+	if n.joined != nil {
+		n.Cluster, n.Kube = n.joined.Cluster, n.joined.Kube
+	} else {
+		c, err := cluster.Start(ctx, filepath.Join(n.Dir, "cluster"), cluster.Options{
+			BinDir:      filepath.Dir(n.Bin["kube-apiserver"]),
+			Launcher:    l,
+			Address:     n.IP,
+			Dial:        proc.NetnsDialer(n.NetNS),
+			Aggregation: opts.Aggregation,
+			APIServerArgs: []string{
+				"--service-cluster-ip-range=" + ServiceCIDR,
+			},
+		})
+		if err != nil {
+			return err
+		}
+		n.Cluster = c
+		if n.Kube, err = kubernetes.NewForConfig(c.Config); err != nil {
+			return err
+		}
 	}
 	n.Timings["cluster"] = time.Since(began)
-	if err := n.serviceDNAT(c.URL); err != nil {
+	if err := n.serviceDNAT(n.Cluster.URL); err != nil {
 		return err
 	}
-	if err := n.startControllers(); err != nil {
-		return err
+	if n.joined == nil {
+		if err := n.startControllers(); err != nil {
+			return err
+		}
 	}
 	t := time.Now()
 	if err := n.startContainerd(ctx); err != nil {
@@ -341,19 +388,25 @@ func InNetns(path, name string, args ...string) (string, error) {
 // bridge, the default route, forwarding and the sysctls pods need.
 func (n *Node) network() error {
 	node := filepath.Base(n.NetNS)
-	steps := [][]string{
-		{"netns", "add", node},
-		{"netns", "add", n.lanNS},
-		{"-n", n.lanNS, "link", "add", "br0", "type", "bridge"},
-		{"-n", n.lanNS, "addr", "add", LANGateway + "/24", "dev", "br0"},
-		{"-n", n.lanNS, "link", "set", "br0", "up"},
-		{"-n", node, "link", "add", "eth0", "type", "veth", "peer", "name", "node1", "netns", n.lanNS},
-		{"-n", n.lanNS, "link", "set", "node1", "master", "br0", "up"},
-		{"-n", node, "addr", "add", NodeIP + "/24", "dev", "eth0"},
+	steps := [][]string{{"netns", "add", node}}
+	if n.joined == nil {
+		steps = append(steps,
+			[]string{"netns", "add", n.lanNS},
+			[]string{"-n", n.lanNS, "link", "add", "br0", "type", "bridge"},
+			[]string{"-n", n.lanNS, "addr", "add", LANGateway + "/24", "dev", "br0"},
+			[]string{"-n", n.lanNS, "link", "set", "br0", "up"})
+	}
+	// The LAN side of eth0 is named after the node's id: several nodes
+	// share one LAN.
+	port := "node-" + n.id
+	steps = append(steps, [][]string{
+		{"-n", node, "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", n.lanNS},
+		{"-n", n.lanNS, "link", "set", port, "master", "br0", "up"},
+		{"-n", node, "addr", "add", n.IP + "/24", "dev", "eth0"},
 		{"-n", node, "link", "set", "lo", "up"},
 		{"-n", node, "link", "set", "eth0", "up"},
 		{"-n", node, "route", "add", "default", "via", LANGateway},
-	}
+	}...)
 	for _, s := range steps {
 		if _, err := run("ip", s...); err != nil {
 			return err
@@ -399,6 +452,9 @@ func (n *Node) startProc(name string, env []string, args ...string) (*proc.Proc,
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.Env = append([]string{"PATH=" + filepath.Dir(bin) + ":/usr/sbin:/usr/bin:/sbin:/bin", "HOME=" + n.Dir}, env...)
+	if nodeProcs[name] {
+		cmd = n.inContainer(cmd)
+	}
 	p, err := proc.StartCmd(n.launcher, cmd)
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", name, err)
@@ -407,6 +463,10 @@ func (n *Node) startProc(name string, env []string, args ...string) (*proc.Proc,
 	n.procs = append(n.procs, p)
 	return p, nil
 }
+
+// nodeProcs are the processes that run inside a node container; the
+// control plane stays outside.
+var nodeProcs = map[string]bool{"containerd": true, "kubelet": true, "flanneld": true}
 
 // startControllers starts kube-controller-manager (node CIDRs for Flannel,
 // the DaemonSet and ServiceAccount controllers) and kube-scheduler.
@@ -553,7 +613,7 @@ func (n *Node) stop() []error {
 	for i := len(n.procs) - 1; i >= 0; i-- {
 		n.procs[i].Kill()
 	}
-	if n.Cluster != nil {
+	if n.Cluster != nil && n.joined == nil {
 		n.Cluster.Stop()
 	}
 	note(n.killLeftovers())
@@ -565,7 +625,11 @@ func (n *Node) stop() []error {
 	n.removeShimSockets()
 	n.removeCNICache()
 	n.removeKubeletDeviceDir()
-	for _, ns := range []string{filepath.Base(n.NetNS), n.lanNS} {
+	netns := []string{filepath.Base(n.NetNS)}
+	if n.joined == nil {
+		netns = append(netns, n.lanNS)
+	}
+	for _, ns := range netns {
 		if _, err := os.Stat(filepath.Join("/run/netns", ns)); err == nil {
 			if _, err := run("ip", "netns", "delete", ns); err != nil {
 				note(err)
@@ -806,7 +870,8 @@ func (n *Node) removeCNICache() {
 // removeKubeletDeviceDir removes kubelet's device-plugin socket, and
 // /var/lib/kubelet when this node's kubelet made it.
 func (n *Node) removeKubeletDeviceDir() {
-	if n.id == "" || n.proc("kubelet") == nil {
+	// A node container's kubelet has its own (under Dir).
+	if n.id == "" || n.proc("kubelet") == nil || n.initPid != 0 {
 		return
 	}
 	_ = os.Remove(filepath.Join(kubeletDeviceDir, "kubelet.sock"))

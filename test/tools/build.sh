@@ -18,6 +18,12 @@
 # kube-scheduler (this module, beside kube-apiserver), flanneld
 # (test/tools/flannel), the flannel CNI plugin (test/tools/flannelcni) and
 # Multus thick (test/tools/multus).
+# KubeVirt v1.8.2's components (virt-operator, virt-api, virt-controller,
+# virt-handler, virt-launcher, virt-launcher-monitor, virt-chroot,
+# virt-exportproxy, synchronization-controller, virtctl and the helpers of
+# the launcher image) build from test/tools/kubevirt, with the version
+# KubeVirt's own build stamps into them; test/tools/kubevirt/images.sh packs
+# them into images.
 # A binary is rebuilt only when it is missing or its stamp file
 # (.tools/bin/.stamp/NAME) records another hash of its module's go.mod, go.sum
 # (and for test/kubevirt its sources), the Go version and the build flags, so
@@ -32,7 +38,9 @@ out=${TOOLS_BIN:-$root/.tools/bin}
 if (($# == 0)); then
   echo "usage: $0 NAME..." >&2
   echo "  names: kube-apiserver etcd helm cnitool golangci-lint ptp bridge loopback host-local portmap spiderpool-agent spiderpool coordinator kubevirt-oracle ovs-cni" >&2
-  echo "         kubelet kube-controller-manager kube-scheduler containerd containerd-shim-runc-v2 ctr crictl flanneld flannel multus-daemon multus-shim, or a package path" >&2
+  echo "         kubelet kube-controller-manager kube-scheduler containerd containerd-shim-runc-v2 ctr crictl flanneld flannel multus-daemon multus-shim," >&2
+  echo "         virt-operator virt-api virt-controller virt-handler virt-launcher virt-launcher-monitor virt-chroot virt-exportproxy" >&2
+  echo "         synchronization-controller virtctl virt-tail virt-probe virt-freezer libvirt-hook-client, or a package path" >&2
   exit 2
 fi
 
@@ -54,6 +62,11 @@ pkg_of() {
     spiderpool-agent | spiderpool | coordinator) echo "github.com/spidernet-io/spiderpool/cmd/$1" ;;
     kubevirt-oracle) echo github.com/vmnic/vmnic/test/kubevirt/cmd/kubevirt-oracle ;;
     ovs-cni) echo github.com/k8snetworkplumbingwg/ovs-cni/cmd/plugin ;;
+    virt-operator | virt-api | virt-controller | virt-handler | virt-launcher | virt-launcher-monitor | virt-chroot | \
+      virt-exportproxy | synchronization-controller | virtctl | virt-tail | virt-probe | virt-freezer)
+      echo "kubevirt.io/kubevirt/cmd/$1"
+      ;;
+    libvirt-hook-client) echo kubevirt.io/kubevirt/cmd/virt-launcher/libvirt-hook-client ;;
     */*) echo "$1" ;;
     *)
       echo "build.sh: unknown tool $1" >&2
@@ -73,6 +86,7 @@ moddir_of() {
     github.com/flannel-io/flannel*) echo "$tools_dir/flannel" ;;
     gopkg.in/k8snetworkplumbingwg/multus-cni.v4/*) echo "$tools_dir/multus" ;;
     github.com/k8snetworkplumbingwg/ovs-cni/*) echo "$tools_dir/ovscni" ;;
+    kubevirt.io/kubevirt/*) echo "$tools_dir/kubevirt" ;;
     *) echo "$tools_dir" ;;
   esac
 }
@@ -127,6 +141,13 @@ ldflags_of() {
     github.com/flannel-io/flannel)
       echo "-X github.com/flannel-io/flannel/pkg/version.Version=$(cd "$tools_dir/flannel" && go list -m -f '{{.Version}}' github.com/flannel-io/flannel)"
       ;;
+    kubevirt.io/kubevirt/cmd/*)
+      # What KubeVirt's build stamps (version_x_defs): virt-operator
+      # compares its own version with the install strategy's.
+      local v p=kubevirt.io/client-go/version
+      v=$(cd "$tools_dir/kubevirt" && go list -m -f '{{.Version}}' kubevirt.io/kubevirt)
+      echo "-X $p.gitVersion=$v -X $p.gitTreeState=clean -X $p.gitCommit=$v -X $p.buildDate=2026-01-01T00:00:00Z"
+      ;;
     k8s.io/kubernetes/cmd/*)
       local v
       v=$(cd "$tools_dir" && go list -m -f '{{.Version}}' k8s.io/kubernetes)
@@ -159,25 +180,49 @@ if command -v flock >/dev/null; then
 fi
 
 # mod_hash_of DIR prints the hash of the module's go.mod and go.sum and, for
-# test/kubevirt and test/tools/flannel (its tencentvpc stand-in), whose code
+# test/kubevirt, test/tools/flannel (its tencentvpc stand-in) and
+# test/tools/kubevirt (its libnbd stand-in), whose code
 # is this repository's own, of its Go sources and nested go.mod files too:
 # editing them rebuilds the binary.
 mod_hash_of() {
   {
     cat "$1/go.mod" "$1/go.sum"
-    if [[ $1 == "$root/test/kubevirt" || $1 == "$tools_dir/flannel" ]]; then
+    if [[ $1 == "$root/test/kubevirt" || $1 == "$tools_dir/flannel" || $1 == "$tools_dir/kubevirt" ]]; then
       (cd "$1" && find . -type f \( -name '*.go' -o -name go.mod \) -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
     fi
   } | sha256sum | cut -d' ' -f1
 }
 go_version=$(go env GOVERSION)
 
-# cgo_of PKG prints 1 for the one tool that needs cgo: flanneld, whose udp
-# backend is C (it links it whatever the backend). Everything else is static.
+# cgo_of PKG prints 1 for the tools that need cgo: flanneld, whose udp
+# backend is C (it links it whatever the backend); virt-handler, whose node
+# labeller reads constants from linux/kvm.h (linked static, as it runs in an
+# image of its own); virt-launcher, which drives libvirt through its C
+# library. Everything else is static.
 cgo_of() {
   case $1 in
-    github.com/flannel-io/flannel) echo 1 ;;
+    github.com/flannel-io/flannel | kubevirt.io/kubevirt/cmd/virt-handler | kubevirt.io/kubevirt/cmd/virt-launcher) echo 1 ;;
     *) echo 0 ;;
+  esac
+}
+
+# tags_of PKG prints its build tags. virt-launcher loads libvirt with
+# dlopen (libvirt.org/go/libvirt's libvirt_dlopen), so it needs no
+# libvirt-dev here and uses every call of the launcher image's libvirt
+# (Debian trixie's 11.3). virt-handler is linked static: pure-Go name and
+# user lookups.
+tags_of() {
+  case $1 in
+    kubevirt.io/kubevirt/cmd/virt-launcher) echo libvirt_dlopen ;;
+    kubevirt.io/kubevirt/cmd/virt-handler) echo netgo,osusergo ;;
+  esac
+}
+
+# extld_of PKG prints the external linker's flags, for the cgo tools that
+# are linked static.
+extld_of() {
+  case $1 in
+    kubevirt.io/kubevirt/cmd/virt-handler) echo "-linkmode external -extldflags -static" ;;
   esac
 }
 
@@ -190,7 +235,9 @@ for name in "$@"; do
   stamp_file=$out/.stamp/$bin
   # Cheap part first: a warm check runs no go command besides "go env".
   cgo=$(cgo_of "$pkg")
+  tags=$(tags_of "$pkg")
   base_stamp="pkg=$pkg mod=$mod_hash go=$go_version cgo=$cgo"
+  [[ -z $tags ]] || base_stamp+=" tags=$tags"
   # ovs-cni's cache directory is baked in below: a checkout elsewhere rebuilds.
   [[ $pkg != github.com/k8snetworkplumbingwg/ovs-cni/* ]] || base_stamp+=" cache=$root/.tools/ovs-cni"
   if [[ -x $target && -f $stamp_file ]] && [[ $(head -n1 "$stamp_file") == "$base_stamp" ]]; then
@@ -198,12 +245,14 @@ for name in "$@"; do
     continue
   fi
   flags=$(ldflags_of "$pkg")
+  extld=$(extld_of "$pkg")
+  [[ -z $extld ]] || flags+="${flags:+ }$extld"
   echo "build.sh: building $bin ($pkg) ..." >&2
   start=$(date +%s)
   tmp=$(mktemp "$out/.$bin.XXXXXX")
   # One spiderpool dependency (github.com/tigera) is missing from the
   # checksum database; go.sum pins it.
-  (cd "$mod_dir" && CGO_ENABLED=$cgo GONOSUMDB=${GONOSUMDB:+$GONOSUMDB,}github.com/tigera exec go build -ldflags "$flags" -o "$tmp" "$pkg") &
+  (cd "$mod_dir" && CGO_ENABLED=$cgo GONOSUMDB=${GONOSUMDB:+$GONOSUMDB,}github.com/tigera exec go build -tags "$tags" -ldflags "$flags" -o "$tmp" "$pkg") &
   gopid=$!
   if ! wait "$gopid"; then
     rm -f "$tmp"

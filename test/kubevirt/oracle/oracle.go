@@ -22,6 +22,8 @@ var commands = map[string]command{
 	"names":        namesCmd,
 	"launcher-pod": launcherPodCmd,
 	"target-pod":   targetPodCmd,
+	"images":       imagesCmd,
+	"operator":     operatorCmd,
 }
 
 // Main runs the subcommand args[0] and returns the exit code. Its result
