@@ -452,3 +452,10 @@ func (g *Guest) kill(reason error) {
 		_ = g.cmd.Process.Kill()
 	})
 }
+
+// Initramfs writes to path the initramfs Start boots: img's base with
+// script as /script.sh, which /init runs. For a guest another program
+// boots, such as KubeVirt's kernelBoot from a container image.
+func (img *Image) Initramfs(path, script string) error {
+	return writeInitrd(path, img.Initrd, script)
+}

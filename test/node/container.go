@@ -30,6 +30,11 @@ import (
 //     Bidirectional propagation, as virt-handler's do;
 //   - /var/lib is Dir/var-lib, with kubelet's root directory bound at
 //     /var/lib/kubelet (so its device-plugin directory is the node's own);
+//   - the CNI directories are at /run/node/cni/{bin,net.d}
+//     (ContainerCNIBinDir, ContainerCNIConfDir), and containerd's state
+//     directory, which holds the pod network namespaces, at
+//     /run/node/containerd-state: the same paths on every node, as a
+//     DaemonSet's hostPath needs;
 //   - /dev is a tmpfs with the devices a node's pods use, and no /dev/kvm:
 //     this machine's hangs, and the nodes emulate instead;
 //   - /proc is the PID namespace's own.
@@ -50,6 +55,11 @@ mount --make-shared /run
 mkdir -p /run/lock /run/netns
 mount --bind "$DIR/var-lib" /var/lib
 mount --bind "$DIR/kubelet/root" /var/lib/kubelet
+mkdir -p /run/node/cni/bin /run/node/cni/net.d
+mount --bind "$DIR/cni/bin" /run/node/cni/bin
+mount --bind "$DIR/cni/net.d" /run/node/cni/net.d
+mkdir -p /run/node/containerd-state
+mount --bind "$DIR/containerd/state" /run/node/containerd-state
 mount -t tmpfs -o mode=0755,size=1m tmpfs /dev
 cd /dev
 for d in null:1:3:666 zero:1:5:666 full:1:7:666 random:1:8:666 urandom:1:9:666 tty:5:0:666 kmsg:1:11:644 fuse:10:229:666; do
@@ -79,7 +89,7 @@ func (n *Node) startContainer(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	for _, d := range []string{filepath.Join(n.Dir, "var-lib", "kubelet"), filepath.Join(n.Dir, "kubelet", "root")} {
+	for _, d := range []string{filepath.Join(n.Dir, "var-lib", "kubelet"), filepath.Join(n.Dir, "kubelet", "root"), n.CNIBinDir, n.CNIConfDir, filepath.Join(n.Dir, "containerd", "state")} {
 		if merr := os.MkdirAll(d, 0o755); merr != nil {
 			return merr
 		}
@@ -119,6 +129,46 @@ func (n *Node) startContainer(ctx context.Context) error {
 		return err
 	}
 	return nil
+}
+
+// The CNI directories inside a node container (see containerInit).
+const (
+	ContainerCNIBinDir  = "/run/node/cni/bin"
+	ContainerCNIConfDir = "/run/node/cni/net.d"
+)
+
+// RuntimeCNIDirs are the CNI directories as containerd, and any pod's
+// hostPath, names them: CNIBinDir and CNIConfDir, or inside a node
+// container the same directories at ContainerCNIBinDir and
+// ContainerCNIConfDir.
+func (n *Node) RuntimeCNIDirs() (bin, conf string) {
+	if n.initPid != 0 {
+		return ContainerCNIBinDir, ContainerCNIConfDir
+	}
+	return n.CNIBinDir, n.CNIConfDir
+}
+
+// containerStateDir is containerd's state directory inside a node
+// container (Dir/containerd/state outside).
+const containerStateDir = "/run/node/containerd-state"
+
+// RuntimeNetnsDir is where containerd mounts pod network namespaces, as it
+// names them in the paths it hands to CNI: NetnsDir, or the same directory
+// at its path inside a node container.
+func (n *Node) RuntimeNetnsDir() string {
+	if n.initPid != 0 {
+		return filepath.Join(containerStateDir, "io.containerd.grpc.v1.cri", "netns")
+	}
+	return n.NetnsDir
+}
+
+// hostPath turns a path containerd names inside a node container into the
+// same file's path outside.
+func (n *Node) hostPath(p string) string {
+	if n.initPid != 0 && strings.HasPrefix(p, containerStateDir+"/") {
+		return filepath.Join(n.Dir, "containerd", "state", strings.TrimPrefix(p, containerStateDir+"/"))
+	}
+	return p
 }
 
 // nsPath is the path of one of the node container's namespaces.

@@ -22,7 +22,7 @@ import (
 // sandbox).
 const containerdConfig = `version = 3
 root = "{{.Dir}}/root"
-state = "{{.Dir}}/state"
+state = "{{.State}}"
 disabled_plugins = [
   "io.containerd.nri.v1.nri",
   "io.containerd.snapshotter.v1.btrfs",
@@ -96,8 +96,13 @@ func (n *Node) startContainerd(ctx context.Context) error {
 	}
 	n.ContainerdSock = filepath.Join(dir, "containerd.sock")
 	n.NetnsDir = filepath.Join(dir, "state", "io.containerd.grpc.v1.cri", "netns")
-	r := strings.NewReplacer("{{.Dir}}", dir, "{{.Sock}}", n.ContainerdSock, "{{.Pause}}", PauseImage,
-		"{{.CNIBin}}", n.CNIBinDir, "{{.CNIConf}}", n.CNIConfDir,
+	cniBin, cniConf := n.RuntimeCNIDirs()
+	state := filepath.Join(dir, "state")
+	if n.initPid != 0 {
+		state = containerStateDir
+	}
+	r := strings.NewReplacer("{{.Dir}}", dir, "{{.State}}", state, "{{.Sock}}", n.ContainerdSock, "{{.Pause}}", PauseImage,
+		"{{.CNIBin}}", cniBin, "{{.CNIConf}}", cniConf,
 		"{{.Shim}}", n.Bin["containerd-shim-runc-v2"], "{{.Runc}}", runc)
 	conf := filepath.Join(dir, "config.toml")
 	if err := os.WriteFile(conf, []byte(r.Replace(containerdConfig)), 0o644); err != nil {

@@ -1,6 +1,7 @@
 package node
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -8,10 +9,12 @@ import (
 
 // kubeletConfig is what works on these machines: cgroupfs under a cgroup
 // root of the node's own, cgroup v1 allowed, swap allowed, the node's
-// containerd, the API on 127.0.0.1 of the node namespace with anonymous
+// containerd, the API on 127.0.0.1 of the node namespace (a node
+// container: on its IP) with anonymous
 // AlwaysAllow (test only), no iptables chains (kubelet would add a
 // KUBE-FIREWALL DROP chain), eviction thresholds a test machine's disk
-// cannot trip.
+// cannot trip. A node container reports its ephemeral storage
+// (localStorageCapacityIsolation), which KubeVirt's launcher pods request.
 const kubeletConfig = `apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 cgroupDriver: cgroupfs
@@ -19,7 +22,7 @@ cgroupRoot: {{.CgroupRoot}}
 failCgroupV1: false
 failSwapOn: false
 containerRuntimeEndpoint: unix://{{.Sock}}
-address: 127.0.0.1
+address: {{.Address}}
 port: 10250
 healthzBindAddress: 127.0.0.1
 healthzPort: 10248
@@ -47,7 +50,7 @@ nodeStatusUpdateFrequency: 2s
 nodeStatusReportFrequency: 10s
 syncFrequency: 10s
 serializeImagePulls: false
-localStorageCapacityIsolation: false
+localStorageCapacityIsolation: {{.LocalStorage}}
 `
 
 // startKubelet writes kubelet's config and starts it; kubelet registers the
@@ -64,7 +67,8 @@ func (n *Node) startKubelet() error {
 	if err := os.WriteFile(filepath.Join(dir, "resolv.conf"), []byte("nameserver 198.18.0.53\n"), 0o644); err != nil {
 		return err
 	}
-	r := strings.NewReplacer("{{.CgroupRoot}}", n.cgroupRoot, "{{.Sock}}", n.ContainerdSock, "{{.Dir}}", dir)
+	r := strings.NewReplacer("{{.CgroupRoot}}", n.cgroupRoot, "{{.Sock}}", n.ContainerdSock, "{{.Dir}}", dir,
+		"{{.LocalStorage}}", fmt.Sprint(n.initPid != 0), "{{.Address}}", n.kubeletAddress())
 	conf := filepath.Join(dir, "config.yaml")
 	if err := os.WriteFile(conf, []byte(r.Replace(kubeletConfig)), 0o644); err != nil {
 		return err
@@ -92,4 +96,14 @@ func (n *Node) startKubelet() error {
 		"--v=1",
 	)
 	return err
+}
+
+// kubeletAddress is where kubelet serves: 127.0.0.1 of the node's
+// namespace, or in a node container its IP, so that the API server (on
+// another node, or proxying logs) reaches it, as on a real node.
+func (n *Node) kubeletAddress() string {
+	if n.initPid != 0 {
+		return n.IP
+	}
+	return "127.0.0.1"
 }

@@ -193,7 +193,7 @@ func (n *Node) InstallMultus(ctx context.Context) error {
 		return err
 	}
 	r := strings.NewReplacer("{{.Dir}}", n.Dir, "{{.Bin}}", n.CNIBinDir, "{{.Conf}}", n.CNIConfDir, "{{.Sock}}", sock,
-		"{{.Netns}}", n.NetnsDir, "{{.Image}}", MultusImage)
+		"{{.Netns}}", n.RuntimeNetnsDir(), "{{.Image}}", MultusImage)
 	if err = n.Cluster.Apply(ctx, []byte(r.Replace(multusDaemonSet))); err != nil {
 		return fmt.Errorf("apply Multus' DaemonSet: %w", err)
 	}

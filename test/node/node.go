@@ -305,6 +305,9 @@ func (n *Node) start(ctx context.Context, opts Options) error {
 			Aggregation: opts.Aggregation,
 			APIServerArgs: []string{
 				"--service-cluster-ip-range=" + ServiceCIDR,
+				// No DNS knows the nodes' names: logs, exec and
+				// port-forward reach kubelet at the node's IP.
+				"--kubelet-preferred-address-types=InternalIP",
 			},
 		})
 		if err != nil {

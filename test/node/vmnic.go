@@ -42,13 +42,51 @@ func (n *Node) ChartValues(img *VmnicImage) []string {
 		"image.pullPolicy=Never",
 		"cni.binDir=" + n.CNIBinDir,
 		"cni.confDir=" + n.CNIConfDir,
-		"cni.netnsDirs={" + n.NetnsDir + "}",
+		"cni.netnsDirs={" + n.RuntimeNetnsDir() + "}",
 		"node.runDir=" + n.VmnicRunDir(),
 		"node.stateDir=" + n.VmnicStateDir(),
 		"openvswitch.runDir=" + n.OVSRunDir(),
 		"spiderpool.socketDir=" + n.SpiderpoolSocketDir(),
 		"daemon.logLevel=debug",
 	}
+}
+
+// ClusterChartValues are the --set values of one release for several node
+// containers (Options.Container): the CNI directories and the pod netns
+// directory at the paths they have in every node container, and the
+// chart's defaults for the rest, which are each node's own (its /run and
+// /var/lib).
+func ClusterChartValues(img *VmnicImage, nodes ...*Node) []string {
+	bin, conf := nodes[0].RuntimeCNIDirs()
+	return []string{
+		"image.repository=" + img.Repository,
+		"image.tag=" + img.Tag,
+		"image.pullPolicy=Never",
+		"cni.binDir=" + bin,
+		"cni.confDir=" + conf,
+		"cni.netnsDirs={" + nodes[0].RuntimeNetnsDir() + "}",
+		"daemon.logLevel=debug",
+	}
+}
+
+// InstallVmnicOn imports img into every node and runs `helm install` of
+// the chart with ClusterChartValues (plus extra --set values) from n.
+func (n *Node) InstallVmnicOn(ctx context.Context, img *VmnicImage, nodes []*Node, extra ...string) error {
+	for _, o := range nodes {
+		if err := o.ImportImage(img.Archive); err != nil {
+			return err
+		}
+	}
+	chart, err := Chart()
+	if err != nil {
+		return err
+	}
+	args := []string{"install", Release, chart, "--namespace", Namespace}
+	for _, v := range append(ClusterChartValues(img, nodes...), extra...) {
+		args = append(args, "--set", v)
+	}
+	_, err = n.Helm(ctx, args...)
+	return err
 }
 
 // Helm runs helm against the node's API server (from inside the node
@@ -213,7 +251,7 @@ func (n *Node) PodNetns(namespace, name string) (string, error) {
 	}
 	for _, ns := range insp.Info.RuntimeSpec.Linux.Namespaces {
 		if ns.Type == "network" && ns.Path != "" {
-			return ns.Path, nil
+			return n.hostPath(ns.Path), nil
 		}
 	}
 	return "", fmt.Errorf("pod %s/%s: sandbox %s has no network namespace path", namespace, name, ids[0])

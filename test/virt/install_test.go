@@ -1,54 +1,98 @@
 package virt_test
 
 import (
+	"io"
+	"net/http"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	kubevirtv1 "kubevirt.io/api/core/v1"
 
+	"github.com/vmnic/vmnic/pkg/kubevirt"
+	"github.com/vmnic/vmnic/test/guest"
 	"github.com/vmnic/vmnic/test/need"
 	"github.com/vmnic/vmnic/test/node"
+	"github.com/vmnic/vmnic/test/proc"
 	"github.com/vmnic/vmnic/test/virt"
 )
 
-// startNodes starts the two node containers KubeVirt runs on: node-1 with
-// the control plane, node-2 joining it.
-func startNodes(t *testing.T) (*node.Node, *node.Node) {
-	t.Helper()
-	need.NoError(t, node.Check())
-	a := node.StartT(t, node.Options{Container: true, Aggregation: true})
-	b := node.StartT(t, node.Options{Container: true, Join: a, Name: "node-2", IP: "192.168.200.11"})
-	return a, b
+// env is the cluster every subtest of TestRealKubeVirt uses: two node
+// containers, node-1 with the control plane, node-2 joining it, KubeVirt
+// installed by its operator with vmnic's binding registered, and vmnic
+// installed by helm from its image.
+type env struct {
+	a, b  *node.Node
+	imgs  virt.Images
+	guest *virt.GuestImage
 }
 
-// TestKubeVirtInstalls installs the real KubeVirt as its users do, the
-// operator's manifest and then a KubeVirt CR, on two nodes, and checks that
-// KubeVirt's own components run it: the CR becomes Available at the
-// version built here, virt-api and virt-controller run, virt-handler runs
-// on each node from the image built here and marks its node schedulable
-// for VMs.
-func TestKubeVirtInstalls(t *testing.T) {
+// TestRealKubeVirt runs vmnic under the real KubeVirt: KubeVirt's own
+// components decide and do everything about the VMs, vmnic wires their
+// NICs.
+func TestRealKubeVirt(t *testing.T) {
+	need.NoError(t, node.Check())
+	need.NoError(t, guest.Check())
 	ctx := t.Context()
-	imgs, err := virt.BuildImages(ctx)
-	if err != nil {
+	e := &env{}
+	var err error
+	if e.imgs, err = virt.BuildImages(ctx); err != nil {
 		t.Fatal(err)
 	}
-	a, b := startNodes(t)
+	if e.guest, err = virt.BuildGuestImage(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e.a = node.StartT(t, node.Options{Container: true, Aggregation: true})
+	e.b = node.StartT(t, node.Options{Container: true, Join: e.a, Name: "node-2", IP: "192.168.200.11"})
+	for _, n := range []*node.Node{e.a, e.b} {
+		if err := n.ImportImage(e.guest.Archive); err != nil {
+			t.Fatal(err)
+		}
+	}
+	kv := virt.DefaultCR()
+	kv.Spec.Configuration.NetworkConfiguration = &kubevirtv1.NetworkConfiguration{Binding: map[string]kubevirtv1.InterfaceBindingPlugin{
+		kubevirt.DefaultBinding: {DomainAttachmentType: kubevirtv1.Tap, Migration: &kubevirtv1.InterfaceBindingMigration{}},
+	}}
 	start := time.Now()
-	if err := virt.Install(ctx, imgs, virt.DefaultCR(), 10*time.Minute, a, b); err != nil {
+	if err := virt.Install(ctx, e.imgs, kv, 10*time.Minute, e.a, e.b); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("KubeVirt Available %v after the install began", time.Since(start).Round(time.Millisecond))
+	t.Run("Installed", e.installed)
 
-	kv, err := virt.Get(ctx, a, virt.Namespace, virt.CRName)
+	img, err := node.BuildVmnicImage(ctx, t.TempDir(), "v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.a.InstallVmnicOn(ctx, img, []*node.Node{e.a, e.b}); err != nil {
+		t.Fatal(err)
+	}
+	ds, err := e.a.WaitDaemonSet(ctx, 2*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ds.Status.NumberReady != 2 {
+		t.Fatalf("vmnic's DaemonSet: %d of 2 nodes ready", ds.Status.NumberReady)
+	}
+	t.Run("Masquerade", e.masquerade)
+}
+
+// installed: the KubeVirt CR is Available at the version built here,
+// virt-api and virt-controller run, virt-handler runs on each node from
+// the image built here and marks its node schedulable for VMs.
+func (e *env) installed(t *testing.T) {
+	ctx := t.Context()
+	kv, err := virt.Get(ctx, e.a, virt.Namespace, virt.CRName)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if kv.Status.ObservedKubeVirtVersion != virt.Version || kv.Status.TargetKubeVirtRegistry != virt.Registry {
 		t.Errorf("KubeVirt deployed %s from %s, want %s from %s", kv.Status.ObservedKubeVirtVersion, kv.Status.TargetKubeVirtRegistry, virt.Version, virt.Registry)
 	}
-	pods, err := a.Kube.CoreV1().Pods(virt.Namespace).List(ctx, metav1.ListOptions{})
+	pods, err := e.a.Kube.CoreV1().Pods(virt.Namespace).List(ctx, metav1.ListOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -58,7 +102,7 @@ func TestKubeVirtInstalls(t *testing.T) {
 		component := p.Labels["kubevirt.io"]
 		ready := len(p.Status.ContainerStatuses) > 0
 		for _, cs := range p.Status.ContainerStatuses {
-			if _, ok := imgs[cs.Image]; !ok && !strings.HasPrefix(cs.Image, virt.Registry+"/") {
+			if _, ok := e.imgs[cs.Image]; !ok {
 				t.Errorf("pod %s runs %s, not an image built here", p.Name, cs.Image)
 			}
 			ready = ready && cs.Ready
@@ -72,19 +116,90 @@ func TestKubeVirtInstalls(t *testing.T) {
 	}
 	for _, c := range []string{"virt-operator", "virt-api", "virt-controller", "virt-handler"} {
 		if running[c] == 0 {
-			t.Errorf("no ready %s pod:\n%s", c, virt.PodsReport(ctx, a))
+			t.Errorf("no ready %s pod:\n%s", c, virt.PodsReport(ctx, e.a))
 		}
 	}
-	for _, n := range []*node.Node{a, b} {
+	for _, n := range []*node.Node{e.a, e.b} {
 		if !handlers[n.Name] {
 			t.Errorf("no ready virt-handler on %s", n.Name)
 		}
-		no, err := a.Kube.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
+		no, err := e.a.Kube.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
 		if no.Labels[node.SchedulableLabel] != "true" {
 			t.Errorf("%s: virt-handler did not mark it schedulable: labels %v", n.Name, no.Labels)
 		}
+	}
+}
+
+// masquerade: a VMI on vmnic's binding in masquerade mode, with ports
+// 8080 listed, on node-1. KubeVirt runs it; its guest takes 10.0.2.2 by
+// DHCP from vmnic and reaches a pod behind Flannel on node-2; a pod on
+// node-2 reaches the guest on the listed port, and not on 8081.
+func (e *env) masquerade(t *testing.T) {
+	ctx := t.Context()
+	peer := node.PlainPod("peer")
+	peer.Spec.NodeName = e.b.Name
+	if _, err := e.a.Kube.CoreV1().Pods("default").Create(ctx, peer, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	p, err := e.b.WaitPodReady(ctx, "default", peer.Name, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	iface := kubevirtv1.Interface{
+		Binding: &kubevirtv1.PluginBinding{Name: kubevirt.DefaultBinding},
+		Ports:   []kubevirtv1.Port{{Port: 8080, Protocol: "TCP"}},
+	}
+	vmi := virt.VMI("masq", e.guest, iface, "vmnic.peer="+p.Status.PodIP)
+	vmi.Spec.NodeSelector = map[string]string{corev1.LabelHostname: e.a.Name}
+	start := time.Now()
+	created, err := e.a.CreateVMI(ctx, vmi)
+	if err != nil {
+		t.Fatal(err)
+	}
+	running, err := virt.WaitVMIRunning(ctx, e.a, created.Namespace, created.Name, 5*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("VMI Running %v after its creation, on %s", time.Since(start).Round(time.Millisecond), running.Status.NodeName)
+	m, err := virt.WaitConsole(ctx, e.a, running, regexp.MustCompile(`^ADDR4 (\S*)`), 3*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m[1] != "10.0.2.2/24" {
+		t.Errorf("guest address %q, want 10.0.2.2/24 from vmnic's DHCP", m[1])
+	}
+	if m, err = virt.WaitConsole(ctx, e.a, running, regexp.MustCompile(`^PEER-(OK|FAILED)`), 2*time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if m[1] != "OK" {
+		t.Errorf("the guest does not reach the pod behind Flannel on %s (%s)", e.b.Name, p.Status.PodIP)
+	}
+	launcher, err := virt.LauncherPod(ctx, e.a, running)
+	if err != nil {
+		t.Fatal(err)
+	}
+	netns, err := e.b.PodNetns("default", peer.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// HTTP from inside the peer pod's network namespace.
+	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: proc.NetnsDialer(netns)}}
+	get := func(port string) (string, error) {
+		resp, err := client.Get("http://" + launcher.Status.PodIP + ":" + port + "/")
+		if err != nil {
+			return "", err
+		}
+		defer func() { _ = resp.Body.Close() }()
+		body, err := io.ReadAll(resp.Body)
+		return strings.TrimSpace(string(body)), err
+	}
+	if got, err := get("8080"); err != nil || got != "guest 8080" {
+		t.Errorf("from a pod on %s, the VM pod %s:8080 answered %q, %v; want the guest's \"guest 8080\"", e.b.Name, launcher.Status.PodIP, got, err)
+	}
+	if got, err := get("8081"); err == nil {
+		t.Errorf("from a pod on %s, the VM pod %s:8081 answered %q: port 8081 is not listed", e.b.Name, launcher.Status.PodIP, got)
 	}
 }
