@@ -509,7 +509,16 @@ func (d *Daemon) restore(ctx context.Context) {
 }
 
 // replaySpool runs the DELs the shim spooled while the daemon was away.
-func (d *Daemon) replaySpool(ctx context.Context) {
+func (d *Daemon) replaySpool(ctx context.Context) { d.replay(ctx, false) }
+
+// replayNewSpool runs only the spooled DELs this daemon has not tried yet:
+// one the shim spooled while this daemon was starting, after its first
+// replay (the old daemon's socket was gone, the new one not yet there), is
+// replayed within SpoolPollInterval instead of at the next resync. A DEL
+// that failed waits for the resync.
+func (d *Daemon) replayNewSpool(ctx context.Context) { d.replay(ctx, true) }
+
+func (d *Daemon) replay(ctx context.Context, onlyNew bool) {
 	entries, bad, err := spool.List(d.opts.SpoolDir)
 	if err != nil {
 		d.log.Error("read spool", "err", err)
@@ -519,7 +528,14 @@ func (d *Daemon) replaySpool(ctx context.Context) {
 		d.log.Error("dropping unreadable spool entry", "path", p)
 		_ = spool.Remove(p)
 	}
+	// An entry is known by its path and modification time: the shim
+	// rewrites the entry of a repeated DEL under the same name.
+	tried := make(map[string]time.Time, len(entries))
 	for _, e := range entries {
+		tried[e.Path] = e.ModTime
+		if prev, ok := d.spoolTried[e.Path]; onlyNew && ok && prev.Equal(e.ModTime) {
+			continue
+		}
 		req := e.Request
 		req.Spooled = true
 		resp := d.Handle(ctx, &req)
@@ -532,4 +548,5 @@ func (d *Daemon) replaySpool(ctx context.Context) {
 		}
 		d.log.Info("spooled DEL replayed", "container", req.ContainerID, "ifname", req.IfName)
 	}
+	d.spoolTried = tried
 }

@@ -30,7 +30,10 @@ import (
 const (
 	DefaultStateDir       = "/var/lib/vmnic"
 	DefaultResyncInterval = 5 * time.Minute
-	DefaultDrainTimeout   = 20 * time.Second
+	// SpoolPollInterval is how often the daemon looks for DELs spooled
+	// since it last looked (a directory read).
+	SpoolPollInterval   = time.Second
+	DefaultDrainTimeout = 20 * time.Second
 	// DefaultSyncTimeout bounds one wait for the informers' first sync:
 	// past it vmnicd says in one log line which informer it still waits
 	// for, and why, and waits again. It never exits for it.
@@ -111,6 +114,9 @@ type Daemon struct {
 	socketIno atomic.Uint64
 	// healthTimeout bounds one liveness check (health.go).
 	healthTimeout time.Duration
+	// spoolTried is each spool entry's modification time when Run's loop
+	// last tried it (replay): only Run's goroutine uses it.
+	spoolTried map[string]time.Time
 }
 
 // Servers gives access to the DHCP servers of the attachments.
@@ -223,10 +229,14 @@ func (d *Daemon) Run(ctx context.Context) error {
 
 	ticker := time.NewTicker(d.opts.ResyncInterval)
 	defer ticker.Stop()
+	spoolTicker := time.NewTicker(SpoolPollInterval)
+	defer spoolTicker.Stop()
 	for running := true; running; {
 		select {
 		case <-ctx.Done():
 			running = false
+		case <-spoolTicker.C:
+			d.replayNewSpool(ctx)
 		case <-ticker.C:
 			d.replaySpool(ctx)
 			d.restore(ctx)

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/vmnic/vmnic/pkg/fsutil"
 	"github.com/vmnic/vmnic/pkg/proto"
@@ -25,6 +26,8 @@ const suffix = ".del.json"
 type Entry struct {
 	Path    string
 	Request proto.Request
+	// ModTime is when the entry was (last) written.
+	ModTime time.Time
 }
 
 // name is stable per attachment and network, so a repeated DEL overwrites
@@ -71,7 +74,11 @@ func List(dir string) (entries []Entry, bad []string, err error) {
 			bad = append(bad, p)
 			continue
 		}
-		entries = append(entries, Entry{Path: p, Request: req})
+		var mtime time.Time
+		if info, ierr := de.Info(); ierr == nil {
+			mtime = info.ModTime()
+		}
+		entries = append(entries, Entry{Path: p, Request: req, ModTime: mtime})
 	}
 	sort.Slice(entries, func(i, j int) bool { return entries[i].Path < entries[j].Path })
 	return entries, bad, nil

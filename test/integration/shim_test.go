@@ -15,6 +15,7 @@ import (
 
 	"github.com/containernetworking/cni/pkg/types"
 
+	"github.com/vmnic/vmnic/pkg/ctl"
 	"github.com/vmnic/vmnic/pkg/spool"
 	"github.com/vmnic/vmnic/test/harness"
 )
@@ -184,6 +185,60 @@ func TestDelSpooledWhileDaemonDown(t *testing.T) {
 	if entries, _, _ := spool.List(node.SpoolDir()); len(entries) != 0 {
 		t.Errorf("spool not emptied: %d entries", len(entries))
 	}
+}
+
+// TestDelSpooledAfterDaemonStart: a DEL the shim spooled while a new
+// daemon was starting, after that daemon's first replay (the old one's
+// socket gone, the new one's not there yet), is replayed within seconds,
+// not at the next resync minutes later. The entry is held outside the
+// spool directory while the daemon starts, and put back once it is ready.
+func TestDelSpooledAfterDaemonStart(t *testing.T) {
+	ctx := ctxT(t)
+	node, d := newNode(t, true)
+	l := list(t, node, harness.NetOptions{Vmnic: true, VM: vm1})
+	pod := newPod(t, "virt-launcher-vm1-late")
+	if _, err := node.Add(ctx, l, pod); err != nil {
+		t.Fatalf("ADD: %v", err)
+	}
+	if err := d.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := node.Del(ctx, l, pod); err != nil {
+		t.Fatalf("DEL with the daemon down: %v", err)
+	}
+	entries, _, err := spool.List(node.SpoolDir())
+	if err != nil || len(entries) != 1 {
+		t.Fatalf("spool has %d entries (%v), want 1", len(entries), err)
+	}
+	held := filepath.Join(t.TempDir(), filepath.Base(entries[0].Path))
+	if err := os.Rename(entries[0].Path, held); err != nil {
+		t.Fatal(err)
+	}
+	startDaemon(t, node)
+	// Ready: the daemon's first replay is behind it.
+	for ready := false; !ready; {
+		st, err := ctl.Status(ctx, node.Socket())
+		ready = err == nil && st.Ready
+		if ctx.Err() != nil {
+			t.Fatal("the daemon did not become ready")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := os.Rename(held, entries[0].Path); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		left, _, _ := spool.List(node.SpoolDir())
+		if len(left) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a DEL spooled after the daemon's start is still spooled after 10 s")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	assertClean(t, pod, node.StateDir())
 }
 
 // TestSocketNotOwnedByRoot: the shim refuses a socket another user owns.
