@@ -17,7 +17,7 @@ UNIT_PKGS := ./pkg/netconf/... ./pkg/proto/... ./pkg/spool/... ./pkg/state/... .
 help: ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-deps: ## install Debian packages and build the test tool binaries (.tools/)
+deps: ## install Debian packages and build the test tool binaries and KubeVirt's images (.tools/)
 	@bash test/deps.sh
 
 build: ## build vmnic (shim), vmnicd (daemon), vmnicctl (CLI, also kubectl-vmnic) into bin/
@@ -33,7 +33,7 @@ demo: ## local demo: wire a VM NIC with vmnic masquerade and boot a real guest o
 	echo "demo: packages and build ready in $$(( $$(date +%s) - start ))s"
 	$(BIN)/demo
 
-test: deps build vet lint ## the whole suite (as root): vet, format, lint, unit, integration, guest, cluster, a real node (containerd, kubelet, Flannel, Multus), bounded fuzzing, then the node VM (Debian's kernel: passt over ipvlan, a VLAN underlay, the OVS kernel datapath)
+test: deps build vet lint ## the whole suite (as root): vet, format, lint, unit, integration, guest, cluster, a real node (containerd, kubelet, Flannel, Multus), the real KubeVirt on two nodes, bounded fuzzing, then the node VM (Debian's kernel: passt over ipvlan, a VLAN underlay, the OVS kernel datapath)
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
 	FUZZTIME=5s bash test/fuzz.sh
 	@# test/watch first: it waits ten minutes beside the other packages rather than after them.

@@ -27,6 +27,11 @@
 //     every hierarchy (cgroup v1 here), removed on Stop; the kernel
 //     settings kubelet changes are restored on Stop.
 //
+//   - with Options.Container the node is a node container: PID and mount
+//     namespaces of its own too, as real KubeVirt needs (container.go);
+//     with Options.Join a second node joins the first's control plane on
+//     its LAN.
+//
 //     n := node.StartT(t)
 //     n.Kube.CoreV1().Pods("default").Create(...)
 package node

@@ -55,8 +55,9 @@ mapfile -t paths < <(bash test/tools/build.sh "${bins[@]}")
 declare -A bin
 for i in "${!bins[@]}"; do bin[${bins[$i]}]=${paths[$i]}; done
 
+# The contents only: the script may be called by any path.
 hash=$({
-  sha256sum "$0" "$src/cmd/container-disk-v2alpha/main.c"
+  cat "$0" "$src/cmd/container-disk-v2alpha/main.c"
   for b in "${bins[@]}"; do head -n1 ".tools/bin/.stamp/$(basename "${bin[$b]}")"; done
 } | sha256sum | cut -c1-12)
 base=.tools/kubevirt/images
