@@ -33,60 +33,32 @@ func (n *Node) VmnicStateDir() string { return filepath.Join(n.Dir, "vmnic", "st
 func (n *Node) OVSRunDir() string           { return filepath.Join(n.Dir, "openvswitch") }
 func (n *Node) SpiderpoolSocketDir() string { return filepath.Join(n.Dir, "spidernet") }
 
-// ChartValues are the --set values that put the chart's host paths under
-// Dir and use the image img (imported, imagePullPolicy Never).
+// ChartValues are the --set values that use the image img (imported,
+// imagePullPolicy Never) and the CNI and pod netns directories as
+// containerd names them, and put the chart's other host paths under Dir. A
+// node container has a /run and /var/lib of its own, where the chart's
+// defaults go, and its CNI and netns directories at the same paths on
+// every node container: its values serve one release for all of them.
 func (n *Node) ChartValues(img *VmnicImage) []string {
-	return []string{
-		"image.repository=" + img.Repository,
-		"image.tag=" + img.Tag,
-		"image.pullPolicy=Never",
-		"cni.binDir=" + n.CNIBinDir,
-		"cni.confDir=" + n.CNIConfDir,
-		"cni.netnsDirs={" + n.RuntimeNetnsDir() + "}",
-		"node.runDir=" + n.VmnicRunDir(),
-		"node.stateDir=" + n.VmnicStateDir(),
-		"openvswitch.runDir=" + n.OVSRunDir(),
-		"spiderpool.socketDir=" + n.SpiderpoolSocketDir(),
-		"daemon.logLevel=debug",
-	}
-}
-
-// ClusterChartValues are the --set values of one release for several node
-// containers (Options.Container): the CNI directories and the pod netns
-// directory at the paths they have in every node container, and the
-// chart's defaults for the rest, which are each node's own (its /run and
-// /var/lib).
-func ClusterChartValues(img *VmnicImage, nodes ...*Node) []string {
-	bin, conf := nodes[0].RuntimeCNIDirs()
-	return []string{
+	bin, conf := n.RuntimeCNIDirs()
+	vals := []string{
 		"image.repository=" + img.Repository,
 		"image.tag=" + img.Tag,
 		"image.pullPolicy=Never",
 		"cni.binDir=" + bin,
 		"cni.confDir=" + conf,
-		"cni.netnsDirs={" + nodes[0].RuntimeNetnsDir() + "}",
+		"cni.netnsDirs={" + n.RuntimeNetnsDir() + "}",
 		"daemon.logLevel=debug",
 	}
-}
-
-// InstallVmnicOn imports img into every node and runs `helm install` of
-// the chart with ClusterChartValues (plus extra --set values) from n.
-func (n *Node) InstallVmnicOn(ctx context.Context, img *VmnicImage, nodes []*Node, extra ...string) error {
-	for _, o := range nodes {
-		if err := o.ImportImage(img.Archive); err != nil {
-			return err
-		}
+	if n.initPid == 0 {
+		vals = append(vals,
+			"node.runDir="+n.VmnicRunDir(),
+			"node.stateDir="+n.VmnicStateDir(),
+			"openvswitch.runDir="+n.OVSRunDir(),
+			"spiderpool.socketDir="+n.SpiderpoolSocketDir(),
+		)
 	}
-	chart, err := Chart()
-	if err != nil {
-		return err
-	}
-	args := []string{"install", Release, chart, "--namespace", Namespace}
-	for _, v := range append(ClusterChartValues(img, nodes...), extra...) {
-		args = append(args, "--set", v)
-	}
-	_, err = n.Helm(ctx, args...)
-	return err
+	return vals
 }
 
 // Helm runs helm against the node's API server (from inside the node

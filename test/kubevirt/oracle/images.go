@@ -36,26 +36,12 @@ func imagesCmd(args []string) (any, error) {
 	return operatorImages(*operatorImage, *version, *namespace)
 }
 
-// mapEnv is an operatorutil.EnvVarManager over a map, so that the
-// computation reads only the given variables and not this process's.
-type mapEnv map[string]string
-
-func (m mapEnv) Getenv(k string) string   { return m[k] }
-func (m mapEnv) Setenv(k, v string) error { m[k] = v; return nil }
-func (m mapEnv) Unsetenv(k string) error  { delete(m, k); return nil }
-func (m mapEnv) Environ() []string {
-	out := make([]string, 0, len(m))
-	for k, v := range m {
-		out = append(out, k+"="+v)
-	}
-	return out
-}
-
 func operatorImages(operatorImage, version, namespace string) (*Images, error) {
-	env := mapEnv{
-		operatorutil.VirtOperatorImageEnvName: operatorImage,
-		operatorutil.KubeVirtVersionEnvName:   version,
-	}
+	// KubeVirt's own map-backed EnvVarManager: the computation reads only
+	// these variables, not this process's environment.
+	env := &operatorutil.EnvVarManagerMock{}
+	_ = env.Setenv(operatorutil.VirtOperatorImageEnvName, operatorImage)
+	_ = env.Setenv(operatorutil.KubeVirtVersionEnvName, version)
 	kv := &v1.KubeVirt{}
 	kv.Namespace = namespace
 	config := operatorutil.GetTargetConfigFromKVWithEnvVarManager(kv, env)
