@@ -19,7 +19,7 @@ import (
 // /dev/kvm, and the machine's /var/lib/kubelet is not touched. A pod on each
 // node reaches the other across Flannel's VXLAN.
 func TestTwoNodeContainers(t *testing.T) {
-	need.NoError(t, node.Check())
+	need.NoError(t, node.CheckContainer())
 	ctx := t.Context()
 	a := node.StartT(t, node.Options{Container: true})
 	b := node.StartT(t, node.Options{Container: true, Join: a, Name: "node-2", IP: "192.168.200.11"})

@@ -158,6 +158,10 @@ var tools = []string{
 // buildah), or nil.
 func Check() error { return check(false) }
 
+// CheckContainer is Check for node containers (Options.Container): a
+// kubelet on the machine, or a test's node beside them, does not matter.
+func CheckContainer() error { return check(true) }
+
 // check is Check; a node container has a device-plugin directory of its
 // own, so a kubelet on the machine does not matter to it.
 func check(container bool) error {

@@ -34,7 +34,7 @@ type env struct {
 // components decide and do everything about the VMs, vmnic wires their
 // NICs.
 func TestRealKubeVirt(t *testing.T) {
-	need.NoError(t, node.Check())
+	need.NoError(t, node.CheckContainer())
 	need.NoError(t, guest.Check())
 	ctx := t.Context()
 	e := &env{}
