@@ -54,9 +54,9 @@ fi
 bash test/tools/build.sh cnitool etcd kube-apiserver helm spiderpool-agent spiderpool coordinator golangci-lint kubevirt-oracle >/dev/null
 # The real node (test/node): kubelet and the controllers beside
 # kube-apiserver, containerd, crictl, Flannel and the plugins it delegates to,
-# Multus thick.
+# Multus thick, macvlan (test/virt's passt underlay).
 bash test/tools/build.sh kube-controller-manager kube-scheduler kubelet containerd containerd-shim-runc-v2 ctr crictl \
-  flanneld flannel bridge host-local loopback portmap multus-daemon multus-shim >/dev/null
+  flanneld flannel bridge host-local loopback portmap macvlan multus-daemon multus-shim >/dev/null
 # Real KubeVirt (test/virt): KubeVirt v1.8.2's components from its Go
 # module (test/tools/kubevirt) and their images, the launcher's on a Debian
 # trixie root filesystem (libvirt 11.3, QEMU 10.0, passt 2025), built once.

@@ -35,6 +35,12 @@ import (
 //     directory, which holds the pod network namespaces, at
 //     /run/node/containerd-state: the same paths on every node, as a
 //     DaemonSet's hostPath needs;
+//   - OVSRunDir and SpiderpoolSocketDir are at /run/openvswitch and
+//     /run/spidernet, where a node's OVS and Spiderpool agent keep their
+//     sockets (the chart's defaults name them under /var/run): a test
+//     starts both on the machine in the node's network namespace, with
+//     these directories; Flannel's directory (subnet file, the plugin's
+//     and host-local's state) is at its own default, /run/flannel;
 //   - /dev is a tmpfs with the devices a node's pods use, and no /dev/kvm:
 //     this machine's hangs, and the nodes emulate instead;
 //   - /proc is the PID namespace's own.
@@ -60,6 +66,10 @@ mount --bind "$DIR/cni/bin" /run/node/cni/bin
 mount --bind "$DIR/cni/net.d" /run/node/cni/net.d
 mkdir -p /run/node/containerd-state
 mount --bind "$DIR/containerd/state" /run/node/containerd-state
+mkdir -p /run/openvswitch /run/spidernet /run/flannel
+mount --bind "$DIR/openvswitch" /run/openvswitch
+mount --bind "$DIR/spidernet" /run/spidernet
+mount --bind "$DIR/flannel" /run/flannel
 mount -t tmpfs -o mode=0755,size=1m tmpfs /dev
 cd /dev
 for d in null:1:3:666 zero:1:5:666 full:1:7:666 random:1:8:666 urandom:1:9:666 tty:5:0:666 kmsg:1:11:644 fuse:10:229:666; do
@@ -89,7 +99,7 @@ func (n *Node) startContainer(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	for _, d := range []string{filepath.Join(n.Dir, "var-lib", "kubelet"), filepath.Join(n.Dir, "kubelet", "root"), n.CNIBinDir, n.CNIConfDir, filepath.Join(n.Dir, "containerd", "state")} {
+	for _, d := range []string{filepath.Join(n.Dir, "var-lib", "kubelet"), filepath.Join(n.Dir, "kubelet", "root"), n.CNIBinDir, n.CNIConfDir, filepath.Join(n.Dir, "containerd", "state"), n.OVSRunDir(), n.SpiderpoolSocketDir(), filepath.Join(n.Dir, "flannel")} {
 		if merr := os.MkdirAll(d, 0o755); merr != nil {
 			return merr
 		}

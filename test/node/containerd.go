@@ -139,10 +139,43 @@ func (n *Node) Ctr(args ...string) (string, error) {
 }
 
 // ImportImage imports an OCI or docker archive into the node's containerd
-// (images kubelet runs with imagePullPolicy Never or IfNotPresent).
+// (images kubelet runs with imagePullPolicy Never or IfNotPresent), named
+// as a pull from a registry names them: by tag and by digest
+// (<repository>@<manifest digest>). The runtime then reports a container's
+// image by that digest, and KubeVirt pins a migration target's container
+// disk and kernel-boot image to it (repository@digest of the source pod's
+// image): without the digest name the target node would try to pull.
 func (n *Node) ImportImage(archive string) error {
-	_, err := n.Ctr("images", "import", "--no-unpack=false", archive)
-	return err
+	if _, err := n.Ctr("images", "import", "--no-unpack=false", archive); err != nil {
+		return err
+	}
+	out, err := n.Ctr("images", "ls")
+	if err != nil {
+		return err
+	}
+	names := map[string]bool{}
+	type image struct{ ref, repo, digest string }
+	var tagged []image
+	for i, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if i == 0 || len(f) < 3 {
+			continue // the header
+		}
+		names[f[0]] = true
+		slash, colon := strings.LastIndex(f[0], "/"), strings.LastIndex(f[0], ":")
+		if !strings.Contains(f[0], "@") && colon > slash && strings.HasPrefix(f[2], "sha256:") {
+			tagged = append(tagged, image{f[0], f[0][:colon], f[2]})
+		}
+	}
+	for _, img := range tagged {
+		if byDigest := img.repo + "@" + img.digest; !names[byDigest] {
+			names[byDigest] = true
+			if _, err := n.Ctr("images", "tag", img.ref, byDigest); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // PauseArchive builds the pause image (test/node/pause, FROM scratch) with

@@ -16,15 +16,18 @@ func (n *Node) FlannelNetwork() string { return "cbr0-" + n.id }
 // installFlannelCNI copies the flannel plugin and the plugins it and
 // containerd delegate to (bridge, host-local, loopback, portmap) into the
 // CNI bin dir and writes the conflist Flannel's installer writes, with the
-// subnet file, the plugin's scratch dir and host-local's dir under Dir.
+// subnet file, the plugin's scratch dir and host-local's dir under Dir (in
+// a node container at Flannel's own /run/flannel, bound from there, so
+// that a DaemonSet that runs the plugins, Multus', finds them on every
+// node).
 func (n *Node) installFlannelCNI() error {
 	for _, p := range []string{"flannel", "bridge", "host-local", "loopback", "portmap"} {
 		if err := n.AddCNIPlugin(n.Bin[p]); err != nil {
 			return err
 		}
 	}
-	fdir := filepath.Join(n.Dir, "flannel")
-	if err := os.MkdirAll(fdir, 0o755); err != nil {
+	fdir := n.flannelDir()
+	if err := os.MkdirAll(filepath.Join(n.Dir, "flannel"), 0o755); err != nil {
 		return err
 	}
 	conf := map[string]any{
@@ -46,7 +49,7 @@ func (n *Node) installFlannelCNI() error {
 		return err
 	}
 	netConf := `{"Network": "` + ClusterCIDR + `", "Backend": {"Type": "vxlan"}}` + "\n"
-	if err := os.WriteFile(filepath.Join(fdir, "net-conf.json"), []byte(netConf), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(n.Dir, "flannel", "net-conf.json"), []byte(netConf), 0o644); err != nil {
 		return err
 	}
 	return writeAtomic(filepath.Join(n.CNIConfDir, FlannelConflist), append(b, '\n'))
@@ -56,7 +59,7 @@ func (n *Node) installFlannelCNI() error {
 // the Node's podCIDR (from the controller manager), writes the subnet file
 // the CNI plugin reads and makes flannel.1.
 func (n *Node) startFlannel() error {
-	fdir := filepath.Join(n.Dir, "flannel")
+	fdir := n.flannelDir()
 	_, err := n.startProc("flanneld", []string{"NODE_NAME=" + n.Name},
 		"--kube-subnet-mgr",
 		"--kubeconfig-file="+n.Cluster.Kubeconfig,
@@ -67,6 +70,15 @@ func (n *Node) startFlannel() error {
 		"--v=1",
 	)
 	return err
+}
+
+// flannelDir is Dir/flannel as the node's processes name it: in a node
+// container at /run/flannel (see containerInit).
+func (n *Node) flannelDir() string {
+	if n.initPid != 0 {
+		return "/run/flannel"
+	}
+	return filepath.Join(n.Dir, "flannel")
 }
 
 // AddCNIPlugin copies a plugin binary into the CNI bin dir under its own

@@ -38,6 +38,11 @@ const (
 // vmnic's socket) is mounted at its own path, and multus-daemon runs the
 // plugins in its container (no chrootDir). The init step copies the shim
 // with a rename, as install_multus does.
+//
+// In node containers one DaemonSet serves every node, so it mounts only
+// paths that are the same on each, at their own paths
+// (multusContainerPaths), as upstream's chroot into the host's / would
+// show them to the plugins; {{.Dir}} is then /run/node.
 const multusDaemonSet = `apiVersion: v1
 kind: ConfigMap
 metadata:
@@ -92,11 +97,9 @@ spec:
               valueFrom: {fieldRef: {fieldPath: spec.nodeName}}
           securityContext: {privileged: true}
           volumeMounts:
-            - {name: node, mountPath: "{{.Dir}}", mountPropagation: HostToContainer}
-            - {name: config, mountPath: /etc/cni/net.d/multus.d}
+{{.Mounts}}            - {name: config, mountPath: /etc/cni/net.d/multus.d}
       volumes:
-        - {name: node, hostPath: {path: "{{.Dir}}"}}
-        - {name: config, configMap: {name: multus-daemon-config, items: [{key: daemon-config.json, path: daemon-config.json}]}}
+{{.Volumes}}        - {name: config, configMap: {name: multus-daemon-config, items: [{key: daemon-config.json, path: daemon-config.json}]}}
 `
 
 // MultusDir is the module directory of Multus (its deployments/ holds the
@@ -115,11 +118,11 @@ func MultusDir(ctx context.Context) (string, error) {
 	return strings.TrimSpace(string(out)), nil
 }
 
-// InstallMultus builds the Multus image, imports it and applies the
-// upstream thick manifest's CRD, RBAC and ServiceAccount, then this node's
-// ConfigMap and DaemonSet; it returns once the DaemonSet is ready and
-// 00-multus.conf is written.
-func (n *Node) InstallMultus(ctx context.Context) error {
+// InstallMultus builds the Multus image, imports it into n and more (nodes
+// that joined n) and applies the upstream thick manifest's CRD, RBAC and
+// ServiceAccount, then the ConfigMap and DaemonSet; it returns once the
+// DaemonSet is ready and 00-multus.conf is written on every node.
+func (n *Node) InstallMultus(ctx context.Context, more ...*Node) error {
 	paths, err := cluster.Binaries(ctx, "multus-daemon", "multus-shim")
 	if err != nil {
 		return err
@@ -165,14 +168,16 @@ func (n *Node) InstallMultus(ctx context.Context) error {
 	if err = buildImage(ctx, root, "-n", name, "-t", tag, "-c", context, "-f", filepath.Join(context, "Dockerfile"), "-o", archive); err != nil {
 		return err
 	}
-	if err = n.ImportImage(archive); err != nil {
-		return err
+	for _, x := range append([]*Node{n}, more...) {
+		if err = x.ImportImage(archive); err != nil {
+			return err
+		}
 	}
-	dir, err := MultusDir(ctx)
+	mdir, err := MultusDir(ctx)
 	if err != nil {
 		return err
 	}
-	upstream, err := os.ReadFile(filepath.Join(dir, "deployments", "multus-daemonset-thick.yml"))
+	upstream, err := os.ReadFile(filepath.Join(mdir, "deployments", "multus-daemonset-thick.yml"))
 	if err != nil {
 		return err
 	}
@@ -188,17 +193,45 @@ func (n *Node) InstallMultus(ctx context.Context) error {
 	if err = n.Cluster.Apply(ctx, bytes.Join(keep, []byte("\n---"))); err != nil {
 		return fmt.Errorf("apply Multus' CRD and RBAC: %w", err)
 	}
-	sock := filepath.Join(n.Dir, "multus", "run")
-	if err = os.MkdirAll(sock, 0o755); err != nil {
+	dir, bin, conf, sock := n.Dir, n.CNIBinDir, n.CNIConfDir, filepath.Join(n.Dir, "multus", "run")
+	mounts := "            - {name: node, mountPath: \"" + n.Dir + "\", mountPropagation: HostToContainer}\n"
+	volumes := "        - {name: node, hostPath: {path: \"" + n.Dir + "\"}}\n"
+	if n.initPid != 0 {
+		// Multus makes its socket directory afresh: not a mount of its
+		// own.
+		dir, sock = "/run/node", "/run/node/multus"
+		bin, conf = n.RuntimeCNIDirs()
+		mounts, volumes = "", ""
+		for i, p := range multusContainerPaths {
+			name := fmt.Sprintf("p%d", i)
+			if p == dir {
+				name = "node" // the init step's volume
+			}
+			mounts += fmt.Sprintf("            - {name: %s, mountPath: %q, mountPropagation: HostToContainer}\n", name, p)
+			volumes += fmt.Sprintf("        - {name: %s, hostPath: {path: %q, type: DirectoryOrCreate}}\n", name, p)
+		}
+	} else if err = os.MkdirAll(sock, 0o755); err != nil {
 		return err
 	}
-	r := strings.NewReplacer("{{.Dir}}", n.Dir, "{{.Bin}}", n.CNIBinDir, "{{.Conf}}", n.CNIConfDir, "{{.Sock}}", sock,
-		"{{.Netns}}", n.RuntimeNetnsDir(), "{{.Image}}", MultusImage)
+	r := strings.NewReplacer("{{.Dir}}", dir, "{{.Bin}}", bin, "{{.Conf}}", conf, "{{.Sock}}", sock,
+		"{{.Mounts}}", mounts, "{{.Volumes}}", volumes, "{{.Image}}", MultusImage)
 	if err = n.Cluster.Apply(ctx, []byte(r.Replace(multusDaemonSet))); err != nil {
 		return fmt.Errorf("apply Multus' DaemonSet: %w", err)
 	}
 	if _, err = n.waitDaemonSet(ctx, "kube-system", MultusDaemonSet, "name=multus", 2*time.Minute); err != nil {
 		return err
 	}
-	return n.waitFile(ctx, filepath.Join(n.CNIConfDir, MultusConf), time.Minute)
+	for _, x := range append([]*Node{n}, more...) {
+		if err = x.waitFile(ctx, filepath.Join(x.CNIConfDir, MultusConf), time.Minute); err != nil {
+			return err
+		}
+	}
+	return nil
 }
+
+// multusContainerPaths are the node paths Multus' container mounts in node
+// containers, each at its own path: the CNI and netns directories and
+// Multus' socket directory (/run/node), Flannel's directory, vmnic's shim
+// socket and DEL spool at the chart's defaults, and the Spiderpool agent's
+// socket directory (for the IPAM of an underlay plugin Multus runs).
+var multusContainerPaths = []string{"/run/node", "/run/flannel", "/run/vmnic", "/var/lib/vmnic", "/var/run/spidernet"}

@@ -917,3 +917,19 @@ func (n *Node) restoreSysctls() error {
 	}
 	return errors.Join(errs...)
 }
+
+// Link joins two nodes' network namespaces with a veth pair, named name on
+// both sides and up: a cable between the nodes, for a network of their own
+// beside the LAN (an OVS bridge's uplink, a macvlan's parent). The pair
+// goes with either namespace.
+func Link(a, b *Node, name string) error {
+	if _, err := run("ip", "-n", filepath.Base(a.NetNS), "link", "add", name, "type", "veth", "peer", "name", name, "netns", filepath.Base(b.NetNS)); err != nil {
+		return err
+	}
+	for _, n := range []*Node{a, b} {
+		if _, err := n.InNode("ip", "link", "set", name, "up"); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -73,6 +73,10 @@ type AgentOptions struct {
 	// in another network namespace (a node's, whose API server it
 	// reaches). The caller keeps it. nil: the agent's own.
 	Launcher *proc.Launcher
+	// KubeVirtInstalled leaves KubeVirt's CRDs as they are: the cluster
+	// runs the real KubeVirt, whose operator made them. Otherwise
+	// StartAgent installs the minimal ones the agent reads.
+	KubeVirtInstalled bool
 	// ReadyTimeout bounds the wait for the agent's health endpoint
 	// (building the binary is bounded only by StartAgent's context).
 	// Default 60s.
@@ -98,10 +102,10 @@ type Agent struct {
 	stopOnce sync.Once
 }
 
-// StartAgent installs Spiderpool's CRDs (and KubeVirt's minimal ones) into
-// c, writes dir/conf.yml, starts spiderpool-agent with c's admin
-// kubeconfig and waits until GET /v1/ipam/healthy answers on the unix
-// socket. ctx bounds the startup only (including a build of the binary);
+// StartAgent installs Spiderpool's CRDs (and KubeVirt's minimal ones, see
+// AgentOptions.KubeVirtInstalled) into c, writes dir/conf.yml, starts
+// spiderpool-agent with c's admin kubeconfig and waits until
+// GET /v1/ipam/healthy answers on the unix socket. ctx bounds the startup only (including a build of the binary);
 // the agent lives until Stop, or until the test process dies (it gets
 // SIGKILL then). On error nothing is left running and the error carries
 // the tail of the agent's log.
@@ -310,8 +314,10 @@ func installObjects(ctx context.Context, c *cluster.Cluster, opts AgentOptions) 
 	}
 	// The agent reads VirtualMachineInstances (kubevirt.io/v1) when it
 	// releases a VM pod's IPs.
-	if err := c.InstallKubeVirtCRDs(ctx); err != nil {
-		return fmt.Errorf("kubevirt CRDs: %w", err)
+	if !opts.KubeVirtInstalled {
+		if err := c.InstallKubeVirtCRDs(ctx); err != nil {
+			return fmt.Errorf("kubevirt CRDs: %w", err)
+		}
 	}
 	return c.CreateNamespace(ctx, opts.Namespace)
 }

@@ -37,7 +37,7 @@ out=${TOOLS_BIN:-$root/.tools/bin}
 
 if (($# == 0)); then
   echo "usage: $0 NAME..." >&2
-  echo "  names: kube-apiserver etcd helm cnitool golangci-lint ptp bridge loopback host-local portmap spiderpool-agent spiderpool coordinator kubevirt-oracle ovs-cni" >&2
+  echo "  names: kube-apiserver etcd helm cnitool golangci-lint ptp bridge loopback macvlan host-local portmap spiderpool-agent spiderpool coordinator kubevirt-oracle ovs-cni" >&2
   echo "         kubelet kube-controller-manager kube-scheduler containerd containerd-shim-runc-v2 ctr crictl flanneld flannel multus-daemon multus-shim," >&2
   echo "         virt-operator virt-api virt-controller virt-handler virt-launcher virt-launcher-monitor virt-chroot virt-exportproxy" >&2
   echo "         synchronization-controller virtctl virt-tail virt-probe virt-freezer libvirt-hook-client, or a package path" >&2
@@ -52,7 +52,7 @@ pkg_of() {
     helm) echo helm.sh/helm/v3/cmd/helm ;;
     cnitool) echo github.com/containernetworking/cni/cnitool ;;
     golangci-lint) echo github.com/golangci/golangci-lint/v2/cmd/golangci-lint ;;
-    ptp | bridge | loopback) echo "github.com/containernetworking/plugins/plugins/main/$1" ;;
+    ptp | bridge | loopback | macvlan) echo "github.com/containernetworking/plugins/plugins/main/$1" ;;
     host-local) echo "github.com/containernetworking/plugins/plugins/ipam/$1" ;;
     portmap | flannel) echo "github.com/containernetworking/plugins/plugins/meta/$1" ;;
     containerd | containerd-shim-runc-v2 | ctr) echo "github.com/containerd/containerd/v2/cmd/$1" ;;
