@@ -446,6 +446,10 @@ func checkKubeVirt(obj *unstructured.Unstructured) error {
 // checkVM notes it and strips it before decoding.
 const passtBindingField = "passtBinding"
 
+// multusDefaultNetwork is Multus' annotation that replaces a pod's cluster
+// network.
+const multusDefaultNetwork = "v1.multus-cni.io/default-network"
+
 // checkVM checks a VirtualMachine against KubeVirt's API types and against
 // the pools and networks of its example: each interface's binding fits the
 // network's vmnic entry, and the ippools annotation names the pod
@@ -481,9 +485,21 @@ func checkVM(obj *unstructured.Unstructured, pools map[string]int64, networks ma
 	nets := map[string]kubevirtv1.Network{}
 	// podIfs maps the pod interfaces KubeVirt creates to their networks.
 	podIfs := map[string]*network{}
+	// Multus' annotation on the template, which KubeVirt copies to the
+	// launcher pod, makes a NetworkAttachmentDefinition the pod network.
+	defaultNAD := vm.Spec.Template.ObjectMeta.Annotations[multusDefaultNetwork]
+	if _, name, ok := strings.Cut(defaultNAD, "/"); ok {
+		defaultNAD = name
+	}
 	for _, n := range spec.Networks {
 		nets[n.Name] = n
 		switch {
+		case n.Pod != nil && defaultNAD != "":
+			def, ok := networks[defaultNAD]
+			if !ok {
+				errs = append(errs, fmt.Errorf("network %s: %s names NetworkAttachmentDefinition %q, not defined in this example", n.Name, multusDefaultNetwork, defaultNAD))
+			}
+			podIfs[kubevirt.PodNetworkInterface] = def
 		case n.Pod != nil:
 			podIfs[kubevirt.PodNetworkInterface] = nil
 		case n.Multus != nil:
@@ -509,6 +525,7 @@ func checkVM(obj *unstructured.Unstructured, pools map[string]int64, networks ma
 			continue
 		}
 		var want string
+		nad := defaultNAD
 		switch {
 		case iface.Binding != nil && iface.Binding.Name == kubevirt.DefaultBinding && n.Pod != nil:
 			continue // masquerade, chained into the primary conflist by vmnicd
@@ -518,23 +535,27 @@ func checkVM(obj *unstructured.Unstructured, pools map[string]int64, networks ma
 				want = netconf.ModeMasquerade
 			}
 		case passt[iface.Name]:
-			if n.Multus == nil || !n.Multus.Default {
-				errs = append(errs, fmt.Errorf("interface %s: KubeVirt's passt binding serves only the pod network or the Multus default network", iface.Name))
+			// KubeVirt v1.8.2's admitter (pkg/network/admitter/passt.go):
+			// "PasstBinding interface only implemented with pod network".
+			if n.Pod == nil {
+				errs = append(errs, fmt.Errorf("interface %s: KubeVirt's passt binding serves only the pod network (pod: {}; an underlay becomes it through %s)", iface.Name, multusDefaultNetwork))
 				continue
 			}
 			want = netconf.ModePasst
 		default:
 			continue
 		}
-		if n.Multus == nil {
+		if n.Multus != nil {
+			_, nad, _ = strings.Cut(n.Multus.NetworkName, "/")
+			if nad == "" {
+				nad = n.Multus.NetworkName
+			}
+		}
+		if nad == "" {
 			continue
 		}
-		_, nad, _ := strings.Cut(n.Multus.NetworkName, "/")
-		if nad == "" {
-			nad = n.Multus.NetworkName
-		}
 		if def := networks[nad]; def != nil && !slices.Contains(def.vmnicModes, want) {
-			errs = append(errs, fmt.Errorf("interface %s: network %s has vmnic modes %v, want %s", iface.Name, n.Multus.NetworkName, def.vmnicModes, want))
+			errs = append(errs, fmt.Errorf("interface %s: network %s has vmnic modes %v, want %s", iface.Name, nad, def.vmnicModes, want))
 		}
 	}
 	if len(spec.Domain.Devices.Interfaces) == 0 {
