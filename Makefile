@@ -36,8 +36,10 @@ demo: ## local demo: wire a VM NIC with vmnic masquerade and boot a real guest o
 test: deps build vet lint ## the whole suite (as root): vet, format, lint, unit, integration, guest, cluster, a real node (containerd, kubelet, Flannel, Multus), the real KubeVirt on two nodes, bounded fuzzing, then the node VM (Debian's kernel: passt over ipvlan, a VLAN underlay, the OVS kernel datapath)
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
 	FUZZTIME=5s bash test/fuzz.sh
-	@# test/watch first: it waits ten minutes beside the other packages rather than after them.
-	$(GO) test -count=1 -timeout 40m ./test/watch $$($(GO) list ./... | grep -v -e /test/nodevm$$ -e /test/watch$$)
+	@# test/watch waits ten minutes and test/virt (two nodes, KubeVirt, emulated guests that migrate) loads
+	@# the machine for as long: they run together, then the other packages, which test/virt slowed to failing.
+	$(GO) test -count=1 -timeout 40m ./test/watch ./test/virt
+	$(GO) test -count=1 -timeout 40m $$($(GO) list ./... | grep -v -e /test/nodevm$$ -e /test/watch$$ -e /test/virt$$)
 	$(GO) test -count=1 -timeout 40m ./test/nodevm
 
 fuzz: ## run each fuzz target (FUZZTIME, default 20s)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"hash/crc32"
 	"io"
@@ -28,27 +29,34 @@ import (
 )
 
 // GuestScript is what the guests of the KubeVirt tests run (test/guest's
-// initramfs runs it once its NICs are up): DHCP on eth0, then it prints
-// its address, pings the address given as vmnic.peer= on the kernel
-// command line, and serves HTTP on ports 8080 and 8081, each answering
-// "guest <port>". Everything it prints goes to the serial console, which
-// KubeVirt logs (logSerialConsole).
-const GuestScript = `peer=$(sed -n 's/.*vmnic\.peer=\([^ ]*\).*/\1/p' /proc/cmdline)
-udhcpc -i eth0 -q -n -t 20 -T 2 || echo DHCP4-FAILED
-echo "ADDR4 $(ip -4 -o addr show dev eth0 | awk '{print $4}' | head -1)"
+// initramfs runs it once its NICs are up): DHCP on each NIC in turn, each
+// printed as "ADDR4 <dev> <address>" and "MAC <dev> <mac>"; HTTP on ports
+// 8080 and 8081, each answering "guest <port>"; an echo service on TCP
+// port 9000 (a connection held open shows that it survives a migration);
+// then a ping to each address of vmnic.peers= (comma-separated) on the
+// kernel command line, printed as "PEER-OK <ip>" or "PEER-FAILED <ip>".
+// Everything it prints goes to the serial console, which KubeVirt logs
+// (logSerialConsole).
+const GuestScript = `peers=$(sed -n 's/.*vmnic\.peers=\([^ ]*\).*/\1/p' /proc/cmdline | tr , ' ')
+for dev in $(ls /sys/class/net | grep '^eth' | sort); do
+	udhcpc -i $dev -q -n -t 20 -T 2 || echo "DHCP4-FAILED $dev"
+	echo "ADDR4 $dev $(ip -4 -o addr show dev $dev | awk '{print $4}' | head -1)"
+	echo "MAC $dev $(cat /sys/class/net/$dev/address)"
+done
 echo "ROUTE4 $(ip -4 route show default | head -1)"
 for p in 8080 8081; do
 	mkdir -p /tmp/www$p && echo "guest $p" > /tmp/www$p/index.html
 	busybox httpd -p $p -h /tmp/www$p
 done
+busybox nc -ll -p 9000 -e cat &
 echo SERVING
-if [ -n "$peer" ]; then
+for peer in $peers; do
 	i=0
 	until ping -c 1 -W 2 "$peer" >/dev/null 2>&1; do
 		i=$((i+1)); [ $i -ge 30 ] && break
 	done
 	if [ $i -lt 30 ]; then echo "PEER-OK $peer"; else echo "PEER-FAILED $peer"; fi
-fi
+done
 while true; do sleep 3600; done
 `
 
@@ -234,27 +242,38 @@ func launcherReport(ctx context.Context, n *node.Node, namespace, name string) s
 	return b.String()
 }
 
-// WaitConsole follows the VMI's serial console log (the launcher pod's
-// guest-console-log container) until a line matches re, and returns its
-// submatches.
+// Console is the VMI's serial console log so far (the launcher pod's
+// guest-console-log container), its lines trimmed.
+func Console(ctx context.Context, n *node.Node, vmi *kubevirtv1.VirtualMachineInstance) (string, error) {
+	pod, err := LauncherPod(ctx, n, vmi)
+	if err != nil {
+		return "", err
+	}
+	rc, err := n.Kube.CoreV1().Pods(pod.Namespace).GetLogs(pod.Name, &corev1.PodLogOptions{Container: "guest-console-log"}).Stream(ctx)
+	if err != nil {
+		return "", err
+	}
+	defer func() { _ = rc.Close() }()
+	var b strings.Builder
+	sc := bufio.NewScanner(io.LimitReader(rc, 16<<20))
+	for sc.Scan() {
+		b.WriteString(strings.TrimSpace(sc.Text()))
+		b.WriteByte('\n')
+	}
+	return b.String(), sc.Err()
+}
+
+// WaitConsole follows the VMI's serial console log until a line matches
+// re, and returns its submatches.
 func WaitConsole(ctx context.Context, n *node.Node, vmi *kubevirtv1.VirtualMachineInstance, re *regexp.Regexp, timeout time.Duration) ([]string, error) {
 	var match []string
-	var last string
 	err := wait(ctx, timeout, "guest console line "+re.String(), func() (bool, string) {
-		pod, err := LauncherPod(ctx, n, vmi)
+		console, err := Console(ctx, n, vmi)
 		if err != nil {
 			return false, err.Error()
 		}
-		rc, err := n.Kube.CoreV1().Pods(pod.Namespace).GetLogs(pod.Name, &corev1.PodLogOptions{Container: "guest-console-log"}).Stream(ctx)
-		if err != nil {
-			return false, err.Error()
-		}
-		defer func() { _ = rc.Close() }()
-		sc := bufio.NewScanner(io.LimitReader(rc, 16<<20))
-		var lines []string
-		for sc.Scan() {
-			line := strings.TrimSpace(sc.Text())
-			lines = append(lines, line)
+		lines := strings.Split(strings.TrimSuffix(console, "\n"), "\n")
+		for _, line := range lines {
 			if m := re.FindStringSubmatch(line); m != nil {
 				match = m
 				return true, ""
@@ -263,8 +282,26 @@ func WaitConsole(ctx context.Context, n *node.Node, vmi *kubevirtv1.VirtualMachi
 		if len(lines) > 10 {
 			lines = lines[len(lines)-10:]
 		}
-		last = strings.Join(lines, "\n")
-		return false, "console so far ends with:\n" + last
+		return false, "console so far ends with:\n" + strings.Join(lines, "\n")
 	}, func() string { return launcherReport(ctx, n, vmi.Namespace, vmi.Name) })
 	return match, err
+}
+
+// NetworkStatusEntry is one network of Multus' network-status annotation.
+type NetworkStatusEntry struct {
+	Name      string   `json:"name"`
+	Interface string   `json:"interface"`
+	IPs       []string `json:"ips"`
+	MAC       string   `json:"mac"`
+	Default   bool     `json:"default"`
+}
+
+// NetworkStatus is the pod's network-status annotation, as Multus wrote it.
+func NetworkStatus(pod *corev1.Pod) ([]NetworkStatusEntry, error) {
+	raw := pod.Annotations["k8s.v1.cni.cncf.io/network-status"]
+	var s []NetworkStatusEntry
+	if err := json.Unmarshal([]byte(raw), &s); err != nil {
+		return nil, fmt.Errorf("pod %s: network-status %q: %w", pod.Name, raw, err)
+	}
+	return s, nil
 }

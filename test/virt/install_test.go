@@ -1,14 +1,12 @@
 package virt_test
 
 import (
-	"io"
-	"net/http"
+	"context"
+	"net"
 	"regexp"
-	"strings"
 	"testing"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
@@ -16,6 +14,7 @@ import (
 	"github.com/vmnic/vmnic/test/guest"
 	"github.com/vmnic/vmnic/test/need"
 	"github.com/vmnic/vmnic/test/node"
+	"github.com/vmnic/vmnic/test/ovs"
 	"github.com/vmnic/vmnic/test/proc"
 	"github.com/vmnic/vmnic/test/virt"
 )
@@ -28,6 +27,10 @@ type env struct {
 	a, b  *node.Node
 	imgs  virt.Images
 	guest *virt.GuestImage
+	ovs   []*ovs.OVS // node-1's and node-2's
+	// migrants are the VMs the Migration subtests move, in the order the
+	// subtests made them.
+	migrants []*migrant
 }
 
 // TestRealKubeVirt runs vmnic under the real KubeVirt: KubeVirt's own
@@ -53,6 +56,7 @@ func TestRealKubeVirt(t *testing.T) {
 		}
 	}
 	kv := virt.DefaultCR()
+	kv.Spec.Configuration.DeveloperConfiguration.FeatureGates = append(kv.Spec.Configuration.DeveloperConfiguration.FeatureGates, "PasstBinding")
 	kv.Spec.Configuration.NetworkConfiguration = &kubevirtv1.NetworkConfiguration{Binding: map[string]kubevirtv1.InterfaceBindingPlugin{
 		kubevirt.DefaultBinding: {DomainAttachmentType: kubevirtv1.Tap, Migration: &kubevirtv1.InterfaceBindingMigration{}},
 	}}
@@ -62,6 +66,10 @@ func TestRealKubeVirt(t *testing.T) {
 	}
 	t.Logf("KubeVirt Available %v after the install began", time.Since(start).Round(time.Millisecond))
 	t.Run("Installed", e.installed)
+	if t.Failed() {
+		return
+	}
+	e.secondary(t)
 
 	img, err := node.BuildVmnicImage(ctx, t.TempDir(), "v1")
 	if err != nil {
@@ -83,6 +91,10 @@ func TestRealKubeVirt(t *testing.T) {
 		t.Fatalf("vmnic's DaemonSet: %d of 2 nodes ready", ds.Status.NumberReady)
 	}
 	t.Run("Masquerade", e.masquerade)
+	t.Run("Bridge", e.bridge)
+	t.Run("Passt", e.passt)
+	t.Run("StopStart", e.stopStart)
+	t.Run("Migration", e.migration)
 }
 
 // installed: the KubeVirt CR is Available at the version built here,
@@ -157,8 +169,8 @@ func (e *env) masquerade(t *testing.T) {
 		Binding: &kubevirtv1.PluginBinding{Name: kubevirt.DefaultBinding},
 		Ports:   []kubevirtv1.Port{{Port: 8080, Protocol: "TCP"}},
 	}
-	vmi := virt.VMI("masq", e.guest, iface, "vmnic.peer="+p.Status.PodIP)
-	vmi.Spec.NodeSelector = map[string]string{corev1.LabelHostname: e.a.Name}
+	vmi := virt.VMI("masq", e.guest, iface, "vmnic.peers="+p.Status.PodIP)
+	virt.PreferNode(vmi, e.a.Name)
 	start := time.Now()
 	created, err := e.a.CreateVMI(ctx, vmi)
 	if err != nil {
@@ -169,7 +181,10 @@ func (e *env) masquerade(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("VMI Running %v after its creation, on %s", time.Since(start).Round(time.Millisecond), running.Status.NodeName)
-	m, err := virt.WaitConsole(ctx, e.a, running, regexp.MustCompile(`^ADDR4 (\S*)`), 3*time.Minute)
+	if running.Status.NodeName != e.a.Name {
+		t.Fatalf("VMI on %s, want %s (preferred)", running.Status.NodeName, e.a.Name)
+	}
+	m, err := virt.WaitConsole(ctx, e.a, running, regexp.MustCompile(`^ADDR4 eth0 ?(\S*)`), 3*time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -191,20 +206,21 @@ func (e *env) masquerade(t *testing.T) {
 		t.Fatal(err)
 	}
 	// HTTP from inside the peer pod's network namespace.
-	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: proc.NetnsDialer(netns)}}
 	get := func(port string) (string, error) {
-		resp, err := client.Get("http://" + launcher.Status.PodIP + ":" + port + "/")
-		if err != nil {
-			return "", err
-		}
-		defer func() { _ = resp.Body.Close() }()
-		body, err := io.ReadAll(resp.Body)
-		return strings.TrimSpace(string(body)), err
+		return httpGet(ctx, proc.NetnsDialer(netns), net.JoinHostPort(launcher.Status.PodIP, port))
 	}
 	if got, err := get("8080"); err != nil || got != "guest 8080" {
 		t.Errorf("from a pod on %s, the VM pod %s:8080 answered %q, %v; want the guest's \"guest 8080\"", e.b.Name, launcher.Status.PodIP, got, err)
 	}
 	if got, err := get("8081"); err == nil {
 		t.Errorf("from a pod on %s, the VM pod %s:8081 answered %q: port 8081 is not listed", e.b.Name, launcher.Status.PodIP, got)
+	}
+	if !t.Failed() {
+		// Its pod IP changes when it migrates: the probe asks each
+		// launcher pod of the VM.
+		e.migrants = append(e.migrants, &migrant{
+			mode: "Masquerade", vmi: running, dial: proc.NetnsDialer(netns),
+			targets: func(ctx context.Context) []string { return launcherAddrs(ctx, e.a, running, "8080") },
+		})
 	}
 }

@@ -1,0 +1,117 @@
+package virt_test
+
+import (
+	"context"
+	"net"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	kubevirtv1 "kubevirt.io/api/core/v1"
+
+	"github.com/vmnic/vmnic/test/node"
+	"github.com/vmnic/vmnic/test/proc"
+	"github.com/vmnic/vmnic/test/virt"
+)
+
+// The passt network: a macvlan underlay on a cable between the nodes
+// (passtUplink, each node's macvlan parent), Spiderpool's pool on it.
+const (
+	passtNAD     = "macvlan-passt"
+	passtUplink  = "up-macvlan"
+	passtSubnet  = "172.16.10.0/24"
+	passtIPs     = "172.16.10.100-172.16.10.199"
+	passtGateway = "172.16.10.1"
+)
+
+// defaultNetwork is Multus' annotation that replaces a pod's cluster
+// network; KubeVirt copies a VMI's annotations to its launcher pod.
+const defaultNetwork = "v1.multus-cni.io/default-network"
+
+// passt: a VMI on KubeVirt's core passt binding (passtBinding, the
+// PasstBinding gate) whose pod network is the macvlan underlay with vmnic
+// chained in passt mode, on node-1. Its guest takes the pod's underlay
+// address by DHCP from passt and reaches a pod on the underlay on node-2,
+// which reaches the guest on the listed port 8080 and not on 8081.
+func (e *env) passt(t *testing.T) {
+	ctx := t.Context()
+	peer := node.PlainPod("passt-peer")
+	peer.Spec.NodeName = e.b.Name
+	peer.Annotations = map[string]string{defaultNetwork: "default/" + passtNAD}
+	if _, err := e.a.Kube.CoreV1().Pods("default").Create(ctx, peer, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	p, err := e.b.WaitPodReady(ctx, "default", peer.Name, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(p.Status.PodIP, "172.16.10.") {
+		t.Fatalf("the peer pod's IP %s is not on the underlay %s", p.Status.PodIP, passtSubnet)
+	}
+	iface := kubevirtv1.Interface{
+		InterfaceBindingMethod: kubevirtv1.InterfaceBindingMethod{PasstBinding: &kubevirtv1.InterfacePasstBinding{}},
+		// 9000: the guest's echo service, for the migration's TCP
+		// connection.
+		Ports: []kubevirtv1.Port{{Port: 8080, Protocol: "TCP"}, {Port: 9000, Protocol: "TCP"}},
+	}
+	vmi := virt.VMI("passt", e.guest, iface, "vmnic.peers="+p.Status.PodIP)
+	vmi.Annotations = map[string]string{defaultNetwork: "default/" + passtNAD}
+	virt.PreferNode(vmi, e.a.Name)
+	start := time.Now()
+	created, err := e.a.CreateVMI(ctx, vmi)
+	if err != nil {
+		t.Fatal(err)
+	}
+	running, err := virt.WaitVMIRunning(ctx, e.a, created.Namespace, created.Name, 5*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("VMI Running %v after its creation, on %s", time.Since(start).Round(time.Millisecond), running.Status.NodeName)
+	if running.Status.NodeName != e.a.Name {
+		t.Fatalf("VMI on %s, want %s (preferred)", running.Status.NodeName, e.a.Name)
+	}
+	launcher, err := virt.LauncherPod(ctx, e.a, running)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(launcher.Status.PodIP, "172.16.10.") {
+		t.Fatalf("the launcher pod's IP %s is not on the underlay %s", launcher.Status.PodIP, passtSubnet)
+	}
+	m, err := virt.WaitConsole(ctx, e.a, running, regexp.MustCompile(`^ADDR4 eth0 ?(\S*)`), 3*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := launcher.Status.PodIP + "/24"; m[1] != want {
+		t.Errorf("guest address %q, want the pod's %s from passt's DHCP", m[1], want)
+	}
+	if m, err = virt.WaitConsole(ctx, e.a, running, regexp.MustCompile(`^PEER-(OK|FAILED)`), 2*time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if m[1] != "OK" {
+		t.Errorf("the guest does not reach the pod on the underlay on %s (%s)", e.b.Name, p.Status.PodIP)
+	}
+	netns, err := e.b.PodNetns("default", peer.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// HTTP from inside the peer pod's network namespace.
+	get := func(port string) (string, error) {
+		return httpGet(ctx, proc.NetnsDialer(netns), net.JoinHostPort(launcher.Status.PodIP, port))
+	}
+	if got, err := get("8080"); err != nil || got != "guest 8080" {
+		t.Errorf("from the underlay pod on %s, the VM pod %s:8080 answered %q, %v; want the guest's \"guest 8080\"", e.b.Name, launcher.Status.PodIP, got, err)
+	}
+	if got, err := get("8081"); err == nil {
+		t.Errorf("from the underlay pod on %s, the VM pod %s:8081 answered %q: port 8081 is not listed", e.b.Name, launcher.Status.PodIP, got)
+	}
+	if !t.Failed() {
+		addr := net.JoinHostPort(launcher.Status.PodIP, "8080")
+		e.migrants = append(e.migrants, &migrant{
+			mode: "Passt", vmi: running, dial: proc.NetnsDialer(netns), keepsPodIP: true,
+			echo:    net.JoinHostPort(launcher.Status.PodIP, "9000"),
+			targets: func(context.Context) []string { return []string{addr} },
+		})
+	}
+}
