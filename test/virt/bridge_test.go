@@ -176,26 +176,14 @@ type nic struct {
 	ip, mac string
 }
 
-// bridgeNICs starts vmi, waits for it to run and for its guest to take an
+// bridgeNICs starts vmi on node on, waits for it to run and for its guest to take an
 // address on each NIC, and checks that Multus' network-status, the VMI's
 // status and the guest agree on each secondary NIC's IP and MAC, and that
 // a NIC with a macAddress has it. It returns the NICs in the order of
 // secondaries.
-func (e *env) bridgeNICs(t *testing.T, vmi *kubevirtv1.VirtualMachineInstance) (*kubevirtv1.VirtualMachineInstance, []nic) {
+func (e *env) bridgeNICs(t *testing.T, vmi *kubevirtv1.VirtualMachineInstance, on *node.Node) (*kubevirtv1.VirtualMachineInstance, []nic) {
 	ctx := t.Context()
-	start := time.Now()
-	created, err := e.a.CreateVMI(ctx, vmi)
-	if err != nil {
-		t.Fatal(err)
-	}
-	running, err := virt.WaitVMIRunning(ctx, e.a, created.Namespace, created.Name, 5*time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("VMI %s Running %v after its creation, on %s", vmi.Name, time.Since(start).Round(time.Millisecond), running.Status.NodeName)
-	if want := vmi.Spec.Affinity.NodeAffinity.PreferredDuringSchedulingIgnoredDuringExecution[0].Preference.MatchExpressions[0].Values[0]; running.Status.NodeName != want {
-		t.Fatalf("VMI %s on %s, want %s (preferred)", vmi.Name, running.Status.NodeName, want)
-	}
+	running := e.run(t, vmi, on)
 	launcher, err := virt.LauncherPod(ctx, e.a, running)
 	if err != nil {
 		t.Fatal(err)
@@ -277,7 +265,7 @@ func (e *env) bridgeNICs(t *testing.T, vmi *kubevirtv1.VirtualMachineInstance) (
 // and the guest, and the guest on node-1 reaches the guest on node-2 over
 // each NIC.
 func (e *env) bridge(t *testing.T) {
-	_, b := e.bridgeNICs(t, e.bridgeVMI("br-b", e.b, "02:00:00:00:0b:01", ""))
+	_, b := e.bridgeNICs(t, e.bridgeVMI("br-b", e.b, "02:00:00:00:0b:01", ""), e.b)
 	if t.Failed() {
 		return
 	}
@@ -285,7 +273,7 @@ func (e *env) bridge(t *testing.T) {
 	for i, n := range b {
 		peers[i] = n.ip
 	}
-	vmi, a := e.bridgeNICs(t, e.bridgeVMI("br-a", e.a, "02:00:00:00:0a:01", "vmnic.peers="+strings.Join(peers, ",")))
+	vmi, a := e.bridgeNICs(t, e.bridgeVMI("br-a", e.a, "02:00:00:00:0a:01", "vmnic.peers="+strings.Join(peers, ",")), e.a)
 	for _, ip := range peers {
 		m, err := virt.WaitConsole(t.Context(), e.a, vmi, regexp.MustCompile(`^PEER-(OK|FAILED) `+regexp.QuoteMeta(ip)+`$`), 2*time.Minute)
 		if err != nil {
@@ -311,7 +299,7 @@ func (e *env) bridge(t *testing.T) {
 	if out, err := e.b.InNode("ping", "-c", "2", "-W", "2", a[0].ip); err != nil {
 		t.Fatalf("from node-2's probe port, the guest on %s (%s) does not answer: %v\n%s", e.a.Name, a[0].ip, err, out)
 	}
-	e.migrants = append(e.migrants, &migrant{mode: "Bridge", vmi: vmi, nics: a, pingFrom: e.b.NetNS, pingIP: a[0].ip})
+	e.migrants = append(e.migrants, &migrant{mode: "Bridge", vmi: vmi, pingFrom: e.b.NetNS, pingIP: a[0].ip})
 }
 
 // bridgeProbeIP is the address of the probe's port on the blue network.

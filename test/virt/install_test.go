@@ -171,19 +171,7 @@ func (e *env) masquerade(t *testing.T) {
 	}
 	vmi := virt.VMI("masq", e.guest, iface, "vmnic.peers="+p.Status.PodIP)
 	virt.PreferNode(vmi, e.a.Name)
-	start := time.Now()
-	created, err := e.a.CreateVMI(ctx, vmi)
-	if err != nil {
-		t.Fatal(err)
-	}
-	running, err := virt.WaitVMIRunning(ctx, e.a, created.Namespace, created.Name, 5*time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("VMI Running %v after its creation, on %s", time.Since(start).Round(time.Millisecond), running.Status.NodeName)
-	if running.Status.NodeName != e.a.Name {
-		t.Fatalf("VMI on %s, want %s (preferred)", running.Status.NodeName, e.a.Name)
-	}
+	running := e.run(t, vmi, e.a)
 	m, err := virt.WaitConsole(ctx, e.a, running, regexp.MustCompile(`^ADDR4 eth0 ?(\S*)`), 3*time.Minute)
 	if err != nil {
 		t.Fatal(err)
@@ -205,16 +193,7 @@ func (e *env) masquerade(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// HTTP from inside the peer pod's network namespace.
-	get := func(port string) (string, error) {
-		return httpGet(ctx, proc.NetnsDialer(netns), net.JoinHostPort(launcher.Status.PodIP, port))
-	}
-	if got, err := get("8080"); err != nil || got != "guest 8080" {
-		t.Errorf("from a pod on %s, the VM pod %s:8080 answered %q, %v; want the guest's \"guest 8080\"", e.b.Name, launcher.Status.PodIP, got, err)
-	}
-	if got, err := get("8081"); err == nil {
-		t.Errorf("from a pod on %s, the VM pod %s:8081 answered %q: port 8081 is not listed", e.b.Name, launcher.Status.PodIP, got)
-	}
+	checkPorts(t, netns, launcher.Status.PodIP)
 	if !t.Failed() {
 		// Its pod IP changes when it migrates: the probe asks each
 		// launcher pod of the VM.
@@ -222,5 +201,42 @@ func (e *env) masquerade(t *testing.T) {
 			mode: "Masquerade", vmi: running, dial: proc.NetnsDialer(netns),
 			targets: func(ctx context.Context) []string { return launcherAddrs(ctx, e.a, running, "8080") },
 		})
+	}
+}
+
+// run creates the VMI, which prefers node on, waits until KubeVirt reports
+// it Running, and checks that it runs on that node.
+func (e *env) run(t *testing.T, vmi *kubevirtv1.VirtualMachineInstance, on *node.Node) *kubevirtv1.VirtualMachineInstance {
+	t.Helper()
+	ctx := t.Context()
+	start := time.Now()
+	created, err := e.a.CreateVMI(ctx, vmi)
+	if err != nil {
+		t.Fatal(err)
+	}
+	running, err := virt.WaitVMIRunning(ctx, e.a, created.Namespace, created.Name, 5*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("VMI %s Running %v after its creation, on %s", vmi.Name, time.Since(start).Round(time.Millisecond), running.Status.NodeName)
+	if running.Status.NodeName != on.Name {
+		t.Fatalf("VMI %s on %s, want %s (preferred)", vmi.Name, running.Status.NodeName, on.Name)
+	}
+	return running
+}
+
+// checkPorts asks the VM pod at ip for a page from the network namespace
+// netns (a peer pod's): the listed port 8080 answers with the guest's
+// page, the unlisted 8081 does not answer.
+func checkPorts(t *testing.T, netns, ip string) {
+	t.Helper()
+	get := func(port string) (string, error) {
+		return httpGet(t.Context(), proc.NetnsDialer(netns), net.JoinHostPort(ip, port))
+	}
+	if got, err := get("8080"); err != nil || got != "guest 8080" {
+		t.Errorf("from the peer pod, the VM pod %s:8080 answered %q, %v; want the guest's \"guest 8080\"", ip, got, err)
+	}
+	if got, err := get("8081"); err == nil {
+		t.Errorf("from the peer pod, the VM pod %s:8081 answered %q: port 8081 is not listed", ip, got)
 	}
 }

@@ -186,7 +186,7 @@ func (p *Probe) get(ctx context.Context, target string) bool {
 
 // ProbeResult is what a probe saw.
 type ProbeResult struct {
-	// Sent is the number of rounds sent; Answered the requests answered.
+	// Sent is the number of rounds sent; Answered the rounds answered.
 	Sent, Answered int
 	// Gap is the longest time between two answered rounds; GapFrom is
 	// the send time of the round before it.
@@ -205,6 +205,9 @@ func (p *Probe) Stop() ProbeResult {
 	defer p.mu.Unlock()
 	answers := slices.Clone(p.answers)
 	slices.SortFunc(answers, func(a, b time.Time) int { return a.Compare(b) })
+	// A round sent to several targets (a masquerade VM's source and
+	// target pods) counts once.
+	answers = slices.CompactFunc(answers, time.Time.Equal)
 	r := ProbeResult{Sent: p.sent, Answered: len(answers)}
 	if len(answers) > 0 {
 		r.Last = answers[len(answers)-1]
@@ -222,14 +225,13 @@ func (p *Probe) Stop() ProbeResult {
 // itself answers ICMP: a bridge NIC, whose pod holds no address. Stop
 // returns what Probe's does, from the replies' receive times.
 type PingProbe struct {
-	cmd    *exec.Cmd
-	out    bytes.Buffer
-	sentAt time.Time
+	cmd *exec.Cmd
+	out bytes.Buffer
 }
 
 // StartPingProbe starts ping in the network namespace at netns.
 func StartPingProbe(netns, ip string, interval time.Duration) (*PingProbe, error) {
-	p := &PingProbe{sentAt: time.Now()}
+	p := &PingProbe{}
 	p.cmd = exec.Command("nsenter", "--net="+netns, "--", "ping", "-D", "-n", "-W", "1",
 		"-i", strconv.FormatFloat(interval.Seconds(), 'f', 3, 64), ip)
 	p.cmd.Stdout = &p.out

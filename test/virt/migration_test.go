@@ -29,8 +29,6 @@ type migrant struct {
 	// while the VM migrates.
 	dial    func(ctx context.Context, network, addr string) (net.Conn, error)
 	targets func(ctx context.Context) []string
-	// nics are a bridge VM's secondary NICs (IP and MAC to keep).
-	nics []nic
 	// keepsPodIP: the launcher pod's IP is the VM's (passt).
 	keepsPodIP bool
 	// pingFrom, pingIP: the probe pings pingIP from the network namespace
@@ -105,9 +103,6 @@ func (e *env) migrate(t *testing.T, m *migrant) {
 		}
 		if !m.keepsPodIP {
 			after.podIP = before.podIP
-		}
-		if m.nics == nil {
-			after.nics = before.nics
 		}
 		if after.String() != before.String() {
 			t.Errorf("after the migration to %s the VM has\n  %s\nbefore\n  %s", to.Name, after, before)

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
@@ -37,19 +38,7 @@ const defaultNetwork = "v1.multus-cni.io/default-network"
 // which reaches the guest on the listed port 8080 and not on 8081.
 func (e *env) passt(t *testing.T) {
 	ctx := t.Context()
-	peer := node.PlainPod("passt-peer")
-	peer.Spec.NodeName = e.b.Name
-	peer.Annotations = map[string]string{defaultNetwork: "default/" + passtNAD}
-	if _, err := e.a.Kube.CoreV1().Pods("default").Create(ctx, peer, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	p, err := e.b.WaitPodReady(ctx, "default", peer.Name, time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !strings.HasPrefix(p.Status.PodIP, "172.16.10.") {
-		t.Fatalf("the peer pod's IP %s is not on the underlay %s", p.Status.PodIP, passtSubnet)
-	}
+	p := e.underlayPod(t, "passt-peer", e.b)
 	iface := kubevirtv1.Interface{
 		InterfaceBindingMethod: kubevirtv1.InterfaceBindingMethod{PasstBinding: &kubevirtv1.InterfacePasstBinding{}},
 		// 9000: the guest's echo service, for the migration's TCP
@@ -59,19 +48,7 @@ func (e *env) passt(t *testing.T) {
 	vmi := virt.VMI("passt", e.guest, iface, "vmnic.peers="+p.Status.PodIP)
 	vmi.Annotations = map[string]string{defaultNetwork: "default/" + passtNAD}
 	virt.PreferNode(vmi, e.a.Name)
-	start := time.Now()
-	created, err := e.a.CreateVMI(ctx, vmi)
-	if err != nil {
-		t.Fatal(err)
-	}
-	running, err := virt.WaitVMIRunning(ctx, e.a, created.Namespace, created.Name, 5*time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("VMI Running %v after its creation, on %s", time.Since(start).Round(time.Millisecond), running.Status.NodeName)
-	if running.Status.NodeName != e.a.Name {
-		t.Fatalf("VMI on %s, want %s (preferred)", running.Status.NodeName, e.a.Name)
-	}
+	running := e.run(t, vmi, e.a)
 	launcher, err := virt.LauncherPod(ctx, e.a, running)
 	if err != nil {
 		t.Fatal(err)
@@ -92,20 +69,11 @@ func (e *env) passt(t *testing.T) {
 	if m[1] != "OK" {
 		t.Errorf("the guest does not reach the pod on the underlay on %s (%s)", e.b.Name, p.Status.PodIP)
 	}
-	netns, err := e.b.PodNetns("default", peer.Name)
+	netns, err := e.b.PodNetns("default", p.Name)
 	if err != nil {
 		t.Fatal(err)
 	}
-	// HTTP from inside the peer pod's network namespace.
-	get := func(port string) (string, error) {
-		return httpGet(ctx, proc.NetnsDialer(netns), net.JoinHostPort(launcher.Status.PodIP, port))
-	}
-	if got, err := get("8080"); err != nil || got != "guest 8080" {
-		t.Errorf("from the underlay pod on %s, the VM pod %s:8080 answered %q, %v; want the guest's \"guest 8080\"", e.b.Name, launcher.Status.PodIP, got, err)
-	}
-	if got, err := get("8081"); err == nil {
-		t.Errorf("from the underlay pod on %s, the VM pod %s:8081 answered %q: port 8081 is not listed", e.b.Name, launcher.Status.PodIP, got)
-	}
+	checkPorts(t, netns, launcher.Status.PodIP)
 	if !t.Failed() {
 		addr := net.JoinHostPort(launcher.Status.PodIP, "8080")
 		e.migrants = append(e.migrants, &migrant{
@@ -114,4 +82,27 @@ func (e *env) passt(t *testing.T) {
 			targets: func(context.Context) []string { return []string{addr} },
 		})
 	}
+}
+
+// underlayPod starts a pod whose pod network is the passt underlay, on
+// node on (any node when nil), and returns it once it is ready with an
+// address of the underlay.
+func (e *env) underlayPod(t *testing.T, name string, on *node.Node) *corev1.Pod {
+	t.Helper()
+	pod := node.PlainPod(name)
+	pod.Annotations = map[string]string{defaultNetwork: "default/" + passtNAD}
+	if on != nil {
+		pod.Spec.NodeName = on.Name
+	}
+	if _, err := e.a.Kube.CoreV1().Pods("default").Create(t.Context(), pod, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	p, err := e.a.WaitPodReady(t.Context(), "default", name, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(p.Status.PodIP, "172.16.10.") {
+		t.Fatalf("pod %s's IP %s is not on the underlay %s", name, p.Status.PodIP, passtSubnet)
+	}
+	return p
 }

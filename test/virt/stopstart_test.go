@@ -13,7 +13,6 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
-	"github.com/vmnic/vmnic/test/node"
 	"github.com/vmnic/vmnic/test/virt"
 )
 
@@ -98,16 +97,7 @@ func (e *env) stopStart(t *testing.T) {
 	// A pod that takes an address of the pool while the VM is stopped:
 	// had Spiderpool freed the VM's address, it would be the lowest free
 	// one, and this pod's.
-	other := node.PlainPod("stop-start-other")
-	other.Annotations = map[string]string{defaultNetwork: "default/" + passtNAD}
-	if _, err := e.a.Kube.CoreV1().Pods("default").Create(ctx, other, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	p, err := e.a.WaitPodReady(ctx, "default", other.Name, time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if p.Status.PodIP == first {
+	if p := e.underlayPod(t, "stop-start-other", nil); p.Status.PodIP == first {
 		t.Fatalf("a pod took the stopped VM's IP %s", first)
 	}
 	runStrategy(always)
