@@ -230,7 +230,7 @@ func (d *Daemon) add(ctx context.Context, req *proto.Request, conf *netconf.Conf
 		d.dropRecord(key)
 		return nil, err
 	}
-	d.wired(key, att)
+	d.wired(key, rec, att)
 	v := att.View()
 	d.log.Info("VM NIC wired", "key", key, "mode", conf.Mode, "pod", pod.Namespace+"/"+pod.Name, "vm", rec.VMName,
 		"linuxBridge", v.Bridge, "tap", v.Tap, "guestMAC", v.GuestMAC, "held", v.Held)
@@ -324,7 +324,7 @@ func (d *Daemon) del(ctx context.Context, req *proto.Request, conf *netconf.Conf
 // removeRecorded undoes what the record says was done, then drops the
 // record. The caller holds the attachment's lock.
 func (d *Daemon) removeRecorded(ctx context.Context, key string, rec *state.Record) error {
-	d.unwatch(key)
+	d.unwatchAll(key)
 	att, err := d.load(rec)
 	if err != nil {
 		return err

@@ -100,6 +100,8 @@ type Daemon struct {
 	// runCtx is Run's context, for work that outlives a request.
 	runCtx   context.Context
 	watchers watchers
+	// gapSrc: sources whose guests migrate away (gap.go).
+	gapSrc gapSources
 	// reassert is the migration phase each guarding source last reasserted
 	// its addresses for.
 	reassertMu sync.Mutex

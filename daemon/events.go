@@ -29,6 +29,9 @@ const (
 	// ReasonWiringFailed: creating the NIC failed (links, OVS, nftables,
 	// IPAM, DHCP).
 	ReasonWiringFailed = "VMNICWiringFailed"
+	// ReasonMigrationNetworkGap (Normal, on the VMI): a live migration's
+	// network gap as the target's vmnicd measured it.
+	ReasonMigrationNetworkGap = "VMNICMigrationNetworkGap"
 )
 
 // Event constants.
@@ -68,7 +71,7 @@ type EventsOptions struct {
 type Events struct {
 	opts  EventsOptions
 	log   *slog.Logger
-	queue chan wiringFailure
+	queue chan queued
 	now   func() time.Time
 
 	mu     sync.Mutex
@@ -109,22 +112,43 @@ func NewEvents(opts EventsOptions) *Events {
 	return &Events{
 		opts:   opts,
 		log:    opts.Logger.With("subsystem", "events"),
-		queue:  make(chan wiringFailure, opts.QueueSize),
+		queue:  make(chan queued, opts.QueueSize),
 		now:    time.Now,
 		series: map[seriesKey]*seriesEntry{},
 	}
 }
 
-// enqueue hands a failure to Run without ever blocking the request.
-func (e *Events) enqueue(f wiringFailure) {
+// queued is what Run reports: a failed ADD, a migration's gap.
+type queued interface {
+	send(ctx context.Context, e *Events)
+	podOf() eventPod
+}
+
+func (f wiringFailure) send(ctx context.Context, e *Events) { e.report(ctx, f) }
+func (f wiringFailure) podOf() eventPod                     { return f.pod }
+
+// gapNotice is a migration's network gap, reported as a Normal event on
+// the VMI of the target pod.
+type gapNotice struct {
+	pod      eventPod
+	note     string
+	observed time.Time
+}
+
+func (n gapNotice) send(ctx context.Context, e *Events) { e.reportGap(ctx, n) }
+func (n gapNotice) podOf() eventPod                     { return n.pod }
+
+// enqueue hands a report to Run without ever blocking the caller.
+func (e *Events) enqueue(q queued) {
 	if e == nil {
 		return
 	}
 	select {
-	case e.queue <- f:
+	case e.queue <- q:
 	default:
 		e.opts.Metrics.event("dropped")
-		e.log.Debug("event queue full: failure not reported", "pod", f.pod.namespace+"/"+f.pod.name)
+		p := q.podOf()
+		e.log.Debug("event queue full: not reported", "pod", p.namespace+"/"+p.name)
 	}
 }
 
@@ -134,8 +158,8 @@ func (e *Events) Run(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case f := <-e.queue:
-			e.report(ctx, f)
+		case q := <-e.queue:
+			q.send(ctx, e)
 		}
 	}
 }
@@ -159,12 +183,12 @@ func truncate(s string, n int) string {
 	return s[:n-3] + "..."
 }
 
-// report writes the events of one failure: on the pod and on its VMI.
-func (e *Events) report(ctx context.Context, f wiringFailure) {
-	podRef := &corev1.ObjectReference{APIVersion: "v1", Kind: "Pod", Namespace: f.pod.namespace, Name: f.pod.name, UID: k8stypes.UID(f.pod.uid)}
-	var vmiRef *corev1.ObjectReference
+// refs reads the pod to reference it and the VMI that controls it (nil
+// when none does); ok is false when the pod is gone.
+func (e *Events) refs(ctx context.Context, p eventPod) (podRef, vmiRef *corev1.ObjectReference, ok bool) {
+	podRef = &corev1.ObjectReference{APIVersion: "v1", Kind: "Pod", Namespace: p.namespace, Name: p.name, UID: k8stypes.UID(p.uid)}
 	gctx, cancel := context.WithTimeout(ctx, eventCallTimeout)
-	pod, err := e.opts.Client.CoreV1().Pods(f.pod.namespace).Get(gctx, f.pod.name, metav1.GetOptions{})
+	pod, err := e.opts.Client.CoreV1().Pods(p.namespace).Get(gctx, p.name, metav1.GetOptions{})
 	cancel()
 	switch {
 	case err == nil:
@@ -174,25 +198,43 @@ func (e *Events) report(ctx context.Context, f wiringFailure) {
 		}
 	case apierrors.IsNotFound(err):
 		// The pod went away; its event would be garbage anyway.
-		e.log.Debug("pod of failed ADD not found: no event", "pod", f.pod.namespace+"/"+f.pod.name)
-		return
+		e.log.Debug("pod not found: no event", "pod", p.namespace+"/"+p.name)
+		return nil, nil, false
 	default:
-		e.log.Debug("read pod of failed ADD", "pod", f.pod.namespace+"/"+f.pod.name, "err", err)
+		e.log.Debug("read pod for an event", "pod", p.namespace+"/"+p.name, "err", err)
+	}
+	return podRef, vmiRef, true
+}
+
+// report writes the events of one failure: on the pod and on its VMI.
+func (e *Events) report(ctx context.Context, f wiringFailure) {
+	podRef, vmiRef, ok := e.refs(ctx, f.pod)
+	if !ok {
+		return
 	}
 	reason := reasonFor(f.code)
 	where := fmt.Sprintf("interface %s (network %q, mode %s) on node %s", f.ifName, f.network, f.mode, e.opts.Node)
 	podNote := fmt.Sprintf("vmnic could not wire %s: %s (CNI error %d)", where, f.msg, f.code)
-	e.record(ctx, podRef, vmiRef, reason, podNote, f.observed)
+	e.record(ctx, podRef, vmiRef, corev1.EventTypeWarning, reason, podNote, f.observed)
 	if vmiRef != nil {
 		vmiNote := fmt.Sprintf("vmnic could not wire %s of pod %s: %s (CNI error %d)", where, f.pod.name, f.msg, f.code)
-		e.record(ctx, vmiRef, podRef, reason, vmiNote, f.observed)
+		e.record(ctx, vmiRef, podRef, corev1.EventTypeWarning, reason, vmiNote, f.observed)
 	}
+}
+
+// reportGap writes a migration's gap on the target pod's VMI.
+func (e *Events) reportGap(ctx context.Context, n gapNotice) {
+	podRef, vmiRef, ok := e.refs(ctx, n.pod)
+	if !ok || vmiRef == nil {
+		return
+	}
+	e.record(ctx, vmiRef, podRef, corev1.EventTypeNormal, ReasonMigrationNetworkGap, n.note, n.observed)
 }
 
 // record creates the event, or counts a repeat in the previous identical
 // one (count and lastTimestamp, as client-go's recorder does: kubectl
 // shows "(x3 over 2m)").
-func (e *Events) record(ctx context.Context, regarding, related *corev1.ObjectReference, reason, note string, at time.Time) {
+func (e *Events) record(ctx context.Context, regarding, related *corev1.ObjectReference, typ, reason, note string, at time.Time) {
 	note = truncate(note, maxEventNote)
 	key := seriesKey{regarding.Namespace, regarding.Name, string(regarding.UID), reason, note}
 	cctx, cancel := context.WithTimeout(ctx, eventCallTimeout)
@@ -227,7 +269,7 @@ func (e *Events) record(ctx context.Context, regarding, related *corev1.ObjectRe
 		Related:             related,
 		Reason:              reason,
 		Message:             note,
-		Type:                corev1.EventTypeWarning,
+		Type:                typ,
 		Source:              corev1.EventSource{Component: eventComponent, Host: e.opts.Node},
 		FirstTimestamp:      metav1.NewTime(at),
 		LastTimestamp:       metav1.NewTime(at),

@@ -59,6 +59,7 @@ type Metrics struct {
 	holds     prometheus.Counter
 	switches  prometheus.Counter
 	failures  prometheus.Counter
+	gaps      *prometheus.HistogramVec
 	apiCalls  *prometheus.CounterVec
 
 	// mu guards what metricsCollector reads at scrape time.
@@ -110,6 +111,11 @@ func NewMetrics() *Metrics {
 			Name: "vmnic_migration_failures_total",
 			Help: "Migrations that failed or were aborted while their target was held.",
 		}),
+		gaps: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "vmnic_migration_network_gap_seconds",
+			Help:    "Live migrations' network gap, measured on the target: from the last frame the VM's guest sent on the source node to the first it sent on this one, by mode.",
+			Buckets: gapBuckets,
+		}, []string{"mode"}),
 		events: map[string]uint64{},
 		dhcp:   dhcpTotals{seen: map[string]dhcpSeen{}},
 	}
@@ -121,7 +127,7 @@ func NewMetrics() *Metrics {
 		Name: "vmnic_kube_api_requests_total",
 		Help: "Requests vmnicd sent to the Kubernetes API server, by verb (get, list, watch, create, update, patch, delete), resource and result (2xx, 4xx, 5xx, error).",
 	}, []string{"verb", "resource", "code"})
-	m.reg.MustRegister(m.requests, m.durations, m.errors, m.gcRemoved, m.holds, m.switches, m.failures, m.apiCalls, metricsCollector{m})
+	m.reg.MustRegister(m.requests, m.durations, m.errors, m.gcRemoved, m.holds, m.switches, m.failures, m.gaps, m.apiCalls, metricsCollector{m})
 	return m
 }
 
@@ -147,6 +153,17 @@ func (m *Metrics) apiCall(verb, resource, code string) {
 func (m *Metrics) MigrationSwitched() {
 	if m != nil {
 		m.switches.Inc()
+	}
+}
+
+// gapBuckets span a migration's network gap: tens of milliseconds on a
+// quiet switch to seconds when a target waits for the VMIM's status.
+var gapBuckets = []float64{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}
+
+// MigrationGap observes one migration's network gap in a mode.
+func (m *Metrics) MigrationGap(mode string, gap time.Duration) {
+	if m != nil {
+		m.gaps.WithLabelValues(mode).Observe(gap.Seconds())
 	}
 }
 

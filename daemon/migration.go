@@ -68,66 +68,15 @@ func (d *Daemon) unwatch(key string) {
 }
 
 // wired is called once an ADD wired att: a held migration target is
-// counted, and watched for its guest when its mode can see it resume.
-func (d *Daemon) wired(key string, att mode.Attachment) {
-	m, ok := att.(mode.Migrant)
-	if !ok || !m.Held() {
-		return
+// counted, and a target whose mode sees its guest is watched for the
+// guest's frames (watchTargetFrames).
+func (d *Daemon) wired(key string, rec *state.Record, att mode.Attachment) {
+	if m, ok := att.(mode.Migrant); ok && m.Held() {
+		d.Metrics().MigrationHeld()
 	}
-	d.Metrics().MigrationHeld()
-	if tw, ok := att.(mode.TargetWatcher); ok {
-		d.watchTarget(key, tw)
+	if gw, ok := att.(mode.GuestWatcher); ok && rec.Migration != nil {
+		d.watchTargetFrames(key, gw)
 	}
-}
-
-// watchTarget watches a held target: the first frame its guest sends on
-// this side (QEMU announces a VM that resumed after migration) releases
-// the hold at once, ahead of the VMIM status, which can trail the resume
-// by hundreds of milliseconds. The guest runs here only once the migration
-// has succeeded.
-func (d *Daemon) watchTarget(key string, tw mode.TargetWatcher) {
-	d.watch(key, func(ctx context.Context) {
-		if err := tw.WaitGuest(ctx); err != nil {
-			if ctx.Err() == nil {
-				d.log.Warn("migration target: watching for the guest ended", "key", key, "err", err)
-			}
-			return
-		}
-		d.targetActive(key)
-	})
-}
-
-// targetActive releases a held target whose guest has started sending.
-func (d *Daemon) targetActive(key string) {
-	d.gc.RLock()
-	defer d.gc.RUnlock()
-	defer d.locks.Lock(key)()
-	rec, err := d.store.Get(key)
-	if err != nil || rec.Migration == nil || rec.Migration.Phase == kubevirt.MigrationFailed.String() {
-		return
-	}
-	att, err := d.load(rec)
-	if err != nil {
-		return
-	}
-	m, ok := att.(mode.Migrant)
-	if !ok || !m.Held() {
-		return
-	}
-	start := time.Now()
-	if err := m.Release(); err != nil {
-		d.log.Error("migration target: release hold", "key", key, "err", err)
-		if m.Held() {
-			return
-		}
-	}
-	rec.Migration.Phase = "TargetActive"
-	d.Metrics().MigrationSwitched()
-	if err := d.putRecord(rec, att, rec.Result); err != nil {
-		d.log.Error("migration target: record release", "key", key, "err", err)
-	}
-	d.log.Info("migration target's guest resumed: hold released, addresses announced", "key", key,
-		"pod", rec.Pod.Namespace+"/"+rec.Pod.Name, "vm", rec.VMName, "job", rec.Migration.Job, "took", time.Since(start))
 }
 
 // claimReassertGap bounds how often a source answers claims of its
@@ -174,7 +123,7 @@ func (d *Daemon) watchMigrations(ctx context.Context) {
 	}
 	for {
 		changed := tr.Changes()
-		d.reconcileMigrations(tr)
+		d.reconcileMigrations(ctx, tr)
 		select {
 		case <-ctx.Done():
 			return
@@ -184,7 +133,7 @@ func (d *Daemon) watchMigrations(ctx context.Context) {
 	}
 }
 
-func (d *Daemon) reconcileMigrations(tr kubevirt.MigrationTracker) {
+func (d *Daemon) reconcileMigrations(ctx context.Context, tr kubevirt.MigrationTracker) {
 	d.gc.RLock()
 	defer d.gc.RUnlock()
 	recs, _, err := d.store.List()
@@ -192,11 +141,17 @@ func (d *Daemon) reconcileMigrations(tr kubevirt.MigrationTracker) {
 		d.log.Error("migrations: list records", "err", err)
 		return
 	}
+	gx, _ := tr.(kubevirt.GapExchange)
 	for _, rec := range recs {
 		if len(rec.Result) == 0 || rec.VMName == "" {
 			continue
 		}
-		d.reconcileOne(tr, state.Key(rec.ContainerID, rec.IfName))
+		key := state.Key(rec.ContainerID, rec.IfName)
+		d.reconcileOne(tr, key)
+		d.reconcileGap(tr, gx, key)
+	}
+	if gx != nil {
+		d.publishSourceGaps(ctx, tr, gx)
 	}
 }
 
@@ -321,11 +276,12 @@ func (d *Daemon) reconcileOne(tr kubevirt.MigrationTracker, key string) {
 	}
 	switch {
 	case p.watchGuest:
-		if tw, ok := att.(mode.TargetWatcher); ok {
-			d.watchTarget(key, tw)
+		if gw, ok := att.(mode.GuestWatcher); ok {
+			d.watchTargetFrames(key, gw)
 		}
 	case p.release:
-		d.unwatch(key)
+		// The frame watch goes on: the first frame after the hold is
+		// the target's side of the network gap.
 		start := time.Now()
 		if err := m.Release(); err != nil {
 			log.Error("migration target: release hold", "err", err)
@@ -338,7 +294,7 @@ func (d *Daemon) reconcileOne(tr kubevirt.MigrationTracker, key string) {
 		d.Metrics().MigrationSwitched()
 		log.Info("migration target took over: hold released, addresses announced", "job", rec.Migration.Job, "took", time.Since(start))
 	case p.failed:
-		d.unwatch(key)
+		d.unwatch(targetWatch(key))
 		rec.Migration.Phase = p.phase
 		save("failure")
 		d.Metrics().MigrationFailed()

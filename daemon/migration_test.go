@@ -1,9 +1,12 @@
 package daemon
 
 import (
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/vmnic/vmnic/pkg/kubevirt"
+	"github.com/vmnic/vmnic/pkg/state"
 )
 
 // TestPlanMigration: what the migration watch does for one attachment,
@@ -79,6 +82,33 @@ func TestPlanMigration(t *testing.T) {
 	for _, c := range cases {
 		if got := planMigration(c.f); got != c.want {
 			t.Errorf("%s:\n got %+v\nwant %+v", c.name, got, c.want)
+		}
+	}
+}
+
+func TestGapNote(t *testing.T) {
+	first := time.Date(2026, 12, 7, 10, 0, 1, 250_000_000, time.UTC)
+	rec := &state.Record{
+		IfName: "net1", Network: "blue", Mode: "bridge",
+		Migration: &state.Migration{Job: "mig-1", FirstFrame: first},
+	}
+	for _, c := range []struct {
+		name     string
+		last     time.Time
+		reported bool
+		gap      time.Duration
+		measured bool
+		says     string
+	}{
+		{"measured", first.Add(-312 * time.Millisecond), true, 312 * time.Millisecond, true, "network gap 312ms, from the guest's last frame on the source (2026-12-07T10:00:00.938Z)"},
+		{"quiet source", time.Time{}, true, 0, false, "the guest sent nothing on the source"},
+		{"no report", time.Time{}, false, 0, false, "did not report the guest's last frame within 2m0s"},
+		{"clocks disagree", first.Add(40 * time.Millisecond), true, -40 * time.Millisecond, false, "is 40ms before its last on the source"},
+	} {
+		note, gap, measured := gapNote(rec, c.last, c.reported)
+		if gap != c.gap || measured != c.measured || !strings.Contains(note, c.says) ||
+			!strings.HasPrefix(note, `live migration mig-1, interface net1 (network "blue", mode bridge): `) {
+			t.Errorf("%s: gapNote = %q, %v, %v; want gap %v, measured %v, saying %q", c.name, note, gap, measured, c.gap, c.measured, c.says)
 		}
 	}
 }

@@ -303,7 +303,8 @@ func trimVMIM(obj any) (any, error) {
 	return out, nil
 }
 
-// trimVMI keeps the interfaces, networks, CPU and migration state.
+// trimVMI keeps the interfaces, networks, CPU, migration state and the
+// sources' last-frame reports.
 func trimVMI(obj any) (any, error) {
 	vmi, ok := obj.(*kubevirtv1.VirtualMachineInstance)
 	if !ok {
@@ -312,7 +313,7 @@ func trimVMI(obj any) (any, error) {
 	out := &kubevirtv1.VirtualMachineInstance{
 		ObjectMeta: metav1.ObjectMeta{
 			Name: vmi.Name, Namespace: vmi.Namespace, UID: vmi.UID, ResourceVersion: vmi.ResourceVersion,
-			Labels: vmi.Labels,
+			Labels: vmi.Labels, Annotations: lastFrameAnnotations(vmi.Annotations),
 		},
 	}
 	out.Spec.Networks = vmi.Spec.Networks

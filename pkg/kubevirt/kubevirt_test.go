@@ -3,6 +3,7 @@ package kubevirt
 import (
 	"context"
 	"testing"
+	"time"
 
 	"github.com/vmnic/vmnic/pkg/netconf"
 )
@@ -61,5 +62,32 @@ func TestStandalone(t *testing.T) {
 	f, _ = Standalone{}.Lookup(context.Background(), Query{Pod: netconf.PodArgs{Name: "virt-launcher-x-1"}, Conf: bare})
 	if !f.Serve || f.VMName != "virt-launcher-x-1" {
 		t.Errorf("launcher pod without VM args = %+v", f)
+	}
+}
+
+func TestLastFrameAnnotation(t *testing.T) {
+	at := time.Date(2026, 12, 7, 10, 0, 0, 123456789, time.FixedZone("x", 3600))
+	v := FormatLastFrame("uid-1", at)
+	if v != "uid-1 2026-12-07T09:00:00.123456789Z" {
+		t.Errorf("FormatLastFrame = %q", v)
+	}
+	if got, ok := ParseLastFrame(v, "uid-1"); !ok || !got.Equal(at) {
+		t.Errorf("ParseLastFrame(%q) = %v, %v", v, got, ok)
+	}
+	// Another migration's report is not this one's.
+	if _, ok := ParseLastFrame(v, "uid-2"); ok {
+		t.Error("a report of migration uid-1 read for uid-2")
+	}
+	none := FormatLastFrame("uid-1", time.Time{})
+	if got, ok := ParseLastFrame(none, "uid-1"); none != "uid-1 none" || !ok || !got.IsZero() {
+		t.Errorf("no frame: %q reads %v, %v", none, got, ok)
+	}
+	for _, bad := range []string{"", "uid-1", "uid-1 yesterday", " none"} {
+		if _, ok := ParseLastFrame(bad, "uid-1"); ok {
+			t.Errorf("ParseLastFrame(%q) accepted", bad)
+		}
+	}
+	if _, ok := ParseLastFrame(" none", ""); ok {
+		t.Error("a report without a migration UID accepted")
 	}
 }

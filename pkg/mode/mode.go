@@ -17,6 +17,7 @@ import (
 	"encoding/json"
 	"log/slog"
 	"net"
+	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
@@ -135,13 +136,33 @@ type SourceGuard interface {
 	WatchClaims(ctx context.Context, claimed func(from net.HardwareAddr, v6 bool)) error
 }
 
-// TargetWatcher is a Migrant whose held target can see its migrated guest
-// resume before the VMIM says so.
+// GuestWatcher is an attachment that sees the traffic its guest sends:
+// the daemon measures each live migration's network gap with it, from the
+// source's last guest frame to the target's first.
+type GuestWatcher interface {
+	Attachment
+	// WatchGuest calls seen with each frame the guest sends out through
+	// this attachment, until seen returns false (nil is returned), ctx
+	// ends or the watch breaks (an error).
+	WatchGuest(ctx context.Context, seen func(GuestFrame) bool) error
+}
+
+// GuestFrame is a frame from the guest's side: when it came, whether it
+// carries traffic (TCP, UDP, ICMP) rather than only keeping the guest's
+// network working (ARP, QEMU's RARP announcement of a VM that resumed,
+// neighbour discovery, multicast reports), and what it is (for logs).
+type GuestFrame struct {
+	At      time.Time
+	Traffic bool
+	What    string
+}
+
+// TargetWatcher is a Migrant whose held target sees its migrated guest's
+// frames (QEMU's announcement of a VM that resumed) before the hold drops
+// them, so before the VMIM says the migration succeeded.
 type TargetWatcher interface {
 	Migrant
-	// WaitGuest returns nil once the guest sent its first frame on this
-	// side, or an error when ctx ended or the watch broke.
-	WaitGuest(ctx context.Context) error
+	GuestWatcher
 }
 
 // Sweeper is a mode with resources that can outlive their records (OVS

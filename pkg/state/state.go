@@ -50,6 +50,11 @@ type Migration struct {
 	Job   string `json:"job,omitempty"`
 	UID   string `json:"uid,omitempty"`
 	Phase string `json:"phase,omitempty"`
+	// FirstFrame is when the guest's first frame left this target (after
+	// its hold, if any); GapReported that the migration's network gap was
+	// reported (or found unmeasurable).
+	FirstFrame  time.Time `json:"firstFrame,omitzero"`
+	GapReported bool      `json:"gapReported,omitempty"`
 }
 
 // Key names an attachment: "<container ID>/<ifname>", the one format of

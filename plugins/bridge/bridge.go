@@ -37,6 +37,7 @@ import (
 	"net"
 	"slices"
 	"strconv"
+	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
@@ -1009,37 +1010,22 @@ func equalInts(a, b []int) bool {
 	return true
 }
 
-// WaitGuest blocks until the guest sends a frame on the tap (QEMU's
-// self-announcement when a migrated VM resumes on this side), or ctx ends,
-// or the tap goes. It watches with a packet socket, which sees the frame
-// before the bridge (and the hold) drops it.
-func WaitGuest(ctx context.Context, s *Spec) error {
+// WatchGuest calls seen with the time of each frame the guest sends on the
+// tap (the first on a migration target is QEMU's self-announcement of a VM
+// that resumed on this side) until seen returns false, ctx ends, or the
+// tap goes. Its packet socket sees the frames before the bridge (and the
+// hold) drops them.
+func WatchGuest(ctx context.Context, s *Spec, seen func(mode.GuestFrame) bool) error {
 	mac, err := net.ParseMAC(s.GuestMAC)
 	if err != nil {
 		return fmt.Errorf("guest MAC %q: %w", s.GuestMAC, err)
 	}
-	fd, err := podnet.PacketSocket(s.Netns, s.Tap, unix.ETH_P_ALL)
-	if err != nil {
-		return fmt.Errorf("watch %s: %w", s.Tap, err)
+	// Frames the guest sent arrive on the tap from the host's view
+	// (PACKET_HOST/OTHERHOST...), never as PACKET_OUTGOING.
+	fromGuest := func(f podnet.Frame) bool {
+		return !f.Outgoing && len(f.Data) >= 12 && bytes.Equal(f.Data[6:12], mac)
 	}
-	defer func() { _ = unix.Close(fd) }()
-	buf := make([]byte, 2048)
-	for ctx.Err() == nil {
-		n, from, err := unix.Recvfrom(fd, buf, 0)
-		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("watch %s: %w", s.Tap, err)
-		}
-		// Frames the guest sent arrive on the tap from the host's view
-		// (PACKET_HOST/OTHERHOST...), never as PACKET_OUTGOING.
-		if ll, ok := from.(*unix.SockaddrLinklayer); ok && ll.Pkttype == unix.PACKET_OUTGOING {
-			continue
-		}
-		if n >= 12 && bytes.Equal(buf[6:12], mac) {
-			return nil
-		}
-	}
-	return ctx.Err()
+	return podnet.WatchFrames(ctx, s.Netns, s.Tap, fromGuest, func(f podnet.Frame, at time.Time) bool {
+		return seen(mode.GuestFrame{At: at, Traffic: podnet.IsTraffic(f.Data), What: podnet.Describe(f.Data)})
+	})
 }

@@ -181,8 +181,10 @@ func (a *vmNIC) Silenced() bool { return a.s.Silenced }
 func (a *vmNIC) Release() error { return a.p.Release(a.s) }
 func (a *vmNIC) Silence() error { return a.p.Silence(a.s) }
 
-// WaitGuest implements mode.TargetWatcher.
-func (a *vmNIC) WaitGuest(ctx context.Context) error { return WaitGuest(ctx, a.s) }
+// WatchGuest implements mode.TargetWatcher.
+func (a *vmNIC) WatchGuest(ctx context.Context, seen func(mode.GuestFrame) bool) error {
+	return WatchGuest(ctx, a.s, seen)
+}
 
 // ovsDialTimeout bounds connecting to an ovsdb-server for one request.
 const ovsDialTimeout = 5 * time.Second

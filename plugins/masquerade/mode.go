@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
@@ -11,6 +12,7 @@ import (
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/mode"
 	"github.com/vmnic/vmnic/pkg/netconf"
+	"github.com/vmnic/vmnic/pkg/podnet"
 )
 
 // Mode is masquerade as vmnicd serves it (pkg/mode).
@@ -102,4 +104,16 @@ func (a *attachment) View() mode.View {
 // node's primary network: masquerade for every VM pod on it.
 func ChainEntry() map[string]any {
 	return map[string]any{"type": "vmnic", "mode": netconf.ModeMasquerade, "capabilities": map[string]bool{"dns": true}}
+}
+
+// WatchGuest implements mode.GuestWatcher: every frame QEMU writes to the
+// tap is the guest's (the first on a migration target is its
+// self-announcement after the VM resumed there). The guest keeps the MAC
+// it has on the source, which is not the target pod's GuestMAC: the frames
+// are not filtered by MAC.
+func (a *attachment) WatchGuest(ctx context.Context, seen func(mode.GuestFrame) bool) error {
+	fromGuest := func(f podnet.Frame) bool { return !f.Outgoing }
+	return podnet.WatchFrames(ctx, a.s.Netns, a.s.Tap, fromGuest, func(f podnet.Frame, at time.Time) bool {
+		return seen(mode.GuestFrame{At: at, Traffic: podnet.IsTraffic(f.Data), What: podnet.Describe(f.Data)})
+	})
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
@@ -111,4 +112,21 @@ func (a *attachment) GuardDAD(on bool) (bool, error) { return GuardDAD(a.s, on) 
 
 func (a *attachment) WatchClaims(ctx context.Context, claimed func(from net.HardwareAddr, v6 bool)) error {
 	return WatchClaims(ctx, a.s, claimed)
+}
+
+// WatchGuest implements mode.GuestWatcher. passt carries the guest's
+// traffic on sockets of the pod's network namespace: what the guest sends
+// leaves the pod interface as TCP data, UDP datagrams and echo requests
+// (passt's ping socket), while the kernel's own packets there (handshakes
+// and ACKs of passt's sockets, echo replies, ARP, neighbour discovery)
+// carry no payload. A held target's hold
+// drops packets before a packet socket sees them, so the first one seen
+// there is the first that reached the network.
+func (a *attachment) WatchGuest(ctx context.Context, seen func(mode.GuestFrame) bool) error {
+	fromGuest := func(f podnet.Frame) bool {
+		return f.Outgoing && (podnet.CarriesPayload(f.Data) || podnet.IsEchoRequest(f.Data))
+	}
+	return podnet.WatchFrames(ctx, a.s.Netns, a.s.PodIf, fromGuest, func(f podnet.Frame, at time.Time) bool {
+		return seen(mode.GuestFrame{At: at, Traffic: true, What: podnet.Describe(f.Data)})
+	})
 }

@@ -177,6 +177,27 @@ func TestDaemonIdentity(t *testing.T) {
 		_, err = saDyn.Resource(nncGVR).UpdateStatus(ctx, other, metav1.UpdateOptions{})
 		wantPolicyDenied(t, err, "update NodeNetworkCapability "+nodeB+" status")
 	})
+	t.Run("VMI last-frame report", func(t *testing.T) {
+		// A VMI that migrated away from node-a, one from node-b, one
+		// that never migrated.
+		fromA := newVMI(ctx, t, c, "from-a", nodeA)
+		fromB := newVMI(ctx, t, c, "from-b", nodeB)
+		never := newVMI(ctx, t, c, "never", "")
+		patch := func(name, body string) error {
+			_, err := saDyn.Resource(vmiGVR).Namespace(defaultNamespace).Patch(ctx, name, types.MergePatchType, []byte(body), metav1.PatchOptions{})
+			return err
+		}
+		report := `{"metadata":{"annotations":{"vmnic.io/last-frame.eth0":"uid 2026-12-07T10:00:00.123456789Z"}}}`
+		if err := patch(fromA, report); err != nil {
+			t.Errorf("report the last frame on VMI %s (migrated away from %s): %v", fromA, nodeA, err)
+		}
+		wantPolicyDenied(t, patch(fromB, report), "report on VMI "+fromB+" (migrated away from "+nodeB+")")
+		wantPolicyDenied(t, patch(never, report), "report on VMI "+never+" (never migrated)")
+		wantPolicyDenied(t, patch(fromA, `{"metadata":{"annotations":{"other":"x"}}}`), "another annotation on VMI "+fromA)
+		wantPolicyDenied(t, patch(fromA, `{"metadata":{"annotations":{"vmnic.io/last-frame.eth0":null,"kubevirt.io/x":"y"}}}`), "report swapped for another annotation on VMI "+fromA)
+		wantPolicyDenied(t, patch(fromA, `{"metadata":{"labels":{"x":"y"}}}`), "a label on VMI "+fromA)
+		wantPolicyDenied(t, patch(fromA, `{"spec":{"x":"y"}}`), "the spec of VMI "+fromA)
+	})
 	t.Run("reads", func(t *testing.T) {
 		pods, err := sa.CoreV1().Pods("").List(ctx, metav1.ListOptions{FieldSelector: "spec.nodeName=" + nodeA})
 		if err != nil || len(pods.Items) != 1 || pods.Items[0].Name != pod.Name {
@@ -225,7 +246,11 @@ func TestDaemonIdentity(t *testing.T) {
 			{"create", "pods", false},
 			{"delete", "pods", false},
 			{"update", "pods/status", false},
-			{"patch", "virtualmachineinstances.kubevirt.io", false},
+			// A source's last-frame report (the policy limits it).
+			{"patch", "virtualmachineinstances.kubevirt.io", true},
+			{"update", "virtualmachineinstances.kubevirt.io", false},
+			{"delete", "virtualmachineinstances.kubevirt.io", false},
+			{"patch", "virtualmachineinstancemigrations.kubevirt.io", false},
 			{"update", "spiderippools.spiderpool.spidernet.io", false},
 			{"delete", "nodenetworkcapabilities.vmnic.io", false},
 			{"create", "nodes", false},
@@ -300,6 +325,29 @@ func podBoundToken(ctx context.Context, t *testing.T, kube kubernetes.Interface,
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// newVMI creates a (schema-less) VMI whose status says it migrated away
+// from source ("" for one that never migrated), and returns its name.
+func newVMI(ctx context.Context, t *testing.T, c *cluster.Cluster, name, source string) string {
+	t.Helper()
+	vmi := &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+		"metadata": map[string]any{"name": name, "namespace": defaultNamespace, "annotations": map[string]any{"kept": "yes"}},
+		"spec":     map[string]any{"domain": map[string]any{"devices": map[string]any{}}},
+	}}
+	made, err := c.Dynamic.Resource(vmiGVR).Namespace(defaultNamespace).Create(ctx, vmi, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("create VMI %s: %v", name, err)
+	}
+	if source == "" {
+		return name
+	}
+	made.Object["status"] = map[string]any{"migrationState": map[string]any{"sourceNode": source, "targetNode": "elsewhere", "completed": true}}
+	if _, err := c.Dynamic.Resource(vmiGVR).Namespace(defaultNamespace).UpdateStatus(ctx, made, metav1.UpdateOptions{}); err != nil {
+		t.Fatalf("set VMI %s status: %v", name, err)
+	}
+	return name
+}
 
 func podCount(l *corev1.PodList) int {
 	if l == nil {

@@ -20,6 +20,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/util/retry"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/vmnic/vmnic/pkg/kubevirt"
@@ -148,18 +149,23 @@ func (b *migrationBed) createVMIM(t *testing.T, name, vmi string) *kubevirtv1.Vi
 }
 
 // setStatus writes obj's status (the status subresource), as KubeVirt's
-// controllers do.
+// controllers do: again on a conflict (vmnicd annotates a VMI that
+// migrated away from its node).
 func (b *migrationBed) setStatus(t *testing.T, resource, name string, status map[string]any) {
 	t.Helper()
 	gvr := schema.GroupVersionResource{Group: "kubevirt.io", Version: "v1", Resource: resource}
-	obj, err := b.c.Dynamic.Resource(gvr).Namespace("default").Get(b.ctx, name, metav1.GetOptions{})
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		obj, err := b.c.Dynamic.Resource(gvr).Namespace("default").Get(b.ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if err := unstructured.SetNestedMap(obj.Object, status, "status"); err != nil {
+			return err
+		}
+		_, err = b.c.Dynamic.Resource(gvr).Namespace("default").UpdateStatus(b.ctx, obj, metav1.UpdateOptions{})
+		return err
+	})
 	if err != nil {
-		t.Fatal(err)
-	}
-	if err := unstructured.SetNestedMap(obj.Object, status, "status"); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := b.c.Dynamic.Resource(gvr).Namespace("default").UpdateStatus(b.ctx, obj, metav1.UpdateOptions{}); err != nil {
 		t.Fatalf("update %s %s status: %v", resource, name, err)
 	}
 }

@@ -41,7 +41,7 @@ const spiderpoolSocket = "/var/run/spidernet/spiderpool.sock"
 // Multus thick, the pools and the NetworkAttachmentDefinitions.
 // It runs before vmnic's install, as Multus must: vmnicd chains into the
 // primary CNI's conflist, the one Multus delegates to.
-func (e *env) secondary(t *testing.T) {
+func (e *env) secondary(t testing.TB) {
 	ctx := t.Context()
 	plugins, err := cluster.Binaries(ctx, spiderpool.PluginName, "macvlan")
 	if err != nil {
@@ -123,7 +123,7 @@ func (e *env) secondary(t *testing.T) {
 // network applies a Spiderpool pool (with the gateway, if any) and a
 // NetworkAttachmentDefinition of the same name: plugins with Spiderpool's
 // IPAM on the first, which takes its addresses from the pool.
-func (e *env) network(t *testing.T, name, subnet, ips, gateway string, plugins ...map[string]any) {
+func (e *env) network(t testing.TB, name, subnet, ips, gateway string, plugins ...map[string]any) {
 	plugins[0]["ipam"] = map[string]any{
 		"type":                  spiderpool.PluginName,
 		"ipam_unix_socket_path": spiderpoolSocket,
@@ -181,7 +181,7 @@ type nic struct {
 // status and the guest agree on each secondary NIC's IP and MAC, and that
 // a NIC with a macAddress has it. It returns the NICs in the order of
 // secondaries.
-func (e *env) bridgeNICs(t *testing.T, vmi *kubevirtv1.VirtualMachineInstance, on *node.Node) (*kubevirtv1.VirtualMachineInstance, []nic) {
+func (e *env) bridgeNICs(t testing.TB, vmi *kubevirtv1.VirtualMachineInstance, on *node.Node) (*kubevirtv1.VirtualMachineInstance, []nic) {
 	ctx := t.Context()
 	running := e.run(t, vmi, on)
 	launcher, err := virt.LauncherPod(ctx, e.a, running)
@@ -264,7 +264,7 @@ func (e *env) bridgeNICs(t *testing.T, vmi *kubevirtv1.VirtualMachineInstance, o
 // the second without. IPs and MACs agree between Multus, the VMI's status
 // and the guest, and the guest on node-1 reaches the guest on node-2 over
 // each NIC.
-func (e *env) bridge(t *testing.T) {
+func (e *env) bridge(t testing.TB) {
 	_, b := e.bridgeNICs(t, e.bridgeVMI("br-b", e.b, "02:00:00:00:0b:01", ""), e.b)
 	if t.Failed() {
 		return
@@ -299,7 +299,7 @@ func (e *env) bridge(t *testing.T) {
 	if out, err := e.b.InNode("ping", "-c", "2", "-W", "2", a[0].ip); err != nil {
 		t.Fatalf("from node-2's probe port, the guest on %s (%s) does not answer: %v\n%s", e.a.Name, a[0].ip, err, out)
 	}
-	e.migrants = append(e.migrants, &migrant{mode: "Bridge", vmi: vmi, pingFrom: e.b.NetNS, pingIP: a[0].ip})
+	e.migrants = append(e.migrants, &migrant{mode: "Bridge", vmi: vmi, pingFrom: e.b.NetNS, pingIP: a[0].ip, gapNetwork: secondaries[0].nad})
 }
 
 // bridgeProbeIP is the address of the probe's port on the blue network.

@@ -34,7 +34,9 @@ import (
 // 8080 and 8081, each answering "guest <port>"; an echo service on TCP
 // port 9000 (a connection held open shows that it survives a migration);
 // then a ping to each address of vmnic.peers= (comma-separated) on the
-// kernel command line, printed as "PEER-OK <ip>" or "PEER-FAILED <ip>".
+// kernel command line, printed as "PEER-OK <ip>" or "PEER-FAILED <ip>";
+// and, with vmnic.pulse=<ip>, a ping to that address every 50 ms for as
+// long as the guest runs (PulseProbe hears it).
 // Everything it prints goes to the serial console, which KubeVirt logs
 // (logSerialConsole).
 const GuestScript = `peers=$(sed -n 's/.*vmnic\.peers=\([^ ]*\).*/\1/p' /proc/cmdline | tr , ' ')
@@ -50,6 +52,8 @@ for p in 8080 8081; do
 done
 busybox nc -ll -p 9000 -e cat &
 echo SERVING
+pulse=$(sed -n 's/.*vmnic\.pulse=\([^ ]*\).*/\1/p' /proc/cmdline)
+[ -n "$pulse" ] && ping -q -i 0.05 "$pulse" >/dev/null 2>&1 &
 for peer in $peers; do
 	i=0
 	until ping -c 1 -W 2 "$peer" >/dev/null 2>&1; do

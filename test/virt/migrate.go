@@ -3,6 +3,7 @@ package virt
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -13,9 +14,12 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/containernetworking/plugins/pkg/ns"
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -101,10 +105,13 @@ func Migrate(ctx context.Context, n *node.Node, namespace, vmiName string, timeo
 }
 
 // Probe asks a VM for a page every interval, from a network namespace,
-// and records when it answered: the longest time without an answer
+// and records when the answers came: the longest time without an answer
 // during a migration is the migration's gap in traffic as a client sees
 // it. Each request runs on its own (a slow or lost one does not delay the
-// next), with a timeout of one second.
+// next), with a timeout of one second. Receive times, not send times: a
+// request sent while the VM was away can still be answered once it is
+// back (a SYN retransmitted, a connection passt migrated), and counting
+// it at its send time would shorten the gap.
 type Probe struct {
 	interval time.Duration
 	client   *http.Client
@@ -112,10 +119,11 @@ type Probe struct {
 	cancel   context.CancelFunc
 	done     sync.WaitGroup
 
-	mu      sync.Mutex
-	targets []string
-	answers []time.Time // the send times of requests answered with want
-	sent    int
+	mu       sync.Mutex
+	targets  []string
+	answers  []time.Time // when the answers (the body want) came
+	answered map[int]bool
+	sent     int
 }
 
 // StartProbe starts a probe of http://<target>/ for each of targets
@@ -123,7 +131,7 @@ type Probe struct {
 func StartProbe(dial func(ctx context.Context, network, addr string) (net.Conn, error), interval time.Duration, want string, targets ...string) *Probe {
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &Probe{
-		interval: interval, want: want, cancel: cancel, targets: targets,
+		interval: interval, want: want, cancel: cancel, targets: targets, answered: map[int]bool{},
 		client: &http.Client{Timeout: time.Second, Transport: &http.Transport{DialContext: dial, DisableKeepAlives: true}},
 	}
 	p.done.Add(1)
@@ -151,10 +159,10 @@ func (p *Probe) run(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		sent := time.Now()
 		p.mu.Lock()
 		targets := slices.Clone(p.targets)
 		p.sent++
+		round := p.sent
 		p.mu.Unlock()
 		for _, target := range targets {
 			reqs.Add(1)
@@ -162,7 +170,8 @@ func (p *Probe) run(ctx context.Context) {
 				defer reqs.Done()
 				if p.get(ctx, target) {
 					p.mu.Lock()
-					p.answers = append(p.answers, sent)
+					p.answers = append(p.answers, time.Now())
+					p.answered[round] = true
 					p.mu.Unlock()
 				}
 			}()
@@ -188,11 +197,11 @@ func (p *Probe) get(ctx context.Context, target string) bool {
 type ProbeResult struct {
 	// Sent is the number of rounds sent; Answered the rounds answered.
 	Sent, Answered int
-	// Gap is the longest time between two answered rounds; GapFrom is
-	// the send time of the round before it.
+	// Gap is the longest time between two answers; GapFrom is the time
+	// of the answer before it.
 	Gap     time.Duration
 	GapFrom time.Time
-	// Last is the send time of the last answered round.
+	// Last is the time of the last answer.
 	Last time.Time
 }
 
@@ -207,8 +216,7 @@ func (p *Probe) Stop() ProbeResult {
 	slices.SortFunc(answers, func(a, b time.Time) int { return a.Compare(b) })
 	// A round sent to several targets (a masquerade VM's source and
 	// target pods) counts once.
-	answers = slices.CompactFunc(answers, time.Time.Equal)
-	r := ProbeResult{Sent: p.sent, Answered: len(answers)}
+	r := ProbeResult{Sent: p.sent, Answered: len(p.answered)}
 	if len(answers) > 0 {
 		r.Last = answers[len(answers)-1]
 	}
@@ -265,6 +273,81 @@ func (p *PingProbe) Stop() ProbeResult {
 			r.Gap, r.GapFrom = at.Sub(prev), prev
 		}
 		prev, r.Last = at, at
+	}
+	return r
+}
+
+// PulseProbe hears a VM's pulse: the guest pings a peer every 50 ms
+// (GuestScript's vmnic.pulse=), and the probe, on a raw ICMP socket in
+// the peer's network namespace, records when each echo request came. The
+// longest time without one is the gap in the VM's own traffic, which a
+// probe of a service in the guest can overstate (a masquerade guest that
+// resumes first answers the connections queued while it moved).
+type PulseProbe struct {
+	fd   int
+	stop atomic.Bool
+	done chan struct{}
+
+	mu   sync.Mutex
+	seen []time.Time
+}
+
+// StartPulseProbe starts hearing echo requests in the network namespace
+// at netns.
+func StartPulseProbe(netns string) (*PulseProbe, error) {
+	p := &PulseProbe{fd: -1, done: make(chan struct{})}
+	err := ns.WithNetNSPath(netns, func(ns.NetNS) error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_ICMP)
+		p.fd = fd
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("raw ICMP socket in %s: %w", netns, err)
+	}
+	tv := unix.Timeval{Usec: 100000}
+	_ = unix.SetsockoptTimeval(p.fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+	go p.run()
+	return p, nil
+}
+
+func (p *PulseProbe) run() {
+	defer close(p.done)
+	buf := make([]byte, 1500)
+	for !p.stop.Load() {
+		n, _, err := unix.Recvfrom(p.fd, buf, 0)
+		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return
+		}
+		// An IPv4 header, then ICMP: type 8 is an echo request.
+		if n < 20 {
+			continue
+		}
+		ihl := int(buf[0]&0x0f) * 4
+		if n > ihl && buf[ihl] == 8 {
+			p.mu.Lock()
+			p.seen = append(p.seen, time.Now())
+			p.mu.Unlock()
+		}
+	}
+}
+
+// Stop ends the probe and returns what it heard: Answered (and Sent) is
+// the number of echo requests, the times are their arrivals.
+func (p *PulseProbe) Stop() ProbeResult {
+	p.stop.Store(true)
+	<-p.done
+	_ = unix.Close(p.fd)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	r := ProbeResult{Sent: len(p.seen), Answered: len(p.seen)}
+	for i, at := range p.seen {
+		if i > 0 && at.Sub(p.seen[i-1]) > r.Gap {
+			r.Gap, r.GapFrom = at.Sub(p.seen[i-1]), p.seen[i-1]
+		}
+		r.Last = at
 	}
 	return r
 }

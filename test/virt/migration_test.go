@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -38,7 +39,18 @@ type migrant struct {
 	// echo is the guest's echo service (host:port): a TCP connection to it
 	// must survive each migration.
 	echo string
+	// gapNetwork is the network whose gap vmnicd's Event must agree with
+	// the probe ("" when the VM has one vmnic NIC).
+	gapNetwork string
+	// pulseFrom: the guest pings a peer every 50 ms (vmnic.pulse=), heard
+	// in this network namespace; vmnicd's gap is compared with that
+	// pulse's, and the probe's is logged beside it.
+	pulseFrom string
 }
+
+// gapTolerance is how far vmnicd's measure of a migration's network gap
+// may be from the probe's.
+const gapTolerance = 100 * time.Millisecond
 
 // probeInterval is the probe's period.
 const probeInterval = 50 * time.Millisecond
@@ -54,11 +66,19 @@ func (e *env) migration(t *testing.T) {
 		t.Fatal("no VM to migrate: every mode subtest failed")
 	}
 	for _, m := range e.migrants {
-		t.Run(m.mode, func(t *testing.T) { e.migrate(t, m) })
+		t.Run(m.mode, func(t *testing.T) { e.migrate(t, m, 1) })
 	}
 }
 
-func (e *env) migrate(t *testing.T, m *migrant) {
+// gapSample is one migration's longest gap as the probe vmnicd is judged
+// by saw it, as vmnicd measured it, and as the probe of the guest's
+// service saw it (the same probe but for a VM with a pulse).
+type gapSample struct{ probe, vmnicd, service time.Duration }
+
+// migrate moves the VM to node-2 and back, rounds times, checking each
+// move, and returns each move's gaps.
+func (e *env) migrate(t testing.TB, m *migrant, rounds int) []gapSample {
+	var gaps []gapSample
 	ctx := t.Context()
 	var conn net.Conn
 	var echo *bufio.Reader
@@ -75,7 +95,18 @@ func (e *env) migrate(t *testing.T, m *migrant) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, to := range []*node.Node{e.b, e.a} {
+	var moves []*node.Node
+	for range rounds {
+		moves = append(moves, e.b, e.a)
+	}
+	for _, to := range moves {
+		var pulse *virt.PulseProbe
+		if m.pulseFrom != "" {
+			var err error
+			if pulse, err = virt.StartPulseProbe(m.pulseFrom); err != nil {
+				t.Fatal(err)
+			}
+		}
 		stopProbe := m.startProbe(ctx, t)
 		start := time.Now()
 		vmim, vmi, err := virt.Migrate(ctx, e.a, m.vmi.Namespace, m.vmi.Name, 5*time.Minute)
@@ -86,6 +117,14 @@ func (e *env) migrate(t *testing.T, m *migrant) {
 			time.Sleep(3 * time.Second)
 		}
 		res := stopProbe()
+		judge := res
+		if pulse != nil {
+			judge = pulse.Stop()
+			t.Logf("pulse from the guest: %d echo requests, longest gap %v (from %s)", judge.Answered, judge.Gap.Round(time.Millisecond), judge.GapFrom.Format("15:04:05.000"))
+			if judge.Answered < 2 {
+				t.Errorf("the guest's pulse was not heard in %s (%d echo requests)", m.pulseFrom, judge.Answered)
+			}
+		}
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -94,8 +133,17 @@ func (e *env) migrate(t *testing.T, m *migrant) {
 		}
 		t.Logf("%s to %s: Succeeded %v after the migration's creation; probe: %d of %d rounds answered, longest gap %v (from %s)",
 			vmim.Name, to.Name, took.Round(time.Millisecond), res.Answered, res.Sent, res.Gap.Round(time.Millisecond), res.GapFrom.Format("15:04:05.000"))
+		if gap, err := e.reportedGap(ctx, vmi, vmim.Name, m.gapNetwork); err != nil {
+			t.Error(err)
+		} else {
+			t.Logf("%s: vmnicd measured a network gap of %v; the probe's longest gap was %v", vmim.Name, gap, judge.Gap.Round(time.Millisecond))
+			gaps = append(gaps, gapSample{probe: judge.Gap, vmnicd: gap, service: res.Gap})
+			if d := gap - judge.Gap; d > gapTolerance || d < -gapTolerance {
+				t.Errorf("%s: vmnicd's network gap %v is %v from the probe's %v (more than %v)", vmim.Name, gap, d, judge.Gap, gapTolerance)
+			}
+		}
 		if !res.Last.After(start.Add(took)) {
-			t.Errorf("the guest did not answer the probe on %s after the migration (%d answers, the last sent %s)", to.Name, res.Answered, res.Last.Format("15:04:05.000"))
+			t.Errorf("the guest did not answer the probe on %s after the migration (%d answers, the last at %s)", to.Name, res.Answered, res.Last.Format("15:04:05.000"))
 		}
 		after, err := e.vmState(ctx, vmi)
 		if err != nil {
@@ -114,6 +162,44 @@ func (e *env) migrate(t *testing.T, m *migrant) {
 		if err := e.waitSourceDone(ctx, vmi); err != nil {
 			t.Fatal(err)
 		}
+	}
+	return gaps
+}
+
+// gapMessage is the measure in vmnicd's VMNICMigrationNetworkGap event.
+var gapMessage = regexp.MustCompile(`^live migration (\S+), interface \S+ \(network "([^"]*)", mode \S+\): network gap (\S+), `)
+
+// reportedGap waits for the target vmnicd's event on the VMI with the
+// network gap of migration job on network ("" for any), and returns it.
+func (e *env) reportedGap(ctx context.Context, vmi *kubevirtv1.VirtualMachineInstance, job, network string) (time.Duration, error) {
+	deadline := time.Now().Add(time.Minute)
+	var seen []string
+	for {
+		evs, err := e.a.Kube.CoreV1().Events(vmi.Namespace).List(ctx, metav1.ListOptions{
+			FieldSelector: "involvedObject.name=" + vmi.Name + ",reason=VMNICMigrationNetworkGap",
+		})
+		if err != nil {
+			return 0, err
+		}
+		seen = seen[:0]
+		for _, ev := range evs.Items {
+			if !strings.HasPrefix(ev.Message, "live migration "+job+",") {
+				continue
+			}
+			seen = append(seen, ev.Message)
+			m := gapMessage.FindStringSubmatch(ev.Message)
+			if m == nil || network != "" && m[2] != network {
+				continue
+			}
+			if ev.Type != corev1.EventTypeNormal || ev.InvolvedObject.UID != vmi.UID {
+				return 0, fmt.Errorf("gap event %s: type %s on %s, want Normal on VMI %s", ev.Name, ev.Type, ev.InvolvedObject.UID, vmi.UID)
+			}
+			return time.ParseDuration(m[3])
+		}
+		if time.Now().After(deadline) {
+			return 0, fmt.Errorf("no VMNICMigrationNetworkGap event with a gap for %s on VMI %s within 1m (events of it: %q)", job, vmi.Name, seen)
+		}
+		time.Sleep(500 * time.Millisecond)
 	}
 }
 
@@ -149,7 +235,7 @@ func (e *env) waitSourceDone(ctx context.Context, vmi *kubevirtv1.VirtualMachine
 }
 
 // startProbe starts the VM's probe and returns its stop.
-func (m *migrant) startProbe(ctx context.Context, t *testing.T) func() virt.ProbeResult {
+func (m *migrant) startProbe(ctx context.Context, t testing.TB) func() virt.ProbeResult {
 	if m.pingIP != "" {
 		p, err := virt.StartPingProbe(m.pingFrom, m.pingIP, probeInterval)
 		if err != nil {
@@ -178,7 +264,7 @@ func (m *migrant) startProbe(ctx context.Context, t *testing.T) func() virt.Prob
 
 // checkEcho sends a line on the connection to the guest's echo service
 // and expects it back.
-func checkEcho(t *testing.T, conn net.Conn, r *bufio.Reader, line string) {
+func checkEcho(t testing.TB, conn net.Conn, r *bufio.Reader, line string) {
 	t.Helper()
 	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
 	if _, err := fmt.Fprintln(conn, line); err != nil {

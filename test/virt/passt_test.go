@@ -36,7 +36,7 @@ const defaultNetwork = "v1.multus-cni.io/default-network"
 // chained in passt mode, on node-1. Its guest takes the pod's underlay
 // address by DHCP from passt and reaches a pod on the underlay on node-2,
 // which reaches the guest on the listed port 8080 and not on 8081.
-func (e *env) passt(t *testing.T) {
+func (e *env) passt(t testing.TB) {
 	ctx := t.Context()
 	p := e.underlayPod(t, "passt-peer", e.b)
 	iface := kubevirtv1.Interface{
@@ -45,7 +45,7 @@ func (e *env) passt(t *testing.T) {
 		// connection.
 		Ports: []kubevirtv1.Port{{Port: 8080, Protocol: "TCP"}, {Port: 9000, Protocol: "TCP"}},
 	}
-	vmi := virt.VMI("passt", e.guest, iface, "vmnic.peers="+p.Status.PodIP)
+	vmi := virt.VMI("passt", e.guest, iface, "vmnic.peers="+p.Status.PodIP+" vmnic.pulse="+p.Status.PodIP)
 	vmi.Annotations = map[string]string{defaultNetwork: "default/" + passtNAD}
 	virt.PreferNode(vmi, e.a.Name)
 	running := e.run(t, vmi, e.a)
@@ -77,7 +77,7 @@ func (e *env) passt(t *testing.T) {
 	if !t.Failed() {
 		addr := net.JoinHostPort(launcher.Status.PodIP, "8080")
 		e.migrants = append(e.migrants, &migrant{
-			mode: "Passt", vmi: running, dial: proc.NetnsDialer(netns), keepsPodIP: true,
+			mode: "Passt", vmi: running, dial: proc.NetnsDialer(netns), keepsPodIP: true, pulseFrom: netns,
 			echo:    net.JoinHostPort(launcher.Status.PodIP, "9000"),
 			targets: func(context.Context) []string { return []string{addr} },
 		})
@@ -87,7 +87,7 @@ func (e *env) passt(t *testing.T) {
 // underlayPod starts a pod whose pod network is the passt underlay, on
 // node on (any node when nil), and returns it once it is ready with an
 // address of the underlay.
-func (e *env) underlayPod(t *testing.T, name string, on *node.Node) *corev1.Pod {
+func (e *env) underlayPod(t testing.TB, name string, on *node.Node) *corev1.Pod {
 	t.Helper()
 	pod := node.PlainPod(name)
 	pod.Annotations = map[string]string{defaultNetwork: "default/" + passtNAD}
