@@ -280,7 +280,42 @@ var rows = []row{
 		bench: "BenchmarkSandboxStart", unit: "helm-install-ms-median", what: "… helm install of the chart to the DaemonSet Ready (shim installed, conflist chained, vmnicd serving)",
 		peers: "no peer installed here", format: "%.0f ms",
 	},
+	{
+		bench: realKubeVirt, unit: "masq-vmnic-ms-median", what: "real KubeVirt v1.8.2 on two node containers: VMI creation to Running, vmnic's masquerade binding",
+		vs: []peer{{label: "KubeVirt's masquerade binding, vmnic not installed", bench: realKubeVirt, unit: "masq-core-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
+	},
+	{
+		bench: realKubeVirt, unit: "bridge-vmnic-ms-median", what: "… a VMI whose one NIC is in vmnic's bridge mode (OVS, Spiderpool)",
+		vs: []peer{{label: "KubeVirt's bridge binding on the reference bridge plugin (Spiderpool)", bench: realKubeVirt, unit: "bridge-core-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
+	},
+	{
+		bench: realKubeVirt, unit: "passt-vmnic-ms-median", what: "… KubeVirt's passt binding on macvlan with vmnic chained (passt mode)",
+		vs: []peer{{label: "the same on macvlan alone", bench: realKubeVirt, unit: "passt-core-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
+	},
+	{
+		bench: realKubeVirt, unit: "gap-masquerade-vmnicd-ms-median", what: "… live migration's network gap, masquerade, as vmnicd measured it (event and metric)",
+		vs: []peer{
+			{label: "the guest's 50 ms pings' longest gap, heard by a peer", bench: realKubeVirt, unit: "gap-masquerade-probe-ms-median", format: "%.0f ms"},
+			{label: "a 50 ms HTTP probe's longest time without an answer (the guest first answers the connections queued while it moved)", bench: realKubeVirt, unit: "gap-masquerade-http-ms-median", format: "%.0f ms"},
+		}, format: "%.0f ms",
+	},
+	{
+		bench: realKubeVirt, unit: "gap-bridge-vmnicd-ms-median", what: "… bridge (OVS, userspace datapath)",
+		vs: []peer{{label: "a 50 ms ping's longest time without a reply", bench: realKubeVirt, unit: "gap-bridge-probe-ms-median", format: "%.0f ms"}}, format: "%.0f ms",
+	},
+	{
+		bench: realKubeVirt, unit: "gap-passt-vmnicd-ms-median", what: "… passt on macvlan",
+		vs: []peer{
+			{label: "the guest's 50 ms pings' longest gap, heard by a peer", bench: realKubeVirt, unit: "gap-passt-probe-ms-median", format: "%.0f ms"},
+			{label: "a 50 ms HTTP probe's longest time without an answer", bench: realKubeVirt, unit: "gap-passt-http-ms-median", format: "%.0f ms"},
+		}, format: "%.0f ms",
+	},
+	{bench: realKubeVirt, unit: "vmnicd-cpu-s-per-node", what: "… vmnicd's CPU time per node through the runs and migrations above", peers: "no peer daemon here", format: "%.1f s"},
+	{bench: realKubeVirt, unit: "vmnicd-peak-rss-MiB", what: "… vmnicd's peak RSS", format: "%.0f MiB"},
 }
+
+// realKubeVirt is test/virt's benchmark.
+const realKubeVirt = "BenchmarkRealKubeVirt"
 
 // line is one rendered row of the table.
 type line struct{ what, val, goal, peers string }
