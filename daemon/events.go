@@ -39,6 +39,7 @@ const (
 	eventComponent  = "vmnicd"
 	eventController = "vmnic.io/vmnicd"
 	eventAction     = "WireNIC"
+	gapAction       = "MeasureMigrationGap"
 	// eventSeriesWindow: a repeat of the same failure within it (the
 	// runtime retrying the sandbox) counts in the first event's series
 	// instead of making a new event.
@@ -274,7 +275,7 @@ func (e *Events) record(ctx context.Context, regarding, related *corev1.ObjectRe
 		FirstTimestamp:      metav1.NewTime(at),
 		LastTimestamp:       metav1.NewTime(at),
 		Count:               1,
-		Action:              eventAction,
+		Action:              actionOf(reason),
 		ReportingController: eventController,
 		ReportingInstance:   truncate(eventController+"-"+e.opts.Node, 128),
 	}
@@ -286,6 +287,14 @@ func (e *Events) record(ctx context.Context, regarding, related *corev1.ObjectRe
 	}
 	e.opts.Metrics.event("recorded")
 	e.remember(key, &seriesEntry{event: created, first: at})
+}
+
+// actionOf is an event's action: what vmnicd was doing.
+func actionOf(reason string) string {
+	if reason == ReasonMigrationNetworkGap {
+		return gapAction
+	}
+	return eventAction
 }
 
 func (e *Events) remember(key seriesKey, s *seriesEntry) {

@@ -169,3 +169,25 @@ func registeredModes() []string {
 	}
 	return names
 }
+
+// TestGapEventOnVMI: a migration's gap is one Normal event on the target
+// pod's VMI, and none on the pod; a pod that is gone gets none.
+func TestGapEventOnVMI(t *testing.T) {
+	client := fake.NewClientset(launcherPod())
+	ev := NewEvents(EventsOptions{Client: client, Node: "node-b", Logger: slog.New(slog.DiscardHandler), Metrics: NewMetrics()})
+	ctx := context.Background()
+	note := `live migration mig-1, interface eth0 (network "podnet", mode masquerade): network gap 212ms, from ...`
+	ev.reportGap(ctx, gapNotice{pod: eventPod{namespace: "vms", name: "virt-launcher-vm1-abcde", uid: "pod-uid"}, note: note, observed: time.Now()})
+	ev.reportGap(ctx, gapNotice{pod: eventPod{namespace: "vms", name: "gone", uid: "x"}, note: note, observed: time.Now()})
+	events := listEvents(t, client, "vms")
+	if len(events) != 1 {
+		t.Fatalf("want 1 event, got %d: %+v", len(events), events)
+	}
+	e := events[0]
+	if e.InvolvedObject.Kind != "VirtualMachineInstance" || e.InvolvedObject.UID != "vmi-uid" || e.Related == nil || e.Related.Name != "virt-launcher-vm1-abcde" {
+		t.Errorf("event on %+v (related %+v), want on VMI vm1 related to its pod", e.InvolvedObject, e.Related)
+	}
+	if e.Type != corev1.EventTypeNormal || e.Reason != ReasonMigrationNetworkGap || e.Message != note || e.Action != gapAction {
+		t.Errorf("event %s %s %q action %s", e.Type, e.Reason, e.Message, e.Action)
+	}
+}

@@ -5,6 +5,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/state"
 )
@@ -110,5 +112,48 @@ func TestGapNote(t *testing.T) {
 			!strings.HasPrefix(note, `live migration mig-1, interface net1 (network "blue", mode bridge): `) {
 			t.Errorf("%s: gapNote = %q, %v, %v; want gap %v, measured %v, saying %q", c.name, note, gap, measured, c.gap, c.measured, c.says)
 		}
+	}
+}
+
+func TestMigrationGapHistogram(t *testing.T) {
+	m := NewMetrics()
+	m.MigrationGap("bridge", 312*time.Millisecond)
+	m.MigrationGap("passt", 1200*time.Millisecond)
+	var nilMetrics *Metrics
+	nilMetrics.MigrationGap("bridge", time.Second) // counts nothing, no panic
+	want := `
+# HELP vmnic_migration_network_gap_seconds Live migrations' network gap, measured on the target: from the last frame the VM's guest sent on the source node to the first it sent on this one, by mode.
+# TYPE vmnic_migration_network_gap_seconds histogram
+vmnic_migration_network_gap_seconds_bucket{mode="bridge",le="0.01"} 0
+vmnic_migration_network_gap_seconds_bucket{mode="bridge",le="0.025"} 0
+vmnic_migration_network_gap_seconds_bucket{mode="bridge",le="0.05"} 0
+vmnic_migration_network_gap_seconds_bucket{mode="bridge",le="0.1"} 0
+vmnic_migration_network_gap_seconds_bucket{mode="bridge",le="0.25"} 0
+vmnic_migration_network_gap_seconds_bucket{mode="bridge",le="0.5"} 1
+vmnic_migration_network_gap_seconds_bucket{mode="bridge",le="1"} 1
+vmnic_migration_network_gap_seconds_bucket{mode="bridge",le="2.5"} 1
+vmnic_migration_network_gap_seconds_bucket{mode="bridge",le="5"} 1
+vmnic_migration_network_gap_seconds_bucket{mode="bridge",le="10"} 1
+vmnic_migration_network_gap_seconds_bucket{mode="bridge",le="30"} 1
+vmnic_migration_network_gap_seconds_bucket{mode="bridge",le="+Inf"} 1
+vmnic_migration_network_gap_seconds_sum{mode="bridge"} 0.312
+vmnic_migration_network_gap_seconds_count{mode="bridge"} 1
+vmnic_migration_network_gap_seconds_bucket{mode="passt",le="0.01"} 0
+vmnic_migration_network_gap_seconds_bucket{mode="passt",le="0.025"} 0
+vmnic_migration_network_gap_seconds_bucket{mode="passt",le="0.05"} 0
+vmnic_migration_network_gap_seconds_bucket{mode="passt",le="0.1"} 0
+vmnic_migration_network_gap_seconds_bucket{mode="passt",le="0.25"} 0
+vmnic_migration_network_gap_seconds_bucket{mode="passt",le="0.5"} 0
+vmnic_migration_network_gap_seconds_bucket{mode="passt",le="1"} 0
+vmnic_migration_network_gap_seconds_bucket{mode="passt",le="2.5"} 1
+vmnic_migration_network_gap_seconds_bucket{mode="passt",le="5"} 1
+vmnic_migration_network_gap_seconds_bucket{mode="passt",le="10"} 1
+vmnic_migration_network_gap_seconds_bucket{mode="passt",le="30"} 1
+vmnic_migration_network_gap_seconds_bucket{mode="passt",le="+Inf"} 1
+vmnic_migration_network_gap_seconds_sum{mode="passt"} 1.2
+vmnic_migration_network_gap_seconds_count{mode="passt"} 1
+`
+	if err := testutil.GatherAndCompare(m.reg, strings.NewReader(want), "vmnic_migration_network_gap_seconds"); err != nil {
+		t.Error(err)
 	}
 }

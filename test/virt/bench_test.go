@@ -23,26 +23,23 @@ import (
 // benchRuns is how many times each arm runs: the figures are medians.
 const benchRuns = 5
 
-// The networks only the benchmark's peers use: KubeVirt's core bridge
-// binding on a Linux bridge (the reference bridge plugin), and its core
-// passt binding on the macvlan underlay with nothing chained.
-const (
-	refBridgeNAD  = "ref-bridge"
-	plainPasstNAD = "macvlan-plain"
-)
+// plainPasstNAD is the network only the benchmark's peer uses: KubeVirt's
+// core passt binding on the macvlan underlay with nothing chained.
+const plainPasstNAD = "macvlan-plain"
 
 // BenchmarkRealKubeVirt measures vmnic under the real KubeVirt on the two
 // node containers, against KubeVirt's own bindings in the same run:
 //   - time from a VMI's creation to Running: vmnic's masquerade against
-//     KubeVirt's masquerade with vmnic not installed; a NIC in vmnic's
-//     bridge mode (OVS, Spiderpool) against KubeVirt's bridge binding on
-//     the reference bridge plugin (Spiderpool); KubeVirt's passt binding
-//     on the macvlan underlay with vmnic chained and without. Once vmnic
-//     is installed the arms take turns, round by round;
+//     KubeVirt's masquerade with vmnic not installed; KubeVirt's passt
+//     binding on the macvlan underlay with vmnic chained and without; a
+//     NIC in vmnic's bridge mode (OVS, Spiderpool) with no peer, because
+//     KubeVirt's own bridge binding makes a dummy link, which this
+//     kernel does not have. Once vmnic is installed the arms take turns,
+//     round by round;
 //   - each mode's live migrations (2*3 per mode, there and back): the
 //     probe's longest gap (bridge: a ping; masquerade and passt: the
-//     guest's pulse, and the HTTP probe beside it) and vmnicd's measure
-//     of it;
+//     guest's pulse, and for passt the HTTP probe beside it) and vmnicd's
+//     measure of it;
 //   - the CPU time and memory of each node's vmnicd through all of it.
 //
 // Run it once (-benchtime 1x): it reports medians of benchRuns.
@@ -67,6 +64,12 @@ func benchRealKubeVirt(b *testing.B) {
 		vmi.Spec.Domain.Devices.Interfaces[0].Name = "net"
 		return vmi
 	}
+	// passt with a port listed: without, it forwards every port and
+	// needs more open files than this machine allows.
+	passtIface := kubevirtv1.Interface{
+		InterfaceBindingMethod: kubevirtv1.InterfaceBindingMethod{PasstBinding: &kubevirtv1.InterfacePasstBinding{}},
+		Ports:                  []kubevirtv1.Port{{Port: 8080, Protocol: "TCP"}},
+	}
 	arms := []struct {
 		name string
 		vmi  func(name string) *kubevirtv1.VirtualMachineInstance
@@ -74,19 +77,16 @@ func benchRealKubeVirt(b *testing.B) {
 		{"masq-vmnic", func(n string) *kubevirtv1.VirtualMachineInstance {
 			return vmiWith(n, kubevirtv1.Interface{Binding: &kubevirtv1.PluginBinding{Name: kubevirt.DefaultBinding}})
 		}},
-		{"bridge-core", func(n string) *kubevirtv1.VirtualMachineInstance {
-			return secondaryOnly(vmiWith(n, kubevirtv1.Interface{InterfaceBindingMethod: kubevirtv1.InterfaceBindingMethod{Bridge: &kubevirtv1.InterfaceBridge{}}}), refBridgeNAD)
-		}},
 		{"bridge-vmnic", func(n string) *kubevirtv1.VirtualMachineInstance {
 			return secondaryOnly(vmiWith(n, kubevirtv1.Interface{Binding: &kubevirtv1.PluginBinding{Name: kubevirt.DefaultBinding}}), secondaries[0].nad)
 		}},
 		{"passt-core", func(n string) *kubevirtv1.VirtualMachineInstance {
-			vmi := vmiWith(n, kubevirtv1.Interface{InterfaceBindingMethod: kubevirtv1.InterfaceBindingMethod{PasstBinding: &kubevirtv1.InterfacePasstBinding{}}})
+			vmi := vmiWith(n, passtIface)
 			vmi.Annotations = map[string]string{defaultNetwork: "default/" + plainPasstNAD}
 			return vmi
 		}},
 		{"passt-vmnic", func(n string) *kubevirtv1.VirtualMachineInstance {
-			vmi := vmiWith(n, kubevirtv1.Interface{InterfaceBindingMethod: kubevirtv1.InterfaceBindingMethod{PasstBinding: &kubevirtv1.InterfacePasstBinding{}}})
+			vmi := vmiWith(n, passtIface)
 			vmi.Annotations = map[string]string{defaultNetwork: "default/" + passtNAD}
 			return vmi
 		}},
@@ -97,7 +97,6 @@ func benchRealKubeVirt(b *testing.B) {
 		times["masq-core"] = append(times["masq-core"], e.timeToRunning(b, vmi))
 	}
 	e.secondary(b)
-	e.network(b, refBridgeNAD, "192.0.2.0/24", "192.0.2.10-192.0.2.250", "", map[string]any{"type": "bridge", "bridge": "br-ref"})
 	e.network(b, plainPasstNAD, "172.16.20.0/24", "172.16.20.100-172.16.20.199", "172.16.20.1",
 		map[string]any{"type": "macvlan", "master": passtUplink, "mode": "bridge"})
 	e.installVmnic(b)
@@ -107,20 +106,31 @@ func benchRealKubeVirt(b *testing.B) {
 			times[arm.name] = append(times[arm.name], e.timeToRunning(b, arm.vmi(fmt.Sprintf("%s-%d", arm.name, i))))
 		}
 	}
+	// Each figure is logged as soon as it is known: a failure later on
+	// keeps it.
+	for _, name := range []string{"masq-core", "masq-vmnic", "bridge-vmnic", "passt-core", "passt-vmnic"} {
+		b.Logf("time to Running, %s: median %v of %v", name, median(times[name]), times[name])
+	}
 	e.masquerade(b)
 	e.bridge(b)
 	e.passt(b)
+	for _, m := range e.migrants {
+		// The test checks that passt's TCP connection survives its two
+		// moves; here the moves are only measured.
+		m.echo = ""
+	}
 	gaps := map[string][]gapSample{}
 	rounds := (benchRuns + 1) / 2
 	for _, m := range e.migrants {
 		gaps[m.mode] = e.migrate(b, m, rounds)
+		for _, g := range gaps[m.mode] {
+			b.Logf("%s migration gap: probe %v, vmnicd %v", m.mode, g.probe, g.vmnicd)
+		}
 	}
 	after := e.vmnicdUsage(b)
 
-	for _, name := range []string{"masq-core", "masq-vmnic", "bridge-core", "bridge-vmnic", "passt-core", "passt-vmnic"} {
-		med := median(times[name])
-		b.Logf("time to Running, %s: median %v of %v", name, med, times[name])
-		b.ReportMetric(ms(med), name+"-ms-median")
+	for _, name := range []string{"masq-core", "masq-vmnic", "bridge-vmnic", "passt-core", "passt-vmnic"} {
+		b.ReportMetric(ms(median(times[name])), name+"-ms-median")
 	}
 	for _, mode := range []string{"Masquerade", "Bridge", "Passt"} {
 		var probe, vmnicd, service []time.Duration
@@ -135,7 +145,7 @@ func benchRealKubeVirt(b *testing.B) {
 		b.Logf("migration gap, %s: probe median %v of %v; vmnicd median %v of %v", mode, median(probe), probe, median(vmnicd), vmnicd)
 		b.ReportMetric(ms(median(probe)), unit+"-probe-ms-median")
 		b.ReportMetric(ms(median(vmnicd)), unit+"-vmnicd-ms-median")
-		if mode != "Bridge" {
+		if mode == "Passt" {
 			b.Logf("… its HTTP probe's longest time without an answer: median %v of %v", median(service), service)
 			b.ReportMetric(ms(median(service)), unit+"-http-ms-median")
 		}
