@@ -97,11 +97,16 @@ func (d *Daemon) targetFrame(key string, f mode.GuestFrame) bool {
 		return false
 	}
 	if m, ok := att.(mode.Migrant); ok && m.Held() {
-		// The hold drops this frame: not yet the target's first.
 		if _, sees := att.(mode.TargetWatcher); sees {
+			// The hold drops this frame: not yet the target's first.
 			d.releaseResumed(key, rec, m)
+			return true
 		}
-		return true
+		// A mode whose hold drops frames before its watch sees them
+		// (passt's, on the pod interface's way out): a frame seen has
+		// left, so the hold is gone, though the record that says so may
+		// not be written yet (the release announces the addresses
+		// first).
 	}
 	if !f.Traffic {
 		// The guest's ARP or neighbour discovery, QEMU's announcement:
