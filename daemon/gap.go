@@ -99,7 +99,7 @@ func (d *Daemon) targetFrame(key string, f mode.GuestFrame) bool {
 	if m, ok := att.(mode.Migrant); ok && m.Held() {
 		if _, sees := att.(mode.TargetWatcher); sees {
 			// The hold drops this frame: not yet the target's first.
-			d.releaseResumed(key, rec, m)
+			d.releaseTarget(key, rec, m, "TargetActive", "migration target's guest resumed")
 			return true
 		}
 		// A mode whose hold drops frames before its watch sees them
@@ -121,9 +121,10 @@ func (d *Daemon) targetFrame(key string, f mode.GuestFrame) bool {
 	return false
 }
 
-// releaseResumed releases a held target whose guest resumed here. The
+// releaseTarget lifts a held target's hold (which announces its
+// addresses) and records the release as phase; why ends the log line. The
 // caller holds the attachment's lock.
-func (d *Daemon) releaseResumed(key string, rec *state.Record, m mode.Migrant) {
+func (d *Daemon) releaseTarget(key string, rec *state.Record, m mode.Migrant, phase, why string) {
 	start := time.Now()
 	if err := m.Release(); err != nil {
 		d.log.Error("migration target: release hold", "key", key, "err", err)
@@ -131,12 +132,12 @@ func (d *Daemon) releaseResumed(key string, rec *state.Record, m mode.Migrant) {
 			return
 		}
 	}
-	rec.Migration.Phase = "TargetActive"
-	d.Metrics().MigrationSwitched()
+	rec.Migration.Phase = phase
 	if err := d.putRecord(rec, m, rec.Result); err != nil {
 		d.log.Error("migration target: record release", "key", key, "err", err)
 	}
-	d.log.Info("migration target's guest resumed: hold released, addresses announced", "key", key,
+	d.Metrics().MigrationSwitched()
+	d.log.Info(why+": hold released, addresses announced", "key", key,
 		"pod", rec.Pod.Namespace+"/"+rec.Pod.Name, "vm", rec.VMName, "job", rec.Migration.Job, "took", time.Since(start))
 }
 

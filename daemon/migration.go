@@ -282,17 +282,7 @@ func (d *Daemon) reconcileOne(tr kubevirt.MigrationTracker, key string) {
 	case p.release:
 		// The frame watch goes on: the first frame after the hold is
 		// the target's side of the network gap.
-		start := time.Now()
-		if err := m.Release(); err != nil {
-			log.Error("migration target: release hold", "err", err)
-			if m.Held() {
-				return
-			}
-		}
-		rec.Migration.Phase = p.phase
-		save("release")
-		d.Metrics().MigrationSwitched()
-		log.Info("migration target took over: hold released, addresses announced", "job", rec.Migration.Job, "took", time.Since(start))
+		d.releaseTarget(key, rec, m, p.phase, "migration target took over")
 	case p.failed:
 		d.unwatch(targetWatch(key))
 		rec.Migration.Phase = p.phase
