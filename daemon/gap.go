@@ -43,7 +43,7 @@ type gapSources struct {
 }
 
 type gapSource struct {
-	ns, vmi, pod, ifName, job, uid string
+	ns, vmi, pod, ifName, uid string
 	// last is the guest's last frame seen, zero for none yet; lastWhat
 	// what it was.
 	last     time.Time
@@ -68,7 +68,7 @@ func (d *Daemon) unwatchAll(key string) {
 // watchTargetFrames watches a migration target's guest. While the target
 // is held, a frame of a mode that sees them (mode.TargetWatcher: QEMU
 // announces the VM that resumed here) releases the hold at once, ahead of
-// the VMIM's status, which can trail the resume by hundreds of
+// the VMI's migration state, which can trail the resume by hundreds of
 // milliseconds. The first frame of the guest's traffic once nothing holds
 // the target (mode.GuestFrame: not ARP, neighbour discovery or QEMU's
 // announcement) is the target's side of the network gap.
@@ -177,13 +177,9 @@ func (d *Daemon) reconcileGap(tr kubevirt.MigrationTracker, gx kubevirt.GapExcha
 	if gx == nil {
 		return
 	}
-	job, _, inFlight := tr.InFlight(rec.Pod.Namespace, rec.VMName)
-	if !inFlight || rec.Migration != nil && rec.Migration.Job == job || migrant && (m.Held() || m.Silenced()) ||
+	uid, _, inFlight := tr.InFlight(rec.Pod.Namespace, rec.VMName)
+	if !inFlight || rec.Migration != nil && rec.Migration.UID == uid || migrant && (m.Held() || m.Silenced()) ||
 		!gx.RunsIn(rec.Pod.Namespace, rec.VMName, rec.Pod.Name) {
-		return
-	}
-	uid := gx.MigrationUID(rec.Pod.Namespace, job)
-	if uid == "" {
 		return
 	}
 	// A source: its VM migrates away.
@@ -193,7 +189,7 @@ func (d *Daemon) reconcileGap(tr kubevirt.MigrationTracker, gx kubevirt.GapExcha
 	}
 	s := d.gapSrc.m[key]
 	if s == nil || s.uid != uid {
-		s = &gapSource{ns: rec.Pod.Namespace, vmi: rec.VMName, pod: rec.Pod.Name, ifName: rec.IfName, job: job, uid: uid}
+		s = &gapSource{ns: rec.Pod.Namespace, vmi: rec.VMName, pod: rec.Pod.Name, ifName: rec.IfName, uid: uid}
 		d.gapSrc.m[key] = s
 	}
 	published := s.published
@@ -233,7 +229,7 @@ func (d *Daemon) publishSourceGaps(ctx context.Context, tr kubevirt.MigrationTra
 			d.unwatch(sourceWatch(key))
 			go d.publishLastFrame(ctx, gx, key, *s)
 		}
-		if job, _, inFlight := tr.InFlight(s.ns, s.vmi); inFlight && job == s.job {
+		if uid, _, inFlight := tr.InFlight(s.ns, s.vmi); inFlight && uid == s.uid {
 			continue
 		}
 		if s.ended.IsZero() {
@@ -251,7 +247,7 @@ func (d *Daemon) publishLastFrame(ctx context.Context, gx kubevirt.GapExchange, 
 	var err error
 	for try := 0; try < gapPublishTries && ctx.Err() == nil; try++ {
 		if err = gx.PublishLastFrame(ctx, s.ns, s.vmi, s.ifName, s.uid, s.last); err == nil {
-			d.log.Info("migration source: guest's last frame reported", "key", key, "vm", s.vmi, "job", s.job, "last", s.last, "frame", s.lastWhat)
+			d.log.Info("migration source: guest's last frame reported", "key", key, "vm", s.vmi, "migration", s.uid, "last", s.last, "frame", s.lastWhat)
 			return
 		}
 		time.Sleep(time.Duration(try+1) * 200 * time.Millisecond)

@@ -82,7 +82,7 @@ func (d *Daemon) staleWatches(now time.Time) []string {
 	var out []string
 	for _, w := range d.watchViews(now) {
 		if w.Stale {
-			m := fmt.Sprintf("watch on %s down for %s (over %s)", w.Resource, time.Duration(w.Down).Round(time.Second), d.opts.WatchDownThreshold)
+			m := fmt.Sprintf("watch on %s (%s) down for %s (over %s)", w.Resource, w.Selector, time.Duration(w.Down).Round(time.Second), d.opts.WatchDownThreshold)
 			if w.LastError != "" {
 				m += ": " + w.LastError
 			}

@@ -75,8 +75,9 @@ func TestHealthz(t *testing.T) {
 func TestReadyzWatches(t *testing.T) {
 	now := time.Now()
 	watches := []kubevirt.WatchHealth{
-		{Resource: "pods", Synced: true, Watching: true, LastEvent: now.Add(-3 * time.Second)},
-		{Resource: "virtualmachineinstances", Synced: true, Watching: true, LastEvent: now.Add(-time.Second)},
+		{Resource: "pods", Selector: "spec.nodeName=n1", Synced: true, Watching: true, LastEvent: now.Add(-3 * time.Second), Events: 7},
+		{Resource: "virtualmachineinstances", Selector: "kubevirt.io/nodeName=n1", Synced: true, Watching: true, LastEvent: now.Add(-time.Second)},
+		{Resource: "virtualmachineinstances", Selector: "kubevirt.io/migrationTargetNodeName=n1", Synced: true, Watching: true, LastEvent: now.Add(-time.Second)},
 	}
 	dir := t.TempDir()
 	d, err := New(Options{
@@ -106,27 +107,29 @@ func TestReadyzWatches(t *testing.T) {
 	}
 	watches[1].DownSince = time.Now().Add(-90 * time.Second)
 	code, body := get("/readyz")
-	if code != 503 || !strings.Contains(body, "watch on virtualmachineinstances down for 1m30s (over 1m0s): watch: connection refused") {
+	if code != 503 || !strings.Contains(body, "watch on virtualmachineinstances (kubevirt.io/nodeName=n1) down for 1m30s (over 1m0s): watch: connection refused") {
 		t.Errorf("/readyz with a watch down 90s = %d %q", code, body)
 	}
 	st := d.status()
-	if len(st.Watches) != 2 || st.Watches[0].Stale || !st.Watches[1].Stale || st.Watches[1].Watching ||
+	if len(st.Watches) != 3 || st.Watches[0].Stale || st.Watches[2].Stale || !st.Watches[1].Stale || st.Watches[1].Watching ||
 		time.Duration(st.Watches[1].Down) < 90*time.Second || time.Duration(st.WatchDownThreshold) != time.Minute {
 		t.Errorf("status watches = %+v, threshold %s", st.Watches, time.Duration(st.WatchDownThreshold))
 	}
 	_, metrics := get("/metrics")
 	for _, want := range []string{
-		`vmnic_informer_synced{resource="pods"} 1`,
-		`vmnic_informer_watch_up{resource="virtualmachineinstances"} 0`,
-		`vmnic_informer_watch_up{resource="pods"} 1`,
-		`vmnic_informer_watch_down_seconds{resource="pods"} 0`,
-		`vmnic_informer_last_event_age_seconds{resource="pods"} 3`,
+		`vmnic_informer_synced{resource="pods",selector="spec.nodeName=n1"} 1`,
+		`vmnic_informer_watch_up{resource="virtualmachineinstances",selector="kubevirt.io/nodeName=n1"} 0`,
+		`vmnic_informer_watch_up{resource="virtualmachineinstances",selector="kubevirt.io/migrationTargetNodeName=n1"} 1`,
+		`vmnic_informer_watch_up{resource="pods",selector="spec.nodeName=n1"} 1`,
+		`vmnic_informer_watch_down_seconds{resource="pods",selector="spec.nodeName=n1"} 0`,
+		`vmnic_informer_last_event_age_seconds{resource="pods",selector="spec.nodeName=n1"} 3`,
+		`vmnic_informer_objects_received_total{resource="pods",selector="spec.nodeName=n1"} 7`,
 	} {
 		if !strings.Contains(metrics, want) {
 			t.Errorf("metrics lack %s", want)
 		}
 	}
-	if !strings.Contains(metrics, `vmnic_informer_watch_down_seconds{resource="virtualmachineinstances"} 90`) {
+	if !strings.Contains(metrics, `vmnic_informer_watch_down_seconds{resource="virtualmachineinstances",selector="kubevirt.io/nodeName=n1"} 90`) {
 		t.Errorf("metrics: no 90 s down for the VMI watch:\n%s", grepLines(metrics, "vmnic_informer"))
 	}
 }

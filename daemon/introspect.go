@@ -176,7 +176,7 @@ func (d *Daemon) watchViews(now time.Time) []api.Watch {
 	for _, h := range hs {
 		down := h.Down(now)
 		out = append(out, api.Watch{
-			Resource: h.Resource, Synced: h.Synced, Watching: h.Watching,
+			Resource: h.Resource, Selector: h.Selector, Events: h.Events, Synced: h.Synced, Watching: h.Watching,
 			Down: api.Duration(down), LastEvent: h.LastEvent.UTC(), LastError: h.LastError,
 			Stale: down > d.opts.WatchDownThreshold,
 		})

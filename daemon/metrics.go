@@ -157,7 +157,7 @@ func (m *Metrics) MigrationSwitched() {
 }
 
 // gapBuckets span a migration's network gap: tens of milliseconds on a
-// quiet switch to seconds when a target waits for the VMIM's status.
+// quiet switch to seconds when a target waits for the VMI's status.
 var gapBuckets = []float64{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}
 
 // MigrationGap observes one migration's network gap in a mode.
@@ -392,10 +392,12 @@ var (
 	rasDesc         = prometheus.NewDesc("vmnic_router_advertisements_total", "IPv6 Router Advertisements sent to guests.", nil, nil)
 	eventsDesc      = prometheus.NewDesc("vmnic_kube_events_total", "Kubernetes Events about wiring failures, by result (recorded, dropped, failed).", []string{"result"}, nil)
 	capabilityDesc  = prometheus.NewDesc("vmnic_capability_ready", "1 when the node's last capability probe found everything a mode needs (NodeNetworkCapability conditions).", []string{"mode"}, nil)
-	syncedDesc      = prometheus.NewDesc("vmnic_informer_synced", "1 once the informer of an API resource (pods, virtualmachineinstances, virtualmachineinstancemigrations) has synced its cache.", []string{"resource"}, nil)
-	watchUpDesc     = prometheus.NewDesc("vmnic_informer_watch_up", "1 while a watch on the API resource is open.", []string{"resource"}, nil)
-	watchDownDesc   = prometheus.NewDesc("vmnic_informer_watch_down_seconds", "How long no watch on the API resource has been open (0 while one is); /readyz fails past --watch-down-threshold.", []string{"resource"}, nil)
-	lastEventDesc   = prometheus.NewDesc("vmnic_informer_last_event_age_seconds", "Age of the last thing the API server sent on the resource: a list, a new watch, an event or a bookmark (about every minute on a quiet watch).", []string{"resource"}, nil)
+	informerLabels  = []string{"resource", "selector"}
+	syncedDesc      = prometheus.NewDesc("vmnic_informer_synced", "1 once the informer of an API resource (pods on this node, the VMIs on this node, the VMIs migrating to it: the selector says which) has synced its cache.", informerLabels, nil)
+	watchUpDesc     = prometheus.NewDesc("vmnic_informer_watch_up", "1 while a watch on the API resource is open.", informerLabels, nil)
+	watchDownDesc   = prometheus.NewDesc("vmnic_informer_watch_down_seconds", "How long no watch on the API resource has been open (0 while one is); /readyz fails past --watch-down-threshold.", informerLabels, nil)
+	lastEventDesc   = prometheus.NewDesc("vmnic_informer_last_event_age_seconds", "Age of the last thing the API server sent on the resource: a list, a new watch, an event or a bookmark (about every minute on a quiet watch).", informerLabels, nil)
+	informerEvents  = prometheus.NewDesc("vmnic_informer_objects_received_total", "Objects the API server sent the informer: the items of its lists and the events of its watches (not bookmarks). Scoped to the node, it grows with the node's own VMs, not with the cluster.", informerLabels, nil)
 )
 
 // nodeCollector reads the daemon's state once per scrape: readiness, the
@@ -406,7 +408,7 @@ func (nodeCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		buildInfoDesc, readyDesc, startTimeDesc, attachmentsDesc, incompleteDesc, unreadableDesc,
 		heldDesc, spooledDesc, dhcpServersDesc, leasesDesc, naksDesc, rasDesc,
-		syncedDesc, watchUpDesc, watchDownDesc, lastEventDesc,
+		syncedDesc, watchUpDesc, watchDownDesc, lastEventDesc, informerEvents,
 	} {
 		ch <- d
 	}
@@ -437,12 +439,13 @@ func (c nodeCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(rasDesc, st.dhcp.ras)
 	now := time.Now()
 	for _, w := range st.watches {
-		gauge(syncedDesc, boolValue(w.Synced), w.Resource)
-		gauge(watchUpDesc, boolValue(w.Watching), w.Resource)
-		gauge(watchDownDesc, w.Down(now).Seconds(), w.Resource)
+		gauge(syncedDesc, boolValue(w.Synced), w.Resource, w.Selector)
+		gauge(watchUpDesc, boolValue(w.Watching), w.Resource, w.Selector)
+		gauge(watchDownDesc, w.Down(now).Seconds(), w.Resource, w.Selector)
 		if !w.LastEvent.IsZero() {
-			gauge(lastEventDesc, now.Sub(w.LastEvent).Seconds(), w.Resource)
+			gauge(lastEventDesc, now.Sub(w.LastEvent).Seconds(), w.Resource, w.Selector)
 		}
+		counter(informerEvents, w.Events, w.Resource, w.Selector)
 	}
 }
 

@@ -111,7 +111,7 @@ func (d *Daemon) watchClaims(key string, sg mode.SourceGuard) {
 const migrationResync = 2 * time.Second
 
 // watchMigrations drives the live-migration part of the attachments whose
-// mode takes part (mode.Migrant) from the VMIM and VMI objects: a held
+// mode takes part (mode.Migrant) from the VMIs' migration state: a held
 // target is released (and announces the guest's addresses) when its
 // migration succeeded, and stays held when it failed; a source whose VM
 // moved away is silenced until its DEL. The state lives in the attachment
@@ -167,10 +167,11 @@ type migrationFacts struct {
 	outcome kubevirt.MigrationOutcome
 	// migratedAway: the VM completed a migration away from this pod.
 	migratedAway bool
-	// inFlight, phase: a migration of the VM has not ended, in this VMIM
-	// phase; reasserted: the source already reasserted for this phase.
+	// inFlight, stage: a migration of the VM was handed off and has not
+	// ended, at this stage (MigrationTracker.InFlight); reasserted: the
+	// source already reasserted for this stage.
 	inFlight   bool
-	phase      string
+	stage      string
 	reasserted bool
 	// guards: the mode's source takes part while the target is prepared
 	// (mode.SourceGuard).
@@ -186,7 +187,7 @@ type migrationPlan struct {
 	guard      bool   // a source that guards: apply dadGuard, claims, reassert
 	dadGuard   bool   // a source's DAD guard, on or off (guards only)
 	claims     bool   // answer claims of a source's addresses (guards only)
-	reassert   bool   // reassert a source's addresses once for this phase
+	reassert   bool   // reassert a source's addresses once for this stage
 	phase      string // the outcome to record (release, failed)
 }
 
@@ -214,27 +215,27 @@ func planMigration(f migrationFacts) migrationPlan {
 		if !f.guards {
 			return p
 		}
-		// The target's underlay plugin runs DAD for the address the
-		// source holds, and announces the addresses, while KubeVirt
-		// prepares the target; once the VM's memory moves the target is
-		// held, and the next claim from it is its switchover, which the
-		// source must not contest.
+		// The next migration's target is wired before KubeVirt tells
+		// anyone it is coming (the VMI shows a migration from its
+		// handoff on, once the target pod runs): its underlay plugin
+		// runs DAD for the address the VM holds here, and announces the
+		// addresses, at any time. So the VM's home never answers DAD for
+		// its own address (Spiderpool gives it to this VM alone) and
+		// answers every claim at once, except while the VM's memory
+		// moves: the target is held then, and the next claim from it is
+		// its switchover, which must not be contested.
 		p.guard = true
-		p.dadGuard = f.inFlight
-		p.claims = f.inFlight && preparingTarget(f.phase)
+		p.dadGuard = true
+		p.claims = !f.inFlight || !memoryMoves(f.stage)
 		p.reassert = f.inFlight && !f.reasserted
 	}
 	return p
 }
 
-// preparingTarget reports whether a migration in flight is still before
-// the VM's memory moves (VMIM phases up to TargetReady).
-func preparingTarget(phase string) bool {
-	switch kubevirtv1.VirtualMachineInstanceMigrationPhase(phase) {
-	case kubevirtv1.MigrationRunning, kubevirtv1.MigrationSucceeded, kubevirtv1.MigrationFailed:
-		return false
-	}
-	return true
+// memoryMoves reports whether a migration in flight has started sending
+// the VM (stage Running).
+func memoryMoves(stage string) bool {
+	return kubevirtv1.VirtualMachineInstanceMigrationPhase(stage) == kubevirtv1.MigrationRunning
 }
 
 // reconcileOne acts on one attachment under its lock, from a fresh read of
@@ -258,13 +259,13 @@ func (d *Daemon) reconcileOne(tr kubevirt.MigrationTracker, key string) {
 	switch {
 	case f.held && f.target:
 		f.recorded = rec.Migration.Phase
-		f.outcome = tr.TargetOutcome(rec.Pod.Namespace, rec.VMName, rec.Migration.Job, rec.Pod.Name)
+		f.outcome = tr.TargetOutcome(rec.Pod.Namespace, rec.VMName, rec.Migration.UID, rec.Pod.Name)
 	case !f.held && !f.silenced:
 		f.migratedAway = tr.MigratedAway(rec.Pod.Namespace, rec.VMName, rec.Pod.Name)
-		var job string
-		job, f.phase, f.inFlight = tr.InFlight(rec.Pod.Namespace, rec.VMName)
+		var uid string
+		uid, f.stage, f.inFlight = tr.InFlight(rec.Pod.Namespace, rec.VMName)
 		if guards && f.inFlight {
-			f.reasserted = d.wasReasserted(key, job+"/"+f.phase)
+			f.reasserted = d.wasReasserted(key, uid+"/"+f.stage)
 		}
 	}
 	p := planMigration(f)
@@ -337,7 +338,7 @@ type logger interface {
 }
 
 // wasReasserted reports whether the source key already reasserted its
-// addresses for this migration phase, and records that it has now.
+// addresses for this migration stage, and records that it has now.
 func (d *Daemon) wasReasserted(key, phase string) bool {
 	d.reassertMu.Lock()
 	defer d.reassertMu.Unlock()

@@ -47,7 +47,7 @@ func TestPlanMigration(t *testing.T) {
 		},
 		{
 			"source whose VM moved away: silence",
-			migrationFacts{migratedAway: true, guards: true, inFlight: true, phase: "Running"},
+			migrationFacts{migratedAway: true, guards: true, inFlight: true, stage: "Running"},
 			migrationPlan{silence: true},
 		},
 		{
@@ -57,27 +57,28 @@ func TestPlanMigration(t *testing.T) {
 		},
 		{
 			"source without guards (bridge), migration in flight: nothing",
-			migrationFacts{inFlight: true, phase: "Scheduling"},
+			migrationFacts{inFlight: true, stage: "PreparingTarget"},
 			migrationPlan{},
 		},
 		{
-			"guarding source, no migration: guard off, no claims",
+			// The next target is wired before the VMI shows its migration.
+			"guarding source, no migration shown: DAD guard, claims answered",
 			migrationFacts{guards: true},
-			migrationPlan{guard: true},
+			migrationPlan{guard: true, dadGuard: true, claims: true},
 		},
 		{
-			"guarding source while the target is prepared: DAD guard, claims, reassert",
-			migrationFacts{guards: true, inFlight: true, phase: "Scheduled"},
+			"guarding source once the migration is handed off: DAD guard, claims, reassert",
+			migrationFacts{guards: true, inFlight: true, stage: "PreparingTarget"},
 			migrationPlan{guard: true, dadGuard: true, claims: true, reassert: true},
 		},
 		{
-			"guarding source, phase already reasserted",
-			migrationFacts{guards: true, inFlight: true, phase: "TargetReady", reasserted: true},
+			"guarding source, stage already reasserted",
+			migrationFacts{guards: true, inFlight: true, stage: "TargetReady", reasserted: true},
 			migrationPlan{guard: true, dadGuard: true, claims: true},
 		},
 		{
 			"guarding source once memory moves: no claims contested",
-			migrationFacts{guards: true, inFlight: true, phase: "Running"},
+			migrationFacts{guards: true, inFlight: true, stage: "Running"},
 			migrationPlan{guard: true, dadGuard: true, reassert: true},
 		},
 	}

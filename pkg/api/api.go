@@ -54,6 +54,10 @@ type Status struct {
 // watch is open now, and when the API server last sent anything on it.
 type Watch struct {
 	Resource string `json:"resource"`
+	// Selector scopes the watch to the node (a field or label selector).
+	Selector string `json:"selector,omitempty"`
+	// Events counts the objects the API server sent.
+	Events   uint64 `json:"events,omitempty"`
 	Synced   bool   `json:"synced"`
 	Watching bool   `json:"watching"`
 	// Down is how long no watch has been open (0 while one is).

@@ -158,13 +158,21 @@ func printStatus(w io.Writer, rep StatusReport, now time.Time) {
 		row("metrics", "http://"+st.MetricsAddr+"/metrics")
 	}
 	for _, w := range st.Watches {
-		row("watch "+watchNames[w.Resource], watchSummary(w, time.Duration(st.WatchDownThreshold), now))
+		row("watch "+watchName(w), watchSummary(w, time.Duration(st.WatchDownThreshold), now))
 	}
 }
 
-// watchNames are the short names of the resources vmnicd watches.
-var watchNames = map[string]string{
-	"pods": "pods", "virtualmachineinstances": "VMIs", "virtualmachineinstancemigrations": "VMIMs",
+// watchName is the short name of a watch of vmnicd: "pods", "VMIs" (on
+// the node), or "VMIs incoming" (migrating to it; its selector names the
+// label).
+func watchName(w api.Watch) string {
+	switch {
+	case w.Resource != "virtualmachineinstances":
+		return w.Resource
+	case strings.HasPrefix(w.Selector, "kubevirt.io/migrationTargetNodeName="):
+		return "VMIs incoming"
+	}
+	return "VMIs"
 }
 
 // watchSummary is one watch's line: "up, last event 12s ago" or "DOWN

@@ -13,6 +13,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
 	"k8s.io/client-go/kubernetes"
@@ -33,19 +34,28 @@ type ClusterOptions struct {
 	Logger          *slog.Logger
 }
 
-// Cluster answers Lookup from informers: the pods of this node only
-// (field selector, trimmed objects) and the VMIs, with a bounded live read
-// when the cache has not seen an object yet (a pod created a moment ago).
+// Cluster answers Lookup from informers scoped to its node, as
+// virt-handler's are: the pods of this node (field selector), the VMIs
+// that run on it and those migrating to it (KubeVirt's node labels), all
+// trimmed to what vmnic reads, with a bounded live read when the cache
+// has not seen an object yet (a pod created a moment ago, a VMI not yet
+// scheduled). It watches no VMIM: VMIMs carry no node, and the VMI's
+// status.migrationState says all vmnic needs of a migration. What one
+// daemon receives and keeps grows with its own node, not with the cluster.
 type Cluster struct {
-	opts  ClusterOptions
-	kube  kubernetes.Interface
-	kv    rest.Interface
-	pods  cache.SharedIndexInformer
-	vmis  cache.SharedIndexInformer
-	vmims cache.SharedIndexInformer
+	opts ClusterOptions
+	kube kubernetes.Interface
+	kv   rest.Interface
+	pods cache.SharedIndexInformer
+	// vmis: label kubevirt.io/nodeName=<node>; incoming: label
+	// kubevirt.io/migrationTargetNodeName=<node>.
+	vmis, incoming cache.SharedIndexInformer
+	// departed are VMIs that left both (vmis.go).
+	departed departedVMIs
 	// trackers see each informer's lists and watches (Health).
 	trackers []*watchTracker
 	start    sync.Once
+	ctx      context.Context
 	changeState
 }
 
@@ -97,27 +107,35 @@ func NewCluster(opts ClusterOptions) (*Cluster, error) {
 		return nil, fmt.Errorf("kubevirt client: %w", err)
 	}
 	c := &Cluster{opts: opts, kube: kube, kv: kv}
-	onNode := fields.OneTermEqualSelector("spec.nodeName", opts.NodeName)
-	if c.pods, err = c.informer(kube.CoreV1().RESTClient(), "pods", onNode, &corev1.Pod{}, trimPod); err != nil {
+	onNode := fields.OneTermEqualSelector("spec.nodeName", opts.NodeName).String()
+	if c.pods, err = c.informer(kube.CoreV1().RESTClient(), "pods", onNode, "", &corev1.Pod{}, trimPod); err != nil {
 		return nil, err
 	}
-	if c.vmis, err = c.informer(kv, "virtualmachineinstances", fields.Everything(), &kubevirtv1.VirtualMachineInstance{}, trimVMI); err != nil {
+	runsHere := labels.Set{kubevirtv1.NodeNameLabel: opts.NodeName}.String()
+	if c.vmis, err = c.informer(kv, "virtualmachineinstances", "", runsHere, &kubevirtv1.VirtualMachineInstance{}, trimVMI); err != nil {
 		return nil, err
 	}
-	if c.vmims, err = c.informer(kv, "virtualmachineinstancemigrations", fields.Everything(), &kubevirtv1.VirtualMachineInstanceMigration{}, trimVMIM); err != nil {
+	comesHere := labels.Set{kubevirtv1.MigrationTargetNodeNameLabel: opts.NodeName}.String()
+	if c.incoming, err = c.informer(kv, "virtualmachineinstances", "", comesHere, &kubevirtv1.VirtualMachineInstance{}, trimVMI); err != nil {
 		return nil, err
 	}
-	if err := c.watchChanges(); err != nil {
-		return nil, err
+	for _, inf := range []cache.SharedIndexInformer{c.vmis, c.incoming} {
+		if _, err := inf.AddEventHandler(c.vmiEvents()); err != nil {
+			return nil, err
+		}
 	}
 	return c, nil
 }
 
-// informer builds the informer of resource (all namespaces, sel) through
-// client, with a tracker between it and its ListWatch.
-func (c *Cluster) informer(client rest.Interface, resource string, sel fields.Selector, obj runtime.Object, trim cache.TransformFunc) (cache.SharedIndexInformer, error) {
-	lw := cache.NewListWatchFromClient(client, resource, metav1.NamespaceAll, sel)
+// informer builds the informer of resource (all namespaces) selected by
+// fieldSel and labelSel through client, with a tracker between it and its
+// ListWatch.
+func (c *Cluster) informer(client rest.Interface, resource, fieldSel, labelSel string, obj runtime.Object, trim cache.TransformFunc) (cache.SharedIndexInformer, error) {
+	lw := cache.NewFilteredListWatchFromClient(client, resource, metav1.NamespaceAll, func(o *metav1.ListOptions) {
+		o.FieldSelector, o.LabelSelector = fieldSel, labelSel
+	})
 	t := newWatchTracker(lw, resource, client)
+	t.selector = fieldSel + labelSel
 	inf := cache.NewSharedIndexInformer(t, obj, c.opts.Resync,
 		cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
 	if err := inf.SetTransform(trim); err != nil {
@@ -134,13 +152,26 @@ func (c *Cluster) informer(client rest.Interface, resource string, sel fields.Se
 // nothing.
 func (c *Cluster) Start(ctx context.Context) {
 	c.start.Do(func() {
+		c.changeMu.Lock()
+		c.ctx = ctx
+		c.changeMu.Unlock()
 		for _, t := range c.trackers {
 			t.started()
 		}
-		for _, inf := range []cache.SharedIndexInformer{c.pods, c.vmis, c.vmims} {
+		for _, inf := range []cache.SharedIndexInformer{c.pods, c.vmis, c.incoming} {
 			go inf.Run(ctx.Done())
 		}
 	})
+}
+
+// runCtx is the context Start was given.
+func (c *Cluster) runCtx() context.Context {
+	c.changeMu.Lock()
+	defer c.changeMu.Unlock()
+	if c.ctx == nil {
+		return context.Background()
+	}
+	return c.ctx
 }
 
 // WaitForSync waits up to timeout (or until ctx ends) for the informers'
@@ -149,7 +180,7 @@ func (c *Cluster) Start(ctx context.Context) {
 func (c *Cluster) WaitForSync(ctx context.Context, timeout time.Duration) error {
 	wctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	if cache.WaitForCacheSync(wctx.Done(), c.pods.HasSynced, c.vmis.HasSynced, c.vmims.HasSynced) {
+	if cache.WaitForCacheSync(wctx.Done(), c.pods.HasSynced, c.vmis.HasSynced, c.incoming.HasSynced) {
 		return nil
 	}
 	if ctx.Err() != nil {
@@ -160,7 +191,7 @@ func (c *Cluster) WaitForSync(ctx context.Context, timeout time.Duration) error 
 		if h.Synced {
 			continue
 		}
-		m := h.Resource
+		m := h.Resource + " " + h.Selector
 		if h.LastError != "" {
 			m += " (" + h.LastError + ")"
 		}
@@ -169,7 +200,8 @@ func (c *Cluster) WaitForSync(ctx context.Context, timeout time.Duration) error 
 	return fmt.Errorf("not synced within %s: %s", timeout, strings.Join(missing, "; "))
 }
 
-// Health reports each informer: pods, VMIs, VMIMs.
+// Health reports each informer: pods, the VMIs on this node, the VMIs
+// migrating to it.
 func (c *Cluster) Health() []WatchHealth {
 	out := make([]WatchHealth, 0, len(c.trackers))
 	for _, t := range c.trackers {
@@ -201,30 +233,12 @@ func (c *Cluster) Lookup(ctx context.Context, q Query) (*Facts, error) {
 		c.opts.Logger.Info("pod interface not mapped to a VMI interface; passing through", "pod", q.Pod.Namespace+"/"+q.Pod.Name, "ifname", q.IfName, "reason", err)
 		return &Facts{}, nil
 	}
-	if m := f.Migration; m != nil && m.Job != "" {
-		if vmim := c.Migration(pod.Namespace, m.Job); vmim != nil {
-			m.Phase = string(vmim.Status.Phase)
+	if m := f.Migration; m != nil {
+		if s := vmi.Status.MigrationState; s != nil && m.UID != "" && string(s.MigrationUID) == m.UID {
+			m.Phase = stage(s)
 		}
 	}
 	return f, nil
-}
-
-// Migration returns the cached VMIM ns/name, or nil.
-func (c *Cluster) Migration(ns, name string) *kubevirtv1.VirtualMachineInstanceMigration {
-	obj, ok, err := c.vmims.GetIndexer().GetByKey(ns + "/" + name)
-	if err != nil || !ok {
-		return nil
-	}
-	return obj.(*kubevirtv1.VirtualMachineInstanceMigration)
-}
-
-// VMI returns the cached VMI ns/name, or nil.
-func (c *Cluster) VMI(ns, name string) *kubevirtv1.VirtualMachineInstance {
-	obj, ok, err := c.vmis.GetIndexer().GetByKey(ns + "/" + name)
-	if err != nil || !ok {
-		return nil
-	}
-	return obj.(*kubevirtv1.VirtualMachineInstance)
 }
 
 func (c *Cluster) pod(ctx context.Context, ns, name string) (*corev1.Pod, error) {
@@ -240,19 +254,30 @@ func (c *Cluster) pod(ctx context.Context, ns, name string) (*corev1.Pod, error)
 	return pod, nil
 }
 
+// vmi is the VMI of a launcher pod on this node: cached, or read at once
+// (KubeVirt labels a VMI with its node, and with its migration target's,
+// only once the launcher pod runs, after its sandbox is wired).
 func (c *Cluster) vmi(ctx context.Context, ns, name string) (*kubevirtv1.VirtualMachineInstance, error) {
-	if obj, ok, err := c.vmis.GetIndexer().GetByKey(ns + "/" + name); err == nil && ok {
-		return obj.(*kubevirtv1.VirtualMachineInstance), nil
+	if v := c.cachedVMI(ns + "/" + name); v != nil {
+		return v, nil
 	}
-	ctx, cancel := context.WithTimeout(ctx, c.opts.LiveReadTimeout)
-	defer cancel()
-	vmi := &kubevirtv1.VirtualMachineInstance{}
-	err := c.kv.Get().Namespace(ns).Resource("virtualmachineinstances").Name(name).Do(ctx).Into(vmi)
+	vmi, err := c.readVMI(ctx, ns, name)
 	if apierrors.IsNotFound(err) {
 		return nil, fmt.Errorf("VMI %s/%s of the launcher pod does not exist: %w", ns, name, err)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("read VMI %s/%s: %w", ns, name, err)
+	}
+	return vmi, nil
+}
+
+// readVMI reads the VMI ns/name from the API server.
+func (c *Cluster) readVMI(ctx context.Context, ns, name string) (*kubevirtv1.VirtualMachineInstance, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.opts.LiveReadTimeout)
+	defer cancel()
+	vmi := &kubevirtv1.VirtualMachineInstance{}
+	if err := c.kv.Get().Namespace(ns).Resource("virtualmachineinstances").Name(name).Do(ctx).Into(vmi); err != nil {
+		return nil, err
 	}
 	return vmi, nil
 }
@@ -286,23 +311,6 @@ func trimPod(obj any) (any, error) {
 	}, nil
 }
 
-// trimVMIM keeps the VMI name, the phase and the migration state.
-func trimVMIM(obj any) (any, error) {
-	m, ok := obj.(*kubevirtv1.VirtualMachineInstanceMigration)
-	if !ok {
-		return obj, nil
-	}
-	out := &kubevirtv1.VirtualMachineInstanceMigration{
-		ObjectMeta: metav1.ObjectMeta{
-			Name: m.Name, Namespace: m.Namespace, UID: m.UID, ResourceVersion: m.ResourceVersion,
-		},
-	}
-	out.Spec.VMIName = m.Spec.VMIName
-	out.Status.Phase = m.Status.Phase
-	out.Status.MigrationState = m.Status.MigrationState
-	return out, nil
-}
-
 // trimVMI keeps the interfaces, networks, CPU, migration state and the
 // sources' last-frame reports.
 func trimVMI(obj any) (any, error) {
@@ -314,6 +322,7 @@ func trimVMI(obj any) (any, error) {
 		ObjectMeta: metav1.ObjectMeta{
 			Name: vmi.Name, Namespace: vmi.Namespace, UID: vmi.UID, ResourceVersion: vmi.ResourceVersion,
 			Labels: vmi.Labels, Annotations: lastFrameAnnotations(vmi.Annotations),
+			DeletionTimestamp: vmi.DeletionTimestamp,
 		},
 	}
 	out.Spec.Networks = vmi.Spec.Networks

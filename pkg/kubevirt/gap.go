@@ -27,8 +27,6 @@ type GapExchange interface {
 	// RunsIn reports whether pod is the launcher pod the VMI's guest runs
 	// in (the source, while a migration is in flight).
 	RunsIn(ns, vmi, pod string) bool
-	// MigrationUID is the UID of the VMIM ns/job, "" when unknown.
-	MigrationUID(ns, job string) string
 	// MovedAway reports whether the VMI's migration uid completed, with
 	// pod as its source.
 	MovedAway(ns, vmi, pod, uid string) bool
@@ -80,14 +78,6 @@ func (c *Cluster) RunsIn(ns, vmi, pod string) bool {
 		return s.TargetPod == pod
 	}
 	return s.SourcePod == pod
-}
-
-// MigrationUID implements GapExchange.
-func (c *Cluster) MigrationUID(ns, job string) string {
-	if m := c.Migration(ns, job); m != nil {
-		return string(m.UID)
-	}
-	return ""
 }
 
 // MovedAway implements GapExchange.

@@ -107,7 +107,9 @@ type Migration struct {
 	Job string `json:"job"`
 	// UID is the VMIM's UID (label kubevirt.io/migrationJobUID).
 	UID string `json:"uid"`
-	// Phase is the VMIM's phase when the pod was wired, if known.
+	// Phase is the migration's stage when the pod was wired, named as
+	// the VMIM phase it matches, if the VMI showed it already (it does
+	// from the handoff on, after the target pod runs).
 	Phase string `json:"phase,omitempty"`
 }
 

@@ -3,7 +3,6 @@ package kubevirt
 import (
 	"sync"
 
-	"k8s.io/client-go/tools/cache"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 )
 
@@ -29,42 +28,72 @@ func (o MigrationOutcome) String() string {
 	return "Running"
 }
 
-// MigrationTracker tells how migrations went. The Cluster source is one.
+// MigrationTracker tells how migrations went, from the VMI's
+// status.migrationState as KubeVirt's virt-controller and virt-handlers
+// write it. The Cluster source is one.
+//
+// A migration shows on the VMI from its handoff on (virt-controller
+// names the target pod and node there, once the target pod runs), so
+// before that no daemon knows of it: the target's sandbox is wired
+// before anyone is told a migration is coming.
 type MigrationTracker interface {
-	// TargetOutcome is the outcome of migration job (a VMIM name) of the
-	// VMI ns/vmi whose target is pod.
-	TargetOutcome(ns, vmi, job, pod string) MigrationOutcome
+	// TargetOutcome is the outcome of the migration uid (the target
+	// pod's label kubevirt.io/migrationJobUID) of the VMI ns/vmi whose
+	// target is pod.
+	TargetOutcome(ns, vmi, uid, pod string) MigrationOutcome
 	// MigratedAway reports whether the VMI ns/vmi completed a migration
 	// whose source was pod: the pod no longer runs the VM.
 	MigratedAway(ns, vmi, pod string) bool
-	// InFlight returns a migration of the VMI ns/vmi that has not ended:
-	// its VMIM name and phase.
-	InFlight(ns, vmi string) (job, phase string, ok bool)
-	// Changes is closed (and replaced) when a VMI or VMIM changes.
+	// InFlight returns the migration of the VMI ns/vmi that has been
+	// handed off and has not ended: its UID and its stage, named as the
+	// VMIM phase it matches (PreparingTarget, TargetReady, Running).
+	InFlight(ns, vmi string) (uid, stage string, ok bool)
+	// Changes is closed (and replaced) when a VMI changes.
 	Changes() <-chan struct{}
 }
 
 // InFlight implements MigrationTracker.
-func (c *Cluster) InFlight(ns, vmi string) (job, phase string, ok bool) {
-	objs, err := c.vmims.GetIndexer().ByIndex(cache.NamespaceIndex, ns)
-	if err != nil {
+func (c *Cluster) InFlight(ns, vmi string) (uid, stageName string, ok bool) {
+	v := c.VMI(ns, vmi)
+	if v == nil {
 		return "", "", false
 	}
-	for _, o := range objs {
-		m, isM := o.(*kubevirtv1.VirtualMachineInstanceMigration)
-		if !isM || m.Spec.VMIName != vmi {
-			continue
-		}
-		switch m.Status.Phase {
-		case kubevirtv1.MigrationSucceeded, kubevirtv1.MigrationFailed:
-			continue
-		}
-		return m.Name, string(m.Status.Phase), true
+	s := v.Status.MigrationState
+	if s == nil || s.MigrationUID == "" || outcome(s) != MigrationRunning {
+		return "", "", false
 	}
-	return "", "", false
+	return string(s.MigrationUID), stage(s), true
+}
+
+// stage names how far a migration state has come as the VMIM phase
+// virt-controller derives from it: PreparingTarget from the handoff,
+// TargetReady once the target's virt-handler gave its address, Running
+// once the source started sending the VM, then Succeeded (here already
+// when the migrated domain runs on the target, see outcome) or Failed.
+func stage(s *kubevirtv1.VirtualMachineInstanceMigrationState) string {
+	switch {
+	case outcome(s) == MigrationSucceeded:
+		return string(kubevirtv1.MigrationSucceeded)
+	case outcome(s) == MigrationFailed:
+		return string(kubevirtv1.MigrationFailed)
+	case s.StartTimestamp != nil:
+		return string(kubevirtv1.MigrationRunning)
+	case s.TargetNodeAddress != "":
+		return string(kubevirtv1.MigrationTargetReady)
+	}
+	return string(kubevirtv1.MigrationPreparingTarget)
 }
 
 // outcome reads a migration state.
+//
+// A migration succeeded once it completed, or once the target's
+// virt-handler saw the migrated domain running there
+// (targetNodeDomainReadyTimestamp, which KubeVirt sets as the trigger for
+// network plugins to move the VM's address to the new pod): the VM runs
+// on the target from then on, and the completion can trail it by tens of
+// seconds when virt-handler's work queue backs off. The timestamp counts
+// only once the source started sending the VM, so that one left from an
+// earlier migration in a reused state does not.
 func outcome(s *kubevirtv1.VirtualMachineInstanceMigrationState) MigrationOutcome {
 	switch {
 	case s == nil:
@@ -73,34 +102,26 @@ func outcome(s *kubevirtv1.VirtualMachineInstanceMigrationState) MigrationOutcom
 		return MigrationFailed
 	case s.Completed:
 		return MigrationSucceeded
+	case s.TargetNodeDomainReadyTimestamp != nil && s.StartTimestamp != nil && !s.TargetNodeDomainReadyTimestamp.Before(s.StartTimestamp):
+		return MigrationSucceeded
 	}
 	return MigrationRunning
 }
 
-// TargetOutcome implements MigrationTracker: the VMIM's phase decides; the
-// VMI's migration state for this target pod decides when it says more.
-func (c *Cluster) TargetOutcome(ns, vmi, job, pod string) MigrationOutcome {
-	out := MigrationRunning
-	if m := c.Migration(ns, job); m != nil {
-		switch m.Status.Phase {
-		case kubevirtv1.MigrationSucceeded:
-			out = MigrationSucceeded
-		case kubevirtv1.MigrationFailed:
-			out = MigrationFailed
-		}
-		if out == MigrationRunning && m.Status.MigrationState != nil && m.Status.MigrationState.TargetPod == pod {
-			out = outcome(m.Status.MigrationState)
-		}
+// TargetOutcome implements MigrationTracker. The VMI's state is that of
+// the migration uid, or (a pod without the label) of the one whose target
+// pod is pod; a state of another migration, or none, is Running: the
+// target stays held.
+func (c *Cluster) TargetOutcome(ns, vmi, uid, pod string) MigrationOutcome {
+	v := c.VMI(ns, vmi)
+	if v == nil || v.Status.MigrationState == nil {
+		return MigrationRunning
 	}
-	if out != MigrationRunning {
-		return out
+	s := v.Status.MigrationState
+	if uid != "" && string(s.MigrationUID) != uid || uid == "" && s.TargetPod != pod {
+		return MigrationRunning
 	}
-	if v := c.VMI(ns, vmi); v != nil {
-		if s := v.Status.MigrationState; s != nil && s.TargetPod == pod {
-			return outcome(s)
-		}
-	}
-	return MigrationRunning
+	return outcome(s)
 }
 
 // MigratedAway implements MigrationTracker.
@@ -130,21 +151,6 @@ func (c *Cluster) notifyChange() {
 		close(c.changed)
 	}
 	c.changed = make(chan struct{})
-}
-
-// watchChanges wakes Changes on every VMI and VMIM event.
-func (c *Cluster) watchChanges() error {
-	h := cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { c.notifyChange() },
-		UpdateFunc: func(any, any) { c.notifyChange() },
-		DeleteFunc: func(any) { c.notifyChange() },
-	}
-	for _, inf := range []cache.SharedIndexInformer{c.vmis, c.vmims} {
-		if _, err := inf.AddEventHandler(h); err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // changeState is embedded in Cluster.

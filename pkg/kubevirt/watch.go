@@ -5,6 +5,7 @@ import (
 	"sync"
 	"time"
 
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/watch"
@@ -16,9 +17,17 @@ import (
 // has synced, whether a watch is open on the API server now, and when it
 // last heard from it.
 type WatchHealth struct {
-	// Resource is the API resource watched: pods,
-	// virtualmachineinstances, virtualmachineinstancemigrations.
+	// Resource is the API resource watched: pods or
+	// virtualmachineinstances.
 	Resource string
+	// Selector is the watch's field or label selector, which scopes it
+	// to the node: spec.nodeName=<node> (pods), kubevirt.io/nodeName=<node>
+	// (the VMIs that run here), kubevirt.io/migrationTargetNodeName=<node>
+	// (the VMIs migrating here).
+	Selector string
+	// Events counts the objects the API server sent: the items of each
+	// list and the events of each watch, not its bookmarks.
+	Events uint64
 	// Synced: the first list reached the cache.
 	Synced bool
 	// Watching: a watch request is open on the API server now.
@@ -49,6 +58,7 @@ func (h WatchHealth) Down(now time.Time) time.Duration {
 type watchTracker struct {
 	inner    cache.ListerWatcherWithContext
 	resource string
+	selector string
 	now      func() time.Time
 	// noWatchList forwards the inner client's answer to the reflector's
 	// question whether it may use streaming lists.
@@ -59,6 +69,7 @@ type watchTracker struct {
 	downSince time.Time
 	lastEvent time.Time
 	lastErr   string
+	events    uint64
 	synced    func() bool
 }
 
@@ -87,6 +98,9 @@ func (t *watchTracker) ListWithContext(ctx context.Context, o metav1.ListOptions
 	if err != nil {
 		t.lastErr = "list: " + err.Error()
 		return obj, err
+	}
+	if items, ierr := meta.ExtractList(obj); ierr == nil {
+		t.events += uint64(len(items))
 	}
 	t.lastEvent, t.lastErr = t.now(), ""
 	return obj, nil
@@ -119,6 +133,9 @@ func (t *watchTracker) event(ev watch.Event) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.lastEvent = t.now()
+	if ev.Type != watch.Bookmark {
+		t.events++
+	}
 	if ev.Type == watch.Error {
 		if st, ok := ev.Object.(*metav1.Status); ok {
 			t.lastErr = "watch: " + st.Message
@@ -144,7 +161,8 @@ func (t *watchTracker) health() WatchHealth {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	h := WatchHealth{
-		Resource: t.resource, Watching: t.open > 0, DownSince: t.downSince,
+		Resource: t.resource, Selector: t.selector, Events: t.events,
+		Watching: t.open > 0, DownSince: t.downSince,
 		LastEvent: t.lastEvent, LastError: t.lastErr,
 	}
 	if t.synced != nil {

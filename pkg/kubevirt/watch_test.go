@@ -21,7 +21,7 @@ type fakeLW struct {
 }
 
 func (f *fakeLW) List(metav1.ListOptions) (runtime.Object, error) {
-	return &corev1.PodList{}, f.listErr
+	return &corev1.PodList{Items: make([]corev1.Pod, 2)}, f.listErr
 }
 
 func (f *fakeLW) Watch(metav1.ListOptions) (watch.Interface, error) {
@@ -86,6 +86,12 @@ func TestWatchTracker(t *testing.T) {
 	}
 	if h := tr.health(); !h.LastEvent.Equal(now) {
 		t.Fatalf("event not seen: %+v", h)
+	}
+	// A bookmark is heard from the API server, but carries no object.
+	go lw.watches[0].Action(watch.Bookmark, &corev1.Pod{})
+	<-w.ResultChan()
+	if h := tr.health(); h.Events != 3 {
+		t.Fatalf("objects received = %d, want 3 (two listed, one event; no bookmark)", h.Events)
 	}
 
 	// The API server ends the watch: down from then.

@@ -125,7 +125,7 @@ type Migrant interface {
 type SourceGuard interface {
 	Migrant
 	// Reassert announces the source's IPv4 addresses again, and its IPv6
-	// ones too when v6 (the daemon calls it once per VMIM phase with v6
+	// ones too when v6 (the daemon calls it once per migration stage with v6
 	// false, and in answer to each claim of the addresses).
 	Reassert(v6 bool) error
 	// GuardDAD keeps the source from answering the target's DAD probes
@@ -159,7 +159,7 @@ type GuestFrame struct {
 
 // TargetWatcher is a Migrant whose held target sees its migrated guest's
 // frames (QEMU's announcement of a VM that resumed) before the hold drops
-// them, so before the VMIM says the migration succeeded.
+// them, so before the VMI says the migration succeeded.
 type TargetWatcher interface {
 	Migrant
 	GuestWatcher

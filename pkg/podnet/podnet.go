@@ -315,6 +315,15 @@ func AddTap(h netlinksafe.Handle, t Tap, master netlink.Link) error {
 	return nil
 }
 
+// AttachFilter attaches a classic BPF program to a socket: the kernel
+// drops what it rejects before the reader wakes.
+func AttachFilter(fd int, prog []unix.SockFilter) error {
+	if err := unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}); err != nil {
+		return fmt.Errorf("attach a socket filter: %w", err)
+	}
+	return nil
+}
+
 // PacketSocket opens a packet socket for the ethertype proto bound to
 // ifName in the netns at netnsPath, with a 200 ms receive timeout so that
 // its reader notices its context ending. It sees frames before the bridge

@@ -5,6 +5,7 @@ import (
 	"net"
 	"testing"
 
+	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
 )
 
@@ -55,10 +56,37 @@ func TestClaim(t *testing.T) {
 		{"truncated advertisement", ether(mac, unix.ETH_P_IPV6, icmp6(136, v6)[:50]), nil, false},
 		{"IPv4", ether(mac, unix.ETH_P_IP, make([]byte, 40)), nil, false},
 	}
+	// The socket filter the watch attaches, run in x/net's BPF VM.
+	raw := make([]bpf.Instruction, len(claimFilter))
+	for i, f := range claimFilter {
+		raw[i] = bpf.RawInstruction{Op: f.Code, Jt: f.Jt, Jf: f.Jf, K: f.K}.Disassemble()
+	}
+	vm, err := bpf.NewVM(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, c := range cases {
 		got, v6got := claim(c.frame)
 		if !got.Equal(c.want) || (c.want != nil && v6got != c.wantV6) {
 			t.Errorf("%s: claim = %v (v6 %v), want %v (v6 %v)", c.name, got, v6got, c.want, c.wantV6)
+		}
+		n, err := vm.Run(c.frame)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if passes := n > 0; c.want != nil && !passes {
+			t.Errorf("%s: the socket filter drops a claim", c.name)
+		}
+	}
+	// The guest's traffic never wakes the watch.
+	for name, f := range map[string][]byte{
+		"IPv4":                   ether(mac, unix.ETH_P_IP, make([]byte, 40)),
+		"IPv6 TCP":               ether(mac, unix.ETH_P_IPV6, append([]byte{0x60, 0, 0, 0, 0, 20, unix.IPPROTO_TCP, 64}, make([]byte, 52)...)),
+		"neighbour solicitation": ether(mac, unix.ETH_P_IPV6, icmp6(135, v6)),
+		"echo request":           ether(mac, unix.ETH_P_IPV6, icmp6(128, v6)),
+	} {
+		if n, err := vm.Run(f); err != nil || n != 0 {
+			t.Errorf("%s: the socket filter passes %d bytes (%v), want none", name, n, err)
 		}
 	}
 }

@@ -327,6 +327,11 @@ func WatchClaims(ctx context.Context, s *Spec, claimed func(from net.HardwareAdd
 		return err
 	}
 	defer func() { _ = unix.Close(fd) }()
+	// The watch runs for as long as the VM lives here: the guest's
+	// traffic must not wake it.
+	if err := podnet.AttachFilter(fd, claimFilter); err != nil {
+		return err
+	}
 	buf := make([]byte, 256)
 	for ctx.Err() == nil {
 		n, _, err := unix.Recvfrom(fd, buf, 0)
@@ -351,6 +356,20 @@ func WatchClaims(ctx context.Context, s *Spec, claimed func(from net.HardwareAdd
 		}
 	}
 	return nil
+}
+
+// claimFilter passes what claim reads: ARP frames, and ICMPv6 neighbour
+// advertisements without extension headers.
+var claimFilter = []unix.SockFilter{
+	{Code: unix.BPF_LD | unix.BPF_H | unix.BPF_ABS, K: 12},                     // ethertype
+	{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, Jt: 5, K: unix.ETH_P_ARP}, // ARP: pass
+	{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, Jf: 5, K: unix.ETH_P_IPV6},
+	{Code: unix.BPF_LD | unix.BPF_B | unix.BPF_ABS, K: 14 + 6}, // next header
+	{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, Jf: 3, K: unix.IPPROTO_ICMPV6},
+	{Code: unix.BPF_LD | unix.BPF_B | unix.BPF_ABS, K: 14 + 40}, // ICMPv6 type
+	{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, Jf: 1, K: 136},
+	{Code: unix.BPF_RET | unix.BPF_K, K: 0xffff},
+	{Code: unix.BPF_RET | unix.BPF_K, K: 0},
 }
 
 // claim is the address an Ethernet frame claims for its sender: the sender

@@ -24,8 +24,9 @@ import (
 const FieldManager = "vmnic-test"
 
 // KubeVirtCRDs is testdata/kubevirt-crds.yaml: minimal CRDs (schema-less,
-// with the status subresource) for VirtualMachineInstance, VirtualMachine
-// and VirtualMachineInstanceMigration in kubevirt.io/v1.
+// with KubeVirt's subresources: none for the VMI) for
+// VirtualMachineInstance, VirtualMachine and
+// VirtualMachineInstanceMigration in kubevirt.io/v1.
 //
 //go:embed testdata/kubevirt-crds.yaml
 var KubeVirtCRDs []byte

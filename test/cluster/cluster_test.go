@@ -253,7 +253,8 @@ func testKubeVirt(ctx context.Context, t *testing.T, c *Cluster) {
 		t.Fatal(err)
 	}
 
-	// Status through the status subresource, as virt-controller writes it.
+	// Status with the object (KubeVirt's VMI has no status subresource),
+	// as virt-controller writes it.
 	ri := c.Dynamic.Resource(vmisGVR).Namespace(testNS)
 	cur, err := ri.Get(ctx, "vm1", metav1.GetOptions{})
 	if err != nil {
@@ -270,7 +271,7 @@ func testKubeVirt(ctx context.Context, t *testing.T, c *Cluster) {
 		t.Fatal(err)
 	}
 	cur.Object["status"] = status
-	if _, err = ri.UpdateStatus(ctx, cur, metav1.UpdateOptions{}); err != nil {
+	if _, err = ri.Update(ctx, cur, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 

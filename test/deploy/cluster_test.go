@@ -197,6 +197,10 @@ func TestDaemonIdentity(t *testing.T) {
 		wantPolicyDenied(t, patch(fromA, `{"metadata":{"annotations":{"vmnic.io/last-frame.eth0":null,"kubevirt.io/x":"y"}}}`), "report swapped for another annotation on VMI "+fromA)
 		wantPolicyDenied(t, patch(fromA, `{"metadata":{"labels":{"x":"y"}}}`), "a label on VMI "+fromA)
 		wantPolicyDenied(t, patch(fromA, `{"spec":{"x":"y"}}`), "the spec of VMI "+fromA)
+		// KubeVirt's VMI has no status subresource: a patch of the object
+		// could change its status.
+		wantPolicyDenied(t, patch(fromA, `{"status":{"migrationState":{"completed":false}}}`), "the status of VMI "+fromA)
+		wantPolicyDenied(t, patch(fromA, `{"status":{"phase":"Failed"}}`), "the phase of VMI "+fromA)
 	})
 	t.Run("reads", func(t *testing.T) {
 		pods, err := sa.CoreV1().Pods("").List(ctx, metav1.ListOptions{FieldSelector: "spec.nodeName=" + nodeA})
@@ -238,7 +242,10 @@ func TestDaemonIdentity(t *testing.T) {
 			want           bool
 		}{
 			{"watch", "pods", true},
-			{"watch", "virtualmachineinstancemigrations.kubevirt.io", true},
+			{"watch", "virtualmachineinstances.kubevirt.io", true},
+			// Migrations are read from the VMI's status.
+			{"watch", "virtualmachineinstancemigrations.kubevirt.io", false},
+			{"get", "virtualmachineinstancemigrations.kubevirt.io", false},
 			{"list", "spiderendpoints.spiderpool.spidernet.io", true},
 			{"watch", "spiderippools.spiderpool.spidernet.io", true},
 			{"create", "events", true},
@@ -343,7 +350,7 @@ func newVMI(ctx context.Context, t *testing.T, c *cluster.Cluster, name, source 
 		return name
 	}
 	made.Object["status"] = map[string]any{"migrationState": map[string]any{"sourceNode": source, "targetNode": "elsewhere", "completed": true}}
-	if _, err := c.Dynamic.Resource(vmiGVR).Namespace(defaultNamespace).UpdateStatus(ctx, made, metav1.UpdateOptions{}); err != nil {
+	if _, err := c.Dynamic.Resource(vmiGVR).Namespace(defaultNamespace).Update(ctx, made, metav1.UpdateOptions{}); err != nil {
 		t.Fatalf("set VMI %s status: %v", name, err)
 	}
 	return name

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -148,9 +149,8 @@ func (b *migrationBed) createVMIM(t *testing.T, name, vmi string) *kubevirtv1.Vi
 	return out
 }
 
-// setStatus writes obj's status (the status subresource), as KubeVirt's
-// controllers do: again on a conflict (vmnicd annotates a VMI that
-// migrated away from its node).
+// setStatus writes a VMIM's status (the status subresource), as
+// virt-controller does: again on a conflict.
 func (b *migrationBed) setStatus(t *testing.T, resource, name string, status map[string]any) {
 	t.Helper()
 	gvr := schema.GroupVersionResource{Group: "kubevirt.io", Version: "v1", Resource: resource}
@@ -170,36 +170,143 @@ func (b *migrationBed) setStatus(t *testing.T, resource, name string, status map
 	}
 }
 
-// finish records the end of migration m of vmi from src to dst, as
-// KubeVirt does: the VMIM's phase, and the VMI's migration state.
+// updateVMI changes the VMI name in one update of the object, labels and
+// status together (KubeVirt's VMI has no status subresource), again on a
+// conflict (vmnicd annotates a VMI that migrated away from its node).
+func (b *migrationBed) updateVMI(t *testing.T, name string, change func(v *kubevirtv1.VirtualMachineInstance)) {
+	t.Helper()
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		v := &kubevirtv1.VirtualMachineInstance{}
+		if err := b.kv.Get().Namespace("default").Resource("virtualmachineinstances").Name(name).Do(b.ctx).Into(v); err != nil {
+			return err
+		}
+		if v.Labels == nil {
+			v.Labels = map[string]string{}
+		}
+		change(v)
+		return b.kv.Put().Namespace("default").Resource("virtualmachineinstances").Name(name).Body(v).Do(b.ctx).Error()
+	})
+	if err != nil {
+		t.Fatalf("update VMI %s: %v", name, err)
+	}
+}
+
+// podNode is the node of the pod name.
+func (b *migrationBed) podNode(t *testing.T, name string) string {
+	t.Helper()
+	pod, err := b.kube.CoreV1().Pods("default").Get(b.ctx, name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pod.Spec.NodeName
+}
+
+// migrationSteps are the stages of a migration in order, named as the
+// VMIM phase each one sets.
+var migrationSteps = []string{"PreparingTarget", "TargetReady", "Running", "Succeeded"}
+
+// step stands in for KubeVirt v1.8.2 moving migration m of vmi from the
+// pod src to dst on to stage (one of migrationSteps, or Failed), through
+// every step before it not taken yet, writing what virt-controller and
+// the two virt-handlers write at each: the VMIM's phase, and the VMI's
+// migration state and node labels, which are all vmnicd reads.
+//   - PreparingTarget (virt-controller's handoff, once the target pod
+//     runs): the VMI names the migration, its pods and nodes, and is
+//     labelled kubevirt.io/migrationTargetNodeName=<target node>;
+//   - TargetReady: the target's virt-handler gives its address;
+//   - Running: the source's virt-handler starts sending the VM;
+//   - Succeeded: the target's virt-handler marks it completed and moves
+//     the VMI's kubevirt.io/nodeName label and status.nodeName in the same
+//     update, then drops the migration-target label;
+//   - Failed: the source's virt-handler marks it failed; the target's
+//     drops the migration-target label.
+func (b *migrationBed) step(t *testing.T, m *kubevirtv1.VirtualMachineInstanceMigration, vmi *kubevirtv1.VirtualMachineInstance, src, dst *harness.Pod, stage string) {
+	t.Helper()
+	srcNode, dstNode := b.podNode(t, src.Name), b.podNode(t, dst.Name)
+	cur := &kubevirtv1.VirtualMachineInstance{}
+	if err := b.kv.Get().Namespace("default").Resource("virtualmachineinstances").Name(vmi.Name).Do(b.ctx).Into(cur); err != nil {
+		t.Fatal(err)
+	}
+	done := -1
+	if s := cur.Status.MigrationState; s != nil && s.MigrationUID == m.UID {
+		switch {
+		case s.Completed:
+			done = 3
+		case s.StartTimestamp != nil:
+			done = 2
+		case s.TargetNodeAddress != "":
+			done = 1
+		default:
+			done = 0
+		}
+	}
+	last := slices.Index(migrationSteps, stage)
+	if stage == "Failed" {
+		last = 0 // fails once handed off
+	}
+	now := metav1.Now()
+	for i := done + 1; i <= last; i++ {
+		switch migrationSteps[i] {
+		case "PreparingTarget":
+			b.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Scheduled"})
+			b.updateVMI(t, vmi.Name, func(v *kubevirtv1.VirtualMachineInstance) {
+				v.Status.MigrationState = &kubevirtv1.VirtualMachineInstanceMigrationState{
+					MigrationUID: m.UID, SourceNode: srcNode, TargetNode: dstNode, SourcePod: src.Name, TargetPod: dst.Name,
+				}
+				v.Labels[kubevirtv1.MigrationTargetNodeNameLabel] = dstNode
+			})
+		case "TargetReady":
+			b.updateVMI(t, vmi.Name, func(v *kubevirtv1.VirtualMachineInstance) {
+				v.Status.MigrationState.TargetNodeAddress = "192.0.2.2"
+			})
+		case "Running":
+			b.updateVMI(t, vmi.Name, func(v *kubevirtv1.VirtualMachineInstance) {
+				v.Status.MigrationState.StartTimestamp = &now
+			})
+		case "Succeeded":
+			b.updateVMI(t, vmi.Name, func(v *kubevirtv1.VirtualMachineInstance) {
+				s := v.Status.MigrationState
+				s.TargetNodeDomainDetected, s.TargetNodeDomainReadyTimestamp = true, &now
+				if s.StartTimestamp == nil {
+					s.StartTimestamp = &now
+				}
+				s.EndTimestamp, s.Completed = &now, true
+				v.Labels[kubevirtv1.NodeNameLabel] = dstNode
+				v.Status.NodeName = dstNode
+			})
+		}
+		b.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": migrationSteps[i]})
+	}
+	switch stage {
+	case "Failed":
+		b.updateVMI(t, vmi.Name, func(v *kubevirtv1.VirtualMachineInstance) {
+			v.Status.MigrationState.Failed, v.Status.MigrationState.EndTimestamp = true, &now
+		})
+		b.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Failed"})
+	case "Succeeded":
+	default:
+		return
+	}
+	b.updateVMI(t, vmi.Name, func(v *kubevirtv1.VirtualMachineInstance) {
+		delete(v.Labels, kubevirtv1.MigrationTargetNodeNameLabel)
+	})
+}
+
+// finish ends migration m of vmi from src to dst as KubeVirt does: with
+// every step, to Succeeded or Failed.
 func (b *migrationBed) finish(t *testing.T, m *kubevirtv1.VirtualMachineInstanceMigration, vmi *kubevirtv1.VirtualMachineInstance, src, dst *harness.Pod, failed bool) {
 	t.Helper()
-	phase := "Succeeded"
+	stage := "Succeeded"
 	if failed {
-		phase = "Failed"
+		stage = "Failed"
 	}
-	b.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": phase})
-	state := map[string]any{"completed": true, "sourcePod": src.Name, "targetPod": dst.Name, "migrationUID": string(m.UID)}
-	if failed {
-		state["failed"] = true
-	}
-	b.setStatus(t, "virtualmachineinstances", vmi.Name, map[string]any{"migrationState": state})
+	b.step(t, m, vmi, src, dst, stage)
 }
 
 // targetPod is a migration target launcher pod of vmi for VMIM m.
 func (b *migrationBed) targetPod(t *testing.T, vmi *kubevirtv1.VirtualMachineInstance, m *kubevirtv1.VirtualMachineInstanceMigration, name string) *harness.Pod {
 	t.Helper()
-	p := launcher(b.ctx, t, b.kube, vmi, name)
-	pod, err := b.kube.CoreV1().Pods("default").Get(b.ctx, name, metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pod.Labels["kubevirt.io/migrationJobUID"] = string(m.UID)
-	pod.Annotations["kubevirt.io/migrationJobName"] = m.Name
-	if _, err := b.kube.CoreV1().Pods("default").Update(b.ctx, pod, metav1.UpdateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	return p
+	return launcherOn(b.ctx, t, b.kube, vmi, name, testNode, m)
 }
 
 func guardOf(t *testing.T, p *harness.Pod) string {
@@ -310,7 +417,7 @@ func TestBridgeMigrationHold(t *testing.T) {
 	if !held(t, dst) {
 		t.Fatal("hold lost across a daemon restart")
 	}
-	b.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Running"})
+	b.step(t, m, vmi, src, dst, "Running")
 	time.Sleep(300 * time.Millisecond)
 	if !held(t, dst) {
 		t.Fatal("target released while the migration runs")

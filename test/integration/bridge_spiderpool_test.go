@@ -78,6 +78,7 @@ func launcher(ctx context.Context, t *testing.T, kube kubernetes.Interface, vmi 
 	if err != nil {
 		t.Fatalf("create pod %s: %v", name, err)
 	}
+	scheduleVMI(ctx, t, kube, vmi.Name, testNode)
 	p := newPod(t, name)
 	p.IfName, p.UID = "net1", string(obj.UID)
 	return p

@@ -12,6 +12,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
@@ -89,15 +90,7 @@ func createLauncherPodOn(ctx context.Context, t testing.TB, kube kubernetes.Inte
 // and queues; KubeVirt's core masquerade passes through untouched; a pod
 // created after the informers synced is found by the live read.
 func TestClusterModeDecision(t *testing.T) {
-	ctx := ctxT(t)
-	c := cluster.StartT(t)
-	if err := c.InstallKubeVirtCRDs(ctx); err != nil {
-		t.Fatal(err)
-	}
-	kube, err := kubernetes.NewForConfig(c.Config)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ctx, c, kube := kubeVirtCluster(t)
 	vmA := createVMI(ctx, t, c, "vm-a", kubevirt.DefaultBinding)
 	vmB := createVMI(ctx, t, c, "vm-b", "masquerade")
 	createLauncherPod(ctx, t, kube, vmA, "virt-launcher-vm-a-11111")
@@ -151,9 +144,9 @@ func TestClusterModeDecision(t *testing.T) {
 	}
 	t.Logf("ADD of a just-created VM pod took %s", time.Since(start).Round(time.Millisecond))
 
-	// A migration target of vm-a: the VMIM is watched, and the attachment
-	// record says which migration the pod belongs to and in which phase it
-	// was wired.
+	// A migration target of vm-a wired after the handoff (a sandbox
+	// KubeVirt's runtime made again, say): its record says which
+	// migration the pod belongs to, and the stage the VMI showed then.
 	kv, err := kubevirt.KubeVirtClient(c.Config)
 	if err != nil {
 		t.Fatal(err)
@@ -167,13 +160,11 @@ func TestClusterModeDecision(t *testing.T) {
 	if err := kv.Post().Namespace("default").Resource("virtualmachineinstancemigrations").Body(vmim).Do(ctx).Into(created); err != nil {
 		t.Fatalf("create VMIM: %v", err)
 	}
-	created.Status.Phase = kubevirtv1.MigrationPreparingTarget
-	if err := kv.Put().Namespace("default").Resource("virtualmachineinstancemigrations").Name("vm-a-mig").SubResource("status").Body(created).Do(ctx).Error(); err != nil {
-		t.Fatalf("VMIM status: %v", err)
+	handoff := fmt.Sprintf(`{"metadata":{"labels":{%q:%q}},"status":{"migrationState":{"migrationUid":%q,"sourceNode":%q,"targetNode":%q,"sourcePod":"virt-launcher-vm-a-11111","targetPod":"virt-launcher-vm-a-target","targetNodeAddress":"192.0.2.2"}}}`,
+		kubevirtv1.MigrationTargetNodeNameLabel, testNode, created.UID, testNode, testNode)
+	if err := kv.Patch(types.MergePatchType).Namespace("default").Resource("virtualmachineinstances").Name("vm-a").Body([]byte(handoff)).Do(ctx).Error(); err != nil {
+		t.Fatalf("VMI migration state: %v", err)
 	}
-	// vmnicd reads a VMIM from its cache only (no live read): the phase in
-	// the target's record shows the VMIM, created after vmnicd was ready,
-	// reached it within the 2 s a watch is given.
 	time.Sleep(2 * time.Second)
 	targetName := "virt-launcher-vm-a-target"
 	yes := true
@@ -201,8 +192,8 @@ func TestClusterModeDecision(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if r.Migration == nil || r.Migration.Job != "vm-a-mig" || r.Migration.UID != string(created.UID) || r.Migration.Phase != "PreparingTarget" {
-		t.Errorf("target's record migration = %+v, want vm-a-mig/%s in PreparingTarget", r.Migration, created.UID)
+	if r.Migration == nil || r.Migration.Job != "vm-a-mig" || r.Migration.UID != string(created.UID) || r.Migration.Phase != "TargetReady" {
+		t.Errorf("target's record migration = %+v, want vm-a-mig/%s in TargetReady", r.Migration, created.UID)
 	}
 
 	for _, p := range []*harness.Pod{podA, podB, podC, podT} {

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -20,6 +21,7 @@ import (
 	"github.com/vishvananda/netlink"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
@@ -106,9 +108,25 @@ func launcherOn(ctx context.Context, t *testing.T, kube kubernetes.Interface, vm
 	if err != nil {
 		t.Fatalf("create pod %s: %v", name, err)
 	}
+	if migration == nil {
+		scheduleVMI(ctx, t, kube, vmi.Name, node)
+	}
 	p := newPod(t, name)
 	p.IfName, p.UID = ifName, string(obj.UID)
 	return p
+}
+
+// scheduleVMI writes what virt-controller writes on a VMI once its
+// launcher pod runs on node: the label kubevirt.io/nodeName, by which
+// that node's virt-handler and vmnicd watch it, and status.nodeName.
+func scheduleVMI(ctx context.Context, t *testing.T, kube kubernetes.Interface, vmi, node string) {
+	t.Helper()
+	patch := fmt.Sprintf(`{"metadata":{"labels":{%q:%q}},"status":{"nodeName":%q,"phase":"Scheduled"}}`, kubevirtv1.NodeNameLabel, node, node)
+	err := kube.Discovery().RESTClient().Patch(types.MergePatchType).
+		AbsPath("/apis/kubevirt.io/v1/namespaces/default/virtualmachineinstances", vmi).Body([]byte(patch)).Do(ctx).Error()
+	if err != nil {
+		t.Fatalf("schedule VMI %s on %s: %v", vmi, node, err)
+	}
 }
 
 // prober pings the guest every 50 ms from a peer pod and keeps the reply
@@ -300,7 +318,7 @@ func TestBridgeLiveMigration(t *testing.T) {
 		t.Fatal("node-b's switch learned the guest behind the held target before the migration")
 	}
 
-	bed.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Running"})
+	bed.step(t, m, vmi, src, dst, "Running")
 	downtime := migrateGuest(ctx, t, gSrc, filepath.Join(dir, "mig.sock"), func() {
 		if learnedOn(t, b, mac) == targetPort && held(t, dst) {
 			t.Fatal("node-b's switch learned the guest behind the held target during the migration")

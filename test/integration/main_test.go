@@ -17,7 +17,9 @@ import (
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
+	"k8s.io/client-go/kubernetes"
 
+	"github.com/vmnic/vmnic/test/cluster"
 	"github.com/vmnic/vmnic/test/harness"
 )
 
@@ -44,6 +46,22 @@ func ctxT(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	t.Cleanup(cancel)
 	return ctx
+}
+
+// kubeVirtCluster starts an API server with KubeVirt's CRDs and returns
+// it, a client and the test's context.
+func kubeVirtCluster(t testing.TB) (context.Context, *cluster.Cluster, kubernetes.Interface) {
+	t.Helper()
+	ctx := ctxT(t)
+	c := cluster.StartT(t)
+	if err := c.InstallKubeVirtCRDs(ctx); err != nil {
+		t.Fatal(err)
+	}
+	kube, err := kubernetes.NewForConfig(c.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ctx, c, kube
 }
 
 // newNode makes a sandbox node with a running daemon.

@@ -363,7 +363,7 @@ func TestPasstIpvlanMigrationHold(t *testing.T) {
 	// KubeVirt moves the VMIM to Running while the VM's memory moves (for
 	// seconds at least); from then on the source contests no claim, and
 	// the next is the target's switchover.
-	bed.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Running"})
+	bed.step(t, m, vmi, src, dst, "Running")
 	time.Sleep(1100 * time.Millisecond) // also past the LAN's neighbour locktime
 	switched := time.Now()
 	bed.finish(t, m, vmi, src, dst, false)

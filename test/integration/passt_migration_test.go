@@ -325,12 +325,13 @@ sleep 600
 	time.Sleep(settle)
 	srcMAC := podLinks(t, src)["eth0"].Attrs().HardwareAddr.String()
 
-	m := bed.createVMIM(t, "mig-pm", vmi.Name)
-	// KubeVirt creates the target pod once the VMIM exists; scheduling and
-	// its sandbox take a second or more, by which time the source no
-	// longer hears DAD probes. Without that, the target's macvlan plugin
-	// fails its ADD (the source answers the probe for the shared IPv6).
+	// The VM's home never hears DAD probes for its address: KubeVirt
+	// creates the target pod once the VMIM exists and the VMI shows the
+	// migration only once that pod runs. Without the guard the target's
+	// macvlan plugin fails its ADD (the source answers the probe for the
+	// shared IPv6).
 	waitDADGuard(t, src, true)
+	m := bed.createVMIM(t, "mig-pm", vmi.Name)
 	dst := launcherOn(ctx, t, kube, vmi, "virt-launcher-vm-pm-dst", "node-b", m)
 	if got, got6 := add(b, lb, dst); got != ip || got6 != ip6 {
 		t.Fatalf("target got %s and %s, want the VM's %s and %s", got, got6, ip, ip6)
@@ -339,9 +340,10 @@ sleep 600
 		t.Fatalf("the target's %s is %s, want valid", ip6, st)
 	}
 	dstMAC := podLinks(t, dst)["eth0"].Attrs().HardwareAddr.String()
-	// KubeVirt moves the VMIM on once the target pod runs; the source's
-	// vmnicd then reasserts the address the target's macvlan announced.
-	bed.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "TargetReady"})
+	// KubeVirt hands the migration off once the target pod runs; the
+	// source's vmnicd then reasserts the address the target's macvlan
+	// announced (it answered each claim at once already).
+	bed.step(t, m, vmi, src, dst, "TargetReady")
 	time.Sleep(300 * time.Millisecond)
 	startPasst(t, dst, filepath.Join(dir, "dst.passt"))
 	gDst, err := guest.Start(ctx, img, guest.Options{
@@ -362,7 +364,7 @@ sleep 600
 			t.Fatalf("before the migration the underlay resolves %s to %q, want the source's %s (target %s)", a, got, srcMAC, dstMAC)
 		}
 	}
-	bed.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Running"})
+	bed.step(t, m, vmi, src, dst, "Running")
 	downtime := migrateGuest(ctx, t, gSrc, filepath.Join(dir, "mig.sock"), func() {
 		if got := neighMAC(t, peer, ip); got == dstMAC {
 			t.Fatal("the underlay learned the held target's MAC during the migration")

@@ -251,10 +251,10 @@ func TestPasstMigrationHold(t *testing.T) {
 		t.Fatalf("peer's neighbour %s is %q, want the source's %s", ip, got, srcMAC)
 	}
 
-	m := bed.createVMIM(t, "mig-p", vmi.Name)
-	// While its VM migrates the source does not hear DAD probes, before
-	// KubeVirt's target pod could be scheduled and its sandbox made.
+	// The VM's home never hears DAD probes for its address: the next
+	// migration's target pod is wired before the VMI shows a migration.
 	waitDADGuard(t, src, true)
+	m := bed.createVMIM(t, "mig-p", vmi.Name)
 	dst := launcherOn(ctx, t, kube, vmi, "virt-launcher-vm-p-dst", testNode, m)
 	// A failure right after the hold is taken leaves no hold behind; the
 	// runtime's DEL and a new ADD then work. vmnicd built with the
@@ -373,7 +373,7 @@ func delPlugin(ctx context.Context, n *harness.Node, l *libcni.NetworkConfigList
 }
 
 // waitDADGuard waits (bounded) until the pod's eth0 has or has not its DAD
-// guard, as vmnicd's migration watch sets it from the VMIM.
+// guard, as vmnicd's migration watch sets it on a VM's home.
 func waitDADGuard(t *testing.T, p *harness.Pod, want bool) {
 	t.Helper()
 	var on bool

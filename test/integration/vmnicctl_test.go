@@ -25,7 +25,6 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/kubernetes"
 
 	"github.com/vmnic/vmnic/daemon"
 	"github.com/vmnic/vmnic/pkg/api"
@@ -579,15 +578,7 @@ func TestVmnicctlDoctor(t *testing.T) {
 // TestVmnicctlEvents: an ADD that fails in the daemon makes a Warning
 // event on the pod and on its VMI, in the real API server.
 func TestVmnicctlEvents(t *testing.T) {
-	ctx := ctxT(t)
-	c := cluster.StartT(t)
-	if err := c.InstallKubeVirtCRDs(ctx); err != nil {
-		t.Fatal(err)
-	}
-	kube, err := kubernetes.NewForConfig(c.Config)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ctx, c, kube := kubeVirtCluster(t)
 	vmi := createVMI(ctx, t, c, "vm-ev", kubevirt.DefaultBinding)
 	podName := "virt-launcher-vm-ev-12345"
 	createLauncherPod(ctx, t, kube, vmi, podName)

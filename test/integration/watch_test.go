@@ -3,24 +3,34 @@ package integration
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/vmnic/vmnic/pkg/ctl"
+	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/state"
 	"github.com/vmnic/vmnic/test/cluster"
 	"github.com/vmnic/vmnic/test/harness"
 )
 
+// vmnicdWatches are the watches vmnicd opens, by resource: the pods of its
+// node, and the VMIs on its node and those migrating to it. No VMIMs.
+var vmnicdWatches = map[string]int{"pods": 1, "virtualmachineinstances": 2}
+
 // watchedResources are what vmnicd lists and watches.
-var watchedResources = []string{"pods", "virtualmachineinstances", "virtualmachineinstancemigrations"}
+var watchedResources = slices.Sorted(maps.Keys(vmnicdWatches))
 
 // apiWatches is the API server's own count of the watches open on each
 // resource vmnicd watches.
@@ -33,10 +43,10 @@ func apiWatches(ctx context.Context, t *testing.T, c *cluster.Cluster) map[strin
 	return counts
 }
 
-// waitWatches waits up to timeout until vmnicd p says each of its
+// waitWatches waits up to timeout until vmnicd p says each of its three
 // watches is open and the API server counts, on every resource vmnicd
-// watches, more watches than base (the count without vmnicd) and at least
-// atLeast's. It returns the API server's counts. Which of them are
+// watches, at least vmnicd's more than base (the count without vmnicd)
+// and at least atLeast's. It returns the API server's counts. Which of them are
 // vmnicd's shows when it stops (wantWatchesGone).
 func waitWatches(ctx context.Context, t *testing.T, c *cluster.Cluster, p *harness.DaemonProcess, base, atLeast map[string]int, timeout time.Duration, when string) map[string]int {
 	t.Helper()
@@ -55,9 +65,9 @@ func waitWatches(ctx context.Context, t *testing.T, c *cluster.Cluster, p *harne
 				open = append(open, w.Resource)
 			}
 		}
-		ok := len(open) == len(watchedResources)
+		ok := len(open) == 3
 		for _, r := range watchedResources {
-			ok = ok && got[r] > base[r] && got[r] >= atLeast[r]
+			ok = ok && got[r] >= base[r]+vmnicdWatches[r] && got[r] >= atLeast[r]
 		}
 		if ok {
 			t.Logf("%s: the API server counts watches %v (%v before vmnicd)", when, got, base)
@@ -164,9 +174,10 @@ func (b *migrationBed) migrateVMI(t *testing.T, vmi *kubevirtv1.VirtualMachineIn
 // TestVmnicdWatches runs the vmnicd binary against a real API server and
 // judges its watches by the API server's own count and by what vmnicd
 // does: changes made after it is ready reach it within 2 s (a VMI that
-// existed before it started, a VMI made after, a VMIM moved through its
-// phases to Succeeded, two to Failed, one of them of a VM that existed
-// before vmnicd started); 30 s after ready its watches
+// existed before it started and moved to another node, out of its
+// watches; a VMI made after, migrated through KubeVirt's steps to
+// Succeeded; two to Failed, one of them of a VM that existed before
+// vmnicd started); 30 s after ready its three watches
 // are open; the API server killed for 20 s makes its readiness fail
 // naming the watch down, and once the API server is back the watches are
 // open again and a migration made then is still released.
@@ -183,41 +194,46 @@ func TestVmnicdWatches(t *testing.T) {
 	ready := time.Now()
 
 	// The VMI that existed before vmnicd started changes after it is
-	// ready: its VM migrated away from this pod, which vmnicd silences.
+	// ready: its VM moved to another node, in the one update by which
+	// KubeVirt marks the migration completed and labels the VMI with the
+	// new node. The VMI leaves this node's watches, which never show it
+	// completed: vmnicd reads it once and silences the source.
 	addRetry(ctx, t, b.n.Node, b.l, oldSrc)
 	if held(t, oldSrc) {
 		t.Fatal("vm-old's pod held before its VM moved")
 	}
-	b.setStatus(t, "virtualmachineinstances", old.Name, map[string]any{"migrationState": map[string]any{
-		"completed": true, "sourcePod": oldSrc.Name, "targetPod": "virt-launcher-vm-old-elsewhere", "migrationUID": "mig-old-uid",
-	}})
-	within(t, 2*time.Second, "vm-old (made before vmnicd started, changed after) moved away: its source silenced", func() bool { return held(t, oldSrc) })
+	now := metav1.Now()
+	b.updateVMI(t, old.Name, func(v *kubevirtv1.VirtualMachineInstance) {
+		v.Status.MigrationState = &kubevirtv1.VirtualMachineInstanceMigrationState{
+			MigrationUID: "mig-old-uid", SourceNode: testNode, TargetNode: "node-elsewhere",
+			SourcePod: oldSrc.Name, TargetPod: "virt-launcher-vm-old-elsewhere",
+			StartTimestamp: &now, EndTimestamp: &now, Completed: true,
+		}
+		v.Labels[kubevirtv1.NodeNameLabel] = "node-elsewhere"
+		v.Status.NodeName = "node-elsewhere"
+	})
+	within(t, 2*time.Second, "vm-old (made before vmnicd started, changed after) moved to another node: its source silenced", func() bool { return held(t, oldSrc) })
 
-	// A VMI made after ready and a VMIM moved through its phases: the
-	// VMIM's Succeeded alone releases the target; the VMI's migration
-	// state then silences the source.
+	// A VMI made after ready, migrated through KubeVirt's steps: the
+	// target stays held while the VM moves; the completion releases it
+	// and silences the source.
 	vmi, m, src, dst := b.migrate(t, "vm-new", 10*time.Second)
-	b.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Scheduling"})
-	b.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Running"})
+	b.step(t, m, vmi, src, dst, "Running")
 	time.Sleep(300 * time.Millisecond)
-	if !held(t, dst) {
-		t.Fatal("vm-new's target released while its VMIM is Running")
+	if !held(t, dst) || held(t, src) {
+		t.Fatalf("vm-new while its VM moves: target held %v, source held %v; want true, false", held(t, dst), held(t, src))
 	}
-	b.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Succeeded"})
-	within(t, 2*time.Second, "VMIM Succeeded (made after ready): vm-new's target released", func() bool { return !held(t, dst) })
-	b.setStatus(t, "virtualmachineinstances", vmi.Name, map[string]any{"migrationState": map[string]any{
-		"completed": true, "sourcePod": src.Name, "targetPod": dst.Name, "migrationUID": string(m.UID),
-	}})
-	within(t, 2*time.Second, "VMI vm-new (made after ready) migrated: its source silenced", func() bool { return held(t, src) })
+	b.step(t, m, vmi, src, dst, "Succeeded")
+	within(t, 2*time.Second, "vm-new (made after ready) migrated: its target released and its source silenced", func() bool { return !held(t, dst) && held(t, src) })
 
 	// Migrations that fail, of a VM made after ready and of one that
 	// existed before vmnicd started: the target stays held, the failure is
 	// recorded, the source is untouched.
-	_, mf, srcF, dstF := b.migrate(t, "vm-fail", 10*time.Second)
+	vmiF, mf, srcF, dstF := b.migrate(t, "vm-fail", 10*time.Second)
 	_, mo, srcO, dstO := b.migrateVMI(t, oldFail, 10*time.Second)
-	b.setStatus(t, "virtualmachineinstancemigrations", mf.Name, map[string]any{"phase": "Failed"})
-	b.setStatus(t, "virtualmachineinstancemigrations", mo.Name, map[string]any{"phase": "Failed"})
-	within(t, 2*time.Second, "VMIMs Failed: the targets of vm-fail and vm-oldfail recorded failed", func() bool {
+	b.finish(t, mf, vmiF, srcF, dstF, true)
+	b.finish(t, mo, oldFail, srcO, dstO, true)
+	within(t, 2*time.Second, "migrations failed: the targets of vm-fail and vm-oldfail recorded failed", func() bool {
 		return recordPhase(t, b.n, dstF) == "Failed" && recordPhase(t, b.n, dstO) == "Failed"
 	})
 	for _, p := range [][2]*harness.Pod{{srcF, dstF}, {srcO, dstO}} {
@@ -296,9 +312,9 @@ func TestVmnicdWatches(t *testing.T) {
 
 	// A migration made after the restart is still released. (Spiderpool's
 	// agent, behind the same backoff, may take a while to see its pods.)
-	_, mr, _, dstR := b.migrate(t, "vm-after", 90*time.Second)
-	b.setStatus(t, "virtualmachineinstancemigrations", mr.Name, map[string]any{"phase": "Succeeded"})
-	within(t, 2*time.Second, "VMIM Succeeded after the API server's restart: the target released", func() bool { return !held(t, dstR) })
+	vmiR, mr, srcR, dstR := b.migrate(t, "vm-after", 90*time.Second)
+	b.finish(t, mr, vmiR, srcR, dstR, false)
+	within(t, 2*time.Second, "a migration completed after the API server's restart: the target released", func() bool { return !held(t, dstR) })
 
 	// Those watches were vmnicd's: they go with it.
 	if err := b.n.stop(); err != nil {
@@ -308,7 +324,7 @@ func TestVmnicdWatches(t *testing.T) {
 }
 
 // TestVmnicdBeforeKubeVirt: vmnicd started before KubeVirt is installed
-// (no VMI or VMIM resource yet) is not ready and says why, one log line
+// (no VMI resource yet) is not ready and says why, one log line
 // per wait, naming what it waits for; it does not exit; once KubeVirt's
 // CRDs are there it becomes ready by itself, with its watches open.
 func TestVmnicdBeforeKubeVirt(t *testing.T) {
@@ -338,7 +354,7 @@ func TestVmnicdBeforeKubeVirt(t *testing.T) {
 			waits = append(waits, l)
 		}
 	}
-	if len(waits) < 2 || !strings.Contains(waits[0], "virtualmachineinstances (list: ") || strings.Contains(waits[0], "pods") {
+	if len(waits) < 2 || !strings.Contains(waits[0], "virtualmachineinstances kubevirt.io/nodeName="+testNode+" (list: ") || strings.Contains(waits[0], "pods") {
 		t.Fatalf("want a log line per 3 s wait naming the VMI list's error (and not pods, which synced); got %d:\n%s", len(waits), strings.Join(waits, ""))
 	}
 	t.Logf("%d waits logged, the first: %s", len(waits), strings.TrimSpace(waits[0]))
@@ -365,4 +381,79 @@ func tail(path string) string {
 		b = b[len(b)-4000:]
 	}
 	return string(b)
+}
+
+// vmnicdCounters are what vmnicd p says it received from the API server
+// and asked of it.
+func vmnicdCounters(t *testing.T, p *harness.DaemonProcess) harness.APICounters {
+	t.Helper()
+	_, metrics := vmnicdHTTP(t, p, "/metrics")
+	return harness.ParseAPICounters(metrics)
+}
+
+// TestVmnicdNodeScoped: what vmnicd receives from the API server, and
+// what it asks of it, does not grow with the rest of the cluster. 200
+// VMIs and their launcher pods on ten other nodes, each migrated between
+// them (KubeVirt's labels and migration state), reach it not at all and
+// cost it no request; the VMIs and pods of its own node reach it, the
+// VMIs migrating to it too.
+func TestVmnicdNodeScoped(t *testing.T) {
+	ctx, c, kube := kubeVirtCluster(t)
+	kv, err := kubevirt.KubeVirtClient(c.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	node, err := harness.NewNode(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(node.Close)
+	p := startClusterVmnicd(t, node, c, testNode)
+	before := vmnicdCounters(t, p)
+
+	patchVMI := func(name, patch string) {
+		t.Helper()
+		if err := kv.Patch(types.MergePatchType).Namespace("default").Resource("virtualmachineinstances").Name(name).Body([]byte(patch)).Do(ctx).Error(); err != nil {
+			t.Fatalf("patch VMI %s: %v", name, err)
+		}
+	}
+	// The rest of the cluster: VMIs scheduled on other nodes, each
+	// migrated to the next one.
+	const elsewhere = 200
+	for i := range elsewhere {
+		name := fmt.Sprintf("vm-other-%03d", i)
+		from, to := fmt.Sprintf("node-o%d", i%10), fmt.Sprintf("node-o%d", (i+1)%10)
+		vmi := createVMI(ctx, t, c, name, kubevirt.DefaultBinding)
+		createLauncherPodOn(ctx, t, kube, vmi, "virt-launcher-"+name, from)
+		patchVMI(name, fmt.Sprintf(`{"metadata":{"labels":{%q:%q}},"status":{"nodeName":%q}}`, kubevirtv1.NodeNameLabel, from, from))
+		patchVMI(name, fmt.Sprintf(`{"metadata":{"labels":{%q:%q}},"status":{"migrationState":{"migrationUid":"m-%d","sourceNode":%q,"targetNode":%q}}}`,
+			kubevirtv1.MigrationTargetNodeNameLabel, to, i, from, to))
+		patchVMI(name, fmt.Sprintf(`{"metadata":{"labels":{%q:%q,%q:null}},"status":{"nodeName":%q,"migrationState":{"completed":true}}}`,
+			kubevirtv1.NodeNameLabel, to, kubevirtv1.MigrationTargetNodeNameLabel, to))
+	}
+	time.Sleep(2 * time.Second)
+	after := vmnicdCounters(t, p)
+	for sel, n := range after.BySelector {
+		if n != before.BySelector[sel] {
+			t.Errorf("vmnicd's informer %s received %v objects of other nodes' VMIs and pods (%v before)", sel, n, before.BySelector[sel])
+		}
+	}
+	if after.Requests != before.Requests {
+		t.Errorf("vmnicd made %v API requests while %d VMIs elsewhere started and migrated (%v before)", after.Requests-before.Requests, elsewhere, before.Requests)
+	}
+	t.Logf("%d VMIs and pods on other nodes, %d changes: vmnicd received %v objects, made %v requests before and after", elsewhere, 4*elsewhere, after.BySelector, after.Requests)
+
+	// Its own node: 5 VMIs with their pods, and one VMI migrating here.
+	for i := range 5 {
+		name := fmt.Sprintf("vm-here-%d", i)
+		vmi := createVMI(ctx, t, c, name, kubevirt.DefaultBinding)
+		createLauncherPod(ctx, t, kube, vmi, "virt-launcher-"+name)
+		patchVMI(name, fmt.Sprintf(`{"metadata":{"labels":{%q:%q}}}`, kubevirtv1.NodeNameLabel, testNode))
+	}
+	patchVMI("vm-other-000", fmt.Sprintf(`{"metadata":{"labels":{%q:%q}}}`, kubevirtv1.MigrationTargetNodeNameLabel, testNode))
+	onNode, incoming := kubevirtv1.NodeNameLabel+"="+testNode, kubevirtv1.MigrationTargetNodeNameLabel+"="+testNode
+	within(t, 2*time.Second, "its own node's VMIs, pods and incoming VMI reached vmnicd", func() bool {
+		now := vmnicdCounters(t, p).BySelector
+		return now[onNode]-after.BySelector[onNode] == 5 && now[incoming]-after.BySelector[incoming] == 1 && now["spec.nodeName="+testNode]-after.BySelector["spec.nodeName="+testNode] == 5
+	})
 }

@@ -24,7 +24,13 @@ import (
 	"github.com/vmnic/vmnic/test/need"
 )
 
-var resources = []string{"pods", "virtualmachineinstances", "virtualmachineinstancemigrations"}
+// resources are what vmnicd watches, and how many watches it opens on
+// each: the pods of its node; the VMIs on its node and those migrating to
+// it.
+var (
+	resources = []string{"pods", "virtualmachineinstances"}
+	watches   = map[string]int{"pods": 1, "virtualmachineinstances": 2}
+)
 
 // holdFor is how long the test watches vmnicd: past the reflector's
 // longest watch (10 minutes) with room for its renewal.
@@ -39,9 +45,9 @@ func counts(ctx context.Context, t *testing.T, c *cluster.Cluster, metric string
 	return got
 }
 
-// informerAge is vmnicd's vmnic_informer_last_event_age_seconds for
-// resource, from its metrics endpoint.
-func informerAge(ctx context.Context, t *testing.T, p *harness.DaemonProcess, resource string) float64 {
+// informerMetric is vmnicd's metric for its informer of resource with
+// selector, from its metrics endpoint.
+func informerMetric(ctx context.Context, t *testing.T, p *harness.DaemonProcess, metric, resource, selector string) float64 {
 	t.Helper()
 	st, err := p.Status(ctx)
 	if err != nil {
@@ -54,7 +60,7 @@ func informerAge(ctx context.Context, t *testing.T, p *harness.DaemonProcess, re
 	}
 	defer func() { _ = resp.Body.Close() }()
 	sc := bufio.NewScanner(resp.Body)
-	prefix := `vmnic_informer_last_event_age_seconds{resource="` + resource + `"} `
+	prefix := metric + `{resource="` + resource + `",selector="` + selector + `"} `
 	for sc.Scan() {
 		if v, ok := strings.CutPrefix(sc.Text(), prefix); ok {
 			f, err := strconv.ParseFloat(v, 64)
@@ -68,11 +74,12 @@ func informerAge(ctx context.Context, t *testing.T, p *harness.DaemonProcess, re
 	return 0
 }
 
-// TestWatchesTenMinutes: the API server counts vmnicd's watches on pods,
-// VMIs and VMIMs 30 s after it is ready and again after ten and a half
+// TestWatchesTenMinutes: the API server counts vmnicd's watches on pods
+// and VMIs 30 s after it is ready and again after ten and a half
 // minutes, by which time each of them has ended and been opened again
-// (the API server counts ended watch requests too); a VMI made then
-// reaches vmnicd at once; and when vmnicd stops, the watches go.
+// (the API server counts ended watch requests too); a VMI made then on
+// its node reaches vmnicd at once, and one on another node not at all;
+// and when vmnicd stops, the watches go.
 func TestWatchesTenMinutes(t *testing.T) {
 	need.Root(t)
 	ctx, cancel := context.WithTimeout(t.Context(), holdFor+3*time.Minute)
@@ -100,8 +107,8 @@ func TestWatchesTenMinutes(t *testing.T) {
 		t.Helper()
 		got := counts(ctx, t, c, "apiserver_longrunning_requests")
 		for _, r := range resources {
-			if got[r] <= base[r] {
-				t.Fatalf("%s: the API server counts %d watches on %s, %d before vmnicd started", when, got[r], r, base[r])
+			if got[r] < base[r]+watches[r] {
+				t.Fatalf("%s: the API server counts %d watches on %s, %d before vmnicd started; vmnicd opens %d", when, got[r], r, base[r], watches[r])
 			}
 		}
 		st, err := p.Status(ctx)
@@ -130,30 +137,44 @@ func TestWatchesTenMinutes(t *testing.T) {
 	}
 	t.Logf("watch requests ended since 30 s after ready: %v -> %v (each renewed)", ended30, ended)
 
-	// A VMI made now reaches vmnicd at once: its VMI informer hears of it.
+	// A VMI made now on vmnicd's node reaches it at once: its VMI
+	// informer hears of it. One on another node does not reach it at all.
 	kv, err := kubevirt.KubeVirtClient(c.Config)
 	if err != nil {
 		t.Fatal(err)
 	}
-	vmi := &kubevirtv1.VirtualMachineInstance{
-		TypeMeta:   metav1.TypeMeta{APIVersion: "kubevirt.io/v1", Kind: "VirtualMachineInstance"},
-		ObjectMeta: metav1.ObjectMeta{Name: "vm-late", Namespace: "default"},
+	const onNode = kubevirtv1.NodeNameLabel + "=node-a"
+	objects := func() float64 {
+		return informerMetric(ctx, t, p, "vmnic_informer_objects_received_total", "virtualmachineinstances", onNode)
 	}
+	makeVMI := func(name, node string) {
+		t.Helper()
+		vmi := &kubevirtv1.VirtualMachineInstance{
+			TypeMeta:   metav1.TypeMeta{APIVersion: "kubevirt.io/v1", Kind: "VirtualMachineInstance"},
+			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default", Labels: map[string]string{kubevirtv1.NodeNameLabel: node}},
+		}
+		if err := kv.Post().Namespace("default").Resource("virtualmachineinstances").Body(vmi).Do(ctx).Into(&kubevirtv1.VirtualMachineInstance{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before := objects()
+	makeVMI("vm-elsewhere", "node-b")
 	made := time.Now()
-	if err := kv.Post().Namespace("default").Resource("virtualmachineinstances").Body(vmi).Do(ctx).Into(&kubevirtv1.VirtualMachineInstance{}); err != nil {
-		t.Fatal(err)
-	}
+	makeVMI("vm-late", "node-a")
 	for {
-		age := informerAge(ctx, t, p, "virtualmachineinstances")
+		age := informerMetric(ctx, t, p, "vmnic_informer_last_event_age_seconds", "virtualmachineinstances", onNode)
 		since := time.Since(made)
 		if time.Duration(age*float64(time.Second)) < since {
-			t.Logf("a VMI made after %s reached vmnicd's informer within %s", holdFor, (since - time.Duration(age*float64(time.Second))).Round(time.Millisecond))
+			t.Logf("a VMI made on its node after %s reached vmnicd's informer within %s", holdFor, (since - time.Duration(age*float64(time.Second))).Round(time.Millisecond))
 			break
 		}
 		if since > 2*time.Second {
 			t.Fatalf("a VMI made after %s did not reach vmnicd within 2 s (its last VMI event is %.1fs old)", holdFor, age)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+	if got := objects() - before; got != 1 {
+		t.Errorf("vmnicd's VMI informer received %v objects for one VMI on its node and one on another, want 1", got)
 	}
 
 	// Those watches were vmnicd's.
