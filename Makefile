@@ -12,7 +12,7 @@ export VMNIC_TEST_BIN := $(CURDIR)/$(BIN)
 UNIT_PKGS := ./pkg/netconf/... ./pkg/proto/... ./pkg/spool/... ./pkg/state/... ./pkg/kubevirt/... ./pkg/fsutil/... \
              ./pkg/apis/... ./plugins/... ./daemon/ ./daemon/install/...
 
-.PHONY: help deps build image demo test test-unit test-integration bench fuzz lint fmt vet clean
+.PHONY: help deps build image demo test test-unit test-integration bench bench-fleet fleet-run fuzz lint fmt vet clean
 
 help: ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -51,7 +51,7 @@ test-unit: ## fast tests, no root needed
 test-integration: deps build ## root tests in real namespaces (nftables, DHCP, libcni, guest)
 	$(GO) test -count=1 -timeout 30m ./plugins/... ./daemon/... ./pkg/nft/... ./pkg/dhcp/... ./test/...
 
-bench: deps build ## benchmarks (medians, arms interleaved, each next to a peer measured in the same run: ovs-cni, the reference plugins, ovs-vsctl, a minimal Go binary) and their report docs/benchmarks.md: ADD+DEL per mode, pass-through overhead, shim exec, STATUS, daemon RSS, OVSDB vs ovs-vsctl, 250 ports on one bridge, 100 concurrent ADDs/DELs, SIGKILL mid-ADD, live-migration gap (5 runs), fuzz executions (10s per target), make demo on a fresh clone, pod start on the real node with vmnic chained and without, time to Running and migration gaps on the real KubeVirt against its own bindings, the 250-port and OVSDB runs on both datapaths in the node VM
+bench: deps build ## benchmarks (medians, arms interleaved, each next to a peer measured in the same run: ovs-cni, the reference plugins, ovs-vsctl, a minimal Go binary) and their report docs/benchmarks.md: ADD+DEL per mode, pass-through overhead, shim exec, STATUS, daemon RSS, OVSDB vs ovs-vsctl, 250 ports on one bridge, 100 concurrent ADDs/DELs, SIGKILL mid-ADD, live-migration gap (5 runs), fuzz executions (10s per target), make demo on a fresh clone, pod start on the real node with vmnic chained and without, time to Running and migration gaps on the real KubeVirt against its own bindings, a fleet (1,000 Node objects, up to 10,000 VMIs, 200 migrations, 50 vmnicd processes: RSS, objects received, requests, bytes, watches per daemon), the 250-port and OVSDB runs on both datapaths in the node VM
 	@mkdir -p .tools/bench
 	set -o pipefail; $(GO) test -run '^$$' -bench . -skip 'Scale|Concurrent|Kill' -benchtime 200x -count 1 -timeout 30m ./test/integration/ | tee .tools/bench/integration.txt
 	set -o pipefail; $(GO) test -run '^$$' -bench 'Scale|Kill' -benchtime 1x -count 1 -timeout 30m ./test/integration/ | tee .tools/bench/scale.txt
@@ -62,9 +62,19 @@ bench: deps build ## benchmarks (medians, arms interleaved, each next to a peer 
 	-set -o pipefail; bash test/demo-fresh.sh 2>&1 | tee .tools/bench/demo.txt
 	set -o pipefail; $(GO) test -run '^$$' -bench SandboxStart -benchtime 3x -count 1 -timeout 30m ./test/node/ | tee .tools/bench/node.txt
 	-set -o pipefail; $(GO) test -run '^$$' -bench RealKubeVirt -benchtime 1x -count 1 -timeout 60m ./test/virt/ | tee .tools/bench/kubevirt.txt
+	$(MAKE) --no-print-directory fleet-run
 	$(GO) run ./test/nodevm/bench -o .tools/bench/nodevm.txt
 	$(GO) run ./test/benchreport -o docs/benchmarks.md .tools/bench/integration.txt .tools/bench/scale.txt .tools/bench/concurrency.txt \
-		.tools/bench/ovsdb.txt .tools/bench/migration.txt .tools/bench/fuzz.txt .tools/bench/demo.txt .tools/bench/node.txt .tools/bench/nodevm.txt .tools/bench/kubevirt.txt
+		.tools/bench/ovsdb.txt .tools/bench/migration.txt .tools/bench/fuzz.txt .tools/bench/demo.txt .tools/bench/node.txt .tools/bench/nodevm.txt .tools/bench/kubevirt.txt \
+		.tools/bench/fleet.json
+
+bench-fleet: build ## the fleet benchmark alone (a real API server with 1,000 Node objects, up to 10,000 VMIs, 200 migrations, 50 vmnicd processes; about 2 minutes) and the Fleet section of docs/benchmarks.md
+	$(MAKE) --no-print-directory fleet-run
+	$(GO) run ./test/benchreport -fleet-only -o docs/benchmarks.md .tools/bench/fleet.json
+
+fleet-run:
+	@mkdir -p .tools/bench
+	set -o pipefail; VMNIC_FLEET_OUT=$(CURDIR)/.tools/bench/fleet.json $(GO) test -run '^$$' -bench Fleet -benchtime 1x -count 1 -timeout 45m ./test/fleet/ | tee .tools/bench/fleet.txt
 
 vet: ## go vet
 	$(GO) vet ./...

@@ -1,18 +1,21 @@
 package daemon
 
 import (
+	"io"
 	"net/http"
 	"strconv"
 	"strings"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/client-go/rest"
 )
 
 // countAPICalls makes every client built from cfg count its requests to
-// the API server in m (vmnic_kube_api_requests_total): the informers'
-// lists and watches, the live reads, the events, the capability publisher
-// and the DaemonSet watch. What a daemon costs the API server then shows
-// per node, by verb and resource.
+// the API server in m (vmnic_kube_api_requests_total), and the bytes of
+// the answers (vmnic_kube_api_response_bytes_total): the informers' lists
+// and watches, the live reads, the events, the capability publisher and
+// the DaemonSet watch. What a daemon costs the API server then shows per
+// node, by verb and resource.
 func countAPICalls(cfg *rest.Config, m *Metrics) {
 	cfg.Wrap(func(rt http.RoundTripper) http.RoundTripper {
 		return roundTripFunc(func(req *http.Request) (*http.Response, error) {
@@ -21,11 +24,28 @@ func countAPICalls(cfg *rest.Config, m *Metrics) {
 			code := "error"
 			if err == nil {
 				code = httpClass(resp.StatusCode)
+				if c := m.apiRead(verb, resource); c != nil && resp.Body != nil {
+					resp.Body = &countingBody{ReadCloser: resp.Body, n: c}
+				}
 			}
 			m.apiCall(verb, resource, code)
 			return resp, err
 		})
 	})
+}
+
+// countingBody counts what is read from an answer's body.
+type countingBody struct {
+	io.ReadCloser
+	n prometheus.Counter
+}
+
+func (b *countingBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if n > 0 {
+		b.n.Add(float64(n))
+	}
+	return n, err
 }
 
 type roundTripFunc func(*http.Request) (*http.Response, error)

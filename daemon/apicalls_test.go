@@ -1,8 +1,14 @@
 package daemon
 
 import (
+	"io"
+	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"k8s.io/client-go/rest"
 )
 
 // TestAPICall names requests as the API server's own metrics do.
@@ -31,5 +37,37 @@ func TestAPICall(t *testing.T) {
 		if got := httpClass(code); got != want {
 			t.Errorf("httpClass(%d) = %s, want %s", code, got, want)
 		}
+	}
+}
+
+// TestCountAPICalls: a client built from the wrapped config counts its
+// requests, and the bytes of the answers as they are read.
+func TestCountAPICalls(t *testing.T) {
+	body := strings.Repeat("x", 1234)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = w.Write([]byte(body))
+	}))
+	defer srv.Close()
+	m := NewMetrics()
+	cfg := &rest.Config{Host: srv.URL}
+	countAPICalls(cfg, m)
+	rt, err := rest.TransportFor(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := (&http.Client{Transport: rt}).Get(srv.URL + "/api/v1/namespaces/default/pods/p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := io.ReadAll(resp.Body)
+	_ = resp.Body.Close()
+	if len(got) != len(body) {
+		t.Fatalf("read %d bytes, want %d", len(got), len(body))
+	}
+	if n := testutil.ToFloat64(m.apiCalls.WithLabelValues("get", "pods", "2xx")); n != 1 {
+		t.Errorf("requests counted %v, want 1", n)
+	}
+	if n := testutil.ToFloat64(m.apiBytes.WithLabelValues("get", "pods")); n != float64(len(body)) {
+		t.Errorf("bytes counted %v, want %d", n, len(body))
 	}
 }

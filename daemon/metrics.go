@@ -61,6 +61,7 @@ type Metrics struct {
 	failures  prometheus.Counter
 	gaps      *prometheus.HistogramVec
 	apiCalls  *prometheus.CounterVec
+	apiBytes  *prometheus.CounterVec
 
 	// mu guards what metricsCollector reads at scrape time.
 	mu sync.Mutex
@@ -127,7 +128,11 @@ func NewMetrics() *Metrics {
 		Name: "vmnic_kube_api_requests_total",
 		Help: "Requests vmnicd sent to the Kubernetes API server, by verb (get, list, watch, create, update, patch, delete), resource and result (2xx, 4xx, 5xx, error).",
 	}, []string{"verb", "resource", "code"})
-	m.reg.MustRegister(m.requests, m.durations, m.errors, m.gcRemoved, m.holds, m.switches, m.failures, m.gaps, m.apiCalls, metricsCollector{m})
+	m.apiBytes = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "vmnic_kube_api_response_bytes_total",
+		Help: "Bytes vmnicd read from the Kubernetes API server's answers (bodies, as sent: a watch's stream counts as it arrives), by verb and resource.",
+	}, []string{"verb", "resource"})
+	m.reg.MustRegister(m.requests, m.durations, m.errors, m.gcRemoved, m.holds, m.switches, m.failures, m.gaps, m.apiCalls, m.apiBytes, metricsCollector{m})
 	return m
 }
 
@@ -147,6 +152,14 @@ func (m *Metrics) apiCall(verb, resource, code string) {
 	if m != nil {
 		m.apiCalls.WithLabelValues(verb, resource, code).Inc()
 	}
+}
+
+// apiRead counts bytes read from an answer of the API server.
+func (m *Metrics) apiRead(verb, resource string) prometheus.Counter {
+	if m == nil {
+		return nil
+	}
+	return m.apiBytes.WithLabelValues(verb, resource)
 }
 
 // MigrationSwitched counts a held target released at switchover.

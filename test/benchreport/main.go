@@ -14,11 +14,14 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/vmnic/vmnic/test/fleet"
 )
 
 // row is one line of the report: the metric a benchmark reported, next to
@@ -321,6 +324,7 @@ type line struct{ what, val, goal, peers string }
 
 func main() {
 	out := flag.String("o", "docs/benchmarks.md", "report file")
+	fleetOnly := flag.Bool("fleet-only", false, "replace only the report's Fleet section, from test/fleet's report (make bench-fleet)")
 	flag.Parse()
 	in := newInput()
 	for _, f := range flag.Args() {
@@ -334,6 +338,10 @@ func main() {
 			fmt.Fprintln(os.Stderr, "benchreport:", err)
 			os.Exit(1)
 		}
+	}
+	if *fleetOnly {
+		writeFleetOnly(in, *out)
+		return
 	}
 	lines := append(in.benchLines(), in.migrationLines()...)
 	lines = append(lines, in.fuzzLines()...)
@@ -350,11 +358,35 @@ func main() {
 		fmt.Fprintf(&b, "| %s | %s | %s | %s |\n", l.what, l.val, dash(l.goal), dash(l.peers))
 	}
 	b.WriteString("\n" + peerNote + "\n\n" + nodeVMNote + in.nodeVMBoot + "\n\n" + migrationNote + "\n\n" + fuzzNote + "\n")
+	section, err := in.fleetSection(filepath.Join(filepath.Dir(*out), "fleet.svg"))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "benchreport:", err)
+		os.Exit(1)
+	}
+	b.WriteString("\n" + section)
 	if err := os.WriteFile(*out, []byte(b.String()), 0o644); err != nil {
 		fmt.Fprintln(os.Stderr, "benchreport:", err)
 		os.Exit(1)
 	}
 	fmt.Printf("benchreport: wrote %s (%d figures, %d rows without one)\n", *out, len(lines)-missing, missing)
+}
+
+// writeFleetOnly replaces the Fleet section of the report out.
+func writeFleetOnly(in *input, out string) {
+	report, err := os.ReadFile(out)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		fmt.Fprintln(os.Stderr, "benchreport:", err)
+		os.Exit(1)
+	}
+	section, err := in.fleetSection(filepath.Join(filepath.Dir(out), "fleet.svg"))
+	if err == nil {
+		err = os.WriteFile(out, []byte(replaceFleetSection(string(report), section)), 0o644)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "benchreport:", err)
+		os.Exit(1)
+	}
+	fmt.Printf("benchreport: wrote the Fleet section of %s\n", out)
 }
 
 // Values of rows without a figure.
@@ -386,6 +418,8 @@ type input struct {
 	nodeVMBoot string
 	// pending is a benchmark whose name line came without its figures.
 	pending string
+	// fleet is test/fleet's report.
+	fleet *fleet.Report
 }
 
 func newInput() *input {
@@ -398,6 +432,9 @@ func newInput() *input {
 // read parses one result file line by line; each parser keeps its state
 // within the file (the running test, the fuzz target).
 func (in *input) read(path string) error {
+	if filepath.Base(path) == "fleet.json" {
+		return in.readFleet(path)
+	}
 	f, err := os.Open(path)
 	if err != nil {
 		return err

@@ -250,8 +250,12 @@ func TestRenderDefaults(t *testing.T) {
 		t.Errorf("serviceAccountName %q, ServiceAccount %s/%s", spec.ServiceAccountName, r.sa.Namespace, r.sa.Name)
 	}
 	if u := r.ds.Spec.UpdateStrategy; u.Type != appsv1.RollingUpdateDaemonSetStrategyType || u.RollingUpdate == nil ||
-		u.RollingUpdate.MaxUnavailable == nil || u.RollingUpdate.MaxUnavailable.String() != "1" {
-		t.Errorf("updateStrategy %+v, want RollingUpdate maxUnavailable 1", u)
+		u.RollingUpdate.MaxUnavailable == nil || u.RollingUpdate.MaxUnavailable.String() != "10%" ||
+		u.RollingUpdate.MaxSurge == nil || u.RollingUpdate.MaxSurge.String() != "0" {
+		t.Errorf("updateStrategy %+v, want RollingUpdate maxUnavailable 10%%, maxSurge 0", u)
+	}
+	if res := r.container(t, "vmnicd").Resources; res.Requests.Memory().String() != "64Mi" || res.Limits.Memory().String() != "256Mi" || !res.Limits.Cpu().IsZero() {
+		t.Errorf("vmnicd resources %+v, want 64Mi requested, a 256Mi memory limit and no CPU limit", res)
 	}
 
 	initC := r.container(t, "install")
