@@ -14,8 +14,8 @@ import (
 // the API server in m (vmnic_kube_api_requests_total), and the bytes of
 // the answers (vmnic_kube_api_response_bytes_total): the informers' lists
 // and watches, the live reads, the events, the capability publisher and
-// the DaemonSet watch. What a daemon costs the API server then shows per
-// node, by verb and resource.
+// the reads of its DaemonSet. What a daemon costs the API server then
+// shows per node, by verb and resource.
 func countAPICalls(cfg *rest.Config, m *Metrics) {
 	cfg.Wrap(func(rt http.RoundTripper) http.RoundTripper {
 		return roundTripFunc(func(req *http.Request) (*http.Response, error) {

@@ -358,8 +358,8 @@ func Run(ctx context.Context, cfg Config) error {
 	// vmnicd that installs and chains the shim removes them.
 	var rm *removal
 	if rcfg != nil && cfg.InstallFrom != "" && cfg.Chain && cfg.PodName != "" && cfg.PodNamespace != "" {
-		if rm, err = watchRemoval(ctx, rcfg, cfg.PodNamespace, cfg.PodName); err != nil {
-			log.Warn("not watching the DaemonSet: an uninstall leaves the shim chained", "err", err)
+		if rm, err = findRemoval(ctx, rcfg, cfg.PodNamespace, cfg.PodName); err != nil {
+			log.Warn("its DaemonSet cannot be read: an uninstall leaves the shim chained", "err", err)
 		}
 	}
 	log.Info("vmnicd starting", "version", release.Version, "mode", mode, "node", cfg.NodeName)

@@ -4,16 +4,12 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"sync/atomic"
 	"time"
 
-	appsv1 "k8s.io/api/apps/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/cache"
 
 	"github.com/vmnic/vmnic/daemon/install"
 )
@@ -26,20 +22,23 @@ import (
 // DaemonSet stays, and so do the chain and the shim: VM pods wait for the
 // next vmnicd instead of starting unwired.
 //
-// An informer on the DaemonSet, started with vmnicd, sees its deletion as it
-// happens: by the time the kubelet stops the pod, helm has also deleted the
-// RBAC and the ServiceAccount, and vmnicd can no longer ask.
+// It asks once, on SIGTERM, and keeps no watch: a watch of the DaemonSet
+// would be a fourth per node, beside the three scoped to the node, for an
+// answer needed once. By the time the kubelet stops the pod of a release
+// being uninstalled, helm has deleted the DaemonSet and then, at once, the
+// release's RBAC and ServiceAccount, so the answer is often a denial: a
+// question the daemon could ask when it started (findRemoval read its
+// DaemonSet then) and may no longer ask means its release is gone.
 type removal struct {
 	kube      kubernetes.Interface
 	namespace string
 	name      string // the DaemonSet
-	gone      atomic.Bool
 }
 
-// watchRemoval finds the DaemonSet that controls pod namespace/name and
-// watches it. It returns nil when the pod has no DaemonSet (vmnicd run by
-// hand or by another controller).
-func watchRemoval(ctx context.Context, cfg *rest.Config, namespace, name string) (*removal, error) {
+// findRemoval finds the DaemonSet that controls pod namespace/name and
+// reads it once, which proves vmnicd may. It returns nil when the pod has
+// no DaemonSet (vmnicd run by hand or by another controller).
+func findRemoval(ctx context.Context, cfg *rest.Config, namespace, name string) (*removal, error) {
 	kube, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		return nil, err
@@ -52,40 +51,28 @@ func watchRemoval(ctx context.Context, cfg *rest.Config, namespace, name string)
 	if ref == nil || ref.Kind != "DaemonSet" {
 		return nil, nil
 	}
-	r := &removal{kube: kube, namespace: namespace, name: ref.Name}
-	lw := cache.NewListWatchFromClient(kube.AppsV1().RESTClient(), "daemonsets", namespace, fields.OneTermEqualSelector("metadata.name", ref.Name))
-	inf := cache.NewSharedIndexInformer(lw, &appsv1.DaemonSet{}, 0, cache.Indexers{})
-	mark := func(obj any) {
-		if ds, ok := obj.(*appsv1.DaemonSet); ok && ds.DeletionTimestamp != nil {
-			r.gone.Store(true)
-		}
+	if _, err := kube.AppsV1().DaemonSets(namespace).Get(ctx, ref.Name, metav1.GetOptions{}); err != nil {
+		return nil, fmt.Errorf("own DaemonSet %s/%s: %w", namespace, ref.Name, err)
 	}
-	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    mark,
-		UpdateFunc: func(_, obj any) { mark(obj) },
-		DeleteFunc: func(any) { r.gone.Store(true) },
-	}); err != nil {
-		return nil, err
-	}
-	go inf.Run(ctx.Done())
-	return r, nil
+	return &removal{kube: kube, namespace: namespace, name: ref.Name}, nil
 }
 
-// removed reports whether the DaemonSet is deleted or being deleted: what
-// the informer saw, else what the API server says now. When neither can
-// tell (the API denies the question), the answer is no: staying chained is
-// the safe side.
+// removed reports whether the DaemonSet is deleted or being deleted, or
+// whether the API server now denies vmnicd the read that findRemoval made
+// (its ServiceAccount or RBAC deleted with the release). When the API
+// server cannot be reached the answer is no: staying chained is the safe
+// side.
 func (r *removal) removed() bool {
-	if r.gone.Load() {
-		return true
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
 	ds, err := r.kube.AppsV1().DaemonSets(r.namespace).Get(ctx, r.name, metav1.GetOptions{})
-	if apierrors.IsNotFound(err) {
+	switch {
+	case apierrors.IsNotFound(err), apierrors.IsUnauthorized(err), apierrors.IsForbidden(err):
 		return true
+	case err != nil:
+		return false
 	}
-	return err == nil && ds.DeletionTimestamp != nil
+	return ds.DeletionTimestamp != nil
 }
 
 // uninstall takes vmnic off the node: its entry out of the CNI configs,

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"errors"
 	"testing"
 
 	appsv1 "k8s.io/api/apps/v1"
@@ -12,9 +13,11 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 )
 
-// TestRemovalDecision: vmnicd takes itself off the node only when its
-// DaemonSet is known to be deleted or being deleted; when the API server
-// cannot tell, it stays chained.
+// TestRemovalDecision: vmnicd takes itself off the node when its
+// DaemonSet is deleted or being deleted, or when the API server denies it
+// the read it could make at its start (its release's RBAC or
+// ServiceAccount deleted); when the API server cannot be reached, it
+// stays chained.
 func TestRemovalDecision(t *testing.T) {
 	now := metav1.Now()
 	ds := func(deleting bool) *appsv1.DaemonSet {
@@ -28,15 +31,16 @@ func TestRemovalDecision(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		objects []runtime.Object
-		seen    bool  // the informer saw the deletion
 		getErr  error // the API server's answer to GET instead of the object
 		want    bool
 	}{
 		{name: "DaemonSet there", objects: []runtime.Object{ds(false)}, want: false},
 		{name: "DaemonSet being deleted", objects: []runtime.Object{ds(true)}, want: true},
 		{name: "DaemonSet gone", want: true},
-		{name: "deletion seen, RBAC already gone", seen: true, getErr: apierrors.NewForbidden(schema.GroupResource{Group: "apps", Resource: "daemonsets"}, "vmnic", nil), want: true},
-		{name: "API denies, nothing seen", objects: []runtime.Object{ds(false)}, getErr: apierrors.NewUnauthorized("token"), want: false},
+		{name: "RBAC gone", getErr: apierrors.NewForbidden(schema.GroupResource{Group: "apps", Resource: "daemonsets"}, "vmnic", nil), want: true},
+		{name: "ServiceAccount gone", getErr: apierrors.NewUnauthorized("token"), want: true},
+		{name: "API server unreachable", objects: []runtime.Object{ds(false)}, getErr: errors.New("dial tcp: connection refused"), want: false},
+		{name: "API server overloaded", objects: []runtime.Object{ds(false)}, getErr: apierrors.NewTooManyRequests("later", 1), want: false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			kube := fake.NewClientset(tc.objects...)
@@ -46,7 +50,6 @@ func TestRemovalDecision(t *testing.T) {
 				})
 			}
 			r := &removal{kube: kube, namespace: "kube-system", name: "vmnic"}
-			r.gone.Store(tc.seen)
 			if got := r.removed(); got != tc.want {
 				t.Errorf("removed() = %v, want %v", got, tc.want)
 			}

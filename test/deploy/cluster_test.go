@@ -228,7 +228,7 @@ func TestDaemonIdentity(t *testing.T) {
 		for _, tc := range []struct {
 			verb, name string
 			want       bool
-		}{{"watch", fullname, true}, {"get", fullname, true}, {"get", "other", false}, {"update", fullname, false}, {"delete", fullname, false}} {
+		}{{"get", fullname, true}, {"watch", fullname, false}, {"list", fullname, false}, {"get", "other", false}, {"update", fullname, false}, {"delete", fullname, false}} {
 			ok, err := c.Can(ctx, cluster.Access{User: daemonUser, Groups: daemonGroups, Verb: tc.verb, Resource: "daemonsets.apps", Namespace: defaultNamespace, Name: tc.name})
 			if err != nil {
 				t.Fatal(err)

@@ -305,6 +305,10 @@ ping -c 3 -W 3 %s >/dev/null 2>&1 && echo PEER-OK || echo PEER-FAILED
 				t.Errorf("%s after vmnicd was Ready: the API server counts %d watches on %s, %d before vmnicd; vmnicd opens %d", time.Since(vmnicdReady).Round(time.Second), withWatches[r], r, baseWatches[r], want)
 			}
 		}
+		// None other: it reads its DaemonSet, it does not watch it.
+		if withWatches["daemonsets"] > baseWatches["daemonsets"] {
+			t.Errorf("vmnicd watches daemonsets: the API server counts %d watches, %d before vmnicd", withWatches["daemonsets"], baseWatches["daemonsets"])
+		}
 		t.Logf("%s after Ready: watches %v (before vmnicd %v)", time.Since(vmnicdReady).Round(time.Second), withWatches, baseWatches)
 	})
 
