@@ -184,7 +184,7 @@ func fleetVMI(name, node string) *kubevirtv1.VirtualMachineInstance {
 		{Name: "blue", Binding: &kubevirtv1.PluginBinding{Name: kubevirt.DefaultBinding}},
 	}
 	vmi.Spec.Domain.Devices.Disks = []kubevirtv1.Disk{{Name: "root", DiskDevice: kubevirtv1.DiskDevice{Disk: &kubevirtv1.DiskTarget{Bus: kubevirtv1.DiskBusVirtio}}}}
-	vmi.Spec.Volumes = []kubevirtv1.Volume{{Name: "root", VolumeSource: kubevirtv1.VolumeSource{ContainerDisk: &kubevirtv1.ContainerDiskSource{Image: "quay.example/fleet/disk:1"}}}}
+	vmi.Spec.Volumes = []kubevirtv1.Volume{{Name: "root", VolumeSource: kubevirtv1.VolumeSource{ContainerDisk: &kubevirtv1.ContainerDiskSource{Image: "vmnic.test/fleet/disk:1"}}}}
 	vmi.Status.Phase = kubevirtv1.Running
 	vmi.Status.NodeName = node
 	vmi.Status.Interfaces = []kubevirtv1.VirtualMachineInstanceNetworkInterface{
