@@ -87,7 +87,7 @@ func (c *Cluster) MovedAway(ns, vmi, pod, uid string) bool {
 		return false
 	}
 	s := v.Status.MigrationState
-	return s != nil && string(s.MigrationUID) == uid && s.SourcePod == pod && s.TargetPod != pod && outcome(s) == MigrationSucceeded
+	return s != nil && string(s.MigrationUID) == uid && leftPod(s, pod)
 }
 
 // PublishLastFrame implements GapExchange with a merge patch of the one

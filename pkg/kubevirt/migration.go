@@ -130,7 +130,12 @@ func (c *Cluster) MigratedAway(ns, vmi, pod string) bool {
 	if v == nil {
 		return false
 	}
-	s := v.Status.MigrationState
+	return leftPod(v.Status.MigrationState, pod)
+}
+
+// leftPod reports whether a migration state says the VM moved away from
+// pod: a migration from it to another pod succeeded.
+func leftPod(s *kubevirtv1.VirtualMachineInstanceMigrationState, pod string) bool {
 	return s != nil && s.SourcePod == pod && s.TargetPod != pod && outcome(s) == MigrationSucceeded
 }
 

@@ -75,12 +75,6 @@ func (d *departedVMIs) forget(key string) {
 	delete(d.m, key)
 }
 
-func (d *departedVMIs) len() int {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return len(d.m)
-}
-
 // newerVMI reports whether a is a later version of the same VMI than b.
 // Resource versions are opaque to clients, but the API server's come from
 // etcd's revision: compare them as numbers when both are.
@@ -193,6 +187,3 @@ func (c *Cluster) migratingHere(v *kubevirtv1.VirtualMachineInstance) bool {
 	s := v.Status.MigrationState
 	return s != nil && outcome(s) == MigrationRunning && (s.SourceNode == c.opts.NodeName || s.TargetNode == c.opts.NodeName)
 }
-
-// DepartedVMIs is how many VMIs that left this node's watches are kept.
-func (c *Cluster) DepartedVMIs() int { return c.departed.len() }

@@ -145,7 +145,7 @@ func TestMigrationFromVMI(t *testing.T) {
 		t.Errorf("target outcome of another migration's pod: %v", got)
 	}
 	// A departed VMI is kept for departedKeep.
-	if src.departed.get("ns/vm", time.Now().Add(departedKeep+time.Second)) != nil || src.DepartedVMIs() != 0 {
+	if src.departed.get("ns/vm", time.Now().Add(departedKeep+time.Second)) != nil || len(src.departed.m) != 0 {
 		t.Error("a departed VMI outlived departedKeep")
 	}
 }

@@ -413,11 +413,7 @@ type daemonProc struct {
 // startDaemon runs the vmnicd binary for node, as the chart starts it
 // but for what a node without OVS or a CNI differs in.
 func startDaemon(c *cluster.Cluster, node, dir string) (*daemonProc, error) {
-	n, err := harness.NewNode(dir)
-	if err != nil {
-		return nil, err
-	}
-	n.DaemonInHostNetns = true
+	n := harness.NewHostNode(dir)
 	p, err := n.StartVmnicd("--kubeconfig", c.Kubeconfig, "--node-name", node,
 		"--metrics-addr", "127.0.0.1:0", "--capabilities=false", "--ovsdb", "", "--drain-timeout", "5s")
 	if err != nil {

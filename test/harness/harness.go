@@ -176,6 +176,13 @@ func NewNode(dir string) (*Node, error) {
 	return n, nil
 }
 
+// NewHostNode is a node without a network namespace of its own, whose
+// daemon runs in the test's: for daemons that only talk to an API server
+// and wire no pod. A test that dies leaves no namespace behind.
+func NewHostNode(dir string) *Node {
+	return &Node{Dir: dir, DaemonInHostNetns: true}
+}
+
 // Close kills the daemon processes still running and removes the node
 // namespace.
 func (n *Node) Close() {

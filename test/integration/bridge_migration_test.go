@@ -149,24 +149,24 @@ func (b *migrationBed) createVMIM(t *testing.T, name, vmi string) *kubevirtv1.Vi
 	return out
 }
 
-// setStatus writes a VMIM's status (the status subresource), as
+// setPhase writes VMIM name's phase (its status subresource), as
 // virt-controller does: again on a conflict.
-func (b *migrationBed) setStatus(t *testing.T, resource, name string, status map[string]any) {
+func (b *migrationBed) setPhase(t *testing.T, name, phase string) {
 	t.Helper()
-	gvr := schema.GroupVersionResource{Group: "kubevirt.io", Version: "v1", Resource: resource}
+	gvr := schema.GroupVersionResource{Group: "kubevirt.io", Version: "v1", Resource: "virtualmachineinstancemigrations"}
 	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
 		obj, err := b.c.Dynamic.Resource(gvr).Namespace("default").Get(b.ctx, name, metav1.GetOptions{})
 		if err != nil {
 			return err
 		}
-		if err := unstructured.SetNestedMap(obj.Object, status, "status"); err != nil {
+		if err := unstructured.SetNestedField(obj.Object, phase, "status", "phase"); err != nil {
 			return err
 		}
 		_, err = b.c.Dynamic.Resource(gvr).Namespace("default").UpdateStatus(b.ctx, obj, metav1.UpdateOptions{})
 		return err
 	})
 	if err != nil {
-		t.Fatalf("update %s %s status: %v", resource, name, err)
+		t.Fatalf("VMIM %s phase %s: %v", name, phase, err)
 	}
 }
 
@@ -248,7 +248,7 @@ func (b *migrationBed) step(t *testing.T, m *kubevirtv1.VirtualMachineInstanceMi
 	for i := done + 1; i <= last; i++ {
 		switch migrationSteps[i] {
 		case "PreparingTarget":
-			b.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Scheduled"})
+			b.setPhase(t, m.Name, "Scheduled")
 			b.updateVMI(t, vmi.Name, func(v *kubevirtv1.VirtualMachineInstance) {
 				v.Status.MigrationState = &kubevirtv1.VirtualMachineInstanceMigrationState{
 					MigrationUID: m.UID, SourceNode: srcNode, TargetNode: dstNode, SourcePod: src.Name, TargetPod: dst.Name,
@@ -275,14 +275,14 @@ func (b *migrationBed) step(t *testing.T, m *kubevirtv1.VirtualMachineInstanceMi
 				v.Status.NodeName = dstNode
 			})
 		}
-		b.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": migrationSteps[i]})
+		b.setPhase(t, m.Name, migrationSteps[i])
 	}
 	switch stage {
 	case "Failed":
 		b.updateVMI(t, vmi.Name, func(v *kubevirtv1.VirtualMachineInstance) {
 			v.Status.MigrationState.Failed, v.Status.MigrationState.EndTimestamp = true, &now
 		})
-		b.setStatus(t, "virtualmachineinstancemigrations", m.Name, map[string]any{"phase": "Failed"})
+		b.setPhase(t, m.Name, "Failed")
 	case "Succeeded":
 	default:
 		return

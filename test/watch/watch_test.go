@@ -88,12 +88,8 @@ func TestWatchesTenMinutes(t *testing.T) {
 	if err := c.InstallKubeVirtCRDs(ctx); err != nil {
 		t.Fatal(err)
 	}
-	node, err := harness.NewNode(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	node := harness.NewHostNode(t.TempDir())
 	t.Cleanup(node.Close)
-	node.DaemonInHostNetns = true
 	base := counts(ctx, t, c, "apiserver_longrunning_requests")
 	p, err := node.StartVmnicd("--kubeconfig", c.Kubeconfig, "--node-name", "node-a",
 		"--metrics-addr", "127.0.0.1:0", "--capabilities=false", "--ovsdb", "", "--drain-timeout", "5s")
