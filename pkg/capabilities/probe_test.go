@@ -177,9 +177,17 @@ func TestProbeOVS(t *testing.T) {
 	}
 
 	addBridge(t, o, "br1")
-	r = Probe(ctx, ProbeOptions{OVS: client, Kernel: allKernel, Log: quiet()})
+	// ovs-vsctl returns once ovs-vswitchd applied the bridge; the probe's
+	// client sees that when its database monitor delivers the update,
+	// which a loaded machine delays.
 	want := []v1alpha1.OVSBridge{{Name: "br1", DatapathType: "netdev"}}
-	if !r.OVS.Reachable || !slices.Equal(r.OVS.Bridges, want) || !slices.Contains(r.OVS.DatapathTypes, "netdev") {
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		r = Probe(ctx, ProbeOptions{OVS: client, Kernel: allKernel, Log: quiet()})
+		if r.OVS.Applied && slices.Equal(r.OVS.Bridges, want) || time.Now().After(deadline) {
+			break
+		}
+	}
+	if !r.OVS.Reachable || !r.OVS.Applied || !slices.Equal(r.OVS.Bridges, want) || !slices.Contains(r.OVS.DatapathTypes, "netdev") {
 		t.Fatalf("OVS with br1: %+v", r.OVS)
 	}
 	t.Logf("OVS %s, datapaths %v, bridges %v", r.OVS.Version, r.OVS.DatapathTypes, r.OVS.Bridges)
