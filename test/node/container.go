@@ -30,6 +30,8 @@ import (
 //     Bidirectional propagation, as virt-handler's do;
 //   - /var/lib is Dir/var-lib, with kubelet's root directory bound at
 //     /var/lib/kubelet (so its device-plugin directory is the node's own);
+//     /var/log is Dir/var-log (Calico's CNI plugin logs to
+//     /var/log/calico);
 //   - the CNI directories are at /run/node/cni/{bin,net.d}
 //     (ContainerCNIBinDir, ContainerCNIConfDir), and containerd's state
 //     directory, which holds the pod network namespaces, at
@@ -53,13 +55,14 @@ import (
 const containerInit = `set -e
 # Only this namespace's copies of the mounts the node covers stop
 # propagating: Dir stays shared with the machine.
-for p in /run /var/lib /dev; do
+for p in /run /var/lib /var/log /dev; do
   mount --make-private "$(findmnt -n -o TARGET -T "$p")"
 done
 mount -t tmpfs -o mode=0755 tmpfs /run
 mount --make-shared /run
 mkdir -p /run/lock /run/netns
 mount --bind "$DIR/var-lib" /var/lib
+mount --bind "$DIR/var-log" /var/log
 mount --bind "$DIR/kubelet/root" /var/lib/kubelet
 mkdir -p /run/node/cni/bin /run/node/cni/net.d
 mount --bind "$DIR/cni/bin" /run/node/cni/bin
@@ -99,7 +102,7 @@ func (n *Node) startContainer(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	for _, d := range []string{filepath.Join(n.Dir, "var-lib", "kubelet"), filepath.Join(n.Dir, "kubelet", "root"), n.CNIBinDir, n.CNIConfDir, filepath.Join(n.Dir, "containerd", "state"), n.OVSRunDir(), n.SpiderpoolSocketDir(), filepath.Join(n.Dir, "flannel")} {
+	for _, d := range []string{filepath.Join(n.Dir, "var-lib", "kubelet"), filepath.Join(n.Dir, "var-log"), filepath.Join(n.Dir, "kubelet", "root"), n.CNIBinDir, n.CNIConfDir, filepath.Join(n.Dir, "containerd", "state"), n.OVSRunDir(), n.SpiderpoolSocketDir(), filepath.Join(n.Dir, "flannel")} {
 		if merr := os.MkdirAll(d, 0o755); merr != nil {
 			return merr
 		}

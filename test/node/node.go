@@ -1,8 +1,9 @@
 // Package node runs a real Kubernetes node for tests: etcd, kube-apiserver,
 // kube-controller-manager, kube-scheduler, containerd (with Debian's runc)
 // and kubelet, with Flannel (flanneld in kube-subnet-mgr mode, vxlan
-// backend, and its CNI plugin) as the primary CNI. Every binary is built
-// from a Go module by test/tools/build.sh.
+// backend, and its CNI plugin) as the primary CNI, or Calico with
+// kube-proxy (Options.Primary, calico.go). Every binary is built from a Go
+// module by test/tools/build.sh.
 //
 // The node lives in a network namespace of its own, and everything it
 // makes (links, routes, nftables, containerd's and kubelet's state, pod
@@ -19,9 +20,10 @@
 //   - containerd's root, state, sockets, runc root and CNI dirs, kubelet's
 //     root dir and logs, and flanneld's subnet file are under Dir;
 //
-//   - the kubernetes Service (10.96.0.1:443) is DNATed to the API server in
-//     the node namespace's nftables, the one rule kube-proxy would make for
-//     it (no kube-proxy runs);
+//   - with Flannel, the kubernetes Service (10.96.0.1:443) is DNATed to the
+//     API server in the node namespace's nftables, the one rule kube-proxy
+//     would make for it (no kube-proxy runs); with Calico, kube-proxy runs
+//     and serves every Service;
 //
 //   - kubelet's pod cgroups are under a cgroup root of the node's own in
 //     every hierarchy (cgroup v1 here), removed on Stop; the kernel
@@ -46,6 +48,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -105,7 +108,19 @@ type Options struct {
 	// Aggregation configures the API server for extension API servers and
 	// webhooks behind Services (cluster.Options.Aggregation).
 	Aggregation bool
+	// Primary is the node's primary CNI: Flannel (the default) or Calico
+	// (calico.go; a node container only, with kube-proxy).
+	Primary Primary
 }
+
+// Primary names a primary CNI a node runs.
+type Primary string
+
+// The primary CNIs.
+const (
+	Flannel Primary = "flannel"
+	Calico  Primary = "calico"
+)
 
 // Node is a running single-node cluster.
 type Node struct {
@@ -128,6 +143,8 @@ type Node struct {
 	ContainerdSock string
 	// NetnsDir is where containerd mounts pod network namespaces.
 	NetnsDir string
+	// Primary is the primary CNI the node runs.
+	Primary Primary
 	// Bin maps a tool's name (crictl, ctr, helm, ...) to its binary.
 	Bin map[string]string
 	// Timings of the start: "cluster", "containerd", "kubelet", "ready".
@@ -240,7 +257,17 @@ func Start(ctx context.Context, dir string, opts Options) (*Node, error) {
 	if opts.ReadyTimeout <= 0 {
 		opts.ReadyTimeout = 2 * time.Minute
 	}
-	paths, err := cluster.Binaries(ctx, tools...)
+	if opts.Primary == "" {
+		opts.Primary = Flannel
+	}
+	if opts.Primary == Calico && !opts.Container {
+		// calico-node and its CNI plugin keep state at fixed paths
+		// (/var/lib/calico, /var/run/calico), which a node container
+		// makes its own.
+		return nil, fmt.Errorf("node %s: Calico runs only in a node container (Options.Container)", opts.Name)
+	}
+	names := slices.Concat(tools, primaryTools[opts.Primary])
+	paths, err := cluster.Binaries(ctx, names...)
 	if err != nil {
 		return nil, err
 	}
@@ -248,7 +275,7 @@ func Start(ctx context.Context, dir string, opts Options) (*Node, error) {
 	_, _ = rand.Read(idb)
 	id := hex.EncodeToString(idb)
 	n := &Node{
-		Name: opts.Name, IP: opts.IP, Dir: dir, id: id,
+		Name: opts.Name, IP: opts.IP, Dir: dir, id: id, Primary: opts.Primary,
 		NetNS:      "/run/netns/vmnic-node-" + id,
 		lanNS:      "vmnic-lan-" + id,
 		joined:     opts.Join,
@@ -264,7 +291,7 @@ func Start(ctx context.Context, dir string, opts Options) (*Node, error) {
 	if _, err := os.Stat(filepath.Dir(kubeletDeviceDir)); err == nil {
 		n.kubeletDir = true
 	}
-	for i, name := range tools {
+	for i, name := range names {
 		n.Bin[name] = paths[i]
 	}
 	if err := n.start(ctx, opts); err != nil {
@@ -328,8 +355,10 @@ func (n *Node) start(ctx context.Context, opts Options) error {
 		}
 	}
 	n.Timings["cluster"] = time.Since(began)
-	if err := n.serviceDNAT(n.Cluster.URL); err != nil {
-		return err
+	if n.Primary == Flannel {
+		if err := n.serviceDNAT(n.Cluster.URL); err != nil {
+			return err
+		}
 	}
 	if n.joined == nil {
 		if err := n.startControllers(); err != nil {
@@ -341,24 +370,34 @@ func (n *Node) start(ctx context.Context, opts Options) error {
 		return err
 	}
 	n.Timings["containerd"] = time.Since(t)
-	if err := n.installFlannelCNI(); err != nil {
-		return err
+	if n.Primary == Flannel {
+		if err := n.installFlannelCNI(); err != nil {
+			return err
+		}
 	}
 	t = time.Now()
 	if err := n.startKubelet(); err != nil {
 		return err
 	}
 	n.Timings["kubelet"] = time.Since(t)
-	// flanneld exits when the Node has no podCIDR yet (its DaemonSet would
-	// restart it): start it once the controller manager assigned one.
-	if err := n.waitPodCIDR(ctx, opts.ReadyTimeout); err != nil {
-		return err
-	}
-	if err := n.startFlannel(); err != nil {
-		return err
-	}
-	if err := n.waitFile(ctx, filepath.Join(n.Dir, "flannel", "subnet.env"), opts.ReadyTimeout); err != nil {
-		return err
+	switch n.Primary {
+	case Flannel:
+		// flanneld exits when the Node has no podCIDR yet (its DaemonSet
+		// would restart it): start it once the controller manager
+		// assigned one.
+		if err := n.waitPodCIDR(ctx, opts.ReadyTimeout); err != nil {
+			return err
+		}
+		if err := n.startFlannel(); err != nil {
+			return err
+		}
+		if err := n.waitFile(ctx, filepath.Join(n.Dir, "flannel", "subnet.env"), opts.ReadyTimeout); err != nil {
+			return err
+		}
+	case Calico:
+		if err := n.startCalico(ctx, opts.ReadyTimeout); err != nil {
+			return err
+		}
 	}
 	if err := n.WaitReady(ctx, opts.ReadyTimeout); err != nil {
 		return err
@@ -453,13 +492,18 @@ func (n *Node) serviceDNAT(apiURL string) error {
 // startProc starts a node process (in the node namespace) with its log in
 // Dir/<name>.log.
 func (n *Node) startProc(name string, env []string, args ...string) (*proc.Proc, error) {
+	return n.startProcOf(name, n.Bin[name], env, args...)
+}
+
+// startProcOf is startProc for a process named other than its binary
+// (calico-node runs as Felix and as the tunnel address allocator).
+func (n *Node) startProcOf(name, bin string, env []string, args ...string) (*proc.Proc, error) {
 	logPath := filepath.Join(n.Dir, name+".log")
 	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, err
 	}
 	defer func() { _ = f.Close() }()
-	bin := n.Bin[name]
 	_, _ = fmt.Fprintf(f, "==== %s %s\n", bin, strings.Join(args, " "))
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = f, f
@@ -478,7 +522,7 @@ func (n *Node) startProc(name string, env []string, args ...string) (*proc.Proc,
 
 // nodeProcs are the processes that run inside a node container; the
 // control plane stays outside.
-var nodeProcs = map[string]bool{"containerd": true, "kubelet": true, "flanneld": true}
+var nodeProcs = map[string]bool{"containerd": true, "kubelet": true, "flanneld": true, "kube-proxy": true, "calico-felix": true, "calico-tunnel-addrs": true}
 
 // startControllers starts kube-controller-manager (node CIDRs for Flannel,
 // the DaemonSet and ServiceAccount controllers) and kube-scheduler.
@@ -932,4 +976,9 @@ func Link(a, b *Node, name string) error {
 		}
 	}
 	return nil
+}
+
+// primaryTools are the tools each primary CNI adds to tools.
+var primaryTools = map[Primary][]string{
+	Calico: {"calico-node", "calico", "kube-proxy"},
 }

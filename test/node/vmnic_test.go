@@ -158,54 +158,15 @@ func TestVmnicOnNode(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Logf("VM pod %s Ready after %v, IP %s", pod.Name, time.Since(start).Round(time.Millisecond), pod.Status.PodIP)
-		path, err := n.PodNetns(pod.Namespace, pod.Name)
-		if err != nil {
-			t.Fatal(err)
-		}
-		eth0, err := node.InNetns(path, "ip", "-4", "-o", "addr", "show", "dev", "eth0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !strings.HasPrefix(pod.Status.PodIP, "10.244.") || !strings.Contains(eth0, " "+pod.Status.PodIP+"/") {
-			t.Errorf("kubelet reports pod IP %s; want Flannel's address on eth0: %s", pod.Status.PodIP, eth0)
-		}
-		tables, err := node.InNetns(path, "nft", "list", "tables")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !strings.Contains(tables, "ip "+nft.TableName) {
-			t.Errorf("no vmnic NAT table in the VM pod: %q", tables)
-		}
-		// KubeVirt's own code says which tap and MAC its tap binding
-		// gives the domain in this netns.
-		ifaces, err := kvoracle.Domain(ctx, kvoracle.DomainInput{Netns: path, VMI: created, Bindings: vmnicBindings})
-		if err != nil {
-			t.Fatalf("KubeVirt's domain interfaces: %v", err)
-		}
-		if len(ifaces) != 1 || ifaces[0].Target == "" {
-			t.Fatalf("KubeVirt's domain interfaces %+v: want one on a tap", ifaces)
-		}
-		di := ifaces[0]
-		vm1, vm1Tap, vm1MAC = pod, di.Target, di.MAC
-		t.Logf("KubeVirt's domain interface: pod interface %s, tap %s, MAC %s, MTU %d", di.PodInterface, di.Target, di.MAC, di.MTU)
-		img, err := guest.Build(t.TempDir())
-		if err != nil {
-			t.Fatal(err)
-		}
-		var logf func(string)
-		if testing.Verbose() {
-			logf = func(s string) { t.Log("guest: " + s) }
-		}
 		script := fmt.Sprintf(`
 udhcpc -i eth0 -q -f -n -t 10 -T 2 -O hostname || echo DHCP4-FAILED
 echo "ADDR4 $(ip -4 -o addr show dev eth0 | awk '{print $4}' | head -1)"
 echo "ROUTE4 $(ip -4 route show default | head -1)"
 ping -c 3 -W 3 %s >/dev/null 2>&1 && echo PEER-OK || echo PEER-FAILED
 `, plain.Status.PodIP)
-		g, err := guest.Start(ctx, img, guest.Options{NetnsPath: path, Tap: di.Target, MAC: di.MAC, Script: script, Timeout: 4 * time.Minute, Log: logf})
-		if err != nil {
-			t.Fatal(err)
-		}
+		vm := bootVM(ctx, t, n, created, pod, script)
+		vm1, vm1Tap, vm1MAC = pod, vm.tap, vm.mac
+		g := vm.guest
 		defer g.Kill()
 		if _, err := g.WaitFor(ctx, regexp.MustCompile(`PEER-(OK|FAILED)`)); err != nil {
 			t.Fatalf("guest: %v\n%s", err, g.Output())
@@ -357,6 +318,61 @@ ping -c 3 -W 3 %s >/dev/null 2>&1 && echo PEER-OK || echo PEER-FAILED
 			}
 		}
 	})
+}
+
+// vmGuest is a VM pod's guest, booted as KubeVirt's tap binding boots it.
+type vmGuest struct {
+	netns, tap, mac string
+	guest           *guest.Guest
+}
+
+// bootVM checks that the running VM pod of vmi has vmnic's masquerade
+// wiring and the pod IP the primary gave it (kubelet's report is eth0's
+// address), then boots a real guest running script on the tap and MAC
+// KubeVirt's own code gives the domain in that netns. The caller kills the
+// guest.
+func bootVM(ctx context.Context, t *testing.T, n *node.Node, vmi *kubevirtv1.VirtualMachineInstance, pod *corev1.Pod, script string) *vmGuest {
+	t.Helper()
+	path, err := n.PodNetns(pod.Namespace, pod.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eth0, err := node.InNetns(path, "ip", "-4", "-o", "addr", "show", "dev", "eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(pod.Status.PodIP, "10.244.") || !strings.Contains(eth0, " "+pod.Status.PodIP+"/") {
+		t.Errorf("kubelet reports pod IP %s; want the primary's address on eth0: %s", pod.Status.PodIP, eth0)
+	}
+	tables, err := node.InNetns(path, "nft", "list", "tables")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(tables, "ip "+nft.TableName) {
+		t.Errorf("no vmnic NAT table in the VM pod: %q", tables)
+	}
+	ifaces, err := kvoracle.Domain(ctx, kvoracle.DomainInput{Netns: path, VMI: vmi, Bindings: vmnicBindings})
+	if err != nil {
+		t.Fatalf("KubeVirt's domain interfaces: %v", err)
+	}
+	if len(ifaces) != 1 || ifaces[0].Target == "" {
+		t.Fatalf("KubeVirt's domain interfaces %+v: want one on a tap", ifaces)
+	}
+	di := ifaces[0]
+	t.Logf("KubeVirt's domain interface: pod interface %s, tap %s, MAC %s, MTU %d", di.PodInterface, di.Target, di.MAC, di.MTU)
+	img, err := guest.Build(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logf func(string)
+	if testing.Verbose() {
+		logf = func(s string) { t.Log("guest: " + s) }
+	}
+	g, err := guest.Start(ctx, img, guest.Options{NetnsPath: path, Tap: di.Target, MAC: di.MAC, Script: script, Timeout: 10 * time.Minute, Log: logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &vmGuest{netns: path, tap: di.Target, mac: di.MAC, guest: g}
 }
 
 // assertNoLeaks checks that the node holds a pod netns and a host-local

@@ -17,7 +17,10 @@
 # (test/tools/containerd), kubelet, kube-controller-manager and
 # kube-scheduler (this module, beside kube-apiserver), flanneld
 # (test/tools/flannel), the flannel CNI plugin (test/tools/flannelcni) and
-# Multus thick (test/tools/multus).
+# Multus thick (test/tools/multus); with Calico as the primary, calico-node
+# and the calico CNI plugin (test/tools/calico: Calico pins Kubernetes
+# 1.33's libraries) and kube-proxy (test/tools/kubeproxy, at kubelet's
+# release).
 # KubeVirt v1.8.2's components (virt-operator, virt-api, virt-controller,
 # virt-handler, virt-launcher, virt-launcher-monitor, virt-chroot,
 # virt-exportproxy, synchronization-controller, virtctl and the helpers of
@@ -38,7 +41,7 @@ out=${TOOLS_BIN:-$root/.tools/bin}
 if (($# == 0)); then
   echo "usage: $0 NAME..." >&2
   echo "  names: kube-apiserver etcd helm cnitool golangci-lint ptp bridge loopback macvlan host-local portmap spiderpool-agent spiderpool coordinator kubevirt-oracle ovs-cni" >&2
-  echo "         kubelet kube-controller-manager kube-scheduler containerd containerd-shim-runc-v2 ctr crictl flanneld flannel multus-daemon multus-shim," >&2
+  echo "         kubelet kube-controller-manager kube-scheduler kube-proxy calico-node calico containerd containerd-shim-runc-v2 ctr crictl flanneld flannel multus-daemon multus-shim," >&2
   echo "         virt-operator virt-api virt-controller virt-handler virt-launcher virt-launcher-monitor virt-chroot virt-exportproxy" >&2
   echo "         synchronization-controller virtctl virt-tail virt-probe virt-freezer libvirt-hook-client, or a package path" >&2
   exit 2
@@ -47,7 +50,9 @@ fi
 # pkg_of NAME prints the package path for a short name.
 pkg_of() {
   case $1 in
-    kube-apiserver | kubelet | kube-controller-manager | kube-scheduler) echo "k8s.io/kubernetes/cmd/$1" ;;
+    kube-apiserver | kubelet | kube-controller-manager | kube-scheduler | kube-proxy) echo "k8s.io/kubernetes/cmd/$1" ;;
+    calico-node) echo github.com/projectcalico/calico/node/cmd/calico-node ;;
+    calico) echo github.com/projectcalico/calico/cni-plugin/cmd/calico ;;
     etcd) echo go.etcd.io/etcd/server/v3 ;;
     helm) echo helm.sh/helm/v3/cmd/helm ;;
     cnitool) echo github.com/containernetworking/cni/cnitool ;;
@@ -79,6 +84,8 @@ pkg_of() {
 moddir_of() {
   case $1 in
     github.com/spidernet-io/spiderpool/*) echo "$tools_dir/spiderpool" ;;
+    github.com/projectcalico/calico/*) echo "$tools_dir/calico" ;;
+    k8s.io/kubernetes/cmd/kube-proxy) echo "$tools_dir/kubeproxy" ;;
     github.com/vmnic/vmnic/test/kubevirt/*) echo "$root/test/kubevirt" ;;
     github.com/containernetworking/plugins/plugins/meta/flannel) echo "$tools_dir/flannelcni" ;;
     github.com/containernetworking/*) echo "$tools_dir/cni" ;;
@@ -140,6 +147,11 @@ ldflags_of() {
       ;;
     github.com/flannel-io/flannel)
       echo "-X github.com/flannel-io/flannel/pkg/version.Version=$(cd "$tools_dir/flannel" && go list -m -f '{{.Version}}' github.com/flannel-io/flannel)"
+      ;;
+    github.com/projectcalico/calico/*)
+      # What Calico's build stamps (felix and calico-node -v report it).
+      local p=github.com/projectcalico/calico/pkg/buildinfo
+      echo "-X $p.Version=v3.31.0 -X $p.GitRevision=$(cd "$tools_dir/calico" && go list -m -f '{{.Version}}' github.com/projectcalico/calico)"
       ;;
     kubevirt.io/kubevirt/cmd/*)
       # What KubeVirt's build stamps (version_x_defs): virt-operator
