@@ -24,6 +24,7 @@ if [[ $what != demo ]]; then
     runc buildah # the real node's containers (containerd runs Debian's runc) and its images (make image)
     iptables # flanneld's masquerade rules, inside the real node's namespace
     ipset # Calico's Felix lists IP sets at its start, in nftables mode too
+    clang-19 # the Cilium agent compiles its BPF programs on the node
     mmdebstrap e2fsprogs # the node VM's root filesystem (test/nodevm/rootfs.sh)
   )
 fi
@@ -58,9 +59,10 @@ bash test/tools/build.sh cnitool etcd kube-apiserver helm spiderpool-agent spide
 # Multus thick, macvlan (test/virt's passt underlay).
 bash test/tools/build.sh kube-controller-manager kube-scheduler kubelet containerd containerd-shim-runc-v2 ctr crictl \
   flanneld flannel bridge host-local loopback portmap macvlan multus-daemon multus-shim >/dev/null
-# Calico as a node's primary (calico-node, its CNI plugin) and kube-proxy
-# beside it, each from a module of its own (~5 min cold).
-bash test/tools/build.sh calico-node calico kube-proxy >/dev/null
+# Calico and Cilium as a node's primary (calico-node, cilium-agent and their
+# CNI plugins) and kube-proxy beside them, each from a module of its own
+# (~10 min cold).
+bash test/tools/build.sh calico-node calico cilium-agent cilium-cni kube-proxy >/dev/null
 # Real KubeVirt (test/virt): KubeVirt v1.8.2's components from its Go
 # module (test/tools/kubevirt) and their images, the launcher's on a Debian
 # trixie root filesystem (libvirt 11.3, QEMU 10.0, passt 2025), built once.

@@ -271,16 +271,77 @@ var rows = []row{
 	{bench: "BenchmarkPeerKillMidAdd", unit: "vmnic-daemon-killed-after-gc-ips", what: "… addresses left allocated after the GC", goal: "0", format: "%.0f"},
 	{bench: "BenchmarkInformerMemory", unit: "standalone-rss-MiB", what: "vmnicd RSS, standalone", peers: "no peer daemon runs here (Multus thick and Spiderpool's agent run against a cluster)", format: "%.0f MiB"},
 	{bench: "BenchmarkInformerMemory", unit: "cluster-250vm-rss-MiB", what: "vmnicd RSS with informers over 250 VM pods", format: "%.0f MiB"},
+	// The real node, one block per primary CNI.
 	{
-		bench: "BenchmarkSandboxStart", unit: "vm-chained-ms-median", what: "real node (containerd, kubelet, Flannel): VM pod (KubeVirt's launcher pod) creation to Ready, vmnic chained",
-		vs: []peer{{label: "the same VM pod on Flannel alone (vmnic not installed)", bench: "BenchmarkSandboxStart", unit: "vm-unchained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
+		bench: "BenchmarkSandboxStart/flannel", unit: "vm-chained-ms-median", what: "real node (containerd, kubelet, Flannel): VM pod (KubeVirt's launcher pod) creation to Ready, vmnic chained",
+		vs: []peer{{label: "the same VM pod on flannel alone (vmnic not installed)", bench: "BenchmarkSandboxStart/flannel", unit: "vm-unchained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
 	},
 	{
-		bench: "BenchmarkSandboxStart", unit: "plain-chained-ms-median", what: "… plain pod creation to Ready, vmnic chained (the shim passes it through)",
-		vs: []peer{{label: "the same pod on Flannel alone", bench: "BenchmarkSandboxStart", unit: "plain-unchained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
+		bench: "BenchmarkSandboxStart/flannel", unit: "plain-chained-ms-median", what: "… plain pod creation to Ready, vmnic chained (the shim passes it through)",
+		vs: []peer{{label: "the same pod on flannel alone", bench: "BenchmarkSandboxStart/flannel", unit: "plain-unchained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
 	},
 	{
-		bench: "BenchmarkSandboxStart", unit: "helm-install-ms-median", what: "… helm install of the chart to the DaemonSet Ready (shim installed, conflist chained, vmnicd serving)",
+		bench: "BenchmarkSandboxStart/flannel", unit: "vmnic-add-vm-chained-ms-median", what: "… the VM pod's CNI ADD of vmnic's shim (masquerade), exec to exit",
+		vs: []peer{{label: "the primary's own plugin, flannel (its bridge and host-local delegates), in the same chain", bench: "BenchmarkSandboxStart/flannel", unit: "primary-add-vm-chained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
+	},
+	{
+		bench: "BenchmarkSandboxStart/flannel", unit: "vmnic-del-vm-chained-ms-median", what: "… the VM pod's CNI DEL of vmnic's shim",
+		vs: []peer{{label: "the primary's DEL in the same chain", bench: "BenchmarkSandboxStart/flannel", unit: "primary-del-vm-chained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
+	},
+	{
+		bench: "BenchmarkSandboxStart/flannel", unit: "vmnic-add-plain-chained-ms-median", what: "… a plain pod's CNI ADD of vmnic's shim (pass-through)",
+		vs: []peer{{label: "the primary's ADD of a VM pod without vmnic", bench: "BenchmarkSandboxStart/flannel", unit: "primary-add-vm-unchained-ms-median", format: "%.0f ms"}}, format: "%.0f ms",
+	},
+	{
+		bench: "BenchmarkSandboxStart/flannel", unit: "helm-install-ms-median", what: "… helm install of the chart to the DaemonSet Ready (shim installed, conflist chained, vmnicd serving)",
+		peers: "no peer installed here", format: "%.0f ms",
+	},
+	{
+		bench: "BenchmarkSandboxStart/calico", unit: "vm-chained-ms-median", what: "real node (containerd, kubelet, Calico v3.31 (Felix nftables, kube-proxy)): VM pod (KubeVirt's launcher pod) creation to Ready, vmnic chained",
+		vs: []peer{{label: "the same VM pod on calico alone (vmnic not installed)", bench: "BenchmarkSandboxStart/calico", unit: "vm-unchained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
+	},
+	{
+		bench: "BenchmarkSandboxStart/calico", unit: "plain-chained-ms-median", what: "… plain pod creation to Ready, vmnic chained (the shim passes it through)",
+		vs: []peer{{label: "the same pod on calico alone", bench: "BenchmarkSandboxStart/calico", unit: "plain-unchained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
+	},
+	{
+		bench: "BenchmarkSandboxStart/calico", unit: "vmnic-add-vm-chained-ms-median", what: "… the VM pod's CNI ADD of vmnic's shim (masquerade), exec to exit",
+		vs: []peer{{label: "the primary's own plugin, calico (with calico-ipam), in the same chain", bench: "BenchmarkSandboxStart/calico", unit: "primary-add-vm-chained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
+	},
+	{
+		bench: "BenchmarkSandboxStart/calico", unit: "vmnic-del-vm-chained-ms-median", what: "… the VM pod's CNI DEL of vmnic's shim",
+		vs: []peer{{label: "the primary's DEL in the same chain", bench: "BenchmarkSandboxStart/calico", unit: "primary-del-vm-chained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
+	},
+	{
+		bench: "BenchmarkSandboxStart/calico", unit: "vmnic-add-plain-chained-ms-median", what: "… a plain pod's CNI ADD of vmnic's shim (pass-through)",
+		vs: []peer{{label: "the primary's ADD of a VM pod without vmnic", bench: "BenchmarkSandboxStart/calico", unit: "primary-add-vm-unchained-ms-median", format: "%.0f ms"}}, format: "%.0f ms",
+	},
+	{
+		bench: "BenchmarkSandboxStart/calico", unit: "helm-install-ms-median", what: "… helm install of the chart to the DaemonSet Ready (shim installed, conflist chained, vmnicd serving)",
+		peers: "no peer installed here", format: "%.0f ms",
+	},
+	{
+		bench: "BenchmarkSandboxStart/cilium", unit: "vm-chained-ms-median", what: "real node (containerd, kubelet, Cilium v1.20 (BPF, kube-proxy)): VM pod (KubeVirt's launcher pod) creation to Ready, vmnic chained",
+		vs: []peer{{label: "the same VM pod on cilium alone (vmnic not installed)", bench: "BenchmarkSandboxStart/cilium", unit: "vm-unchained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
+	},
+	{
+		bench: "BenchmarkSandboxStart/cilium", unit: "plain-chained-ms-median", what: "… plain pod creation to Ready, vmnic chained (the shim passes it through)",
+		vs: []peer{{label: "the same pod on cilium alone", bench: "BenchmarkSandboxStart/cilium", unit: "plain-unchained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
+	},
+	{
+		bench: "BenchmarkSandboxStart/cilium", unit: "vmnic-add-vm-chained-ms-median", what: "… the VM pod's CNI ADD of vmnic's shim (masquerade), exec to exit",
+		vs: []peer{{label: "the primary's own plugin, cilium-cni, in the same chain", bench: "BenchmarkSandboxStart/cilium", unit: "primary-add-vm-chained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
+	},
+	{
+		bench: "BenchmarkSandboxStart/cilium", unit: "vmnic-del-vm-chained-ms-median", what: "… the VM pod's CNI DEL of vmnic's shim",
+		vs: []peer{{label: "the primary's DEL in the same chain", bench: "BenchmarkSandboxStart/cilium", unit: "primary-del-vm-chained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
+	},
+	{
+		bench: "BenchmarkSandboxStart/cilium", unit: "vmnic-add-plain-chained-ms-median", what: "… a plain pod's CNI ADD of vmnic's shim (pass-through)",
+		vs: []peer{{label: "the primary's ADD of a VM pod without vmnic", bench: "BenchmarkSandboxStart/cilium", unit: "primary-add-vm-unchained-ms-median", format: "%.0f ms"}}, format: "%.0f ms",
+	},
+	{
+		bench: "BenchmarkSandboxStart/cilium", unit: "helm-install-ms-median", what: "… helm install of the chart to the DaemonSet Ready (shim installed, conflist chained, vmnicd serving)",
 		peers: "no peer installed here", format: "%.0f ms",
 	},
 	{
@@ -325,6 +386,7 @@ type line struct{ what, val, goal, peers string }
 func main() {
 	out := flag.String("o", "docs/benchmarks.md", "report file")
 	fleetOnly := flag.Bool("fleet-only", false, "replace only the report's Fleet section, from test/fleet's report (make bench-fleet)")
+	keep := flag.Bool("keep", false, "rows whose benchmark did not run in these inputs keep the report's previous figures (make bench-node)")
 	flag.Parse()
 	in := newInput()
 	for _, f := range flag.Args() {
@@ -348,6 +410,22 @@ func main() {
 	lines = append(lines, in.demoLines()...)
 	var b strings.Builder
 	fmt.Fprintf(&b, "# vmnic benchmarks\n\nGenerated by `make bench` on %s. Medians, arms interleaved in one run; the machines are noisy, so compare figures of one run with each other.\n\n", time.Now().UTC().Format("2006-01-02"))
+	if *keep {
+		old, err := os.ReadFile(*out)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "benchreport:", err)
+			os.Exit(1)
+		}
+		fresh := 0
+		for _, l := range lines {
+			if measured(l.val) {
+				fresh++
+			}
+		}
+		keepOld(lines, string(old))
+		b.Reset()
+		fmt.Fprintf(&b, "# vmnic benchmarks\n\nGenerated by `make bench`; %d rows updated on %s by a run of part of it, the others from the run before (%s). Medians, arms interleaved in one run; the machines are noisy, so compare figures of one run with each other.\n\n", fresh, time.Now().UTC().Format("2006-01-02"), generatedOn(string(old)))
+	}
 	fmt.Fprintf(&b, "Machine: %s, %d CPUs, %s RAM, kernel %s, %s. OVS runs its userspace datapath here (no kernel module), and both datapaths in the node VM rows; QEMU runs under TCG.\n\n", cpuModel(), runtime.NumCPU(), memTotal(), strings.TrimSpace(readFile("/proc/sys/kernel/osrelease")), runtime.Version())
 	b.WriteString("| figure | value | goal | peers |\n|---|---|---|---|\n")
 	missing := 0
@@ -369,6 +447,50 @@ func main() {
 		os.Exit(1)
 	}
 	fmt.Printf("benchreport: wrote %s (%d figures, %d rows without one)\n", *out, len(lines)-missing, missing)
+}
+
+// keepOld gives the lines without a figure in this run the value and peers
+// of the same line of the previous report, old. Lines are matched by their text, and a line continuing the one
+// above ("… ") by both.
+func keepOld(lines []line, old string) {
+	prev := map[string]line{}
+	head := ""
+	for _, l := range strings.Split(old, "\n") {
+		cells := strings.Split(strings.TrimSuffix(strings.TrimPrefix(l, "| "), " |"), " | ")
+		if !strings.HasPrefix(l, "| ") || len(cells) != 4 {
+			continue
+		}
+		prev[lineKey(&head, cells[0])] = line{cells[0], cells[1], cells[2], cells[3]}
+	}
+	head = ""
+	for i, l := range lines {
+		k := lineKey(&head, l.what)
+		if measured(l.val) {
+			continue
+		}
+		if p, ok := prev[k]; ok && measured(p.val) {
+			lines[i].val, lines[i].peers = p.val, p.peers
+		}
+	}
+}
+
+// lineKey is a line's text, after the text of the line it continues.
+func lineKey(head *string, what string) string {
+	if strings.HasPrefix(what, "…") {
+		return *head + " " + what
+	}
+	*head = what
+	return what
+}
+
+// generatedOn is the date the report old says it was made.
+func generatedOn(old string) string {
+	for _, f := range strings.Fields(old) {
+		if len(f) >= 10 && f[4] == '-' && f[7] == '-' {
+			return strings.TrimRight(f, ".;,")
+		}
+	}
+	return "an earlier date"
 }
 
 // writeFleetOnly replaces the Fleet section of the report out.

@@ -21,6 +21,7 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	k8stypes "k8s.io/apimachinery/pkg/types"
 	kubevirtv1 "kubevirt.io/api/core/v1"
+	"sigs.k8s.io/yaml"
 
 	"github.com/vmnic/vmnic/pkg/kubevirt"
 	"github.com/vmnic/vmnic/pkg/netconf"
@@ -51,6 +52,9 @@ type example struct {
 	// conflists are its JSON files (primary CNI conflists), relative to the
 	// repository root.
 	conflists []string
+	// values are its *-values.yaml files: values for a primary CNI's Helm
+	// chart (test/node renders that chart with them).
+	values []string
 }
 
 type exampleObject struct {
@@ -93,6 +97,14 @@ func loadExamples(t *testing.T) []*example {
 		}
 		switch filepath.Ext(path) {
 		case ".yaml", ".yml":
+			if strings.HasSuffix(path, "-values.yaml") {
+				var v map[string]any
+				if err := yaml.Unmarshal(readRepoFile(t, rel), &v); err != nil || len(v) == 0 {
+					t.Errorf("%s: not a map of Helm values (%v)", rel, err)
+				}
+				ex.values = append(ex.values, rel)
+				return nil
+			}
 			objs, err := cluster.Objects(readRepoFile(t, rel))
 			if err != nil {
 				t.Errorf("%s: %v", rel, err)

@@ -160,7 +160,7 @@ func (n *Node) startCalico(ctx context.Context, timeout time.Duration) error {
 // installCalicoCRDs applies the CustomResourceDefinitions of Calico's
 // manifest.
 func (n *Node) installCalicoCRDs(ctx context.Context) error {
-	dir, err := calicoModuleDir(ctx)
+	dir, err := moduleDir(ctx, "calico", "github.com/projectcalico/calico")
 	if err != nil {
 		return err
 	}
@@ -189,21 +189,6 @@ func (n *Node) installCalicoCRDs(ctx context.Context) error {
 		return err
 	}
 	return n.Cluster.InstallCRDs(ctx, file)
-}
-
-// calicoModuleDir is the Calico module's directory in the module cache.
-func calicoModuleDir(ctx context.Context) (string, error) {
-	root, err := cluster.RepoRoot()
-	if err != nil {
-		return "", err
-	}
-	cmd := exec.CommandContext(ctx, "go", "list", "-m", "-f", "{{.Dir}}", "github.com/projectcalico/calico")
-	cmd.Dir = filepath.Join(root, "test", "tools", "calico")
-	out, err := cmd.Output()
-	if err != nil {
-		return "", fmt.Errorf("find Calico's module: %w", err)
-	}
-	return strings.TrimSpace(string(out)), nil
 }
 
 // installCalicoCNI does what the manifest's install-cni container does: the

@@ -45,7 +45,8 @@ import (
 //     and host-local's state) is at its own default, /run/flannel;
 //   - /dev is a tmpfs with the devices a node's pods use, and no /dev/kvm:
 //     this machine's hangs, and the nodes emulate instead;
-//   - /proc is the PID namespace's own.
+//   - /proc is the PID namespace's own, /sys/fs/bpf a bpffs of the node's
+//     (the Cilium agent pins its maps there).
 //
 // Everything else is the machine's, and Dir is the same shared mount inside
 // and out, so that a test sees the node's pod network namespaces and
@@ -55,7 +56,7 @@ import (
 const containerInit = `set -e
 # Only this namespace's copies of the mounts the node covers stop
 # propagating: Dir stays shared with the machine.
-for p in /run /var/lib /var/log /dev; do
+for p in /run /var/lib /var/log /dev /sys/fs/bpf; do
   mount --make-private "$(findmnt -n -o TARGET -T "$p")"
 done
 mount -t tmpfs -o mode=0755 tmpfs /run
@@ -73,6 +74,7 @@ mkdir -p /run/openvswitch /run/spidernet /run/flannel
 mount --bind "$DIR/openvswitch" /run/openvswitch
 mount --bind "$DIR/spidernet" /run/spidernet
 mount --bind "$DIR/flannel" /run/flannel
+mount -t bpf bpf /sys/fs/bpf
 mount -t tmpfs -o mode=0755,size=1m tmpfs /dev
 cd /dev
 for d in null:1:3:666 zero:1:5:666 full:1:7:666 random:1:8:666 urandom:1:9:666 tty:5:0:666 kmsg:1:11:644 fuse:10:229:666; do

@@ -87,8 +87,12 @@ func (n *Node) AddCNIPlugin(bin string) error {
 	return copyFile(bin, filepath.Join(n.CNIBinDir, filepath.Base(bin)), 0o755)
 }
 
-// FlannelConflistPath is the primary CNI's config file.
-func (n *Node) FlannelConflistPath() string { return filepath.Join(n.CNIConfDir, FlannelConflist) }
+// ConflistPath is the primary CNI's config file: Flannel's, Calico's or
+// the one the Cilium agent writes.
+func (n *Node) ConflistPath() string {
+	name := map[Primary]string{Flannel: FlannelConflist, Calico: CalicoConflist, Cilium: CiliumConflist}[n.Primary]
+	return filepath.Join(n.CNIConfDir, name)
+}
 
 func copyFile(src, dst string, perm os.FileMode) error {
 	in, err := os.Open(src)

@@ -108,9 +108,12 @@ type Options struct {
 	// Aggregation configures the API server for extension API servers and
 	// webhooks behind Services (cluster.Options.Aggregation).
 	Aggregation bool
-	// Primary is the node's primary CNI: Flannel (the default) or Calico
-	// (calico.go; a node container only, with kube-proxy).
+	// Primary is the node's primary CNI: Flannel (the default), Calico
+	// (calico.go) or Cilium (cilium.go); Calico and Cilium run in a node
+	// container only, with kube-proxy.
 	Primary Primary
+	// CiliumValues are values files for Cilium's chart (Primary Cilium).
+	CiliumValues []string
 }
 
 // Primary names a primary CNI a node runs.
@@ -120,6 +123,7 @@ type Primary string
 const (
 	Flannel Primary = "flannel"
 	Calico  Primary = "calico"
+	Cilium  Primary = "cilium"
 )
 
 // Node is a running single-node cluster.
@@ -260,11 +264,11 @@ func Start(ctx context.Context, dir string, opts Options) (*Node, error) {
 	if opts.Primary == "" {
 		opts.Primary = Flannel
 	}
-	if opts.Primary == Calico && !opts.Container {
-		// calico-node and its CNI plugin keep state at fixed paths
-		// (/var/lib/calico, /var/run/calico), which a node container
-		// makes its own.
-		return nil, fmt.Errorf("node %s: Calico runs only in a node container (Options.Container)", opts.Name)
+	if opts.Primary != Flannel && !opts.Container {
+		// calico-node, the Cilium agent and their CNI plugins keep state
+		// at fixed paths (/var/lib/calico, /var/run/cilium, /sys/fs/bpf),
+		// which a node container makes its own.
+		return nil, fmt.Errorf("node %s: %s runs only in a node container (Options.Container)", opts.Name, opts.Primary)
 	}
 	names := slices.Concat(tools, primaryTools[opts.Primary])
 	paths, err := cluster.Binaries(ctx, names...)
@@ -398,6 +402,14 @@ func (n *Node) start(ctx context.Context, opts Options) error {
 		if err := n.startCalico(ctx, opts.ReadyTimeout); err != nil {
 			return err
 		}
+	case Cilium:
+		// IPAM from the Node's podCIDR.
+		if err := n.waitPodCIDR(ctx, opts.ReadyTimeout); err != nil {
+			return err
+		}
+		if err := n.startCilium(ctx, opts.ReadyTimeout, opts.CiliumValues); err != nil {
+			return err
+		}
 	}
 	if err := n.WaitReady(ctx, opts.ReadyTimeout); err != nil {
 		return err
@@ -522,7 +534,7 @@ func (n *Node) startProcOf(name, bin string, env []string, args ...string) (*pro
 
 // nodeProcs are the processes that run inside a node container; the
 // control plane stays outside.
-var nodeProcs = map[string]bool{"containerd": true, "kubelet": true, "flanneld": true, "kube-proxy": true, "calico-felix": true, "calico-tunnel-addrs": true}
+var nodeProcs = map[string]bool{"containerd": true, "kubelet": true, "flanneld": true, "kube-proxy": true, "calico-felix": true, "calico-tunnel-addrs": true, "cilium-agent": true}
 
 // startControllers starts kube-controller-manager (node CIDRs for Flannel,
 // the DaemonSet and ServiceAccount controllers) and kube-scheduler.
@@ -981,4 +993,5 @@ func Link(a, b *Node, name string) error {
 // primaryTools are the tools each primary CNI adds to tools.
 var primaryTools = map[Primary][]string{
 	Calico: {"calico-node", "calico", "kube-proxy"},
+	Cilium: {"cilium-agent", "cilium-cni", "kube-proxy"},
 }

@@ -81,7 +81,7 @@ done
 	var badChain []string
 	samplers.Go(func() {
 		for {
-			b, err := os.ReadFile(n.FlannelConflistPath())
+			b, err := os.ReadFile(n.ConflistPath())
 			if err == nil {
 				if c := strings.Count(string(b), `"type":"vmnic"`) + strings.Count(string(b), `"type": "vmnic"`); c != 1 {
 					badChain = append(badChain, fmt.Sprintf("%s: %d vmnic entries", time.Now().Format("15:04:05.000"), c))

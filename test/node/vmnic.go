@@ -172,7 +172,7 @@ func (n *Node) stuckPods(ctx context.Context, namespace, selector string) string
 // ConflistPlugins returns the plugin types of the primary conflist, in
 // order.
 func (n *Node) ConflistPlugins() ([]string, error) {
-	b, err := os.ReadFile(n.FlannelConflistPath())
+	b, err := os.ReadFile(n.ConflistPath())
 	if err != nil {
 		return nil, err
 	}
@@ -182,7 +182,7 @@ func (n *Node) ConflistPlugins() ([]string, error) {
 		} `json:"plugins"`
 	}
 	if err := json.Unmarshal(b, &conf); err != nil {
-		return nil, fmt.Errorf("%s: %w", n.FlannelConflistPath(), err)
+		return nil, fmt.Errorf("%s: %w", n.ConflistPath(), err)
 	}
 	var types []string
 	for _, p := range conf.Plugins {

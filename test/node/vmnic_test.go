@@ -74,7 +74,7 @@ func TestVmnicOnNode(t *testing.T) {
 	}
 	// A plain pod before vmnic is there: the reference netns.
 	before := startPlainPod(ctx, t, n, "plain-before")
-	primary, err := os.ReadFile(n.FlannelConflistPath())
+	primary, err := os.ReadFile(n.ConflistPath())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -286,7 +286,7 @@ ping -c 3 -W 3 %s >/dev/null 2>&1 && echo PEER-OK || echo PEER-FAILED
 		})
 		// The node's CNI is what it was before the install, byte for byte.
 		waitFor(ctx, t, 30*time.Second, "conflist unchained", func() (bool, string) {
-			now, err := os.ReadFile(n.FlannelConflistPath())
+			now, err := os.ReadFile(n.ConflistPath())
 			if err != nil {
 				return false, err.Error()
 			}

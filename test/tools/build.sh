@@ -19,8 +19,9 @@
 # (test/tools/flannel), the flannel CNI plugin (test/tools/flannelcni) and
 # Multus thick (test/tools/multus); with Calico as the primary, calico-node
 # and the calico CNI plugin (test/tools/calico: Calico pins Kubernetes
-# 1.33's libraries) and kube-proxy (test/tools/kubeproxy, at kubelet's
-# release).
+# 1.33's libraries), with Cilium cilium-agent and cilium-cni
+# (test/tools/cilium), and kube-proxy for both (test/tools/kubeproxy, at
+# kubelet's release).
 # KubeVirt v1.8.2's components (virt-operator, virt-api, virt-controller,
 # virt-handler, virt-launcher, virt-launcher-monitor, virt-chroot,
 # virt-exportproxy, synchronization-controller, virtctl and the helpers of
@@ -41,7 +42,7 @@ out=${TOOLS_BIN:-$root/.tools/bin}
 if (($# == 0)); then
   echo "usage: $0 NAME..." >&2
   echo "  names: kube-apiserver etcd helm cnitool golangci-lint ptp bridge loopback macvlan host-local portmap spiderpool-agent spiderpool coordinator kubevirt-oracle ovs-cni" >&2
-  echo "         kubelet kube-controller-manager kube-scheduler kube-proxy calico-node calico containerd containerd-shim-runc-v2 ctr crictl flanneld flannel multus-daemon multus-shim," >&2
+  echo "         kubelet kube-controller-manager kube-scheduler kube-proxy calico-node calico cilium-agent cilium-cni containerd containerd-shim-runc-v2 ctr crictl flanneld flannel multus-daemon multus-shim," >&2
   echo "         virt-operator virt-api virt-controller virt-handler virt-launcher virt-launcher-monitor virt-chroot virt-exportproxy" >&2
   echo "         synchronization-controller virtctl virt-tail virt-probe virt-freezer libvirt-hook-client, or a package path" >&2
   exit 2
@@ -53,6 +54,8 @@ pkg_of() {
     kube-apiserver | kubelet | kube-controller-manager | kube-scheduler | kube-proxy) echo "k8s.io/kubernetes/cmd/$1" ;;
     calico-node) echo github.com/projectcalico/calico/node/cmd/calico-node ;;
     calico) echo github.com/projectcalico/calico/cni-plugin/cmd/calico ;;
+    cilium-agent) echo github.com/cilium/cilium/daemon ;;
+    cilium-cni) echo github.com/cilium/cilium/plugins/cilium-cni ;;
     etcd) echo go.etcd.io/etcd/server/v3 ;;
     helm) echo helm.sh/helm/v3/cmd/helm ;;
     cnitool) echo github.com/containernetworking/cni/cnitool ;;
@@ -85,6 +88,7 @@ moddir_of() {
   case $1 in
     github.com/spidernet-io/spiderpool/*) echo "$tools_dir/spiderpool" ;;
     github.com/projectcalico/calico/*) echo "$tools_dir/calico" ;;
+    github.com/cilium/cilium/*) echo "$tools_dir/cilium" ;;
     k8s.io/kubernetes/cmd/kube-proxy) echo "$tools_dir/kubeproxy" ;;
     github.com/vmnic/vmnic/test/kubevirt/*) echo "$root/test/kubevirt" ;;
     github.com/containernetworking/plugins/plugins/meta/flannel) echo "$tools_dir/flannelcni" ;;
@@ -105,6 +109,7 @@ bin_of() {
     go.etcd.io/etcd/server/v3) echo etcd ;;
     github.com/k8snetworkplumbingwg/ovs-cni/cmd/plugin) echo ovs-cni ;;
     github.com/flannel-io/flannel) echo flanneld ;;
+    github.com/cilium/cilium/daemon) echo cilium-agent ;;
     *)
       local b=${1##*/}
       if [[ $b =~ ^v[0-9]+$ ]]; then
@@ -147,6 +152,11 @@ ldflags_of() {
       ;;
     github.com/flannel-io/flannel)
       echo "-X github.com/flannel-io/flannel/pkg/version.Version=$(cd "$tools_dir/flannel" && go list -m -f '{{.Version}}' github.com/flannel-io/flannel)"
+      ;;
+    github.com/cilium/cilium/*)
+      # What Cilium's Makefile.defs stamps (the agent logs it, cilium-cni
+      # reports it).
+      echo "-X github.com/cilium/cilium/pkg/version.ciliumVersion=$(cd "$tools_dir/cilium" && go list -m -f '{{.Version}}' github.com/cilium/cilium | sed 's/^v//')"
       ;;
     github.com/projectcalico/calico/*)
       # What Calico's build stamps (felix and calico-node -v report it).
@@ -227,6 +237,7 @@ tags_of() {
   case $1 in
     kubevirt.io/kubevirt/cmd/virt-launcher) echo libvirt_dlopen ;;
     kubevirt.io/kubevirt/cmd/virt-handler) echo netgo,osusergo ;;
+    github.com/cilium/cilium/*) echo osusergo ;;
   esac
 }
 
