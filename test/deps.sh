@@ -53,7 +53,7 @@ fi
 # Tool binaries from test/tools/go.mod (kubevirt-oracle from test/kubevirt)
 # into .tools/bin, rebuilt only when their module changes (kube-apiserver
 # takes ~10 min cold on 2 cores, the real node's tools ~5 min more).
-bash test/tools/build.sh cnitool etcd kube-apiserver helm spiderpool-agent spiderpool coordinator golangci-lint kubevirt-oracle >/dev/null
+bash test/tools/build.sh cnitool etcd kube-apiserver helm spiderpool-agent spiderpool-controller spiderpool coordinator golangci-lint kubevirt-oracle >/dev/null
 # The real node (test/node): kubelet and the controllers beside
 # kube-apiserver, containerd, crictl, Flannel and the plugins it delegates to,
 # Multus thick, macvlan (test/virt's passt underlay).

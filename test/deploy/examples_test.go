@@ -325,7 +325,9 @@ func (n *network) addPlugin(p map[string]any, chained bool) error {
 }
 
 // smcNetwork is the network a SpiderMultusConfig stands for, as
-// spiderpool-controller generates it (pkg/multuscniconfig): for cniType
+// spiderpool-controller generates it (pkg/multuscniconfig; the real
+// controller's NADs are compared with it in TestExamplesSpiderMultusConfig,
+// so this needs no cluster): for cniType
 // custom the customCNI config as is; otherwise the main plugin with
 // Spiderpool IPAM and the type's ippools as default pools, then the
 // chainCNIJsonData entries, then the coordinator.

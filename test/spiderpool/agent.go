@@ -5,9 +5,12 @@
 //
 // The binaries come from their own module, test/tools/spiderpool (its
 // Kubernetes 0.29 libraries cannot share test/tools' 1.36 ones), built by
-// test/tools/build.sh into the repository's .tools/bin. No
-// spiderpool-controller runs: no webhook defaults or validates objects
-// (SpiderIPPools need spec.ipVersion), and nothing garbage-collects IPs.
+// test/tools/build.sh into the repository's .tools/bin. StartAgent runs
+// the agent alone: no webhook defaults or validates objects (SpiderIPPools
+// need spec.ipVersion), and nothing garbage-collects IPs. StartController
+// (controller.go) adds spiderpool-controller as the chart deploys it: its
+// webhooks, and the SpiderMultusConfigs it turns into
+// NetworkAttachmentDefinitions.
 //
 //	c := cluster.StartT(t)
 //	a := spiderpool.StartAgentT(t, c, spiderpool.AgentOptions{})

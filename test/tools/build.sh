@@ -41,7 +41,7 @@ out=${TOOLS_BIN:-$root/.tools/bin}
 
 if (($# == 0)); then
   echo "usage: $0 NAME..." >&2
-  echo "  names: kube-apiserver etcd helm cnitool golangci-lint ptp bridge loopback macvlan host-local portmap spiderpool-agent spiderpool coordinator kubevirt-oracle ovs-cni" >&2
+  echo "  names: kube-apiserver etcd helm cnitool golangci-lint ptp bridge loopback macvlan host-local portmap spiderpool-agent spiderpool-controller spiderpool coordinator kubevirt-oracle ovs-cni" >&2
   echo "         kubelet kube-controller-manager kube-scheduler kube-proxy calico-node calico cilium-agent cilium-cni containerd containerd-shim-runc-v2 ctr crictl flanneld flannel multus-daemon multus-shim," >&2
   echo "         virt-operator virt-api virt-controller virt-handler virt-launcher virt-launcher-monitor virt-chroot virt-exportproxy" >&2
   echo "         synchronization-controller virtctl virt-tail virt-probe virt-freezer libvirt-hook-client, or a package path" >&2
@@ -67,7 +67,7 @@ pkg_of() {
     crictl) echo sigs.k8s.io/cri-tools/cmd/crictl ;;
     flanneld) echo github.com/flannel-io/flannel ;;
     multus-daemon | multus-shim) echo "gopkg.in/k8snetworkplumbingwg/multus-cni.v4/cmd/$1" ;;
-    spiderpool-agent | spiderpool | coordinator) echo "github.com/spidernet-io/spiderpool/cmd/$1" ;;
+    spiderpool-agent | spiderpool-controller | spiderpool | coordinator) echo "github.com/spidernet-io/spiderpool/cmd/$1" ;;
     kubevirt-oracle) echo github.com/vmnic/vmnic/test/kubevirt/cmd/kubevirt-oracle ;;
     ovs-cni) echo github.com/k8snetworkplumbingwg/ovs-cni/cmd/plugin ;;
     virt-operator | virt-api | virt-controller | virt-handler | virt-launcher | virt-launcher-monitor | virt-chroot | \

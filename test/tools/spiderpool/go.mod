@@ -47,6 +47,8 @@ require (
 	github.com/google/uuid v1.6.0 // indirect
 	github.com/grafana/pyroscope-go v1.2.0 // indirect
 	github.com/grafana/pyroscope-go/godeltaprof v0.1.8 // indirect
+	github.com/hashicorp/errwrap v1.1.0 // indirect
+	github.com/hashicorp/go-multierror v1.1.1 // indirect
 	github.com/hashicorp/hcl v1.0.0 // indirect
 	github.com/imdario/mergo v0.3.13 // indirect
 	github.com/inconshreveable/mousetrap v1.1.0 // indirect
@@ -157,4 +159,5 @@ tool (
 	github.com/spidernet-io/spiderpool/cmd/coordinator
 	github.com/spidernet-io/spiderpool/cmd/spiderpool
 	github.com/spidernet-io/spiderpool/cmd/spiderpool-agent
+	github.com/spidernet-io/spiderpool/cmd/spiderpool-controller
 )
