@@ -42,12 +42,14 @@ const spiderFinalizer = "spiderpool.spidernet.io"
 func TestExamplesSpiderMultusConfig(t *testing.T) {
 	crds, err := spiderpool.CRDFiles(t.Context())
 	need.NoError(t, err)
-	need.NoError(t, node.Check())
+	need.NoError(t, node.CheckContainer())
 	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
 	defer cancel()
 	// A node: the controller's webhook is a Service whose endpoint the API
-	// server dials, which may not be a loopback address.
-	n := node.StartT(t, node.Options{Aggregation: true})
+	// server dials, which may not be a loopback address. A node container,
+	// so that it may run beside test/node's nodes (go test runs packages
+	// in parallel).
+	n := node.StartT(t, node.Options{Container: true, Aggregation: true})
 	c := n.Cluster
 	if err := c.InstallKubeVirtCRDs(ctx); err != nil {
 		t.Fatal(err)
