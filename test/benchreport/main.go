@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -42,6 +43,38 @@ type row struct {
 type peer struct {
 	label, bench, unit, format string
 	ratio                      bool
+}
+
+// realNodeRows are the rows of BenchmarkSandboxStart's sub-benchmark for
+// one primary CNI (label names it, plugin its own plugin).
+func realNodeRows(primary, label, plugin string) []row {
+	b := "BenchmarkSandboxStart/" + primary
+	return []row{
+		{
+			bench: b, unit: "vm-chained-ms-median", what: "real node (containerd, kubelet, " + label + "): VM pod (KubeVirt's launcher pod) creation to Ready, vmnic chained",
+			vs: []peer{{label: "the same VM pod on " + primary + " alone (vmnic not installed)", bench: b, unit: "vm-unchained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
+		},
+		{
+			bench: b, unit: "plain-chained-ms-median", what: "… plain pod creation to Ready, vmnic chained (the shim passes it through)",
+			vs: []peer{{label: "the same pod on " + primary + " alone", bench: b, unit: "plain-unchained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
+		},
+		{
+			bench: b, unit: "vmnic-add-vm-chained-ms-median", what: "… the VM pod's CNI ADD of vmnic's shim (masquerade), exec to exit",
+			vs: []peer{{label: "the primary's own plugin, " + plugin + ", in the same chain", bench: b, unit: "primary-add-vm-chained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
+		},
+		{
+			bench: b, unit: "vmnic-del-vm-chained-ms-median", what: "… the VM pod's CNI DEL of vmnic's shim",
+			vs: []peer{{label: "the primary's DEL in the same chain", bench: b, unit: "primary-del-vm-chained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
+		},
+		{
+			bench: b, unit: "vmnic-add-plain-chained-ms-median", what: "… a plain pod's CNI ADD of vmnic's shim (pass-through)",
+			vs: []peer{{label: "the primary's ADD of a VM pod without vmnic", bench: b, unit: "primary-add-vm-unchained-ms-median", format: "%.0f ms"}}, format: "%.0f ms",
+		},
+		{
+			bench: b, unit: "helm-install-ms-median", what: "… helm install of the chart to the DaemonSet Ready (shim installed, conflist chained, vmnicd serving)",
+			peers: "no peer installed here", format: "%.0f ms",
+		},
+	}
 }
 
 // Peers measured beside vmnic.
@@ -73,7 +106,15 @@ const (
 	nodeVMNetdev = "BenchmarkNodeVMNetdev"
 )
 
-var rows = []row{
+var rows = slices.Concat(localRows,
+	realNodeRows("flannel", "Flannel", "flannel (its bridge and host-local delegates)"),
+	realNodeRows("calico", "Calico v3.31 (Felix nftables, kube-proxy)", "calico (with calico-ipam)"),
+	realNodeRows("cilium", "Cilium v1.20 (BPF, kube-proxy)", "cilium-cni"),
+	kubeVirtRows)
+
+// localRows are the rows of the benchmarks on this machine's namespaces,
+// OVS and a cluster without nodes.
+var localRows = []row{
 	{
 		bench: "BenchmarkPassThroughOverhead", unit: "overhead-ms", what: "pass-through overhead of a non-VM pod (ADD+DEL, vmnic chained vs not)", goal: "< 2 ms",
 		vs: []peer{{label: peerPrimary + ", ADD+DEL", bench: "BenchmarkPassThroughOverhead", unit: "without-ms-median", format: "%.1f ms"}}, format: "%.1f ms",
@@ -271,79 +312,10 @@ var rows = []row{
 	{bench: "BenchmarkPeerKillMidAdd", unit: "vmnic-daemon-killed-after-gc-ips", what: "… addresses left allocated after the GC", goal: "0", format: "%.0f"},
 	{bench: "BenchmarkInformerMemory", unit: "standalone-rss-MiB", what: "vmnicd RSS, standalone", peers: "no peer daemon runs here (Multus thick and Spiderpool's agent run against a cluster)", format: "%.0f MiB"},
 	{bench: "BenchmarkInformerMemory", unit: "cluster-250vm-rss-MiB", what: "vmnicd RSS with informers over 250 VM pods", format: "%.0f MiB"},
-	// The real node, one block per primary CNI.
-	{
-		bench: "BenchmarkSandboxStart/flannel", unit: "vm-chained-ms-median", what: "real node (containerd, kubelet, Flannel): VM pod (KubeVirt's launcher pod) creation to Ready, vmnic chained",
-		vs: []peer{{label: "the same VM pod on flannel alone (vmnic not installed)", bench: "BenchmarkSandboxStart/flannel", unit: "vm-unchained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
-	},
-	{
-		bench: "BenchmarkSandboxStart/flannel", unit: "plain-chained-ms-median", what: "… plain pod creation to Ready, vmnic chained (the shim passes it through)",
-		vs: []peer{{label: "the same pod on flannel alone", bench: "BenchmarkSandboxStart/flannel", unit: "plain-unchained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
-	},
-	{
-		bench: "BenchmarkSandboxStart/flannel", unit: "vmnic-add-vm-chained-ms-median", what: "… the VM pod's CNI ADD of vmnic's shim (masquerade), exec to exit",
-		vs: []peer{{label: "the primary's own plugin, flannel (its bridge and host-local delegates), in the same chain", bench: "BenchmarkSandboxStart/flannel", unit: "primary-add-vm-chained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
-	},
-	{
-		bench: "BenchmarkSandboxStart/flannel", unit: "vmnic-del-vm-chained-ms-median", what: "… the VM pod's CNI DEL of vmnic's shim",
-		vs: []peer{{label: "the primary's DEL in the same chain", bench: "BenchmarkSandboxStart/flannel", unit: "primary-del-vm-chained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
-	},
-	{
-		bench: "BenchmarkSandboxStart/flannel", unit: "vmnic-add-plain-chained-ms-median", what: "… a plain pod's CNI ADD of vmnic's shim (pass-through)",
-		vs: []peer{{label: "the primary's ADD of a VM pod without vmnic", bench: "BenchmarkSandboxStart/flannel", unit: "primary-add-vm-unchained-ms-median", format: "%.0f ms"}}, format: "%.0f ms",
-	},
-	{
-		bench: "BenchmarkSandboxStart/flannel", unit: "helm-install-ms-median", what: "… helm install of the chart to the DaemonSet Ready (shim installed, conflist chained, vmnicd serving)",
-		peers: "no peer installed here", format: "%.0f ms",
-	},
-	{
-		bench: "BenchmarkSandboxStart/calico", unit: "vm-chained-ms-median", what: "real node (containerd, kubelet, Calico v3.31 (Felix nftables, kube-proxy)): VM pod (KubeVirt's launcher pod) creation to Ready, vmnic chained",
-		vs: []peer{{label: "the same VM pod on calico alone (vmnic not installed)", bench: "BenchmarkSandboxStart/calico", unit: "vm-unchained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
-	},
-	{
-		bench: "BenchmarkSandboxStart/calico", unit: "plain-chained-ms-median", what: "… plain pod creation to Ready, vmnic chained (the shim passes it through)",
-		vs: []peer{{label: "the same pod on calico alone", bench: "BenchmarkSandboxStart/calico", unit: "plain-unchained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
-	},
-	{
-		bench: "BenchmarkSandboxStart/calico", unit: "vmnic-add-vm-chained-ms-median", what: "… the VM pod's CNI ADD of vmnic's shim (masquerade), exec to exit",
-		vs: []peer{{label: "the primary's own plugin, calico (with calico-ipam), in the same chain", bench: "BenchmarkSandboxStart/calico", unit: "primary-add-vm-chained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
-	},
-	{
-		bench: "BenchmarkSandboxStart/calico", unit: "vmnic-del-vm-chained-ms-median", what: "… the VM pod's CNI DEL of vmnic's shim",
-		vs: []peer{{label: "the primary's DEL in the same chain", bench: "BenchmarkSandboxStart/calico", unit: "primary-del-vm-chained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
-	},
-	{
-		bench: "BenchmarkSandboxStart/calico", unit: "vmnic-add-plain-chained-ms-median", what: "… a plain pod's CNI ADD of vmnic's shim (pass-through)",
-		vs: []peer{{label: "the primary's ADD of a VM pod without vmnic", bench: "BenchmarkSandboxStart/calico", unit: "primary-add-vm-unchained-ms-median", format: "%.0f ms"}}, format: "%.0f ms",
-	},
-	{
-		bench: "BenchmarkSandboxStart/calico", unit: "helm-install-ms-median", what: "… helm install of the chart to the DaemonSet Ready (shim installed, conflist chained, vmnicd serving)",
-		peers: "no peer installed here", format: "%.0f ms",
-	},
-	{
-		bench: "BenchmarkSandboxStart/cilium", unit: "vm-chained-ms-median", what: "real node (containerd, kubelet, Cilium v1.20 (BPF, kube-proxy)): VM pod (KubeVirt's launcher pod) creation to Ready, vmnic chained",
-		vs: []peer{{label: "the same VM pod on cilium alone (vmnic not installed)", bench: "BenchmarkSandboxStart/cilium", unit: "vm-unchained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
-	},
-	{
-		bench: "BenchmarkSandboxStart/cilium", unit: "plain-chained-ms-median", what: "… plain pod creation to Ready, vmnic chained (the shim passes it through)",
-		vs: []peer{{label: "the same pod on cilium alone", bench: "BenchmarkSandboxStart/cilium", unit: "plain-unchained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
-	},
-	{
-		bench: "BenchmarkSandboxStart/cilium", unit: "vmnic-add-vm-chained-ms-median", what: "… the VM pod's CNI ADD of vmnic's shim (masquerade), exec to exit",
-		vs: []peer{{label: "the primary's own plugin, cilium-cni, in the same chain", bench: "BenchmarkSandboxStart/cilium", unit: "primary-add-vm-chained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
-	},
-	{
-		bench: "BenchmarkSandboxStart/cilium", unit: "vmnic-del-vm-chained-ms-median", what: "… the VM pod's CNI DEL of vmnic's shim",
-		vs: []peer{{label: "the primary's DEL in the same chain", bench: "BenchmarkSandboxStart/cilium", unit: "primary-del-vm-chained-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
-	},
-	{
-		bench: "BenchmarkSandboxStart/cilium", unit: "vmnic-add-plain-chained-ms-median", what: "… a plain pod's CNI ADD of vmnic's shim (pass-through)",
-		vs: []peer{{label: "the primary's ADD of a VM pod without vmnic", bench: "BenchmarkSandboxStart/cilium", unit: "primary-add-vm-unchained-ms-median", format: "%.0f ms"}}, format: "%.0f ms",
-	},
-	{
-		bench: "BenchmarkSandboxStart/cilium", unit: "helm-install-ms-median", what: "… helm install of the chart to the DaemonSet Ready (shim installed, conflist chained, vmnicd serving)",
-		peers: "no peer installed here", format: "%.0f ms",
-	},
+}
+
+// kubeVirtRows are the rows of the real KubeVirt on two nodes.
+var kubeVirtRows = []row{
 	{
 		bench: realKubeVirt, unit: "masq-vmnic-ms-median", what: "real KubeVirt v1.8.2 on two node containers: VMI creation to Running, vmnic's masquerade binding",
 		vs: []peer{{label: "KubeVirt's masquerade binding, vmnic not installed", bench: realKubeVirt, unit: "masq-core-ms-median", format: "%.0f ms", ratio: true}}, format: "%.0f ms",
@@ -424,7 +396,7 @@ func main() {
 		}
 		lines = keepOld(lines, string(old))
 		b.Reset()
-		fmt.Fprintf(&b, "# vmnic benchmarks\n\nGenerated by `make bench`; %d rows updated on %s by a run of part of it, the others from the run before (%s). Medians, arms interleaved in one run; the machines are noisy, so compare figures of one run with each other.\n\n", fresh, time.Now().UTC().Format("2006-01-02"), generatedOn(string(old)))
+		fmt.Fprintf(&b, "# vmnic benchmarks\n\nGenerated by `make bench`; %d rows updated on %s by a run of part of it, the others from earlier runs (the oldest on %s). Medians, arms interleaved in one run; the machines are noisy, so compare figures of one run with each other.\n\n", fresh, time.Now().UTC().Format("2006-01-02"), generatedOn(string(old)))
 	}
 	machine := fmt.Sprintf("%s, %d CPUs, %s RAM, kernel %s, %s.", cpuModel(), runtime.NumCPU(), memTotal(), strings.TrimSpace(readFile("/proc/sys/kernel/osrelease")), runtime.Version())
 	if *keep {
@@ -524,14 +496,21 @@ func oldMachine(old string) string {
 	return "not recorded."
 }
 
-// generatedOn is the date the report old says it was made.
+// generatedOn is the oldest date the first paragraph of the report old
+// gives (when it was made, or its oldest rows, after partial runs).
 func generatedOn(old string) string {
-	for _, f := range strings.Fields(old) {
-		if len(f) >= 10 && f[4] == '-' && f[7] == '-' {
-			return strings.TrimRight(f, ".;,")
+	first, _, _ := strings.Cut(strings.TrimPrefix(old, "# vmnic benchmarks\n\n"), "\n\n")
+	oldest := ""
+	for _, f := range strings.Fields(first) {
+		f = strings.Trim(f, "().;,")
+		if _, err := time.Parse("2006-01-02", f); err == nil && (oldest == "" || f < oldest) {
+			oldest = f
 		}
 	}
-	return "an earlier date"
+	if oldest == "" {
+		return "an earlier date"
+	}
+	return oldest
 }
 
 // writeFleetOnly replaces the Fleet section of the report out.

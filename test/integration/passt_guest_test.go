@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
 	"time"
 
@@ -44,7 +45,17 @@ func passtDir(t testing.TB) string {
 
 func dialPasstGuest(t testing.TB, sock string, mac net.HardwareAddr) *passtGuest {
 	t.Helper()
-	c, err := net.Dial("unix", sock)
+	// passt binds the socket, then listens on it: a connection in between
+	// is refused (startPasst waits only for the file).
+	var c net.Conn
+	var err error
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		c, err = net.Dial("unix", sock)
+		if err == nil || !errors.Is(err, syscall.ECONNREFUSED) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	if err != nil {
 		t.Fatalf("connect to passt's socket %s: %v", sock, err)
 	}

@@ -6,7 +6,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/vmnic/vmnic/test/cluster"
@@ -164,20 +163,4 @@ func (n *Node) ciliumConfig(ctx context.Context, moduleDir string, valuesFiles [
 		}
 	}
 	return dir, nil
-}
-
-// moduleDir is the directory of module path, required by test/tools/<tools>,
-// in the module cache.
-func moduleDir(ctx context.Context, tools, path string) (string, error) {
-	root, err := cluster.RepoRoot()
-	if err != nil {
-		return "", err
-	}
-	cmd := exec.CommandContext(ctx, "go", "list", "-m", "-f", "{{.Dir}}", path)
-	cmd.Dir = filepath.Join(root, "test", "tools", tools)
-	out, err := cmd.Output()
-	if err != nil {
-		return "", fmt.Errorf("find %s in test/tools/%s: %w", path, tools, err)
-	}
-	return strings.TrimSpace(string(out)), nil
 }

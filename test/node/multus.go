@@ -105,17 +105,7 @@ spec:
 // MultusDir is the module directory of Multus (its deployments/ holds the
 // upstream manifests).
 func MultusDir(ctx context.Context) (string, error) {
-	root, err := cluster.RepoRoot()
-	if err != nil {
-		return "", err
-	}
-	cmd := exec.CommandContext(ctx, "go", "list", "-m", "-f", "{{.Dir}}", "gopkg.in/k8snetworkplumbingwg/multus-cni.v4")
-	cmd.Dir = filepath.Join(root, "test", "tools", "multus")
-	out, err := cmd.Output()
-	if err != nil {
-		return "", fmt.Errorf("multus module dir: %w", err)
-	}
-	return strings.TrimSpace(string(out)), nil
+	return moduleDir(ctx, "multus", "gopkg.in/k8snetworkplumbingwg/multus-cni.v4")
 }
 
 // InstallMultus builds the Multus image, imports it into n and more (nodes

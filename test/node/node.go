@@ -995,3 +995,19 @@ var primaryTools = map[Primary][]string{
 	Calico: {"calico-node", "calico", "kube-proxy"},
 	Cilium: {"cilium-agent", "cilium-cni", "kube-proxy"},
 }
+
+// moduleDir is the directory of module path, required by test/tools/<tools>,
+// in the module cache (its chart, manifests and sources are the tests').
+func moduleDir(ctx context.Context, tools, path string) (string, error) {
+	root, err := cluster.RepoRoot()
+	if err != nil {
+		return "", err
+	}
+	cmd := exec.CommandContext(ctx, "go", "list", "-m", "-f", "{{.Dir}}", path)
+	cmd.Dir = filepath.Join(root, "test", "tools", tools)
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("find %s in test/tools/%s: %w", path, tools, err)
+	}
+	return strings.TrimSpace(string(out)), nil
+}
