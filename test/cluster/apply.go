@@ -185,15 +185,16 @@ func (c *Cluster) InstallCRDs(ctx context.Context, files ...string) error {
 		}
 		manifests = append(manifests, b)
 	}
-	return c.installCRDs(ctx, manifests...)
+	return c.InstallCRDManifests(ctx, manifests...)
 }
 
 // InstallKubeVirtCRDs installs KubeVirtCRDs as InstallCRDs does.
 func (c *Cluster) InstallKubeVirtCRDs(ctx context.Context) error {
-	return c.installCRDs(ctx, KubeVirtCRDs)
+	return c.InstallCRDManifests(ctx, KubeVirtCRDs)
 }
 
-func (c *Cluster) installCRDs(ctx context.Context, manifests ...[]byte) error {
+// InstallCRDManifests is InstallCRDs for manifests in memory.
+func (c *Cluster) InstallCRDManifests(ctx context.Context, manifests ...[]byte) error {
 	var crds []*unstructured.Unstructured
 	for _, m := range manifests {
 		objs, err := c.apply(ctx, m, false)

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
@@ -146,8 +145,7 @@ func (n *Node) startCalico(ctx context.Context, timeout time.Duration) error {
 	}
 	// The readiness probe of the manifest's calico-node container.
 	return n.poll(ctx, timeout, 200*time.Millisecond, "Felix ready", func(ctx context.Context) (bool, string, error) {
-		cmd := exec.CommandContext(ctx, "nsenter", "--net="+n.NetNS, "--mount="+n.nsPath("mnt"), "--pid="+n.nsPath("pid"), "--",
-			n.Bin["calico-node"], "-felix-ready")
+		cmd := n.nodeCmd(ctx, n.Bin["calico-node"], "-felix-ready")
 		cmd.Env = env
 		out, err := cmd.CombinedOutput()
 		if err != nil {
@@ -172,7 +170,7 @@ func (n *Node) installCalicoCRDs(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	var crds []byte
+	var crds [][]byte
 	for _, o := range objs {
 		if o.GetKind() != "CustomResourceDefinition" {
 			continue
@@ -181,14 +179,9 @@ func (n *Node) installCalicoCRDs(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		crds = append(append(crds, "---\n"...), j...)
-		crds = append(crds, '\n')
+		crds = append(crds, j)
 	}
-	file := filepath.Join(n.Dir, "calico-crds.yaml")
-	if err := os.WriteFile(file, crds, 0o644); err != nil {
-		return err
-	}
-	return n.Cluster.InstallCRDs(ctx, file)
+	return n.Cluster.InstallCRDManifests(ctx, crds...)
 }
 
 // installCalicoCNI does what the manifest's install-cni container does: the
@@ -255,11 +248,7 @@ func (n *Node) runOnce(ctx context.Context, name, bin string, env []string, args
 	}
 	defer func() { _ = f.Close() }()
 	_, _ = fmt.Fprintf(f, "==== %s %s\n", bin, strings.Join(args, " "))
-	nsArgs := []string{"--net=" + n.NetNS}
-	if n.initPid != 0 {
-		nsArgs = append(nsArgs, "--mount="+n.nsPath("mnt"), "--pid="+n.nsPath("pid"))
-	}
-	cmd := exec.CommandContext(ctx, "nsenter", append(append(nsArgs, "--", bin), args...)...)
+	cmd := n.nodeCmd(ctx, bin, args...)
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.Env = append([]string{"PATH=" + filepath.Dir(bin) + ":/usr/sbin:/usr/bin:/sbin:/bin", "HOME=" + n.Dir}, env...)
 	if err := cmd.Run(); err != nil {

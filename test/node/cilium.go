@@ -126,16 +126,11 @@ func (n *Node) ciliumConfig(ctx context.Context, moduleDir string, valuesFiles [
 	for _, v := range ciliumHarnessValues {
 		args = append(args, "--set", v)
 	}
-	cmd := exec.CommandContext(ctx, n.Bin["helm"], args...)
-	cmd.Env = append(os.Environ(), "HOME="+n.Dir)
-	out, err := cmd.Output()
+	out, err := n.Helm(ctx, args...)
 	if err != nil {
-		if ee, ok := err.(*exec.ExitError); ok {
-			err = fmt.Errorf("%w: %s", err, ee.Stderr)
-		}
 		return "", fmt.Errorf("helm template Cilium's chart: %w", err)
 	}
-	objs, err := cluster.Objects(out)
+	objs, err := cluster.Objects([]byte(out))
 	if err != nil {
 		return "", err
 	}

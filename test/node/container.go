@@ -223,10 +223,18 @@ func (n *Node) inContainer(cmd *exec.Cmd) *exec.Cmd {
 // (the node container's, or the machine's mount namespace for a node
 // without one) and returns its standard output.
 func (n *Node) InContainer(name string, args ...string) (string, error) {
-	if n.initPid == 0 {
-		return n.InNode(name, args...)
+	nsenter := n.nodeCmd(context.Background(), name, args...)
+	return run(nsenter.Path, nsenter.Args[1:]...)
+}
+
+// nodeCmd is name run in the node's network namespace and, in a node
+// container, its mount and PID namespaces, as the node's own processes run.
+func (n *Node) nodeCmd(ctx context.Context, name string, args ...string) *exec.Cmd {
+	ns := []string{"--net=" + n.NetNS}
+	if n.initPid != 0 {
+		ns = append(ns, "--mount="+n.nsPath("mnt"), "--pid="+n.nsPath("pid"))
 	}
-	return run("nsenter", append([]string{"--net=" + n.NetNS, "--mount=" + n.nsPath("mnt"), "--pid=" + n.nsPath("pid"), "--", name}, args...)...)
+	return exec.CommandContext(ctx, "nsenter", append(append(ns, "--", name), args...)...)
 }
 
 // pauseBinary builds test/node/pause once per machine (the pause image's

@@ -117,9 +117,15 @@ func copyFile(src, dst string, perm os.FileMode) error {
 
 // writeAtomic writes a file through a rename (containerd reloads on the
 // rename, never reading half a file).
-func writeAtomic(path string, data []byte) error {
+func writeAtomic(path string, data []byte) error { return writeAtomicMode(path, data, 0o644) }
+
+// writeAtomicMode is writeAtomic with a file mode.
+func writeAtomicMode(path string, data []byte, perm os.FileMode) error {
 	tmp := filepath.Join(filepath.Dir(path), fmt.Sprintf(".%s.tmp", filepath.Base(path)))
-	if err := os.WriteFile(tmp, data, 0o644); err != nil {
+	if err := os.WriteFile(tmp, data, perm); err != nil {
+		return err
+	}
+	if err := os.Chmod(tmp, perm); err != nil {
 		return err
 	}
 	return os.Rename(tmp, path)

@@ -1,8 +1,8 @@
 // Package node runs a real Kubernetes node for tests: etcd, kube-apiserver,
 // kube-controller-manager, kube-scheduler, containerd (with Debian's runc)
 // and kubelet, with Flannel (flanneld in kube-subnet-mgr mode, vxlan
-// backend, and its CNI plugin) as the primary CNI, or Calico with
-// kube-proxy (Options.Primary, calico.go). Every binary is built from a Go
+// backend, and its CNI plugin) as the primary CNI, or Calico or Cilium with
+// kube-proxy (Options.Primary, calico.go, cilium.go). Every binary is built from a Go
 // module by test/tools/build.sh.
 //
 // The node lives in a network namespace of its own, and everything it
@@ -22,8 +22,8 @@
 //
 //   - with Flannel, the kubernetes Service (10.96.0.1:443) is DNATed to the
 //     API server in the node namespace's nftables, the one rule kube-proxy
-//     would make for it (no kube-proxy runs); with Calico, kube-proxy runs
-//     and serves every Service;
+//     would make for it (no kube-proxy runs); with Calico and Cilium,
+//     kube-proxy runs and serves every Service;
 //
 //   - kubelet's pod cgroups are under a cgroup root of the node's own in
 //     every hierarchy (cgroup v1 here), removed on Stop; the kernel

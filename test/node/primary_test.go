@@ -343,26 +343,11 @@ func getFrom(t *testing.T, n *node.Node, from *corev1.Pod, ip string) string {
 	}
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Second)
 	defer cancel()
-	conn, err := proc.NetnsDialer(netns)(ctx, "tcp", net.JoinHostPort(ip, "8080"))
+	page, err := proc.HTTPGet(ctx, proc.NetnsDialer(netns), net.JoinHostPort(ip, "8080"))
 	if err != nil {
 		return ""
 	}
-	defer func() { _ = conn.Close() }()
-	_ = conn.SetDeadline(time.Now().Add(3 * time.Second))
-	if _, err := fmt.Fprintf(conn, "GET / HTTP/1.0\r\nHost: %s\r\n\r\n", ip); err != nil {
-		return ""
-	}
-	var b strings.Builder
-	buf := make([]byte, 4096)
-	for {
-		k, err := conn.Read(buf)
-		b.Write(buf[:k])
-		if err != nil {
-			break
-		}
-	}
-	_, page, _ := strings.Cut(b.String(), "\r\n\r\n")
-	return strings.TrimSpace(page)
+	return page
 }
 
 // waitRound waits for a round of the guest's probes (each round it pings

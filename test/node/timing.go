@@ -37,7 +37,7 @@ exit $rc
 func (n *Node) TimePlugins(names ...string) (*PluginTimer, error) {
 	pt := &PluginTimer{n: n, log: filepath.Join(n.Dir, "cni-times.log")}
 	for _, name := range names {
-		if err := pt.wrap(name); err != nil {
+		if err := pt.Wrap(name); err != nil {
 			_ = pt.Unwrap()
 			return nil, err
 		}
@@ -47,9 +47,7 @@ func (n *Node) TimePlugins(names ...string) (*PluginTimer, error) {
 
 // Wrap wraps one more plugin (one installed after TimePlugins, as the
 // vmnic shim by helm install).
-func (pt *PluginTimer) Wrap(name string) error { return pt.wrap(name) }
-
-func (pt *PluginTimer) wrap(name string) error {
+func (pt *PluginTimer) Wrap(name string) error {
 	bin := filepath.Join(pt.n.CNIBinDir, name)
 	if err := os.Rename(bin, bin+".timed"); err != nil {
 		return err
@@ -110,16 +108,4 @@ func (pt *PluginTimer) Calls() ([]PluginCall, error) {
 		calls = append(calls, c)
 	}
 	return calls, sc.Err()
-}
-
-// writeAtomicMode is writeAtomic with a file mode.
-func writeAtomicMode(path string, data []byte, perm os.FileMode) error {
-	tmp := filepath.Join(filepath.Dir(path), fmt.Sprintf(".%s.tmp", filepath.Base(path)))
-	if err := os.WriteFile(tmp, data, perm); err != nil {
-		return err
-	}
-	if err := os.Chmod(tmp, perm); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
 }

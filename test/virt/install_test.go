@@ -249,7 +249,7 @@ func (e *env) run(t testing.TB, vmi *kubevirtv1.VirtualMachineInstance, on *node
 func checkPorts(t testing.TB, netns, ip string) {
 	t.Helper()
 	get := func(port string) (string, error) {
-		return httpGet(t.Context(), proc.NetnsDialer(netns), net.JoinHostPort(ip, port))
+		return proc.HTTPGet(t.Context(), proc.NetnsDialer(netns), net.JoinHostPort(ip, port))
 	}
 	if got, err := get("8080"); err != nil || got != "guest 8080" {
 		t.Errorf("from the peer pod, the VM pod %s:8080 answered %q, %v; want the guest's \"guest 8080\"", ip, got, err)

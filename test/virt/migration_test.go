@@ -4,9 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"regexp"
 	"strings"
 	"testing"
@@ -17,6 +15,7 @@ import (
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/vmnic/vmnic/test/node"
+	"github.com/vmnic/vmnic/test/proc"
 	"github.com/vmnic/vmnic/test/virt"
 )
 
@@ -195,7 +194,7 @@ func answersAfter(ctx context.Context, m *migrant, vmi *kubevirtv1.VirtualMachin
 	var last error
 	for time.Now().Before(deadline) {
 		for _, addr := range m.targets(ctx) {
-			got, err := httpGet(ctx, m.dial, addr)
+			got, err := proc.HTTPGet(ctx, m.dial, addr)
 			if err == nil && got == "guest 8080" {
 				return nil
 			}
@@ -381,20 +380,4 @@ func launcherAddrs(ctx context.Context, n *node.Node, vmi *kubevirtv1.VirtualMac
 		}
 	}
 	return addrs
-}
-
-// httpGet asks addr for its page through dial, and returns the body.
-func httpGet(ctx context.Context, dial func(ctx context.Context, network, addr string) (net.Conn, error), addr string) (string, error) {
-	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: dial}}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/", nil)
-	if err != nil {
-		return "", err
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		return "", err
-	}
-	defer func() { _ = resp.Body.Close() }()
-	body, err := io.ReadAll(resp.Body)
-	return strings.TrimSpace(string(body)), err
 }
