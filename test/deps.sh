@@ -25,6 +25,7 @@ if [[ $what != demo ]]; then
     iptables # flanneld's masquerade rules, inside the real node's namespace
     ipset # Calico's Felix lists IP sets at its start, in nftables mode too
     clang-19 # the Cilium agent compiles its BPF programs on the node
+    syslinux syslinux-common mtools # the examples' containerDisk: a FAT disk that SYSLINUX boots
     mmdebstrap e2fsprogs # the node VM's root filesystem (test/nodevm/rootfs.sh)
   )
 fi

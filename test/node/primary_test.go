@@ -10,20 +10,22 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
-	"strings"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/vmnic/vmnic/test/cluster"
 	"github.com/vmnic/vmnic/test/guest"
 	"github.com/vmnic/vmnic/test/need"
 	"github.com/vmnic/vmnic/test/node"
 	"github.com/vmnic/vmnic/test/proc"
+	"github.com/vmnic/vmnic/test/virt"
 )
 
 // TestVmnicOnCalico runs the primary scenario (testPrimary) on Calico
@@ -59,18 +61,23 @@ type primaryCase struct {
 }
 
 // testPrimary puts vmnic on a node whose primary CNI is pc's, installed by
-// helm as users install it:
+// helm as users install it, beside the real KubeVirt, and applies pc's
+// example (deploy/examples) as shipped:
 //
 //   - install: vmnicd chains itself into the primary's conflist, which
 //     then is the example's but for the node's name and the kubeconfig's
 //     directory;
 //   - ordinary pod: its netns is what it is without vmnic;
-//   - VM pod: masquerade wiring on the primary's pod IP; the guest takes
-//     10.0.2.2 by DHCP and reaches a pod and a Service's ClusterIP;
-//   - NetworkPolicy: the primary's policy for the VM pod holds for the
-//     guest: ingress from a pod it allows reaches the guest, from one it
-//     does not the guest is not reached; egress the guest sends to a pod
-//     the policy does not allow is dropped;
+//   - the example's VM: kubevirt-binding.yaml and vm.yaml applied
+//     unchanged; KubeVirt starts it, its pod IP is the primary's, vmnic
+//     wires masquerade; the guest (booted from the containerDisk the
+//     example names, here virt.ExampleGuestScript's) takes 10.0.2.2 by
+//     DHCP, with a receive queue per vCPU when the example asks for a
+//     multiqueue NIC, and reaches a pod and a Service's ClusterIP;
+//   - NetworkPolicy on the VM's labels: ingress from a pod it allows
+//     reaches the guest, from one it does not the guest is not reached;
+//     egress the guest sends to a pod the policy does not allow is
+//     dropped;
 //   - uninstall: the primary's conflist is what it was, byte for byte; the
 //     VM keeps its network and new pods start.
 func testPrimary(t *testing.T, pc primaryCase) {
@@ -82,18 +89,33 @@ func testPrimary(t *testing.T, pc primaryCase) {
 		t.Fatal(err)
 	}
 	exampleDir := filepath.Join(root, "deploy", "examples", pc.example)
-	opts := node.Options{Container: true, Primary: pc.primary}
+	vmManifest, err := os.ReadFile(filepath.Join(exampleDir, "vm.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	vmSpec := exampleVM(t, vmManifest)
+	imgs, err := virt.BuildImages(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	disk, err := virt.BuildDiskImage(ctx, vmSpec.Spec.Template.Spec.Volumes[0].ContainerDisk.Image, virt.ExampleGuestScript)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := node.Options{Container: true, Primary: pc.primary, Aggregation: true}
 	if pc.ciliumValues != "" {
 		opts.CiliumValues = []string{filepath.Join(exampleDir, pc.ciliumValues)}
 	}
 	n := node.StartT(t, opts)
 	t.Logf("%s node Ready after %v", pc.primary, n.Timings["ready"].Round(time.Millisecond))
-	if err := n.Cluster.InstallKubeVirtCRDs(ctx); err != nil {
+	if err := n.ImportImage(disk.Archive); err != nil {
 		t.Fatal(err)
 	}
-	if err := n.LabelSchedulable(ctx); err != nil {
+	start := time.Now()
+	if err := virt.Install(ctx, imgs, virt.DefaultCR(), 10*time.Minute, n); err != nil {
 		t.Fatal(err)
 	}
+	t.Logf("KubeVirt Available %v after the install began", time.Since(start).Round(time.Millisecond))
 	img, err := node.BuildVmnicImage(ctx, t.TempDir(), "v1")
 	if err != nil {
 		t.Fatal(err)
@@ -103,11 +125,15 @@ func testPrimary(t *testing.T, pc primaryCase) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	_, podCIDR, err := net.ParseCIDR(node.ClusterCIDR)
+	if err != nil {
+		t.Fatal(err)
+	}
 	// Two pods the policies tell apart, and a Service in front of the
 	// first; "allowed" serves HTTP on 8080 in its netns.
 	allowed := startLabelledPod(ctx, t, n, "allowed", map[string]string{"role": "allowed"})
 	denied := startLabelledPod(ctx, t, n, "denied", map[string]string{"role": "denied"})
-	if !strings.HasPrefix(allowed.Status.PodIP, "10.244.") {
+	if !podCIDR.Contains(net.ParseIP(allowed.Status.PodIP)) {
 		t.Fatalf("pod IP %s: not from the primary's range %s", allowed.Status.PodIP, node.ClusterCIDR)
 	}
 	allowedNetns, err := n.PodNetns(allowed.Namespace, allowed.Name)
@@ -161,47 +187,77 @@ func testPrimary(t *testing.T, pc primaryCase) {
 		})
 	})
 
-	var vm *vmGuest
-	var vmPod *corev1.Pod
-	whole := t
-	t.Run("VM pod", func(t *testing.T) {
-		created, pod := createVMPod(ctx, t, n, "vm1")
-		if vmPod, err = n.WaitPodReady(ctx, pod.Namespace, pod.Name, 2*time.Minute); err != nil {
+	// The guest, asked from the allowed pod (which every policy here lets
+	// in): its page, and what it reaches.
+	var vmIP string
+	ask := func(t *testing.T, path string) string {
+		return getFrom(t, n, allowed, net.JoinHostPort(vmIP, "80")+path)
+	}
+	probes := func(t *testing.T, timeout time.Duration, wantAllowed, wantDenied, wantService string) {
+		t.Helper()
+		waitFor(ctx, t, timeout, fmt.Sprintf("the guest's probes: allowed %s, denied %s, Service %q", wantAllowed, wantDenied, wantService), func() (bool, string) {
+			a, d := ask(t, "/cgi-bin/ping?"+allowed.Status.PodIP), ask(t, "/cgi-bin/ping?"+denied.Status.PodIP)
+			s := ask(t, "/cgi-bin/get?"+net.JoinHostPort(svc.Spec.ClusterIP, "80"))
+			return a == wantAllowed && d == wantDenied && (wantService == "" || s == wantService),
+				fmt.Sprintf("allowed %q, denied %q, Service %q", a, d, s)
+		})
+	}
+	t.Run("VM", func(t *testing.T) {
+		for _, f := range []string{"kubevirt-binding.yaml", "vm.yaml"} {
+			data, err := os.ReadFile(filepath.Join(exampleDir, f))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := n.Cluster.Apply(ctx, data); err != nil {
+				t.Fatalf("apply %s: %v", f, err)
+			}
+		}
+		start := time.Now()
+		vmi, err := virt.WaitVMIRunning(ctx, n, "default", vmSpec.Name, 5*time.Minute)
+		if err != nil {
 			t.Fatal(err)
 		}
-		script := fmt.Sprintf(`
-udhcpc -i eth0 -q -f -n -t 10 -T 2 -O hostname || echo DHCP4-FAILED
-echo "ADDR4 $(ip -4 -o addr show dev eth0 | awk '{print $4}' | head -1)"
-mkdir -p /tmp/www && echo "guest 8080" > /tmp/www/index.html
-busybox httpd -p 8080 -h /tmp/www
-r=0
-while true; do
-	r=$((r+1))
-	a=FAILED; ping -c 1 -W 1 %[1]s >/dev/null 2>&1 && a=OK
-	d=FAILED; ping -c 1 -W 1 %[2]s >/dev/null 2>&1 && d=OK
-	s=FAILED; printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 2 %[3]s 80 2>/dev/null | grep -q "^pod allowed" && s=OK
-	echo "ROUND $r allowed=$a denied=$d service=$s"
-	sleep 0.5
-done
-`, allowed.Status.PodIP, denied.Status.PodIP, svc.Spec.ClusterIP)
-		vm = bootVM(ctx, t, n, created, vmPod, script)
-		// It runs on through the policies and the uninstall.
-		whole.Cleanup(vm.guest.Kill)
-		if _, err := vm.guest.WaitFor(ctx, regexp.MustCompile(`^ADDR4 10\.0\.2\.2/24`)); err != nil {
-			t.Fatalf("the guest did not take 10.0.2.2 by DHCP: %v", err)
+		t.Logf("VMI %s Running %v after the VM was applied", vmi.Name, time.Since(start).Round(time.Millisecond))
+		launcher, err := virt.LauncherPod(ctx, n, vmi)
+		if err != nil {
+			t.Fatal(err)
 		}
-		waitRound(ctx, t, vm.guest, "OK", "OK", "OK", time.Minute)
+		vmIP = launcher.Status.PodIP
+		if !podCIDR.Contains(net.ParseIP(vmIP)) {
+			t.Fatalf("VM pod IP %s: not from the primary's range %s", vmIP, node.ClusterCIDR)
+		}
+		m, err := virt.WaitConsole(ctx, n, vmi, regexp.MustCompile(`^ADDR4 eth0 ?(\S*)`), 3*time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m[1] != "10.0.2.2/24" {
+			t.Fatalf("guest address %q, want 10.0.2.2/24 from vmnic's DHCP", m[1])
+		}
+		queues := 1
+		if d := vmSpec.Spec.Template.Spec.Domain; d.Devices.NetworkInterfaceMultiQueue != nil && *d.Devices.NetworkInterfaceMultiQueue {
+			queues = int(d.CPU.Cores)
+		}
+		if m, err = virt.WaitConsole(ctx, n, vmi, regexp.MustCompile(`^QUEUES eth0 (\d+)`), time.Minute); err != nil {
+			t.Fatal(err)
+		}
+		if m[1] != fmt.Sprint(queues) {
+			t.Errorf("the guest's NIC has %s receive queues, want %d", m[1], queues)
+		}
+		if _, err = virt.WaitConsole(ctx, n, vmi, regexp.MustCompile(`^SERVING`), time.Minute); err != nil {
+			t.Fatal(err)
+		}
+		probes(t, time.Minute, "OK", "OK", "pod allowed")
 	})
-	if t.Failed() || vm == nil {
+	if t.Failed() || vmIP == "" {
 		return
 	}
 
 	t.Run("NetworkPolicy", func(t *testing.T) {
-		sel := metav1.LabelSelector{MatchLabels: map[string]string{"kubevirt.io/created-by": vmPod.Labels["kubevirt.io/created-by"]}}
+		sel := metav1.LabelSelector{MatchLabels: vmSpec.Spec.Template.ObjectMeta.Labels}
 		fromAllowed := []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"role": "allowed"}}}}
 		// Before any policy both pods reach the guest.
 		for _, p := range []*corev1.Pod{allowed, denied} {
-			if got := getFrom(t, n, p, vmPod.Status.PodIP); got != "guest 8080" {
+			if got := getFrom(t, n, p, net.JoinHostPort(vmIP, "80")); got != "guest 80" {
 				t.Fatalf("without a policy, pod %s gets %q from the guest", p.Name, got)
 			}
 		}
@@ -217,11 +273,11 @@ done
 			t.Fatal(err)
 		}
 		waitFor(ctx, t, 30*time.Second, "the ingress policy enforced", func() (bool, string) {
-			got := getFrom(t, n, denied, vmPod.Status.PodIP)
+			got := getFrom(t, n, denied, net.JoinHostPort(vmIP, "80"))
 			return got == "", fmt.Sprintf("pod denied still gets %q from the guest", got)
 		})
-		if got := getFrom(t, n, allowed, vmPod.Status.PodIP); got != "guest 8080" {
-			t.Errorf("under the ingress policy, pod allowed gets %q from the guest; want \"guest 8080\"", got)
+		if got := ask(t, ""); got != "guest 80" {
+			t.Errorf("under the ingress policy, pod allowed gets %q from the guest; want \"guest 80\"", got)
 		}
 		egress := &networkingv1.NetworkPolicy{
 			ObjectMeta: metav1.ObjectMeta{Name: "vm-egress"},
@@ -237,11 +293,11 @@ done
 		// Whether the Service, whose backend is the allowed pod, passes
 		// depends on where the primary applies policy, before or after
 		// kube-proxy's DNAT: not checked.
-		waitRound(ctx, t, vm.guest, "OK", "FAILED", `\w+`, 30*time.Second)
+		probes(t, 30*time.Second, "OK", "FAILED", "")
 		if err := n.Kube.NetworkingV1().NetworkPolicies("default").Delete(ctx, egress.Name, metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
 		}
-		waitRound(ctx, t, vm.guest, "OK", "OK", "OK", 30*time.Second)
+		probes(t, 30*time.Second, "OK", "OK", "pod allowed")
 	})
 
 	t.Run("uninstall", func(t *testing.T) {
@@ -257,12 +313,26 @@ done
 		})
 		// The VM keeps its network: the guest still reaches the pods and
 		// the Service, and the allowed pod still reaches the guest.
-		waitRound(ctx, t, vm.guest, "OK", "OK", "OK", 30*time.Second)
-		if got := getFrom(t, n, allowed, vmPod.Status.PodIP); got != "guest 8080" {
-			t.Errorf("after the uninstall, pod allowed gets %q from the guest", got)
-		}
+		probes(t, 30*time.Second, "OK", "OK", "pod allowed")
 		startPlainPod(ctx, t, n, "plain-uninstalled")
 	})
+}
+
+// exampleVM decodes an example's vm.yaml.
+func exampleVM(t *testing.T, manifest []byte) *kubevirtv1.VirtualMachine {
+	t.Helper()
+	objs, err := cluster.Objects(manifest)
+	if err != nil || len(objs) != 1 || objs[0].GetKind() != "VirtualMachine" {
+		t.Fatalf("vm.yaml: want one VirtualMachine: %d objects, %v", len(objs), err)
+	}
+	vm := &kubevirtv1.VirtualMachine{}
+	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(objs[0].Object, vm); err != nil {
+		t.Fatal(err)
+	}
+	if vm.Spec.Template == nil || len(vm.Spec.Template.Spec.Volumes) == 0 || vm.Spec.Template.Spec.Volumes[0].ContainerDisk == nil {
+		t.Fatal("vm.yaml: its first volume is not a containerDisk")
+	}
+	return vm
 }
 
 // conflistDiff compares the chained conflist on the node with the
@@ -333,32 +403,20 @@ func serveHTTP(t *testing.T, n *node.Node, netns string, port int, body string) 
 	t.Cleanup(p.Kill)
 }
 
-// getFrom fetches http://ip:8080/ from the pod's network namespace and
-// returns the page, or "" when nothing answered within 3 s.
-func getFrom(t *testing.T, n *node.Node, from *corev1.Pod, ip string) string {
+// getFrom fetches http://addr (host:port, or host:port/path) from the
+// pod's network namespace and returns the page, or "" when nothing
+// answered within 5 s.
+func getFrom(t *testing.T, n *node.Node, from *corev1.Pod, addr string) string {
 	t.Helper()
 	netns, err := n.PodNetns(from.Namespace, from.Name)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Second)
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
 	defer cancel()
-	page, err := proc.HTTPGet(ctx, proc.NetnsDialer(netns), net.JoinHostPort(ip, "8080"))
+	page, err := proc.HTTPGet(ctx, proc.NetnsDialer(netns), addr)
 	if err != nil {
 		return ""
 	}
 	return page
-}
-
-// waitRound waits for a round of the guest's probes (each round it pings
-// the pods allowed and denied and fetches the Service's page) with these
-// outcomes (regular expressions).
-func waitRound(ctx context.Context, t testing.TB, g *guest.Guest, allowed, denied, service string, timeout time.Duration) {
-	t.Helper()
-	want := regexp.MustCompile(fmt.Sprintf(`^ROUND \d+ allowed=%s denied=%s service=%s`, allowed, denied, service))
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	if _, err := g.WaitFor(ctx, want); err != nil {
-		t.Fatalf("no round of the guest's probes with allowed=%s denied=%s service=%s: %v", allowed, denied, service, err)
-	}
 }

@@ -251,11 +251,14 @@ func FreePorts(n int) ([]int, error) {
 	return ports, nil
 }
 
-// HTTPGet asks addr for its page through dial (NetnsDialer of the
-// namespace to ask from), and returns the body.
+// HTTPGet asks addr (host:port, or host:port/path) for its page through
+// dial (NetnsDialer of the namespace to ask from), and returns the body.
 func HTTPGet(ctx context.Context, dial func(ctx context.Context, network, addr string) (net.Conn, error), addr string) (string, error) {
 	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: dial}}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/", nil)
+	if !strings.Contains(addr, "/") {
+		addr += "/"
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr, nil)
 	if err != nil {
 		return "", err
 	}

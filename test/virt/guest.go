@@ -11,7 +11,6 @@ import (
 	"io"
 	"math"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -120,14 +119,8 @@ func BuildGuestImage(ctx context.Context) (*GuestImage, error) {
 		return gi, nil
 	}
 	df := "FROM scratch\nCOPY vmlinuz " + GuestKernelPath + "\nCOPY initrd.img " + GuestInitrdPath + "\n"
-	if err := os.WriteFile(filepath.Join(ctxDir, "Dockerfile"), []byte(df), 0o644); err != nil {
-		return nil, err
-	}
-	cmd := exec.CommandContext(ctx, "bash", filepath.Join(root, "deploy", "image", "build.sh"),
-		"-n", "vmnic.test/guest", "-t", tag, "-c", ctxDir, "-f", filepath.Join(ctxDir, "Dockerfile"), "-o", gi.Archive)
-	cmd.Dir = root
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("build the guest image: %w: %s", err, out)
+	if err := buildImage(ctx, root, "vmnic.test/guest", tag, ctxDir, df, gi.Archive); err != nil {
+		return nil, fmt.Errorf("build the guest image: %w", err)
 	}
 	return gi, nil
 }
