@@ -217,6 +217,11 @@ type Status struct {
 	Bridges []BridgeStatus
 }
 
+// DatapathNetdev is the datapath_type of a bridge on Open vSwitch's
+// userspace datapath (DPDK, AF_XDP, or no kernel module); "" and "system"
+// are the kernel's.
+const DatapathNetdev = "netdev"
+
 // BridgeStatus is one bridge in Status.
 type BridgeStatus struct {
 	Name         string

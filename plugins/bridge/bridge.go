@@ -279,7 +279,8 @@ func (p *Plugin) Add(ctx context.Context, key string, s *Spec, save func() error
 	if err != nil {
 		return types.NewError(types.ErrTryAgainLater, fmt.Sprintf("ovsdbSocket: OVS database %s unreachable: %v", s.OVSDB, err), "")
 	}
-	if lerr := bridgeExists(ctx, client, s.OVSBridge); lerr != nil {
+	datapath, lerr := bridgeDatapath(ctx, client, s.OVSBridge)
+	if lerr != nil {
 		return lerr
 	}
 
@@ -307,6 +308,16 @@ func (p *Plugin) Add(ctx context.Context, key string, s *Spec, save func() error
 	defer closeHost()
 	if err = p.addVeth(hostH, podH, s); err != nil {
 		return err
+	}
+	if datapath == ovsdb.DatapathNetdev {
+		// OVS's userspace datapath forwards what the pod sends (the
+		// guest's too, through the tap) with the checksum the kernel
+		// left to the receiver unfilled: TCP and UDP would be dropped
+		// by every receiver. The kernel fills them in when the link
+		// does not offload them.
+		if err = podnet.SetTxChecksum(s.Netns, s.podEnd(), false); err != nil {
+			return fmt.Errorf("bridge %s has the userspace datapath: %w", s.OVSBridge, err)
+		}
 	}
 	if err = step("veth"); err != nil {
 		return err
@@ -341,17 +352,20 @@ func (p *Plugin) Add(ctx context.Context, key string, s *Spec, save func() error
 	return step("dhcp")
 }
 
-func bridgeExists(ctx context.Context, c *ovsdb.Client, name string) error {
+// bridgeDatapath returns the datapath type of the OVS bridge name ("" or
+// "system": the kernel's; "netdev": the userspace one), or a CNI error
+// when the bridge does not exist.
+func bridgeDatapath(ctx context.Context, c *ovsdb.Client, name string) (string, error) {
 	brs, err := c.Bridges(ctx)
 	if err != nil {
-		return types.NewError(types.ErrTryAgainLater, fmt.Sprintf("list OVS bridges: %v", err), "")
+		return "", types.NewError(types.ErrTryAgainLater, fmt.Sprintf("list OVS bridges: %v", err), "")
 	}
 	for _, b := range brs {
 		if b.Name == name {
-			return nil
+			return b.DatapathType, nil
 		}
 	}
-	return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("bridge: OVS bridge %q does not exist on this node", name), "")
+	return "", types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("bridge: OVS bridge %q does not exist on this node", name), "")
 }
 
 func portError(s *Spec, err error) error {

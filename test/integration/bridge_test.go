@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -22,6 +23,8 @@ import (
 
 	"github.com/vmnic/vmnic/daemon"
 	"github.com/vmnic/vmnic/pkg/kubevirt"
+	"github.com/vmnic/vmnic/pkg/ovsdb"
+	"github.com/vmnic/vmnic/pkg/podnet"
 	"github.com/vmnic/vmnic/pkg/state"
 	"github.com/vmnic/vmnic/plugins/bridge"
 	"github.com/vmnic/vmnic/test/cluster"
@@ -245,6 +248,48 @@ func assertResultMACs(t testing.TB, p *harness.Pod, r *current.Result) {
 	}
 }
 
+// tcpFrom connects from pod from to a listener in pod to at ip and echoes
+// a line through it.
+func tcpFrom(from, to *harness.Pod, ip string) error {
+	var ln net.Listener
+	if err := to.NS.Do(func(ns.NetNS) error {
+		var err error
+		ln, err = net.Listen("tcp4", net.JoinHostPort(ip, "0"))
+		return err
+	}); err != nil {
+		return err
+	}
+	defer func() { _ = ln.Close() }()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer func() { _ = c.Close() }()
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		_, _ = io.Copy(c, c)
+	}()
+	var c net.Conn
+	if err := from.NS.Do(func(ns.NetNS) error {
+		var err error
+		c, err = (&net.Dialer{Timeout: 3 * time.Second}).Dial("tcp4", ln.Addr().String())
+		return err
+	}); err != nil {
+		return err
+	}
+	defer func() { _ = c.Close() }()
+	_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+	const line = "vmnic bridge port\n"
+	if _, err := io.WriteString(c, line); err != nil {
+		return err
+	}
+	buf := make([]byte, len(line))
+	if _, err := io.ReadFull(c, buf); err != nil {
+		return fmt.Errorf("echo: %w", err)
+	}
+	return nil
+}
+
 func pingFrom(p *harness.Pod, ip string) error {
 	out, err := exec.Command("nsenter", "--net="+p.NS.Path(), "ping", "-c", "2", "-i", "0.2", "-W", "1", ip).CombinedOutput()
 	if err != nil {
@@ -315,6 +360,19 @@ func TestBridgePlainPods(t *testing.T) {
 
 	if err := pingFrom(a1, ip4(r2)); err != nil {
 		t.Errorf("same VLAN: a1 cannot reach a2 (%s): %v", ip4(r2), err)
+	}
+	// TCP too: on the userspace datapath it needs the checksums the
+	// kernel leaves to the receiver filled in, and vmnic turns the pod
+	// end's transmit checksumming off for it (on the kernel's it stays).
+	if err := tcpFrom(a1, a2, ip4(r2)); err != nil {
+		t.Errorf("same VLAN: TCP from a1 to a2 (%s): %v", ip4(r2), err)
+	}
+	datapath, err := ovs.Datapath()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if on, err := podnet.TxChecksum(a1.NS.Path(), "net1"); err != nil || on != (datapath != ovsdb.DatapathNetdev) {
+		t.Errorf("pod end of a1 on the %s datapath: tx-checksumming %t (%v)", datapath, on, err)
 	}
 	if err := pingFrom(a1, ip4(rb)); err == nil {
 		t.Errorf("VLAN 100 reached VLAN 200 (%s)", ip4(rb))
