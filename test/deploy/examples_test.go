@@ -504,6 +504,10 @@ func checkVM(obj *unstructured.Unstructured, pools map[string]int64, networks ma
 	defaultNAD := vm.Spec.Template.ObjectMeta.Annotations[multusDefaultNetwork]
 	if _, name, ok := strings.Cut(defaultNAD, "/"); ok {
 		defaultNAD = name
+	} else if defaultNAD != "" {
+		// Multus resolves a name without a namespace in its own
+		// namespace (kube-system), not the pod's.
+		errs = append(errs, fmt.Errorf("%s %q: give the NetworkAttachmentDefinition's namespace (NAMESPACE/NAME); Multus looks a bare name up in kube-system", multusDefaultNetwork, defaultNAD))
 	}
 	for _, n := range spec.Networks {
 		nets[n.Name] = n
