@@ -33,7 +33,7 @@ demo: ## local demo: wire a VM NIC with vmnic masquerade and boot a real guest o
 	echo "demo: packages and build ready in $$(( $$(date +%s) - start ))s"
 	$(BIN)/demo
 
-test: deps build vet lint ## the whole suite (as root): vet, format, lint, unit, integration, guest, cluster, a real node (containerd, kubelet, Flannel, Multus; Calico and Cilium with kube-proxy), the real KubeVirt on two nodes, bounded fuzzing, then the node VM (Debian's kernel: passt over ipvlan, a VLAN underlay, the OVS kernel datapath)
+test: deps build vet lint ## the whole suite (as root): vet, format, lint, unit, integration, guest, cluster, a real node (containerd, kubelet, Flannel, Multus; Calico and Cilium with kube-proxy and the real KubeVirt running the examples' VMs), the real KubeVirt on two nodes (every Flannel and Multus example applied as shipped), bounded fuzzing, then the node VM (Debian's kernel: passt over ipvlan, a VLAN underlay, the OVS kernel datapath)
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
 	FUZZTIME=5s bash test/fuzz.sh
 	@# test/watch waits ten minutes and test/virt (two nodes, KubeVirt, emulated guests that migrate) loads

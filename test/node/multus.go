@@ -222,6 +222,9 @@ func (n *Node) InstallMultus(ctx context.Context, more ...*Node) error {
 // multusContainerPaths are the node paths Multus' container mounts in node
 // containers, each at its own path: the CNI and netns directories and
 // Multus' socket directory (/run/node), Flannel's directory, vmnic's shim
-// socket and DEL spool at the chart's defaults, and the Spiderpool agent's
-// socket directory (for the IPAM of an underlay plugin Multus runs).
-var multusContainerPaths = []string{"/run/node", "/run/flannel", "/run/vmnic", "/var/lib/vmnic", "/var/run/spidernet"}
+// socket and DEL spool at the chart's defaults, the Spiderpool agent's
+// socket directory (for the IPAM of an underlay plugin Multus runs), and
+// kubelet's directory, as upstream's DaemonSet mounts it: Multus asks
+// kubelet's pod-resources socket there for the devices of a network whose
+// NetworkAttachmentDefinition names a resource (k8s.v1.cni.cncf.io/resourceName).
+var multusContainerPaths = []string{"/run/node", "/run/flannel", "/run/vmnic", "/var/lib/vmnic", "/var/run/spidernet", "/var/lib/kubelet"}

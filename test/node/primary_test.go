@@ -16,9 +16,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/intstr"
-	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/vmnic/vmnic/test/cluster"
 	"github.com/vmnic/vmnic/test/guest"
@@ -89,11 +87,10 @@ func testPrimary(t *testing.T, pc primaryCase) {
 		t.Fatal(err)
 	}
 	exampleDir := filepath.Join(root, "deploy", "examples", pc.example)
-	vmManifest, err := os.ReadFile(filepath.Join(exampleDir, "vm.yaml"))
+	vmSpec, err := virt.ExampleVM(filepath.Join(exampleDir, "vm.yaml"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	vmSpec := exampleVM(t, vmManifest)
 	imgs, err := virt.BuildImages(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -316,23 +313,6 @@ func testPrimary(t *testing.T, pc primaryCase) {
 		probes(t, 30*time.Second, "OK", "OK", "pod allowed")
 		startPlainPod(ctx, t, n, "plain-uninstalled")
 	})
-}
-
-// exampleVM decodes an example's vm.yaml.
-func exampleVM(t *testing.T, manifest []byte) *kubevirtv1.VirtualMachine {
-	t.Helper()
-	objs, err := cluster.Objects(manifest)
-	if err != nil || len(objs) != 1 || objs[0].GetKind() != "VirtualMachine" {
-		t.Fatalf("vm.yaml: want one VirtualMachine: %d objects, %v", len(objs), err)
-	}
-	vm := &kubevirtv1.VirtualMachine{}
-	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(objs[0].Object, vm); err != nil {
-		t.Fatal(err)
-	}
-	if vm.Spec.Template == nil || len(vm.Spec.Template.Spec.Volumes) == 0 || vm.Spec.Template.Spec.Volumes[0].ContainerDisk == nil {
-		t.Fatal("vm.yaml: its first volume is not a containerDisk")
-	}
-	return vm
 }
 
 // conflistDiff compares the chained conflist on the node with the

@@ -111,10 +111,11 @@ func (e *env) secondary(t testing.TB) {
 	for _, s := range secondaries {
 		e.network(t, s.nad, s.subnet, s.ips, "", map[string]any{"type": "vmnic", "mode": "bridge", "bridge": s.bridge})
 	}
-	// The passt network, as SpiderMultusConfig makes it for
-	// deploy/examples/passt-macvlan: macvlan with Spiderpool's IPAM, vmnic
-	// chained after it in passt mode. passt takes the guest's default
-	// gateway from the pod's default route: the pool has one.
+	// The passt network: macvlan with Spiderpool's IPAM, vmnic chained
+	// after it in passt mode, written without Spiderpool's coordinator
+	// (the Examples subtest runs deploy/examples/passt-macvlan's, which
+	// spiderpool-controller makes with it). passt takes the guest's
+	// default gateway from the pod's default route: the pool has one.
 	e.network(t, passtNAD, passtSubnet, passtIPs, passtGateway,
 		map[string]any{"type": "macvlan", "master": passtUplink, "mode": "bridge"},
 		map[string]any{"type": "vmnic", "mode": "passt"})

@@ -12,6 +12,9 @@ import (
 	"path/filepath"
 	"strings"
 
+	"k8s.io/apimachinery/pkg/runtime"
+	kubevirtv1 "kubevirt.io/api/core/v1"
+
 	"github.com/vmnic/vmnic/test/cluster"
 	"github.com/vmnic/vmnic/test/guest"
 )
@@ -194,4 +197,28 @@ func padDiskCRC32(path string) error {
 		err = cerr
 	}
 	return err
+}
+
+// ExampleVM reads an example's vm.yaml: one VirtualMachine whose first
+// volume is the containerDisk it boots.
+func ExampleVM(path string) (*kubevirtv1.VirtualMachine, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	objs, err := cluster.Objects(data)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if len(objs) != 1 || objs[0].GetKind() != "VirtualMachine" {
+		return nil, fmt.Errorf("%s: want one VirtualMachine, got %d objects", path, len(objs))
+	}
+	vm := &kubevirtv1.VirtualMachine{}
+	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(objs[0].Object, vm); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if vm.Spec.Template == nil || len(vm.Spec.Template.Spec.Volumes) == 0 || vm.Spec.Template.Spec.Volumes[0].ContainerDisk == nil {
+		return nil, fmt.Errorf("%s: its first volume is not a containerDisk", path)
+	}
+	return vm, nil
 }

@@ -49,6 +49,7 @@ func TestRealKubeVirt(t *testing.T) {
 	t.Run("Passt", subtest(e.passt))
 	t.Run("StopStart", e.stopStart)
 	t.Run("Migration", e.migration)
+	t.Run("Examples", e.examples)
 }
 
 // subtest runs a part the benchmark shares as a subtest.

@@ -18,13 +18,16 @@ import (
 )
 
 // The passt network: a macvlan underlay on a cable between the nodes
-// (passtUplink, each node's macvlan parent), Spiderpool's pool on it.
+// (passtUplink, each node's macvlan parent), Spiderpool's pool on it. Its
+// subnet and names are none of deploy/examples' (passt-macvlan, which the
+// Examples subtest applies beside it on a cable of its own, eth1).
 const (
-	passtNAD     = "macvlan-passt"
+	passtNAD     = "passt-underlay"
 	passtUplink  = "up-macvlan"
-	passtSubnet  = "172.16.10.0/24"
-	passtIPs     = "172.16.10.100-172.16.10.199"
-	passtGateway = "172.16.10.1"
+	passtSubnet  = "172.16.30.0/24"
+	passtIPs     = "172.16.30.100-172.16.30.199"
+	passtGateway = "172.16.30.1"
+	passtPrefix  = "172.16.30."
 )
 
 // defaultNetwork is Multus' annotation that replaces a pod's cluster
@@ -53,7 +56,7 @@ func (e *env) passt(t testing.TB) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.HasPrefix(launcher.Status.PodIP, "172.16.10.") {
+	if !strings.HasPrefix(launcher.Status.PodIP, passtPrefix) {
 		t.Fatalf("the launcher pod's IP %s is not on the underlay %s", launcher.Status.PodIP, passtSubnet)
 	}
 	m, err := virt.WaitConsole(ctx, e.a, running, regexp.MustCompile(`^ADDR4 eth0 ?(\S*)`), 3*time.Minute)
@@ -101,7 +104,7 @@ func (e *env) underlayPod(t testing.TB, name string, on *node.Node) *corev1.Pod 
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.HasPrefix(p.Status.PodIP, "172.16.10.") {
+	if !strings.HasPrefix(p.Status.PodIP, passtPrefix) {
 		t.Fatalf("pod %s's IP %s is not on the underlay %s", name, p.Status.PodIP, passtSubnet)
 	}
 	return p

@@ -17,10 +17,10 @@
 #     /etc/passwd, user 1001, as KubeVirt's own images;
 #   - virt-launcher: a Debian trixie root filesystem (mmdebstrap, the mirror
 #     taken from this machine's apt sources at run time) with libvirt 11.3,
-#     QEMU 10.0 and passt 2025 (with passt-repair), KubeVirt's launcher
-#     binaries, its libvirt and QEMU configuration, the qemu user and group
-#     107, /var/run -> ../run and the capability on virt-launcher-monitor,
-#     as KubeVirt's image has them. Debian ships libvirt's monolithic libvirtd
+#     QEMU 10.0 and passt 2025 (with passt-repair), xorriso (the cloud-init
+#     NoCloud ISO of a VM), KubeVirt's launcher binaries, its libvirt and
+#     QEMU configuration, the qemu user and group 107, /var/run -> ../run and
+#     the capability on virt-launcher-monitor, as KubeVirt's image has them. Debian ships libvirt's monolithic libvirtd
 #     and no virtqemud: /usr/sbin/virtqemud is a wrapper that starts libvirtd
 #     and links libvirtd's socket under virtqemud's name (see below);
 #   - virt-handler: the same root filesystem (nft, iptables, ip, passt-repair,
@@ -46,6 +46,7 @@ src=$(cd "$here" && go list -m -f '{{.Dir}}' kubevirt.io/kubevirt)
 pkgs=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-log libvirt-clients
   qemu-system-x86 qemu-utils passt
+  xorriso # xorrisofs: virt-launcher writes a VM's cloud-init NoCloud ISO with it
   nftables iptables iproute2 procps util-linux findutils tar
 )
 
@@ -116,8 +117,8 @@ mmdebstrap --quiet --variant=essential --include="$(IFS=,; echo "${pkgs[*]}")" \
   --dpkgopt='path-exclude=/usr/share/locale/*' \
   --essential-hook='echo "qemu:x:107:107:qemu user:/home/qemu:/bin/bash" >>"$1/etc/passwd"; echo "qemu:x:107:" >>"$1/etc/group"; mkdir -p "$1/home/qemu"; chown 107:107 "$1/home/qemu"' \
   trixie "$rootfs" "deb $mirror trixie main" >&2
-chroot "$rootfs" sh -c 'test -x /usr/sbin/libvirtd && test -x /usr/bin/qemu-system-x86_64 && test -x /usr/bin/passt && test -x /usr/bin/passt-repair' ||
-  { echo "kubevirt images: the trixie root filesystem lacks libvirtd, QEMU or passt" >&2; exit 1; }
+chroot "$rootfs" sh -c 'test -x /usr/sbin/libvirtd && test -x /usr/bin/qemu-system-x86_64 && test -x /usr/bin/passt && test -x /usr/bin/passt-repair && test -x /usr/bin/xorrisofs' ||
+  { echo "kubevirt images: the trixie root filesystem lacks libvirtd, QEMU, passt or xorrisofs" >&2; exit 1; }
 rm -rf "$rootfs"/var/cache/apt/* "$rootfs"/var/lib/apt/lists/*
 
 # commit NAME DIR [buildah config flags...]: DIR as the image's one layer
