@@ -5,8 +5,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"hash/crc32"
-	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -76,23 +74,12 @@ func BuildDiskImage(ctx context.Context, ref, script string) (*DiskImage, error)
 			return nil, fmt.Errorf("%s (Debian: syslinux, mtools; make deps installs them): %w", tool, err)
 		}
 	}
-	root, err := cluster.RepoRoot()
-	if err != nil {
-		return nil, err
-	}
-	img, err := guest.Build(filepath.Join(root, ".tools", "kubevirt", "guest"))
-	if err != nil {
-		return nil, err
-	}
-	ctxDir, err := os.MkdirTemp("", "vmnic-disk-image-")
+	root, img, ctxDir, err := stageGuest("vmnic-disk-image-", script)
 	if err != nil {
 		return nil, err
 	}
 	defer func() { _ = os.RemoveAll(ctxDir) }()
 	initrd := filepath.Join(ctxDir, "initrd.img")
-	if err = img.Initramfs(initrd, script); err != nil {
-		return nil, err
-	}
 	cfg := "DEFAULT guest\nPROMPT 0\nTIMEOUT 0\nLABEL guest\n  KERNEL /vmlinuz\n  INITRD /initrd.img\n  APPEND " + guest.KernelArgs + "\n"
 	h := sha256.New()
 	for _, f := range []string{img.Kernel, initrd} {
@@ -113,15 +100,10 @@ func BuildDiskImage(ctx context.Context, ref, script string) (*DiskImage, error)
 	if err = os.WriteFile(filepath.Join(ctxDir, "syslinux.cfg"), []byte(cfg), 0o644); err != nil {
 		return nil, err
 	}
-	f, err := os.Create(disk)
-	if err != nil {
+	if err = os.WriteFile(disk, nil, 0o644); err != nil {
 		return nil, err
 	}
-	err = f.Truncate(32 << 20)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
+	if err = os.Truncate(disk, 32<<20); err != nil {
 		return nil, err
 	}
 	steps := [][]string{
@@ -138,11 +120,6 @@ func BuildDiskImage(ctx context.Context, ref, script string) (*DiskImage, error)
 	}
 	if err := padDiskCRC32(disk); err != nil {
 		return nil, err
-	}
-	for _, f := range []string{initrd, filepath.Join(ctxDir, "syslinux.cfg")} {
-		if err := os.Remove(f); err != nil {
-			return nil, err
-		}
 	}
 	colon := strings.LastIndex(ref, ":")
 	name, tag := ref[:max(colon, 0)], ref[colon+1:]
@@ -171,32 +148,13 @@ func buildImage(ctx context.Context, root, name, tag, ctxDir, dockerfile, archiv
 	return nil
 }
 
-// padDiskCRC32 appends zeroed sectors to the disk until its CRC-32 fits in
-// an int32: virt-handler records a containerDisk's CRC-32 in the VMI's
-// status as it does a kernelBoot image's (see padCRC32). The file system
-// ends before them.
+// padDiskCRC32 pads the disk at path with zeroed sectors (padCRC32).
 func padDiskCRC32(path string) error {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return err
 	}
-	sector := make([]byte, 512)
-	crc, n := crc32.ChecksumIEEE(data), 0
-	for ; crc > math.MaxInt32; n++ {
-		crc = crc32.Update(crc, crc32.IEEETable, sector)
-	}
-	if n == 0 {
-		return nil
-	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(make([]byte, 512*n))
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
+	return os.WriteFile(path, padCRC32(data, 512), 0o644)
 }
 
 // ExampleVM reads an example's vm.yaml: one VirtualMachine whose first

@@ -78,23 +78,11 @@ const (
 // BuildGuestImage builds the guest image (once per kernel, initramfs and
 // script: its tag is their hash) under .tools/kubevirt/guest.
 func BuildGuestImage(ctx context.Context) (*GuestImage, error) {
-	root, err := cluster.RepoRoot()
-	if err != nil {
-		return nil, err
-	}
-	base := filepath.Join(root, ".tools", "kubevirt", "guest")
-	img, err := guest.Build(base)
-	if err != nil {
-		return nil, err
-	}
-	ctxDir, err := os.MkdirTemp("", "vmnic-guest-image-")
+	root, img, ctxDir, err := stageGuest("vmnic-guest-image-", GuestScript)
 	if err != nil {
 		return nil, err
 	}
 	defer func() { _ = os.RemoveAll(ctxDir) }()
-	if err = img.Initramfs(filepath.Join(ctxDir, "initrd.img"), GuestScript); err != nil {
-		return nil, err
-	}
 	kernel, err := os.ReadFile(img.Kernel)
 	if err != nil {
 		return nil, err
@@ -103,7 +91,7 @@ func BuildGuestImage(ctx context.Context) (*GuestImage, error) {
 	if err != nil {
 		return nil, err
 	}
-	kernel, initrd = padCRC32(kernel), padCRC32(initrd)
+	kernel, initrd = padCRC32(kernel, 1), padCRC32(initrd, 1)
 	if err := os.WriteFile(filepath.Join(ctxDir, "vmlinuz"), kernel, 0o644); err != nil {
 		return nil, err
 	}
@@ -114,7 +102,7 @@ func BuildGuestImage(ctx context.Context) (*GuestImage, error) {
 	h.Write(kernel)
 	h.Write(initrd)
 	tag := hex.EncodeToString(h.Sum(nil))[:12]
-	gi := &GuestImage{Ref: "vmnic.test/guest:" + tag, Archive: filepath.Join(base, "guest-"+tag+".tar")}
+	gi := &GuestImage{Ref: "vmnic.test/guest:" + tag, Archive: filepath.Join(root, ".tools", "kubevirt", "guest", "guest-"+tag+".tar")}
 	if _, err := os.Stat(gi.Archive); err == nil {
 		return gi, nil
 	}
@@ -125,18 +113,41 @@ func BuildGuestImage(ctx context.Context) (*GuestImage, error) {
 	return gi, nil
 }
 
-// padCRC32 appends zero bytes to data until its CRC-32 fits in an int32.
-// virt-handler records the CRC-32 (a uint32) of a kernelBoot image's
-// kernel and initrd in the VMI's status, and KubeVirt v1.8.2's CRD declares
-// those fields int32, which Kubernetes 1.36 enforces: a checksum of 2^31 or
-// more makes every status update of the VMI fail (kubevirt/kubevirt#17858,
-// fixed after v1.8.2 by #17469). Zeros after the initramfs's archives are
-// skipped by the kernel, and after the kernel image by its loader.
-func padCRC32(data []byte) []byte {
-	for crc32.ChecksumIEEE(data) > math.MaxInt32 {
-		data = append(data, 0)
+// padCRC32 appends zeroed units of unit bytes to data until its CRC-32
+// fits in an int32. virt-handler records the CRC-32 (a uint32) of a
+// kernelBoot image's kernel and initrd, and of a containerDisk's disk, in
+// the VMI's status, and KubeVirt v1.8.2's CRD declares those fields int32,
+// which Kubernetes 1.36 enforces: a checksum of 2^31 or more makes every
+// status update of the VMI fail (kubevirt/kubevirt#17858, fixed after
+// v1.8.2 by #17469). Zeros after the initramfs's archives are skipped by
+// the kernel, after the kernel image by its loader, and whole sectors after
+// a disk's file system by everything.
+func padCRC32(data []byte, unit int) []byte {
+	zeros := make([]byte, unit)
+	for crc := crc32.ChecksumIEEE(data); crc > math.MaxInt32; crc = crc32.Update(crc, crc32.IEEETable, zeros) {
+		data = append(data, zeros...)
 	}
 	return data
+}
+
+// stageGuest builds test/guest's image (cached under .tools/kubevirt/guest)
+// and writes an initramfs that runs script as initrd.img into a new
+// temporary directory, which the caller removes.
+func stageGuest(prefix, script string) (root string, img *guest.Image, dir string, err error) {
+	if root, err = cluster.RepoRoot(); err != nil {
+		return "", nil, "", err
+	}
+	if img, err = guest.Build(filepath.Join(root, ".tools", "kubevirt", "guest")); err != nil {
+		return "", nil, "", err
+	}
+	if dir, err = os.MkdirTemp("", prefix); err != nil {
+		return "", nil, "", err
+	}
+	if err = img.Initramfs(filepath.Join(dir, "initrd.img"), script); err != nil {
+		_ = os.RemoveAll(dir)
+		return "", nil, "", err
+	}
+	return root, img, dir, nil
 }
 
 // VMI is a disk-less VMI that boots the guest image (kernelBoot), with its
