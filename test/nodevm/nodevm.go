@@ -211,7 +211,7 @@ var nameRE = regexp.MustCompile(`^[A-Za-z0-9_.-]+$`)
 func initScript(dir string, o Options, runs []Run) ([]byte, error) {
 	var b strings.Builder
 	b.WriteString("set -u\nexport HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n")
-	fmt.Fprintf(&b, "mkdir -p %s && mount --bind /run/vmnic %s\n", shellQuote(dir), shellQuote(dir))
+	fmt.Fprintf(&b, "mkdir -p %s && mount --bind /run/nodevm %s\n", shellQuote(dir), shellQuote(dir))
 	for i, s := range o.Shares {
 		fmt.Fprintf(&b, "mkdir -p %[1]s && mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576,ro share%[2]d %[1]s || echo 'VMNIC-NODEVM: share%[2]d failed 0'\n", shellQuote(s), i)
 	}
@@ -307,7 +307,7 @@ func Prepare(ctx context.Context, root, dir string, pkgs ...string) (*Setup, err
 	if err != nil {
 		return nil, err
 	}
-	tools, err := cluster.Binaries(ctx, "etcd", "kube-apiserver", "spiderpool-agent", "spiderpool", "coordinator")
+	tools, err := cluster.Binaries(ctx, "etcd", "kube-apiserver", "spiderpool-agent", "spiderpool", "coordinator", "ifacer", "spiderpool-controller", "helm")
 	if err != nil {
 		return nil, err
 	}

@@ -61,17 +61,17 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 mountpoint -q /proc || mount -t proc proc /proc
 mountpoint -q /sys || mount -t sysfs sys /sys
 mountpoint -q /dev || mount -t devtmpfs dev /dev
-mkdir -p /dev/pts /dev/shm /run/vmnic
+mkdir -p /dev/pts /dev/shm /run/nodevm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
 mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null
-mkdir -p /run/vmnic /run/netns
+mkdir -p /run/nodevm /run/netns
 if modprobe 9pnet_virtio && modprobe 9p &&
-  mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576 vmnic /run/vmnic; then
+  mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576 vmnic /run/nodevm; then
   echo "VMNIC-NODEVM: init.sh start $(cut -d' ' -f1 /proc/uptime)"
-  sh /run/vmnic/init.sh
+  sh /run/nodevm/init.sh
   echo "VMNIC-NODEVM: init.sh exit=$? $(cut -d' ' -f1 /proc/uptime)"
 else
   echo "VMNIC-NODEVM: the vmnic share did not mount"

@@ -32,9 +32,10 @@ type ControllerOptions struct {
 	// in this namespace.
 	Launcher *proc.Launcher
 	// Address is where the API server reaches the controller's webhook
-	// (the Service's endpoint): the node's IP, or 127.0.0.1 (the
-	// default) for a cluster in this namespace. The controller's ports
-	// are free ones, not the chart's.
+	// (the Service's endpoint; the cluster needs Aggregation, which routes
+	// to endpoints): the node's IP. Required, and not a loopback address:
+	// the API server refuses one in an EndpointSlice. The controller's
+	// ports are free ones, not the chart's.
 	Address string
 	// CNIConfDir is the node's CNI config directory
 	// (SPIDERPOOL_CNI_CONFIG_DIR).
@@ -82,8 +83,8 @@ var controllerValues = []string{
 // NetworkAttachmentDefinitions, and its webhooks default and validate
 // Spiderpool's objects from then on. StartAgent's CRDs must be installed.
 func StartController(ctx context.Context, c *cluster.Cluster, dir string, opts ControllerOptions) (*Controller, error) {
-	if opts.Address == "" {
-		opts.Address = "127.0.0.1"
+	if ip := net.ParseIP(opts.Address); ip == nil || ip.IsLoopback() {
+		return nil, fmt.Errorf("ControllerOptions.Address %q: want the IP address the API server reaches the webhook at, not a loopback one", opts.Address)
 	}
 	if opts.Dial == nil {
 		opts.Dial = (&net.Dialer{}).DialContext

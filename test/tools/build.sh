@@ -6,9 +6,10 @@
 #   test/tools/build.sh kube-apiserver etcd
 #
 # NAME is one of the short names below or a full package path of this module.
-# Spiderpool (spiderpool-agent, spiderpool, coordinator) builds from its own
-# module, test/tools/spiderpool: its Kubernetes 0.29 libraries cannot share
-# this module's 1.36 ones. The CNI reference plugins and cnitool build from
+# Spiderpool (spiderpool-agent, spiderpool-controller, the spiderpool,
+# coordinator and ifacer plugins) builds from its own module,
+# test/tools/spiderpool: its Kubernetes 0.29 libraries cannot share this
+# module's 1.36 ones. The CNI reference plugins and cnitool build from
 # test/tools/cni, small enough for make demo on a fresh machine.
 # kubevirt-oracle (KubeVirt's own code answering vmnic's tests) builds from
 # test/kubevirt, pinned to KubeVirt's 0.34. ovs-cni (the bridge-mode peer
@@ -41,7 +42,7 @@ out=${TOOLS_BIN:-$root/.tools/bin}
 
 if (($# == 0)); then
   echo "usage: $0 NAME..." >&2
-  echo "  names: kube-apiserver etcd helm cnitool golangci-lint ptp bridge loopback macvlan host-local portmap spiderpool-agent spiderpool-controller spiderpool coordinator kubevirt-oracle ovs-cni" >&2
+  echo "  names: kube-apiserver etcd helm cnitool golangci-lint ptp bridge loopback macvlan host-local portmap spiderpool-agent spiderpool-controller spiderpool coordinator ifacer kubevirt-oracle ovs-cni" >&2
   echo "         kubelet kube-controller-manager kube-scheduler kube-proxy calico-node calico cilium-agent cilium-cni containerd containerd-shim-runc-v2 ctr crictl flanneld flannel multus-daemon multus-shim," >&2
   echo "         virt-operator virt-api virt-controller virt-handler virt-launcher virt-launcher-monitor virt-chroot virt-exportproxy" >&2
   echo "         synchronization-controller virtctl virt-tail virt-probe virt-freezer libvirt-hook-client, or a package path" >&2
@@ -67,7 +68,7 @@ pkg_of() {
     crictl) echo sigs.k8s.io/cri-tools/cmd/crictl ;;
     flanneld) echo github.com/flannel-io/flannel ;;
     multus-daemon | multus-shim) echo "gopkg.in/k8snetworkplumbingwg/multus-cni.v4/cmd/$1" ;;
-    spiderpool-agent | spiderpool-controller | spiderpool | coordinator) echo "github.com/spidernet-io/spiderpool/cmd/$1" ;;
+    spiderpool-agent | spiderpool-controller | spiderpool | coordinator | ifacer) echo "github.com/spidernet-io/spiderpool/cmd/$1" ;;
     kubevirt-oracle) echo github.com/vmnic/vmnic/test/kubevirt/cmd/kubevirt-oracle ;;
     ovs-cni) echo github.com/k8snetworkplumbingwg/ovs-cni/cmd/plugin ;;
     virt-operator | virt-api | virt-controller | virt-handler | virt-launcher | virt-launcher-monitor | virt-chroot | \
