@@ -78,7 +78,18 @@ func launcherOn(ctx context.Context, t *testing.T, kube kubernetes.Interface, vm
 	yes := true
 	// The Multus annotations of the VMI's networks: a default network
 	// replaces the pod network on eth0; a secondary one is net1.
-	ann := map[string]string{"kubevirt.io/domain": vmi.Name}
+	// virt-controller copies the VMI's annotations (the VM template's:
+	// Spiderpool's ipam.spidernet.io/ippools, Multus' default network) to
+	// the pod, but kubectl's and the API version marks (KubeVirt v1.8.2
+	// pkg/virt-controller/services/template.go filterVMIAnnotationsForPod).
+	ann := map[string]string{}
+	for k, v := range vmi.Annotations {
+		if !strings.HasPrefix(k, "kubectl.kubernetes.io") && !strings.HasPrefix(k, "kubevirt.io/storage-observed-api-version") &&
+			!strings.HasPrefix(k, "kubevirt.io/latest-observed-api-version") {
+			ann[k] = v
+		}
+	}
+	ann["kubevirt.io/domain"] = vmi.Name
 	ifName := "eth0"
 	for _, n := range vmi.Spec.Networks {
 		switch m := n.Multus; {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -247,7 +248,7 @@ func TestPasstIpvlanTwoNICs(t *testing.T) {
 			t.Errorf("%s has MAC %s, want its master %s's %s", nic.ifName, got, nic.master, want)
 		}
 		sock := sockIn(dir, vm.Name, nic.ifName)
-		startPasstPort(t, vm, sock, 8080+i)
+		startPasstPorts(t, vm, sock, strconv.Itoa(8080+i))
 		g := dialPasstGuest(t, sock, net.HardwareAddr{0x02, 0x00, 0x00, 0x00, 0x00, byte(i + 1)})
 		if got := g.dhcp(t); got.String() != ip {
 			t.Fatalf("%s: passt's DHCP gave the guest %s, want the NIC's %s", nic.ifName, got, ip)
@@ -413,38 +414,11 @@ func TestPasstMacvlanOnVLAN(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	vlan := func(n ns.NetNS, parent, name string, id int, cidr string) {
-		t.Helper()
-		if err := n.Do(func(ns.NetNS) error {
-			p, err := netlink.LinkByName(parent)
-			if err != nil {
-				return err
-			}
-			if err := netlink.LinkSetUp(p); err != nil {
-				return err
-			}
-			if err := netlink.LinkAdd(&netlink.Vlan{LinkAttrs: netlink.LinkAttrs{Name: name, ParentIndex: p.Attrs().Index}, VlanId: id}); err != nil {
-				return err
-			}
-			l, err := netlink.LinkByName(name)
-			if err != nil {
-				return err
-			}
-			if cidr != "" {
-				if err := addrsNoDAD(l, cidr); err != nil {
-					return err
-				}
-			}
-			return netlink.LinkSetUp(l)
-		}); err != nil {
-			t.Fatalf("VLAN %s: %v", name, err)
-		}
-	}
-	vlan(node.NS, "uplink0", "uplink0.100", 100, "")
+	addVLAN(t, node.NS, "uplink0", "uplink0.100", 100, "")
 	// The LAN's host is .2 (passt maps its guest's traffic to the gateway,
 	// .1, to the pod itself), and .3 on VLAN 200.
-	vlan(lan, "trunk0", "trunk0.100", 100, "10.50.0.2/24")
-	vlan(lan, "trunk0", "trunk0.200", 200, "10.50.0.3/24")
+	addVLAN(t, lan, "trunk0", "trunk0.100", 100, "10.50.0.2/24")
+	addVLAN(t, lan, "trunk0", "trunk0.200", 200, "10.50.0.3/24")
 
 	ctx := ctxT(t)
 	l := passtNetOn(t, node, "vlan100", "macvlan", "uplink0.100", hostLocal24(node, "10.50.0", 0))
@@ -486,6 +460,36 @@ func TestPasstMacvlanOnVLAN(t *testing.T) {
 		t.Errorf("after DEL the pod has links %s", names)
 	}
 	linkMAC(t, node.NS, "uplink0.100") // the sub-interface stays
+}
+
+// addVLAN makes name, VLAN id on parent (set up) in n, up, with the
+// address cidr unless it is empty.
+func addVLAN(t *testing.T, n ns.NetNS, parent, name string, id int, cidr string) {
+	t.Helper()
+	if err := n.Do(func(ns.NetNS) error {
+		p, err := netlink.LinkByName(parent)
+		if err != nil {
+			return err
+		}
+		if err := netlink.LinkSetUp(p); err != nil {
+			return err
+		}
+		if err := netlink.LinkAdd(&netlink.Vlan{LinkAttrs: netlink.LinkAttrs{Name: name, ParentIndex: p.Attrs().Index}, VlanId: id}); err != nil {
+			return err
+		}
+		l, err := netlink.LinkByName(name)
+		if err != nil {
+			return err
+		}
+		if cidr != "" {
+			if err := addrsNoDAD(l, cidr); err != nil {
+				return err
+			}
+		}
+		return netlink.LinkSetUp(l)
+	}); err != nil {
+		t.Fatalf("VLAN %s: %v", name, err)
+	}
 }
 
 func mapKeys[V any](m map[string]V) []string {

@@ -8,7 +8,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -113,14 +112,14 @@ func addrsNoDAD(l netlink.Link, cidrs ...string) error {
 // port 8080 to the guest over IPv4 and IPv6.
 func startPasst(t *testing.T, p *harness.Pod, sock string) {
 	t.Helper()
-	startPasstPort(t, p, sock, 8080)
+	startPasstPorts(t, p, sock, "8080")
 }
 
-// startPasstPort is startPasst forwarding TCP port port (one passt per
-// pod interface binds its own).
-func startPasstPort(t *testing.T, p *harness.Pod, sock string, port int) {
+// startPasstPorts is startPasst forwarding the TCP ports of ports, passt's
+// -t spec ("8080", "22,80"); one passt per pod interface binds its own.
+func startPasstPorts(t *testing.T, p *harness.Pod, sock, ports string) {
 	t.Helper()
-	cmd := exec.Command("nsenter", "--net="+p.NS.Path(), "passt", "-f", "-e", "-s", sock, "-i", p.IfName, "-t", strconv.Itoa(port))
+	cmd := exec.Command("nsenter", "--net="+p.NS.Path(), "passt", "-f", "-e", "-s", sock, "-i", p.IfName, "-t", ports)
 	var out strings.Builder
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {

@@ -33,6 +33,9 @@ var suites = []suite{
 			"TestPasstIpvlan",
 			"TestPasstIpvlanTwoNICs",
 			"TestPasstIpvlanMigrationHold",
+			// deploy/examples/passt-ipvlan through the NAD the real
+			// spiderpool-controller makes of it.
+			"TestPasstIpvlanExample",
 			// passt over macvlan on an 802.1q sub-interface.
 			"TestPasstMacvlanOnVLAN",
 			// bridge mode on the kernel datapath: VLAN reachability.
