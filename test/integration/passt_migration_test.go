@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -27,6 +28,7 @@ import (
 	"github.com/vmnic/vmnic/test/guest"
 	"github.com/vmnic/vmnic/test/harness"
 	"github.com/vmnic/vmnic/test/need"
+	"github.com/vmnic/vmnic/test/proc"
 	"github.com/vmnic/vmnic/test/spiderpool"
 )
 
@@ -231,7 +233,17 @@ func (p *tcpProbe) end() (answered, sent int, gap time.Duration) {
 // The guest runs on passt's socket (QEMU -netdev stream), which the
 // Debian passt here serves; KubeVirt's passt binding gives QEMU a
 // vhost-user passt instead, on the same pod interface.
-func TestPasstLiveMigration(t *testing.T) {
+func TestPasstLiveMigration(t *testing.T) { testPasstLiveMigration(t, false) }
+
+// TestPasstMigrationUnderLoad is TestPasstLiveMigration with busy loops on
+// every core from the migration's start to the end: a busy node (a drain
+// migrates many VMs at once) must not change what the migration keeps,
+// IPv4 and IPv6 alike; the guest answers through the target after the
+// source's DEL. (test/virt's MigrationUnderLoad moves each mode's VM ten
+// times under the real KubeVirt, IPv4 only.)
+func TestPasstMigrationUnderLoad(t *testing.T) { testPasstLiveMigration(t, true) }
+
+func testPasstLiveMigration(t *testing.T, loaded bool) {
 	need.NoError(t, guest.Check())
 	need.Binary(t, "passt")
 	img, err := guest.Build(t.TempDir())
@@ -330,6 +342,13 @@ sleep 600
 	// macvlan plugin fails its ADD (the source answers the probe for the
 	// shared IPv6).
 	waitDADGuard(t, src, true)
+	if loaded {
+		stop, err := proc.BusyLoops(runtime.NumCPU())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(stop)
+	}
 	m := bed.createVMIM(t, "mig-pm", vmi.Name)
 	dst := launcherOn(ctx, t, kube, vmi, "virt-launcher-vm-pm-dst", "node-b", m)
 	if got, got6 := add(b, lb, dst); got != ip || got6 != ip6 {

@@ -270,3 +270,27 @@ func HTTPGet(ctx context.Context, dial func(ctx context.Context, network, addr s
 	body, err := io.ReadAll(resp.Body)
 	return strings.TrimSpace(string(body)), err
 }
+
+// BusyLoops starts n processes that spin on a CPU each (a shell's empty
+// loop, at the default priority, beside everything else) and returns
+// what kills them: the load a busy node puts on whatever runs there.
+func BusyLoops(n int) (stop func(), err error) {
+	var cmds []*exec.Cmd
+	stop = func() {
+		for _, c := range cmds {
+			_ = c.Process.Kill()
+			_ = c.Wait()
+		}
+		cmds = nil
+	}
+	for range n {
+		c := exec.Command("sh", "-c", "while :; do :; done")
+		c.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+		if err := c.Start(); err != nil {
+			stop()
+			return nil, fmt.Errorf("busy loop: %w", err)
+		}
+		cmds = append(cmds, c)
+	}
+	return stop, nil
+}
