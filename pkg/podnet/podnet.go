@@ -144,51 +144,6 @@ func SetDown(path, name string) error {
 	return nil
 }
 
-// FlushUnresolved deletes the neighbour entries of link name in the
-// namespace at path that are being resolved or failed to be (INCOMPLETE,
-// PROBE, FAILED): for a pod interface whose every frame was dropped for a
-// while. The kernel asks again for an incomplete entry only when its
-// retransmit timer fires (a second by default), so an entry begun while
-// the frames were dropped would hold the pod's traffic to that neighbour
-// up to a second after they flow again; without the entry the next packet
-// asks at once. A namespace or link that is gone is success.
-func FlushUnresolved(path, name string) error {
-	h, closeH, err := OpenHandle(path)
-	if errors.Is(err, ErrNetnsGone) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	defer closeH()
-	l, err := h.LinkByName(name)
-	if LinkGone(err) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("link %s in %s: %w", name, path, err)
-	}
-	var neighs []netlink.Neigh
-	for range 5 { // a dump that a change interrupted is asked again
-		if neighs, err = h.NeighList(l.Attrs().Index, netlink.FAMILY_ALL); !errors.Is(err, netlink.ErrDumpInterrupted) {
-			break
-		}
-	}
-	if err != nil {
-		return fmt.Errorf("neighbours of %s in %s: %w", name, path, err)
-	}
-	var errs []error
-	for _, n := range neighs {
-		if n.State&(netlink.NUD_INCOMPLETE|netlink.NUD_PROBE|netlink.NUD_FAILED) == 0 {
-			continue
-		}
-		if err := h.NeighDel(&n); err != nil && !errors.Is(err, unix.ENOENT) {
-			errs = append(errs, fmt.Errorf("delete the unresolved neighbour %s of %s in %s: %w", n.IP, name, path, err))
-		}
-	}
-	return errors.Join(errs...)
-}
-
 // LinkGone reports whether err means the link does not exist.
 func LinkGone(err error) bool {
 	var nf netlink.LinkNotFoundError

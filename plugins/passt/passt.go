@@ -253,16 +253,12 @@ func Check(s *Spec) error {
 }
 
 // Release ends a target's hold and announces its addresses from its MAC.
-// The neighbours the target's kernel began to resolve while held (passt's
-// migrated connections, the guest's first packets) asked with frames the
-// hold dropped: those entries go, so that the next packet asks at once
-// rather than at the kernel's next retransmit, up to a second later.
 func Release(s *Spec) error {
 	if err := nft.DeleteHold(s.Netns, s.PodIf); err != nil {
 		return err
 	}
 	s.Held = false
-	return errors.Join(podnet.FlushUnresolved(s.Netns, s.PodIf), announceFrom(s, true))
+	return announceFrom(s, true)
 }
 
 // Reassert announces a migration source's IPv4 addresses again, against

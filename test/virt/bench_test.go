@@ -97,7 +97,7 @@ func benchRealKubeVirt(b *testing.B) {
 		times["masq-core"] = append(times["masq-core"], e.timeToRunning(b, vmi))
 	}
 	e.secondary(b)
-	e.network(b, plainPasstNAD, []ipPool{{"172.16.20.0/24", "172.16.20.100-172.16.20.199", "172.16.20.1"}},
+	e.network(b, plainPasstNAD, "172.16.20.0/24", "172.16.20.100-172.16.20.199", "172.16.20.1",
 		map[string]any{"type": "macvlan", "master": passtUplink, "mode": "bridge"})
 	e.installVmnic(b)
 	before := e.vmnicdUsage(b)
@@ -117,7 +117,7 @@ func benchRealKubeVirt(b *testing.B) {
 	for _, m := range e.migrants {
 		// The test checks that passt's TCP connection survives its two
 		// moves; here the moves are only measured.
-		m.echo, m.echo6 = "", ""
+		m.echo = ""
 	}
 	gaps := map[string][]gapSample{}
 	rounds := (benchRuns + 1) / 2

@@ -32,10 +32,6 @@ import (
 // printed as "ADDR4 <dev> <address>" and "MAC <dev> <mac>"; HTTP on ports
 // 8080 and 8081, each answering "guest <port>"; an echo service on TCP
 // port 9000 (a connection held open shows that it survives a migration);
-// with vmnic.dhcp6 on the kernel command line, DHCPv6 on each NIC too,
-// without DAD or SLAAC (passt hands the guest the pod's own IPv6 address),
-// printed as "ADDR6 <dev> <address>", and the IPv6 default route from the
-// Router Advertisements as "ROUTE6 <route>";
 // then a ping to each address of vmnic.peers= (comma-separated) on the
 // kernel command line, printed as "PEER-OK <ip>" or "PEER-FAILED <ip>";
 // and, with vmnic.pulse=<ip>, a ping to that address every 50 ms for as
@@ -49,16 +45,6 @@ for dev in $(ls /sys/class/net | grep '^eth' | sort); do
 	echo "MAC $dev $(cat /sys/class/net/$dev/address)"
 done
 echo "ROUTE4 $(ip -4 route show default | head -1)"
-if grep -q 'vmnic\.dhcp6' /proc/cmdline; then
-	for dev in $(ls /sys/class/net | grep '^eth' | sort); do
-		echo 0 > /proc/sys/net/ipv6/conf/$dev/autoconf
-		echo 0 > /proc/sys/net/ipv6/conf/$dev/accept_dad
-		udhcpc6 -i $dev -q -n -t 10 -T 2 || echo "DHCP6-FAILED $dev"
-		echo "ADDR6 $dev $(ip -6 -o addr show dev $dev scope global | awk '{print $4}' | head -1)"
-	done
-	i=0; while [ $i -lt 40 ] && ! ip -6 route show default | grep -q via; do sleep 0.25; i=$((i+1)); done
-	echo "ROUTE6 $(ip -6 route show default | head -1)"
-fi
 for p in 8080 8081; do
 	mkdir -p /tmp/www$p && echo "guest $p" > /tmp/www$p/index.html
 	busybox httpd -p $p -h /tmp/www$p

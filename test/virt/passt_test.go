@@ -25,40 +25,30 @@ const (
 	passtNAD     = "passt-underlay"
 	passtUplink  = "up-macvlan"
 	passtSubnet  = "172.16.30.0/24"
+	passtIPs     = "172.16.30.100-172.16.30.199"
+	passtGateway = "172.16.30.1"
 	passtPrefix  = "172.16.30."
-	passtPrefix6 = "fd00:172:16:30::"
 )
-
-// passtPools: the underlay is dual-stack.
-var passtPools = []ipPool{
-	{passtSubnet, "172.16.30.100-172.16.30.199", "172.16.30.1"},
-	{passtPrefix6 + "/64", passtPrefix6 + "100-" + passtPrefix6 + "1ff", passtPrefix6 + "1"},
-}
 
 // defaultNetwork is Multus' annotation that replaces a pod's cluster
 // network; KubeVirt copies a VMI's annotations to its launcher pod.
 const defaultNetwork = "v1.multus-cni.io/default-network"
 
 // passt: a VMI on KubeVirt's core passt binding (passtBinding, the
-// PasstBinding gate) whose pod network is the dual-stack macvlan underlay
-// with vmnic chained in passt mode, on node-1. Its guest takes the pod's
-// underlay addresses from passt (DHCP and DHCPv6) and reaches a pod on the
-// underlay on node-2 over both families, which reaches the guest on the
-// listed port 8080 and not on 8081.
+// PasstBinding gate) whose pod network is the macvlan underlay with vmnic
+// chained in passt mode, on node-1. Its guest takes the pod's underlay
+// address by DHCP from passt and reaches a pod on the underlay on node-2,
+// which reaches the guest on the listed port 8080 and not on 8081.
 func (e *env) passt(t testing.TB) {
 	ctx := t.Context()
 	p := e.underlayPod(t, "passt-peer", e.b)
-	peer6 := ipv6Of(p.Status.PodIPs)
-	if peer6 == "" {
-		t.Fatalf("pod %s has no IPv6 address on the dual-stack underlay: %v", p.Name, p.Status.PodIPs)
-	}
 	iface := kubevirtv1.Interface{
 		InterfaceBindingMethod: kubevirtv1.InterfaceBindingMethod{PasstBinding: &kubevirtv1.InterfacePasstBinding{}},
 		// 9000: the guest's echo service, for the migration's TCP
 		// connection.
 		Ports: []kubevirtv1.Port{{Port: 8080, Protocol: "TCP"}, {Port: 9000, Protocol: "TCP"}},
 	}
-	vmi := virt.VMI("passt", e.guest, iface, "vmnic.dhcp6 vmnic.peers="+p.Status.PodIP+","+peer6+" vmnic.pulse="+p.Status.PodIP)
+	vmi := virt.VMI("passt", e.guest, iface, "vmnic.peers="+p.Status.PodIP+" vmnic.pulse="+p.Status.PodIP)
 	vmi.Annotations = map[string]string{defaultNetwork: "default/" + passtNAD}
 	virt.PreferNode(vmi, e.a.Name)
 	running := e.run(t, vmi, e.a)
@@ -76,50 +66,25 @@ func (e *env) passt(t testing.TB) {
 	if want := launcher.Status.PodIP + "/24"; m[1] != want {
 		t.Errorf("guest address %q, want the pod's %s from passt's DHCP", m[1], want)
 	}
-	ip6 := ipv6Of(launcher.Status.PodIPs)
-	if ip6 == "" {
-		t.Fatalf("the launcher pod has no IPv6 address on the dual-stack underlay: %v", launcher.Status.PodIPs)
-	}
-	if m, err = virt.WaitConsole(ctx, e.a, running, regexp.MustCompile(`^ADDR6 eth0 ?(\S*)`), time.Minute); err != nil {
+	if m, err = virt.WaitConsole(ctx, e.a, running, regexp.MustCompile(`^PEER-(OK|FAILED)`), 2*time.Minute); err != nil {
 		t.Fatal(err)
 	}
-	if !strings.HasPrefix(m[1], ip6+"/") {
-		t.Errorf("guest IPv6 address %q, want the pod's %s from passt's DHCPv6", m[1], ip6)
-	}
-	for _, peer := range []string{p.Status.PodIP, peer6} {
-		if m, err = virt.WaitConsole(ctx, e.a, running, regexp.MustCompile(`^PEER-(OK|FAILED) `+regexp.QuoteMeta(peer)+`$`), 2*time.Minute); err != nil {
-			t.Fatal(err)
-		}
-		if m[1] != "OK" {
-			t.Errorf("the guest does not reach the pod on the underlay on %s (%s)", e.b.Name, peer)
-		}
+	if m[1] != "OK" {
+		t.Errorf("the guest does not reach the pod on the underlay on %s (%s)", e.b.Name, p.Status.PodIP)
 	}
 	netns, err := e.b.PodNetns("default", p.Name)
 	if err != nil {
 		t.Fatal(err)
 	}
 	checkPorts(t, netns, launcher.Status.PodIP)
-	checkPorts(t, netns, ip6)
 	if !t.Failed() {
 		addr := net.JoinHostPort(launcher.Status.PodIP, "8080")
 		e.migrants = append(e.migrants, &migrant{
 			mode: "Passt", vmi: running, dial: proc.NetnsDialer(netns), keepsPodIP: true, pulseFrom: netns,
 			echo:    net.JoinHostPort(launcher.Status.PodIP, "9000"),
-			echo6:   net.JoinHostPort(ip6, "9000"),
-			http6:   net.JoinHostPort(ip6, "8080"),
 			targets: func(context.Context) []string { return []string{addr} },
 		})
 	}
-}
-
-// ipv6Of is the first IPv6 address of a pod's IPs ("" for none).
-func ipv6Of(ips []corev1.PodIP) string {
-	for _, ip := range ips {
-		if strings.Contains(ip.IP, ":") {
-			return ip.IP
-		}
-	}
-	return ""
 }
 
 // underlayPod starts a pod whose pod network is the passt underlay, on
