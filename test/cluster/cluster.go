@@ -168,7 +168,13 @@ func Start(ctx context.Context, dir string, opts Options) (*Cluster, error) {
 // that tail as well when the test failed.
 func StartT(t testing.TB) *Cluster {
 	t.Helper()
-	c, err := Start(t.Context(), t.TempDir(), Options{})
+	return StartWithT(t, Options{})
+}
+
+// StartWithT is StartT with opts.
+func StartWithT(t testing.TB, opts Options) *Cluster {
+	t.Helper()
+	c, err := Start(t.Context(), t.TempDir(), opts)
 	if err != nil {
 		t.Fatalf("start cluster: %v", err)
 	}

@@ -8,22 +8,17 @@ import (
 	"testing"
 	"time"
 
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 
-	"github.com/vmnic/vmnic/test/cluster"
 	"github.com/vmnic/vmnic/test/need"
 	"github.com/vmnic/vmnic/test/node"
 	"github.com/vmnic/vmnic/test/proc"
 	"github.com/vmnic/vmnic/test/spiderpool"
 )
 
-var (
-	nadResource    = schema.GroupVersionResource{Group: "k8s.cni.cncf.io", Version: "v1", Resource: "network-attachment-definitions"}
-	ippoolResource = schema.GroupVersionResource{Group: "spiderpool.spidernet.io", Version: "v2beta1", Resource: "spiderippools"}
-)
+var ippoolResource = schema.GroupVersionResource{Group: "spiderpool.spidernet.io", Version: "v2beta1", Resource: "spiderippools"}
 
 // spiderFinalizer is the finalizer Spiderpool's webhook puts on its pools
 // (github.com/spidernet-io/spiderpool pkg/constant SpiderFinalizer).
@@ -111,7 +106,7 @@ func TestExamplesSpiderMultusConfig(t *testing.T) {
 				if err != nil {
 					t.Fatalf("SpiderMultusConfig %s: %v", smc.GetName(), err)
 				}
-				nad := waitNAD(ctx, t, c, "default", smc.GetName())
+				nad := spiderpool.WaitNAD(ctx, t, c, "default", smc.GetName())
 				config, _, _ := unstructured.NestedString(nad.Object, "spec", "config")
 				got, err := parseNetConfig(config)
 				if err != nil {
@@ -134,27 +129,6 @@ func TestExamplesSpiderMultusConfig(t *testing.T) {
 	}
 	if applied < 3 {
 		t.Errorf("%d SpiderMultusConfigs in the examples, want at least 3 (bridge-ovs, passt-macvlan, passt-ipvlan)", applied)
-	}
-}
-
-// waitNAD waits for the NetworkAttachmentDefinition namespace/name.
-func waitNAD(ctx context.Context, t *testing.T, c *cluster.Cluster, namespace, name string) *unstructured.Unstructured {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(ctx, time.Minute)
-	defer cancel()
-	for {
-		nad, err := c.Dynamic.Resource(nadResource).Namespace(namespace).Get(ctx, name, metav1.GetOptions{})
-		if err == nil {
-			return nad
-		}
-		if !apierrors.IsNotFound(err) {
-			t.Fatal(err)
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatalf("no NetworkAttachmentDefinition %s/%s from spiderpool-controller: %v", namespace, name, ctx.Err())
-		case <-time.After(200 * time.Millisecond):
-		}
 	}
 }
 

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -16,10 +15,8 @@ import (
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/kubernetes"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 	"sigs.k8s.io/yaml"
@@ -42,8 +39,6 @@ const spiderpoolSocket = "/var/run/spidernet/spiderpool.sock"
 // webhook at, on the loopback link: an EndpointSlice takes no 127.0.0.0/8
 // address.
 const webhookAddr = "10.254.254.1"
-
-var nadResource = schema.GroupVersionResource{Group: "k8s.cni.cncf.io", Version: "v1", Resource: "network-attachment-definitions"}
 
 // TestPasstIpvlanExample: deploy/examples/passt-ipvlan as shipped, the
 // example this project's machines cannot run (no ipvlan, no 802.1q): the
@@ -79,16 +74,7 @@ func TestPasstIpvlanExample(t *testing.T) {
 	dir := filepath.Join(root, "deploy", "examples", "passt-ipvlan")
 	vm := exampleVM(t, filepath.Join(dir, "vm.yaml"))
 
-	c, err := cluster.Start(ctx, t.TempDir(), cluster.Options{Aggregation: true})
-	if err != nil {
-		t.Fatalf("start cluster: %v", err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("cluster logs (%s):\n%s", c.Dir, c.LogTail(30))
-		}
-		c.Stop()
-	})
+	c := cluster.StartWithT(t, cluster.Options{Aggregation: true})
 	if err := c.InstallKubeVirtCRDs(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -126,7 +112,7 @@ func TestPasstIpvlanExample(t *testing.T) {
 
 	applyFile(ctx, t, c, "deploy/examples/passt-ipvlan/ippool.yaml")
 	applyFile(ctx, t, c, "deploy/examples/passt-ipvlan/multus.yaml")
-	nad := waitNAD(ctx, t, c, "default", "ipvlan-passt")
+	nad := spiderpool.WaitNAD(ctx, t, c, "default", "ipvlan-passt")
 	config, _, _ := unstructured.NestedString(nad.Object, "spec", "config")
 	list, err := libcni.ConfListFromBytes([]byte(config))
 	if err != nil {
@@ -181,15 +167,7 @@ func TestPasstIpvlanExample(t *testing.T) {
 		t.Fatalf("passt's DHCP gave the guest %s, want the pod's %s", got, ip)
 	}
 	listenUDP(t, lan, "172.16.20.2", 9000).expect(t, g, net.ParseIP("172.16.20.2"), 9000, "guest via VLAN 20", ip)
-	lanPing := func(dev string) error {
-		return exec.Command("nsenter", "--net="+lan.Path(), "ping", "-c", "1", "-W", "2", "-I", dev, ip).Run()
-	}
-	if err := lanPing("trunk0.20"); err != nil {
-		t.Errorf("the LAN cannot reach the VM pod %s on VLAN 20: %v", ip, err)
-	}
-	if err := lanPing("trunk0.30"); err == nil {
-		t.Errorf("the VM pod %s answered on VLAN 30", ip)
-	}
+	checkVLANReach(t, lan, ip, "trunk0.20", "trunk0.30")
 	t.Logf("the guest behind passt (ports %s) took %s by DHCP and reached 172.16.20.2 on VLAN 20", ports, ip)
 	// The controller's NADs are CNI 0.3.1, which has no CHECK.
 	for range 2 {
@@ -279,28 +257,6 @@ func passtPorts(t *testing.T, vm *kubevirtv1.VirtualMachine) string {
 		t.Fatalf("VM %s: no passt interface with TCP ports", vm.Name)
 	}
 	return strings.Join(ports, ",")
-}
-
-// waitNAD waits for spiderpool-controller's NetworkAttachmentDefinition
-// namespace/name.
-func waitNAD(ctx context.Context, t *testing.T, c *cluster.Cluster, namespace, name string) *unstructured.Unstructured {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(ctx, time.Minute)
-	defer cancel()
-	for {
-		nad, err := c.Dynamic.Resource(nadResource).Namespace(namespace).Get(ctx, name, metav1.GetOptions{})
-		if err == nil {
-			return nad
-		}
-		if !apierrors.IsNotFound(err) {
-			t.Fatal(err)
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatalf("no NetworkAttachmentDefinition %s/%s from spiderpool-controller: %v", namespace, name, ctx.Err())
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
 }
 
 // atDefaultPath makes path a symbolic link to target until the test ends,

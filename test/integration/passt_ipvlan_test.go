@@ -436,15 +436,7 @@ func TestPasstMacvlanOnVLAN(t *testing.T) {
 		t.Fatalf("passt's DHCP gave the guest %s, want the pod's %s", got, ip)
 	}
 	listenUDP(t, lan, "10.50.0.2", 9000).expect(t, g, net.ParseIP("10.50.0.2"), 9000, "guest via VLAN 100", ip)
-	lanPing := func(dev string) error {
-		return exec.Command("nsenter", "--net="+lan.Path(), "ping", "-c", "1", "-W", "2", "-I", dev, ip).Run()
-	}
-	if err := lanPing("trunk0.100"); err != nil {
-		t.Errorf("the LAN cannot reach the VM pod %s on VLAN 100: %v", ip, err)
-	}
-	if err := lanPing("trunk0.200"); err == nil {
-		t.Errorf("the VM pod %s answered on VLAN 200", ip)
-	}
+	checkVLANReach(t, lan, ip, "trunk0.100", "trunk0.200")
 	if err := node.Check(ctx, l, vm); err != nil {
 		t.Errorf("CHECK: %v", err)
 	}
@@ -460,6 +452,21 @@ func TestPasstMacvlanOnVLAN(t *testing.T) {
 		t.Errorf("after DEL the pod has links %s", names)
 	}
 	linkMAC(t, node.NS, "uplink0.100") // the sub-interface stays
+}
+
+// checkVLANReach pings ip from lan's VLAN link on (it must answer) and
+// from its VLAN link off (it must not).
+func checkVLANReach(t *testing.T, lan ns.NetNS, ip, on, off string) {
+	t.Helper()
+	ping := func(dev string) error {
+		return exec.Command("nsenter", "--net="+lan.Path(), "ping", "-c", "1", "-W", "2", "-I", dev, ip).Run()
+	}
+	if err := ping(on); err != nil {
+		t.Errorf("the LAN cannot reach the VM pod %s on %s: %v", ip, on, err)
+	}
+	if err := ping(off); err == nil {
+		t.Errorf("the VM pod %s answered on %s", ip, off)
+	}
 }
 
 // addVLAN makes name, VLAN id on parent (set up) in n, up, with the

@@ -16,8 +16,10 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/vmnic/vmnic/test/cluster"
@@ -318,4 +320,29 @@ func StartControllerT(t testing.TB, c *cluster.Cluster, opts ControllerOptions) 
 		ctl.Stop()
 	})
 	return ctl
+}
+
+// NADResource is Multus' NetworkAttachmentDefinition.
+var NADResource = schema.GroupVersionResource{Group: "k8s.cni.cncf.io", Version: "v1", Resource: "network-attachment-definitions"}
+
+// WaitNAD waits up to a minute for the NetworkAttachmentDefinition
+// namespace/name the controller makes of a SpiderMultusConfig.
+func WaitNAD(ctx context.Context, t testing.TB, c *cluster.Cluster, namespace, name string) *unstructured.Unstructured {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	for {
+		nad, err := c.Dynamic.Resource(NADResource).Namespace(namespace).Get(ctx, name, metav1.GetOptions{})
+		if err == nil {
+			return nad
+		}
+		if !apierrors.IsNotFound(err) {
+			t.Fatal(err)
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("no NetworkAttachmentDefinition %s/%s from spiderpool-controller: %v", namespace, name, ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }
